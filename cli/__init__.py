@@ -1,0 +1,44 @@
+"""The ``logitstore`` command: one click group, one module per subcommand.
+
+Library errors are caught here, once, and turned into a message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from logitstore import __version__
+from logitstore.errors import LogitstoreError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except LogitstoreError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="logitstore")
+def main() -> None:
+    """Precompute a teacher's logits once, store them compressed, train many students.
+
+    \b
+    Examples:
+      logitstore teacher-pass --teacher HuggingFaceTB/SmolLM2-135M-Instruct \\
+          --data corpus.jsonl --out store/
+      logitstore inspect store/
+      logitstore train --store store/ --student config.json --divergence drkl --out run/
+    """
+
+
+# Subcommands, one module each. Keep this block sorted.
+# (registered below as modules land)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,132 @@
+"""The codec interface: how one position's teacher distribution becomes stored arrays.
+
+A codec is a small frozen dataclass with validated parameters and a
+``{"name", "version", "configuration"}`` JSON round trip; its parameters live in the manifest,
+so a reader never needs anything else to decode.
+
+Contract every codec meets (the conformance tests check it):
+
+* ``encode`` runs on whatever device ``logprobs`` lives (the teacher pass encodes on the GPU)
+  and returns a dict of tensors, every one with leading dimension ``P`` (positions) and the
+  trailing shape and dtype that ``fields`` declares. Only these travel to the host.
+* ``decode`` takes the same dict as numpy arrays, possibly the concatenation of many
+  documents' encodings along axis 0, and returns :class:`Positions`; decoding a concatenation
+  equals concatenating the decodings.
+* The tail is relative to the stored support ``S`` (not ``S ∪ {y}``):
+  ``tail_logmass = log(1 - sum_{i in S} p_i)`` and, for each extra temperature ``tau``,
+  ``tail_logsumexp[:, j] = logsumexp_{i not in S}(logp_i / tau)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from logitstore.errors import ConfigError, FormatVersionError
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One stored array: numpy dtype name and the trailing shape of each position's row."""
+
+    dtype: str
+    shape: tuple[int, ...] = ()
+
+
+@dataclass
+class Positions:
+    """Decoded teacher information for ``P`` next-token positions (numpy, host memory).
+
+    Attributes:
+        support_ids: int64 ``(P, K)``, sorted by teacher probability, most probable first.
+            Padding entries (sampled codecs, fewer unique ids than ``K``) have id ``-1`` and
+            log-prob ``-inf``.
+        support_logprobs: float32 ``(P, K)``, full-vocabulary log-softmax at temperature 1.
+        tail_logmass: float32 ``(P,)``, ``log(1 - sum_S p)``; ``-inf`` when nothing is left.
+        label_logprob: float32 ``(P,)``, teacher log-prob of the next token, always present.
+        tail_logsumexp: float32 ``(P, n_temps)``, tail log-sum-exp at each extra temperature.
+        entropy: float32 ``(P,)``, teacher entropy in nats.
+        support_counts: int32 ``(P, K)`` draw counts for sampled codecs, else ``None``.
+    """
+
+    support_ids: np.ndarray
+    support_logprobs: np.ndarray
+    tail_logmass: np.ndarray
+    label_logprob: np.ndarray
+    tail_logsumexp: np.ndarray
+    entropy: np.ndarray
+    support_counts: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.support_ids.shape[0])
+
+    def slice(self, start: int, stop: int) -> Positions:
+        """Rows ``start:stop`` of every array."""
+        return Positions(
+            **{
+                f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[start:stop])
+                for f in dataclasses.fields(self)
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Codec(ABC):
+    """Base class of every codec. Subclasses are frozen dataclasses of their parameters."""
+
+    name: ClassVar[str]
+    version: ClassVar[int]
+
+    @abstractmethod
+    def fields(self, vocab_size: int, num_temperatures: int) -> dict[str, FieldSpec]:
+        """The arrays ``encode`` returns, with dtype and per-position trailing shape."""
+
+    @abstractmethod
+    def encode(
+        self,
+        logprobs: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        temperatures: Sequence[float] = (),
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Encode positions on ``logprobs.device``.
+
+        Args:
+            logprobs: float32 ``(P, V)`` full-vocabulary teacher log-softmax at temperature 1.
+            labels: int64 ``(P,)`` next-token ids.
+            temperatures: extra temperatures whose tail log-sum-exp is stored.
+            generator: randomness for sampled codecs (seeded by the caller for determinism).
+        """
+
+    @abstractmethod
+    def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
+        """Decode arrays shaped as ``fields`` declares (concatenations allowed)."""
+
+    def to_json(self) -> dict[str, Any]:
+        config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"name": self.name, "version": self.version, "configuration": config}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Codec:
+        if data.get("name") != cls.name:
+            raise ConfigError(f"expected codec {cls.name!r}, found {data.get('name')!r}")
+        if data.get("version") != cls.version:
+            raise FormatVersionError(
+                f"codec {cls.name!r} version {data.get('version')!r} is not supported; "
+                f"this reader knows version {cls.version}"
+            )
+        config = dict(data.get("configuration", {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(config) - known
+        if unknown:
+            raise ConfigError(
+                f"codec {cls.name!r} has no parameters {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**config)

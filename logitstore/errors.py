@@ -1,0 +1,71 @@
+"""Every error logitstore raises on purpose.
+
+Each class also subclasses the matching built-in, so callers can catch either. Messages say
+what was expected and what was found. The CLI catches :class:`LogitstoreError` once, in the
+group, and turns it into a message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+
+class LogitstoreError(Exception):
+    """Base class of every error raised on purpose by logitstore."""
+
+
+class UnknownNameError(LogitstoreError, KeyError):
+    """A name (codec, backend, divergence, parameter) is not registered."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(LogitstoreError, ValueError):
+    """A parameter value or combination of settings is invalid."""
+
+
+class StoreNotFoundError(LogitstoreError, FileNotFoundError):
+    """No store (or a file the manifest names) at the given location."""
+
+
+class StoreExistsError(LogitstoreError, FileExistsError):
+    """The output location already holds a store, or a different one."""
+
+
+class ManifestError(LogitstoreError, ValueError):
+    """The manifest is missing, not valid JSON, or lacks required fields."""
+
+
+class FormatVersionError(ManifestError):
+    """The store was written with a format or codec version this reader does not know."""
+
+
+class UnsafePathError(LogitstoreError, ValueError):
+    """A path named by a manifest escapes the store's root."""
+
+
+class CorruptShardError(LogitstoreError, ValueError):
+    """A shard's checksum, size or shapes disagree with the manifest, or it is missing."""
+
+
+class SettingsMismatchError(LogitstoreError, ValueError):
+    """A resumed run's settings differ from those the store was created with."""
+
+
+class TokenizerMismatchError(LogitstoreError, ValueError):
+    """The student's tokenizer or vocabulary differs from the teacher's."""
+
+
+class NonFiniteTeacherError(LogitstoreError, FloatingPointError):
+    """Teacher logits contain NaN or Inf."""
+
+
+class TemperatureNotCapturedError(LogitstoreError, ValueError):
+    """Training asked for a temperature the cache did not capture."""
+
+
+class ShardClaimError(LogitstoreError, FileExistsError):
+    """Two writers claim the same shard."""
+
+
+class DataError(LogitstoreError, ValueError):
+    """Input data is empty, malformed, or does not fit the settings."""
