@@ -36,8 +36,12 @@ def main() -> None:
     """
 
 
-# Subcommands, one module each. Keep this block sorted.
-# (registered below as modules land)
+# Subcommands, one module each, each defining a click command named `command`.
+# Register with two lines per module, e.g.:
+#   from cli import inspect as _inspect  # noqa: E402
+#   main.add_command(_inspect.command)
+# --- subcommands (keep sorted) ---
+# --- end subcommands ---
 
 
 if __name__ == "__main__":  # pragma: no cover
