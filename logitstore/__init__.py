@@ -4,4 +4,19 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from logitstore.dataset import StoreDataset  # noqa: E402
+from logitstore.document import Document  # noqa: E402
+from logitstore.reader import LogitStore, open_store  # noqa: E402
+from logitstore.storage.convert import convert_store  # noqa: E402
+from logitstore.writer import EncodedDocument, StoreWriter  # noqa: E402
+
+__all__ = [
+    "Document",
+    "EncodedDocument",
+    "LogitStore",
+    "StoreDataset",
+    "StoreWriter",
+    "__version__",
+    "convert_store",
+    "open_store",
+]

@@ -1,0 +1,100 @@
+"""Store read throughput: tokens per second of ``LogitStore.read_shard`` on one core.
+
+Builds a store of synthetic teacher distributions at a real vocabulary size (49152, as
+SmolLM2) with the default ``topk`` codec, then times, per shard and in the same run:
+
+* ``floor``: ``codec.decode`` of the arrays already in memory (what any reader must pay);
+* ``read_shard``: fetch + size and SHA-256 checks + backend decode + ``codec.decode`` + slicing.
+
+and prints tokens/s and the ratio ``read_shard / floor`` for each backend. Not a test: it
+prints figures. The loader's aim is >= 1M tokens/s per core.
+
+    python -m benchmarks.bench_store_read [--tokens 131072] [--backend zarr parquet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from logitstore import EncodedDocument, StoreWriter, open_store
+from logitstore.codecs import get_codec
+
+VOCAB = 49152
+DOC_TOKENS = 512
+
+
+def synthetic_documents(codec, tokens: int, seed: int = 0) -> list[EncodedDocument]:
+    """Documents whose distributions look like an LM's: a Zipf prior plus per-position noise."""
+    g = torch.Generator().manual_seed(seed)
+    prior = -1.1 * torch.log(torch.arange(1, VOCAB + 1, dtype=torch.float32))
+    prior = prior[torch.randperm(VOCAB, generator=g)]
+    docs = []
+    for d in range(tokens // DOC_TOKENS):
+        ids = torch.randint(0, VOCAB, (DOC_TOKENS,), generator=g)
+        logits = prior + 2.0 * torch.randn(DOC_TOKENS - 1, VOCAB, generator=g)
+        enc = codec.encode(torch.log_softmax(logits, -1), ids[1:], temperatures=(), generator=g)
+        fields = {k: v.numpy() for k, v in enc.items()}
+        docs.append(EncodedDocument(f"doc{d}", ids.numpy(), np.ones(DOC_TOKENS - 1, bool), fields))
+    return docs
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=131072, help="tokens per shard")
+    parser.add_argument("--backend", nargs="+", default=["zarr", "parquet"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    codec = get_codec("topk")
+    docs = synthetic_documents(codec, args.tokens)
+    tokens = sum(len(d.input_ids) for d in docs)
+    fields = {k: np.concatenate([d.fields[k] for d in docs]) for k in docs[0].fields}
+    floor = best_of(lambda: codec.decode(fields))
+    print(f"codec {codec.to_json()['configuration']}, vocab {VOCAB}, {tokens} tokens per shard")
+    print(f"floor (codec.decode in memory): {tokens / floor / 1e6:.2f} M tokens/s")
+    for backend in args.backend:
+        time_backend(backend, codec, docs, floor)
+
+
+def time_backend(backend: str, codec, docs: list[EncodedDocument], floor: float) -> None:
+    """Write one shard in ``backend``, then print its read and write throughput."""
+    tokens = sum(len(d.input_ids) for d in docs)
+    meta = {"teacher": {}, "tokenizer": {}, "capture": {"temperatures": []}, "source": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        w = StoreWriter(tmp + "/s", codec=codec, backend=backend, metadata=meta, vocab_size=VOCAB)
+        t0 = time.perf_counter()
+        w.write_shard(0, docs)
+        write = time.perf_counter() - t0
+        w.finalize(1)
+        store = open_store(tmp + "/s")
+
+        def read() -> None:
+            store._cache = None  # time a cold decode, not the one-shard cache
+            store.read_shard(0)
+
+        total = best_of(read)
+        arrays = best_of(lambda: store.read_shard_arrays(0))
+        bpt = store.manifest["statistics"]["bytes_per_token"]
+        print(
+            f"{backend:8s} read_shard {tokens / total / 1e6:.2f} M tokens/s "
+            f"(x{floor / total:.2f} of floor; fetch+verify+backend decode alone "
+            f"{tokens / arrays / 1e6:.2f} M tokens/s), write {tokens / write / 1e3:.0f} k tokens/s, "
+            f"{bpt:.1f} bytes/token"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""``logitstore inspect``: what a store holds, from its manifest."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _codec(codec: dict) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in sorted(codec.get("configuration", {}).items()))
+    return f"{codec['name']} v{codec['version']} ({params})"
+
+
+@click.command("inspect")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def command(store: str, as_json: bool) -> None:
+    """Documents, tokens, bytes per token, codec, teacher and capture-time fidelity of STORE.
+
+    STORE is a local path or an fsspec URL (memory://, s3://, hf://).
+
+    \b
+    Examples:
+      logitstore inspect store/
+      logitstore inspect s3://bucket/stores/smollm2 --json
+    """
+    from logitstore import open_store
+
+    summary = open_store(store).summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    teacher = summary["teacher"]
+    rows = [
+        ("store", summary["url"]),
+        ("format", f"v{summary['format_version']}, backend {summary['backend']}"),
+        ("codec", _codec(summary["codec"])),
+        ("vocabulary", summary["vocab_size"]),
+        ("shards", summary["shards"]),
+        ("documents", summary["documents"]),
+        ("tokens", summary["tokens"]),
+        ("bytes", summary["bytes"]),
+        ("bytes/token", f"{summary['bytes_per_token']:.2f}"),
+        ("teacher", ", ".join(f"{k}={v}" for k, v in sorted(teacher.items())) or "-"),
+    ]
+    fidelity = summary["fidelity"] or {}
+    rows += [(f"fidelity {k}", f"{v:.6g}") for k, v in sorted(fidelity.items())]
+    if not fidelity:
+        rows.append(("fidelity", "not measured"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")

@@ -1,0 +1,282 @@
+"""The store reader: read-only, verified access to a finalized store.
+
+Every shard read fetches the shard's files, checks their sizes and SHA-256 against the manifest,
+then decodes; so a flipped byte, a truncated or a deleted file is refused with
+``CorruptShardError`` naming the shard, never returned as wrong numbers. Reading runs no code
+from the store: JSON and plain numeric arrays only, no pickle, and no path outside the root.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from logitstore import format as fmt
+from logitstore.codecs import codec_from_json
+from logitstore.codecs.base import Codec, FieldSpec
+from logitstore.document import Document
+from logitstore.errors import (
+    ConfigError,
+    CorruptShardError,
+    LogitstoreError,
+    ManifestError,
+    StoreNotFoundError,
+)
+from logitstore.storage import BACKENDS, Backend, ShardArrays, _fs
+
+
+class LogitStore:
+    """A finalized store, opened read-only. Use :func:`open_store`.
+
+    Documents returned share memory with their decoded shard (one shard is cached), so holding
+    one document keeps its shard's arrays alive.
+
+    Attributes:
+        url: where the store lives.
+        manifest: the parsed, validated manifest.
+        codec: the codec the manifest names.
+        backend: the storage backend the manifest names.
+        specs: the codec's field specs for this store's vocabulary and temperatures.
+    """
+
+    def __init__(
+        self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+    ) -> None:
+        self.url = str(url)
+        self.fs, self.root = _fs.url_to_fs(self.url, storage_options)
+        self.manifest = self._load_manifest()
+        self.codec: Codec = codec_from_json(self.manifest["codec"])
+        self.backend: Backend = BACKENDS[self.manifest["backend"]]
+        try:
+            self.specs: dict[str, FieldSpec] = self.codec.fields(
+                self.vocab_size, self.manifest["num_temperatures"]
+            )
+        except ConfigError as exc:
+            raise ManifestError(
+                f"{fmt.MANIFEST_NAME}: codec does not fit the store: {exc}"
+            ) from None
+        shards = self.manifest["shards"]
+        paths = [s["path"] for s in shards]
+        if len(set(paths)) != len(paths):
+            raise ManifestError(f"{fmt.MANIFEST_NAME}: shard paths repeat")
+        for s in shards:
+            for name, _ in s["files"]:
+                if name != s["path"] and not name.startswith(s["path"] + "/"):
+                    raise ManifestError(f"shard {s['path']}: file {name!r} lies outside the shard")
+        self._doc_starts = np.zeros(len(shards) + 1, dtype=np.int64)
+        np.cumsum([s["documents"] for s in shards], out=self._doc_starts[1:])
+        self._cache: tuple[int, list[Document]] | None = None
+
+    def _load_manifest(self) -> dict[str, Any]:
+        try:
+            raw = _fs.read_bytes(self.fs, _fs.join(self.root, fmt.MANIFEST_NAME))
+        except FileNotFoundError:
+            if self.fs.exists(_fs.join(self.root, fmt.SETTINGS_NAME)):
+                raise StoreNotFoundError(
+                    f"{self.url} holds an unfinished store (no {fmt.MANIFEST_NAME}); finish "
+                    "or resume the run that writes it"
+                ) from None
+            raise StoreNotFoundError(f"no store at {self.url} (no {fmt.MANIFEST_NAME})") from None
+        manifest = fmt.loads(raw, fmt.MANIFEST_NAME)
+        fmt.validate_manifest(manifest)
+        return manifest
+
+    # -- sizes -------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self._doc_starts[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(s["tokens"] for s in self.manifest["shards"]))
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def __repr__(self) -> str:
+        codec = self.manifest["codec"]["name"]
+        return (
+            f"LogitStore({self.url!r}, {self.manifest['backend']}, {codec}, "
+            f"{self.num_documents} documents, {self.num_tokens} tokens)"
+        )
+
+    def shard_document_range(self, j: int) -> tuple[int, int]:
+        """Global indices ``[start, stop)`` of shard ``j``'s documents."""
+        j = self._shard_index(j)
+        return int(self._doc_starts[j]), int(self._doc_starts[j + 1])
+
+    def _shard_index(self, j: int) -> int:
+        if not -self.num_shards <= j < self.num_shards:
+            raise IndexError(f"shard {j} out of range; the store has {self.num_shards} shards")
+        return j % self.num_shards
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _fetch(self, entry: Mapping[str, Any]) -> dict[str, bytes]:
+        """The shard's files, checked for presence, size and checksum."""
+        where = entry["path"]
+        paths = {_fs.join(self.root, name): name for name, _ in entry["files"]}
+        got = self.fs.cat(list(paths), on_error="return") if paths else {}
+        files: dict[str, bytes] = {}
+        for name, size in entry["files"]:
+            data = got.get(_fs.join(self.root, name), FileNotFoundError())
+            if isinstance(data, BaseException):
+                raise CorruptShardError(f"shard {where}: file {name} is missing")
+            if len(data) != size:
+                raise CorruptShardError(
+                    f"shard {where}: file {name} has {len(data)} bytes, the manifest says {size}"
+                )
+            files[name] = bytes(data)
+        digest = _fs.tree_checksum(files.items())
+        if digest != entry["sha256"]:
+            raise CorruptShardError(
+                f"shard {where}: checksum mismatch (sha256 {digest[:16]}..., "
+                f"the manifest says {entry['sha256'][:16]}...)"
+            )
+        return files
+
+    def read_shard_arrays(self, j: int) -> ShardArrays:
+        """Shard ``j``'s encoded arrays, verified (checksum, shapes, counts), not decoded."""
+        entry = self.manifest["shards"][self._shard_index(j)]
+        where = entry["path"]
+        files = self._fetch(entry)
+        arrays = self.backend.decode(
+            where, files, self.specs, expected_positions=entry["positions"]
+        )
+        arrays.check(self.specs, where)
+        counts = (arrays.num_documents, arrays.num_tokens, arrays.num_positions)
+        if counts != (entry["documents"], entry["tokens"], entry["positions"]):
+            raise CorruptShardError(
+                f"shard {where}: holds {counts} (documents, tokens, positions), the manifest "
+                f"says {(entry['documents'], entry['tokens'], entry['positions'])}"
+            )
+        if arrays.num_tokens and arrays.input_ids.max() >= self.vocab_size:
+            raise CorruptShardError(f"shard {where}: token ids reach beyond the vocabulary")
+        return arrays
+
+    def read_shard(self, j: int) -> list[Document]:
+        """All documents of shard ``j``, decoded with one vectorised ``codec.decode`` call."""
+        j = self._shard_index(j)
+        if self._cache is not None and self._cache[0] == j:
+            return list(self._cache[1])
+        arrays = self.read_shard_arrays(j)
+        try:
+            positions = self.codec.decode(arrays.fields)
+        except LogitstoreError:
+            raise
+        except Exception as exc:  # the checksum matched, so this is a writer/codec mismatch
+            raise CorruptShardError(
+                f"shard {self.manifest['shards'][j]['path']}: codec cannot decode it "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+        off, pos = arrays.offsets, arrays.position_offsets()
+        docs = [
+            Document(
+                doc_id=doc_id,
+                input_ids=arrays.input_ids[off[d] : off[d + 1]],
+                loss_mask=arrays.loss_mask[pos[d] : pos[d + 1]],
+                positions=positions.slice(int(pos[d]), int(pos[d + 1])),
+            )
+            for d, doc_id in enumerate(arrays.doc_ids)
+        ]
+        self._cache = (j, docs)
+        return list(docs)
+
+    def __getitem__(self, i: int) -> Document:
+        """Document ``i`` in store order (negative indices count from the end)."""
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+            raise TypeError(f"document index must be an int, found {type(i).__name__}")
+        n = self.num_documents
+        if not -n <= i < n:
+            raise IndexError(f"document {i} out of range; the store has {n} documents")
+        i = int(i) % n
+        j = int(np.searchsorted(self._doc_starts, i, side="right")) - 1
+        return self.read_shard(j)[i - int(self._doc_starts[j])]
+
+    def iter_documents(self) -> Iterator[Document]:
+        """Every document, shard by shard."""
+        for j in range(self.num_shards):
+            yield from self.read_shard(j)
+
+    def __iter__(self) -> Iterator[Document]:
+        return self.iter_documents()
+
+    def summary(self) -> dict[str, Any]:
+        """What ``logitstore inspect`` prints: sizes, codec, teacher and fidelity."""
+        m = self.manifest
+        stats = m["statistics"]
+        return {
+            "url": self.url,
+            "format_version": m["format_version"],
+            "backend": m["backend"],
+            "codec": m["codec"],
+            "vocab_size": self.vocab_size,
+            "shards": self.num_shards,
+            "documents": self.num_documents,
+            "tokens": self.num_tokens,
+            "bytes": stats.get("bytes"),
+            "bytes_per_token": stats.get("bytes_per_token"),
+            "fidelity": stats.get("fidelity"),
+            **{key: m[key] for key in fmt.METADATA_KEYS},
+        }
+
+    # -- checking ----------------------------------------------------------------------------
+
+    def verify(self) -> list[str]:
+        """Every problem found: manifest totals, then each shard's files, checksum and shapes.
+
+        Returns:
+            One message per problem, each naming the shard or field; empty when all is well.
+        """
+        problems = []
+        shards = self.manifest["shards"]
+        stats = self.manifest["statistics"]
+        for key, total in (
+            ("documents", sum(s["documents"] for s in shards)),
+            ("tokens", sum(s["tokens"] for s in shards)),
+            ("bytes", sum(s["bytes"] for s in shards)),
+        ):
+            if stats.get(key) != total:
+                problems.append(
+                    f"{fmt.MANIFEST_NAME}: statistics.{key} is {stats.get(key)!r}, "
+                    f"the shards add up to {total}"
+                )
+        for j, entry in enumerate(shards):
+            if sum(size for _, size in entry["files"]) != entry["bytes"]:
+                problems.append(f"shard {entry['path']}: file sizes do not add up to its bytes")
+            try:
+                self.read_shard(j)  # checksum, shapes and counts, then the codec's decode
+            except LogitstoreError as exc:
+                problems.append(str(exc))
+        return problems
+
+
+def open_store(
+    url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> LogitStore:
+    """Open a finalized store read-only.
+
+    Args:
+        url: local path or fsspec URL (``memory://``, ``s3://``, ``hf://``, ...).
+        storage_options: passed to fsspec.
+
+    Raises:
+        StoreNotFoundError: no manifest there.
+        ManifestError: invalid JSON or a missing field; ``FormatVersionError`` for an unknown
+            format version.
+        UnknownNameError: unknown codec or backend.
+        UnsafePathError: a shard path that escapes the store.
+    """
+    return LogitStore(url, storage_options)

@@ -1,0 +1,165 @@
+"""fsspec utilities: one code path for local paths, ``memory://``, ``s3://`` and ``hf://``.
+
+Atomicity differs by filesystem. A local rename is atomic, so local files are written under a
+temporary name and renamed. Object stores have no rename (``mv`` is copy then delete), but a
+single object PUT is atomic, so there files are written in place and the *record* written after
+them is the commit point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+TMP_PREFIX = ".tmp-"
+"""Prefix of every temporary name; nothing committed ever carries it."""
+
+
+def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """The filesystem and the root path (no trailing slash) of a store URL or local path."""
+    fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+    return fs, root.rstrip("/") or root
+
+
+def is_local(fs: Any) -> bool:
+    """Whether ``fs`` is the local filesystem, where renames are atomic."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(root: str, rel: str) -> str:
+    """``root/rel`` for fsspec paths (always ``/``, whatever the OS)."""
+    if not root:
+        return rel
+    return f"{root}{rel}" if root.endswith("/") else f"{root}/{rel}"
+
+
+def temp_name(path: str) -> str:
+    """A unique temporary sibling of ``path`` (same directory, so a rename stays local)."""
+    head, _, tail = path.rpartition("/")
+    name = f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{tail}"
+    return f"{head}/{name}" if head else name
+
+
+def read_bytes(fs: Any, path: str) -> bytes:
+    """Whole file contents; ``FileNotFoundError`` when absent."""
+    return bytes(fs.cat_file(path))
+
+
+def exists(fs: Any, path: str) -> bool:
+    return bool(fs.exists(path))
+
+
+def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Write one file so that readers see either nothing or all of ``data``."""
+    parent = path.rpartition("/")[0]
+    if is_local(fs):
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        tmp = temp_name(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def create_exclusive(fs: Any, path: str, data: bytes) -> bool:
+    """Create ``path`` only if it does not exist yet.
+
+    Locally this is ``O_EXCL`` (atomic between processes). fsspec filesystems that support
+    mode ``"xb"`` are used the same way; others fall back to check-then-write, which is racy
+    but still catches the common mistake of two ranks given the same shard plan.
+
+    Returns:
+        True if this call created the file, False if it already existed.
+    """
+    parent = path.rpartition("/")[0]
+    if is_local(fs):
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+        return True
+    except FileExistsError:
+        return False
+    except (ValueError, NotImplementedError, TypeError):
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
+
+
+def remove(fs: Any, path: str) -> None:
+    """Remove a file or directory tree if it exists; never raises for a missing path."""
+    try:
+        if fs.isdir(path):
+            fs.rm(path, recursive=True)
+        elif fs.exists(path):
+            fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_tree(fs: Any, root: str, files: Mapping[str, bytes]) -> None:
+    """Write ``{relative name: bytes}`` under ``root`` (directories created as needed)."""
+    if is_local(fs):
+        for rel, data in files.items():
+            path = join(root, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+    else:
+        fs.pipe({join(root, rel): data for rel, data in files.items()})
+
+
+def rename(fs: Any, src: str, dst: str) -> None:
+    """Move ``src`` to ``dst`` (atomic locally; copy then delete elsewhere)."""
+    if is_local(fs):
+        os.replace(src, dst)
+    else:
+        fs.mv(src, dst, recursive=True)
+
+
+def list_names(fs: Any, path: str) -> list[str]:
+    """Base names directly under ``path`` (empty when it does not exist)."""
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    names = [str(e).rstrip("/").rpartition("/")[2] for e in entries]
+    return sorted(n for n in names if n)
+
+
+def tree_checksum(files: Iterable[tuple[str, bytes]]) -> str:
+    """SHA-256 over a shard's files in sorted name order.
+
+    Each file contributes ``name``, a zero byte, its length as 8 little-endian bytes, then its
+    bytes, so neither renaming nor moving bytes between files keeps the digest.
+    """
+    h = hashlib.sha256()
+    for name, data in sorted(files, key=lambda item: item[0]):
+        h.update(name.encode("utf-8") + b"\x00" + len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()

@@ -1,0 +1,185 @@
+"""Arrow/Parquet backend: one file per shard, one row per document.
+
+Schema of ``shards/000017.parquet`` (``F`` is a codec field of per-position shape ``s``)::
+
+    doc_id      string
+    input_ids   list<uint8/16/32>          T tokens (narrowest unsigned type for the vocabulary)
+    loss_mask   list<bool>                 T - 1 positions
+    F           list<t>                    T - 1 positions, when s == ()
+    F           list<fixed_size_list<t, k>>           when s == (k,)  (nested again per axis)
+
+Columns are zstd-compressed at the store's level; row groups close after
+``ROW_GROUP_POSITIONS`` positions so the Hub's dataset viewer and ``datasets`` stream them
+in small pieces. Plain ``pyarrow.parquet`` and ``datasets.load_dataset("parquet", ...)`` read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from logitstore.codecs.base import FieldSpec
+from logitstore.errors import CorruptShardError
+from logitstore.storage.base import Backend, ShardArrays, token_dtype
+
+ROW_GROUP_POSITIONS = 16384
+
+
+def _nested_type(dtype: str, shape: tuple[int, ...]) -> pa.DataType:
+    # Non-nullable items: Parquet then stores no definition levels for them, which makes
+    # reading the wide fixed-size-list columns about a quarter faster.
+    typ = pa.from_numpy_dtype(np.dtype(dtype))
+    for size in reversed(shape):
+        typ = pa.list_(pa.field("item", typ, nullable=False), size)
+    return pa.list_(pa.field("item", typ, nullable=False))
+
+
+def _list_array(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    """``values (P, *s)`` split into rows at ``offsets (D + 1,)``, as list<fixed_size_list>."""
+    shape = values.shape[1:]
+    child: pa.Array = pa.array(np.ascontiguousarray(values).reshape(-1))
+    for i in reversed(range(len(shape))):
+        child = pa.FixedSizeListArray.from_arrays(
+            child, type=_nested_type(values.dtype.name, shape[i:]).value_type
+        )
+    typ = _nested_type(values.dtype.name, shape)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), child, type=typ)
+
+
+def _flatten(table: pa.Table, name: str, shape: tuple[int, ...], where: str) -> tuple[Any, Any]:
+    """Concatenated values ``(P, *shape)`` and per-row lengths ``(D,)`` of a list column."""
+    arr = table.column(name).combine_chunks()
+    if arr.null_count:
+        raise CorruptShardError(f"shard {where}: column {name!r} has nulls")
+    lengths = arr.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    values = arr.flatten()
+    for _ in shape:
+        if values.null_count:
+            raise CorruptShardError(f"shard {where}: column {name!r} has nested nulls")
+        values = values.flatten()
+    if values.null_count:
+        raise CorruptShardError(f"shard {where}: column {name!r} has nested nulls")
+    flat = values.to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, *shape), lengths
+
+
+class ParquetBackend(Backend):
+    """Parquet, one row per document (see module docstring for the schema)."""
+
+    name: ClassVar[str] = "parquet"
+    suffix: ClassVar[str] = ".parquet"
+
+    @staticmethod
+    def schema(specs: Mapping[str, FieldSpec], token_type: np.dtype) -> pa.Schema:
+        cols = [
+            pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("input_ids", _nested_type(token_type.name, ()), nullable=False),
+            pa.field("loss_mask", _nested_type("bool", ()), nullable=False),
+        ]
+        cols += [
+            pa.field(n, _nested_type(specs[n].dtype, specs[n].shape), nullable=False)
+            for n in sorted(specs)
+        ]
+        return pa.schema(cols)
+
+    def encode(
+        self,
+        shard_path: str,
+        arrays: ShardArrays,
+        specs: Mapping[str, FieldSpec],
+        *,
+        vocab_size: int,
+        compression_level: int,
+    ) -> dict[str, bytes]:
+        tok = token_dtype(vocab_size)
+        pos_off = arrays.position_offsets()
+        columns = [
+            pa.array(arrays.doc_ids, pa.string()),
+            _list_array(arrays.input_ids.astype(tok), arrays.offsets),
+            _list_array(arrays.loss_mask.astype(np.bool_), pos_off),
+        ]
+        columns += [_list_array(arrays.fields[n], pos_off) for n in sorted(specs)]
+        table = pa.Table.from_arrays(columns, schema=self.schema(specs, tok))
+        sink = pa.BufferOutputStream()
+        with pq.ParquetWriter(
+            sink, table.schema, compression="zstd", compression_level=compression_level
+        ) as writer:
+            for start, stop in self._row_groups(pos_off):
+                writer.write_table(table.slice(start, stop - start))
+        return {shard_path: sink.getvalue().to_pybytes()}
+
+    @staticmethod
+    def _row_groups(pos_off: np.ndarray) -> list[tuple[int, int]]:
+        """Consecutive document ranges of about ``ROW_GROUP_POSITIONS`` positions each."""
+        groups, start = [], 0
+        n_docs = len(pos_off) - 1
+        for d in range(1, n_docs + 1):
+            if pos_off[d] - pos_off[start] >= ROW_GROUP_POSITIONS or d == n_docs:
+                groups.append((start, d))
+                start = d
+        return groups or [(0, 0)]
+
+    def decode(
+        self,
+        shard_path: str,
+        files: Mapping[str, bytes],
+        specs: Mapping[str, FieldSpec],
+        *,
+        expected_positions: int,
+    ) -> ShardArrays:
+        if set(files) != {shard_path}:
+            raise CorruptShardError(
+                f"shard {shard_path}: expected the single file {shard_path!r}, "
+                f"found {sorted(files)}"
+            )
+        try:
+            # One thread: loaders read shards in parallel workers, one core each.
+            table = pq.read_table(pa.BufferReader(files[shard_path]), use_threads=False)
+        except Exception as exc:  # any parse or decompression failure is a corrupt shard
+            raise CorruptShardError(
+                f"shard {shard_path}: cannot be read as parquet ({type(exc).__name__}: {exc})"
+            ) from None
+        tok_type = (
+            table.schema.field("input_ids").type if "input_ids" in table.schema.names else None
+        )
+        tok = np.dtype(tok_type.value_type.to_pandas_dtype()) if tok_type is not None else None
+        if tok is None or tok.kind != "u":
+            raise CorruptShardError(f"shard {shard_path}: input_ids must be list<unsigned int>")
+        expected = self.schema(specs, tok)
+        if not table.schema.remove_metadata().equals(expected):
+            raise CorruptShardError(
+                f"shard {shard_path}: schema {table.schema.remove_metadata()} "
+                f"differs from the expected {expected}"
+            )
+        input_ids, tok_len = _flatten(table, "input_ids", (), shard_path)
+        if table.column("doc_id").null_count:
+            raise CorruptShardError(f"shard {shard_path}: doc_id has nulls")
+        offsets = np.zeros(len(tok_len) + 1, dtype=np.int64)
+        np.cumsum(tok_len, out=offsets[1:])
+        pos_len = np.maximum(tok_len - 1, 0)
+        if int(pos_len.sum()) != expected_positions:
+            raise CorruptShardError(
+                f"shard {shard_path}: {int(pos_len.sum())} positions, "
+                f"manifest says {expected_positions}"
+            )
+        loss_mask, mask_len = _flatten(table, "loss_mask", (), shard_path)
+        fields: dict[str, np.ndarray] = {}
+        lengths = {"loss_mask": mask_len}
+        for name, spec in specs.items():
+            fields[name], lengths[name] = _flatten(table, name, spec.shape, shard_path)
+        for name, got in lengths.items():
+            if not np.array_equal(got, pos_len):
+                raise CorruptShardError(
+                    f"shard {shard_path}: column {name!r} row lengths differ from input_ids - 1"
+                )
+        return ShardArrays(
+            doc_ids=[str(d) for d in table.column("doc_id").to_pylist()],
+            offsets=offsets,
+            input_ids=input_ids.astype(np.int64),
+            loss_mask=loss_mask.astype(np.bool_),
+            fields=fields,
+        )

@@ -1,0 +1,127 @@
+"""`logitstore inspect`, `verify` and `convert` through the click group (exit codes, messages)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from logitstore import EncodedDocument, StoreWriter, open_store
+from logitstore.codecs import get_codec
+
+V = 256
+META = {
+    "teacher": {"model": "tiny-teacher", "dtype": "float32"},
+    "tokenizer": {"vocab_size": V},
+    "capture": {"temperatures": [1.0]},
+    "source": {"path": "docs.jsonl"},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli") / "store"
+    codec = get_codec("topk", k=8)
+    g = torch.Generator().manual_seed(0)
+    w = StoreWriter(str(root), codec=codec, metadata=META, vocab_size=V)
+    for j in range(3):
+        docs = []
+        for d in range(2):
+            ids = torch.randint(0, V, (12 + d,), generator=g)
+            lp = torch.log_softmax(torch.randn(len(ids) - 1, V, generator=g), -1)
+            enc = {k: v.numpy() for k, v in codec.encode(lp, ids[1:], temperatures=(1.0,)).items()}
+            docs.append(EncodedDocument(f"{j}/{d}", ids.numpy(), np.ones(len(ids) - 1, bool), enc))
+        w.write_shard(j, docs)
+    w.finalize(3)
+    return root
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_inspect_prints_the_manifest_summary(store):
+    result = run("inspect", store)
+    assert result.exit_code == 0, result.output
+    tokens = sum(len(d.input_ids) for d in open_store(str(store)).iter_documents())
+    assert f"tokens       {tokens}" in result.output
+    assert "topk v1 (k=8, values=q8)" in result.output
+    assert "model=tiny-teacher" in result.output
+    as_json = json.loads(run("inspect", store, "--json").output)
+    assert as_json["documents"] == 6 and as_json["tokens"] == tokens
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert as_json["bytes_per_token"] == manifest["statistics"]["bytes"] / tokens
+
+
+def test_verify_ok_and_damaged(store, tmp_path):
+    ok = run("verify", store)
+    assert ok.exit_code == 0 and "ok: 3 shards, 6 documents" in ok.output
+    damaged = tmp_path / "store"
+    shutil.copytree(store, damaged)
+    shutil.rmtree(damaged / "shards" / "000002.zarr")
+    chunk = damaged / "shards" / "000000.zarr" / "input_ids" / "c" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-3])
+    result = run("verify", damaged)
+    assert result.exit_code == 1
+    problems = [line for line in result.output.splitlines() if line.startswith("problem:")]
+    assert len(problems) == 2
+    assert "shards/000000.zarr" in problems[0] and "bytes" in problems[0]
+    assert "shards/000002.zarr" in problems[1] and "missing" in problems[1]
+
+
+def test_unreadable_manifest_is_an_error(store, tmp_path):
+    bad = tmp_path / "store"
+    shutil.copytree(store, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["format_version"] = 7
+    (bad / "manifest.json").write_text(json.dumps(m))
+    for command in ("verify", "inspect"):
+        result = run(command, bad)
+        assert result.exit_code == 2
+        assert "error: manifest.json has format version 7" in result.output
+
+
+def test_convert_round_trip_and_refusals(store, tmp_path):
+    out, back = tmp_path / "pq", tmp_path / "zarr"
+    result = run("convert", store, "--backend", "parquet", out)
+    assert result.exit_code == 0, result.output
+    assert "6 documents" in result.output
+    assert run("convert", out, "--backend", "zarr", back).exit_code == 0
+    for name in ("manifest.json", "shards/000001.zarr/values/c/0/0"):
+        assert (back / name).read_bytes() == (store / name).read_bytes()
+    again = run("convert", store, "--backend", "parquet", out)
+    assert again.exit_code == 2 and "is not empty" in again.output
+    bogus = run("convert", store, "--backend", "csv", tmp_path / "x")
+    assert bogus.exit_code != 0 and "csv" in bogus.output
+
+
+def test_interrupted_convert_resumes(store, tmp_path, monkeypatch):
+    from logitstore.storage import _parquet
+
+    out = tmp_path / "pq"
+    real = _parquet.ParquetBackend.encode
+    calls = []
+
+    def crash_on_third(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # like a kill between shards
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(_parquet.ParquetBackend, "encode", crash_on_third)
+    result = run("convert", store, "--backend", "parquet", out)
+    assert result.exit_code != 0
+    assert not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    assert run("convert", store, "--backend", "parquet", out).exit_code == 2
+    resumed = run("convert", store, "--backend", "parquet", out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    fresh = tmp_path / "fresh"
+    run("convert", store, "--backend", "parquet", fresh)
+    assert (out / "manifest.json").read_bytes() == (fresh / "manifest.json").read_bytes()
+    assert sorted(p.name for p in out.rglob("*")) == sorted(p.name for p in fresh.rglob("*"))

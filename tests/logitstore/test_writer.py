@@ -1,0 +1,304 @@
+"""StoreWriter: modes, atomic commits, shard claims, resume, finalize."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from logitstore import EncodedDocument, StoreWriter, open_store
+from logitstore.codecs import get_codec
+from logitstore.codecs.fidelity import position_fidelity
+from logitstore.errors import (
+    ConfigError,
+    CorruptShardError,
+    DataError,
+    SettingsMismatchError,
+    ShardClaimError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
+from logitstore.storage import _fs
+
+V = 300
+META = {
+    "teacher": {"model": "tiny", "revision": "r1"},
+    "tokenizer": {"vocab_hash": "abc"},
+    "capture": {"temperatures": [2.0]},
+    "source": {"path": "x.jsonl"},
+}
+
+
+def codec():
+    return get_codec("topk", k=8)
+
+
+def encode(c, n: int, seed: int, with_dense: bool = False):
+    """``n`` random documents; with ``with_dense`` also their dense log-probs and labels."""
+    g = torch.Generator().manual_seed(seed)
+    docs, dense = [], []
+    for d in range(n):
+        t = int(torch.randint(2, 30, (1,), generator=g))
+        ids = torch.randint(0, V, (t,), generator=g)
+        lp = torch.log_softmax(2.5 * torch.randn(t - 1, V, generator=g), dim=-1)
+        enc = c.encode(lp, ids[1:], temperatures=(2.0,), generator=g)
+        fields = {k: v.numpy() for k, v in enc.items()}
+        docs.append(EncodedDocument(f"d{seed}-{d}", ids.numpy(), np.ones(t - 1, bool), fields))
+        dense.append((lp, ids[1:]))
+    return (docs, dense) if with_dense else docs
+
+
+def writer(url, mode="create", **kw) -> StoreWriter:
+    args = {"codec": codec(), "backend": "zarr", "metadata": META, "vocab_size": V}
+    args.update(kw)
+    return StoreWriter(str(url), mode=mode, **args)
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_create_refuses_a_non_empty_location(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(StoreExistsError, match="notes.txt"):
+        writer(tmp_path)
+
+
+def test_create_refuses_an_existing_store(tmp_path):
+    writer(tmp_path / "s")
+    with pytest.raises(StoreExistsError, match="settings.json"):
+        writer(tmp_path / "s")
+
+
+def test_metadata_sections_are_required(tmp_path):
+    with pytest.raises(ConfigError, match="tokenizer"):
+        writer(tmp_path / "s", metadata={k: v for k, v in META.items() if k != "tokenizer"})
+
+
+def test_resume_mismatch_names_the_key(tmp_path):
+    writer(tmp_path / "s")
+    meta = json.loads(json.dumps(META))
+    meta["teacher"]["revision"] = "r2"
+    with pytest.raises(SettingsMismatchError, match=r"teacher\.revision is 'r1'.*'r2'"):
+        writer(tmp_path / "s", mode="resume", metadata=meta)
+    with pytest.raises(SettingsMismatchError, match=r"codec\.configuration\.k is 8.*16"):
+        writer(tmp_path / "s", mode="join", codec=get_codec("topk", k=16))
+    with pytest.raises(SettingsMismatchError, match="backend"):
+        writer(tmp_path / "s", mode="resume", backend="parquet")
+
+
+def test_join_needs_an_existing_store(tmp_path):
+    with pytest.raises(StoreNotFoundError, match="no store to join"):
+        writer(tmp_path / "s", mode="join")
+
+
+def test_resume_of_an_empty_location_creates(tmp_path):
+    w = writer(tmp_path / "s", mode="resume")
+    assert w.committed_shards() == set()
+    assert (tmp_path / "s" / "settings.json").exists()
+
+
+def test_exception_mid_write_leaves_nothing_committed(tmp_path, monkeypatch):
+    w = writer(tmp_path / "s")
+    docs = encode(w.codec, 3, 0)
+    real = _fs.write_bytes_atomic
+
+    def fail_on_record(fs, path, data):
+        if "/records/" in path:
+            raise OSError("disk full (simulated)")
+        real(fs, path, data)
+
+    monkeypatch.setattr(_fs, "write_bytes_atomic", fail_on_record)
+    with pytest.raises(OSError, match="disk full"):
+        w.write_shard(0, docs)
+    monkeypatch.undo()
+    assert w.committed_shards() == set()
+    assert files_under(tmp_path / "s") == ["settings.json"]  # no shard, claim, temp or manifest
+    with pytest.raises(CorruptShardError, match=r"missing: 0"):
+        w.finalize(1)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    # The failed attempt released its claim: a retry commits.
+    w.write_shard(0, docs)
+    w.finalize(1)
+    assert [d.doc_id for d in open_store(str(tmp_path / "s")).iter_documents()] == [
+        d.doc_id for d in docs
+    ]
+
+
+def test_exception_while_writing_files_on_an_object_store(monkeypatch):
+    import fsspec
+
+    url = "memory://writer-tests/partial"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+    w = writer(url)
+    real = fs.pipe
+
+    def pipe_half(mapping, *a, **k):
+        items = sorted(mapping.items())
+        real(dict(items[: len(items) // 2]))
+        raise OSError("connection reset (simulated)")
+
+    monkeypatch.setattr(w.fs, "pipe", pipe_half)
+    with pytest.raises(OSError, match="connection reset"):
+        w.write_shard(0, encode(w.codec, 2, 0))
+    monkeypatch.undo()
+    assert w.committed_shards() == set()
+    assert [p.rpartition("/")[2] for p in fs.find(url)] == ["settings.json"]
+
+
+def test_two_writers_cannot_claim_one_shard(tmp_path, monkeypatch):
+    a = writer(tmp_path / "s")
+    b = writer(tmp_path / "s", mode="join")
+    docs = encode(a.codec, 2, 0)
+    seen = []
+    encode_shard = a.backend.encode
+
+    def encode_while_b_tries(*args, **kw):
+        if seen:  # ``b``'s own encode (backends are shared instances)
+            return encode_shard(*args, **kw)
+        seen.append("a is encoding")
+        # Writer ``a`` holds the claim now; ``b`` must be refused, not interleave.
+        with pytest.raises(ShardClaimError, match="claimed by another writer") as info:
+            b.write_shard(0, docs)
+        seen.append(str(info.value))
+        return encode_shard(*args, **kw)
+
+    monkeypatch.setattr(a.backend, "encode", encode_while_b_tries)
+    a.write_shard(0, docs)
+    monkeypatch.undo()
+    assert len(seen) == 2 and "pid" in seen[1]
+    with pytest.raises(ShardClaimError, match="already committed"):
+        b.write_shard(0, docs)
+    b.write_shard(1, encode(b.codec, 1, 1))  # disjoint shards are fine
+    assert a.committed_shards() == {0, 1}
+
+
+def test_resume_clears_stale_claims_and_temporaries(tmp_path):
+    w = writer(tmp_path / "s")
+    w.write_shard(0, encode(w.codec, 2, 0))
+    # A crashed run: a claim and a half-written temporary shard, no record.
+    (tmp_path / "s" / "claims").mkdir(exist_ok=True)
+    (tmp_path / "s" / "claims" / "000001.claim").write_text("pid 1")
+    (tmp_path / "s" / "shards" / ".tmp-dead-000001.zarr").mkdir()
+    with pytest.raises(ShardClaimError):
+        writer(tmp_path / "s", mode="join").write_shard(1, encode(w.codec, 1, 1))
+    r = writer(tmp_path / "s", mode="resume")
+    assert r.committed_shards() == {0}
+    r.write_shard(1, encode(w.codec, 1, 1))
+    r.finalize(2)
+    assert not any(".tmp-" in f or "claims" in f for f in files_under(tmp_path / "s"))
+
+
+def test_resumed_run_is_byte_identical(tmp_path):
+    c = codec()
+    shards = [encode(c, n, seed) for seed, n in enumerate((2, 3, 1))]
+    full = writer(tmp_path / "full")
+    for j, docs in enumerate(shards):
+        full.write_shard(j, docs)
+    full.finalize(3)
+    part = writer(tmp_path / "part")
+    part.write_shard(0, shards[0])
+    part.write_shard(2, shards[2])  # crash before shard 1 and before finalize
+    resumed = writer(tmp_path / "part", mode="resume")
+    for j in sorted(set(range(3)) - resumed.committed_shards()):
+        resumed.write_shard(j, shards[j])
+    resumed.finalize(3)
+    a, b = tmp_path / "full", tmp_path / "part"
+    assert files_under(a) == files_under(b)
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_under(a))
+
+
+def test_finalize_refuses_bad_shard_sets(tmp_path):
+    w = writer(tmp_path / "s")
+    with pytest.raises(DataError, match="at least one shard"):
+        w.finalize(0)
+    w.write_shard(1, encode(w.codec, 1, 1))
+    with pytest.raises(CorruptShardError, match="missing: 0"):
+        w.finalize(2)
+    w.write_shard(0, encode(w.codec, 1, 0))
+    with pytest.raises(DataError, match=r"\[1\].*beyond"):
+        w.finalize(1)
+    (tmp_path / "s" / "shards" / "000001.zarr" / "zarr.json").unlink()
+    with pytest.raises(CorruptShardError, match="000001.zarr/zarr.json"):
+        w.finalize(2)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: setattr(d, "input_ids", d.input_ids + V), "token ids must lie in"),
+        (lambda d: setattr(d, "loss_mask", d.loss_mask[:-1]), "loss_mask must be bool"),
+        (lambda d: d.fields.update(values=d.fields["values"].astype(np.int16)), "field 'values'"),
+        (lambda d: d.fields.pop("top1"), "fields"),
+    ],
+)
+def test_documents_that_do_not_fit_are_refused(tmp_path, damage, message):
+    w = writer(tmp_path / "s")
+    docs = encode(w.codec, 2, 0)
+    damage(docs[1])
+    with pytest.raises(DataError, match=message):
+        w.write_shard(0, docs)
+    with pytest.raises(DataError, match="at least one document"):
+        w.write_shard(0, [])
+    assert w.committed_shards() == set()
+
+
+def test_manifest_fidelity_is_the_mean_over_all_sampled_positions(tmp_path):
+    from logitstore.codecs.fidelity import fidelity_sums
+
+    w = writer(tmp_path / "s")
+    per_position = []
+    for j in range(2):
+        docs, dense = encode(w.codec, 2, j, with_dense=True)
+        lp = torch.cat([x for x, _ in dense])
+        labels = torch.cat([y for _, y in dense])
+        decoded = w.codec.decode(
+            {k: np.concatenate([d.fields[k] for d in docs]) for k in docs[0].fields}
+        )
+        w.write_shard(j, docs, fidelity=fidelity_sums(lp, decoded, labels))
+        per_position.append(position_fidelity(lp, decoded, labels))
+    got = w.finalize(2)["statistics"]["fidelity"]
+    for key in per_position[0]:
+        values = np.concatenate([p[key] for p in per_position]).astype(np.float64)
+        assert got[key] == pytest.approx(values.mean(), rel=1e-9, abs=1e-12), key
+    assert got["positions"] == sum(len(p["top1_agreement"]) for p in per_position)
+
+
+def _race(url: str, docs, queue) -> None:
+    w = writer(url, mode="join")
+    won = []
+    for i in range(8):
+        try:
+            w.write_shard(i, docs)
+            won.append(i)
+        except ShardClaimError:
+            pass
+    queue.put(won)
+
+
+@pytest.mark.integration
+def test_racing_processes_commit_each_shard_exactly_once(tmp_path):
+    import multiprocessing as mp
+
+    url = str(tmp_path / "s")
+    w = writer(url)
+    docs = encode(w.codec, 2, 0)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(url, docs, queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    won = sorted(i for r in results for i in r)
+    assert won == list(range(8))  # every shard committed by exactly one process
+    w.finalize(8)
+    assert open_store(url).verify() == []
