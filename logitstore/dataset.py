@@ -1,0 +1,338 @@
+"""Stream a logit store into training batches: a resumable PyTorch ``IterableDataset``.
+
+Order. The order of one epoch is a pure function of ``(seed, epoch)`` and the topology
+(ranks x DataLoader workers): shards are permuted, split across the ``streams = world_size *
+num_workers`` readers, grouped into windows of ``shuffle_window`` shards, and the documents of
+each window are permuted. A reader decodes one window at a time, so memory is bounded by a few
+shards, never by the store. When the store has fewer shards than streams, every stream reads the
+same globally ordered documents and keeps every ``streams``-th one instead (correct, but each
+stream decodes every shard).
+
+Batches. Documents are grouped, in stream order, into batches whose padded size
+``num_docs * longest`` stays within ``tokens_per_batch`` (a document longer than the budget
+is a batch of its own). Grouping is greedy and memoryless, so resuming at a batch boundary
+reproduces the uninterrupted batches exactly.
+
+Context. Every document is one row, starting at position 0 and right-padded: the student sees,
+at every trained position, exactly the tokens the teacher saw, and nothing from other
+documents. Padding costs compute on ragged batches; packing with per-document masks would not,
+but needs attention kernels that honour block-diagonal masks, which plain ``transformers``
+models on CPU do not guarantee. Padding was chosen for exactness and simplicity.
+
+Resume. The state is ``{"seed", "epoch", "samples_consumed", "next_worker"}`` with one count
+per DataLoader worker (a single entry without workers). Each batch says which worker made it
+and how many of that worker's documents it has handed out, so :meth:`StoreDataset.record` keeps
+the counts in the main process, and resuming skips exactly those documents (whole windows
+without decoding). The DataLoader takes batches from its workers in turn, so the state also
+says whose turn is next.
+
+Prefetch. Each reader decodes and collates in a background thread, ``prefetch`` batches ahead.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from logitstore.document import Document
+from logitstore.errors import ConfigError
+
+__all__ = ["StoreDataset", "collate_documents", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class _Window:
+    """Shards to decode and the global indices of the documents to emit, in order."""
+
+    shards: list[int]
+    docs: np.ndarray
+
+
+def _range(r: Any) -> tuple[int, int]:
+    if isinstance(r, range):
+        return r.start, r.stop
+    start, stop = r
+    return int(start), int(stop)
+
+
+def collate_documents(docs: Sequence[Document]) -> dict[str, Any]:
+    """Pad documents into one batch; teacher arrays stay flat over real positions.
+
+    Teacher arrays are not padded: they are the concatenation of the documents' positions, in
+    row-major order of ``position_mask``, so ``hidden[:, :-1][position_mask]`` lines up with
+    them. This avoids padding ``(B, T - 1, K)`` arrays that the loss would discard.
+
+    Args:
+        docs: ``B`` documents of lengths ``T_b``.
+
+    Returns:
+        ``input_ids`` int64 ``(B, T)`` (padding 0), ``attention_mask`` int64 ``(B, T)``,
+        ``position_mask`` bool ``(B, T - 1)`` (real positions), and over the ``N = sum(T_b - 1)``
+        real positions: ``labels`` int64 ``(N,)`` (``-100`` where the loss mask is False),
+        ``support_ids`` int64 ``(N, K)``, ``support_logprobs`` float32 ``(N, K)``,
+        ``tail_logmass``, ``label_logprob``, ``entropy`` float32 ``(N,)``,
+        ``tail_logsumexp`` float32 ``(N, n_temps)``, ``support_counts`` int32 ``(N, K)`` or
+        ``None``; ``num_tokens`` (trained positions) and ``doc_ids``.
+    """
+    width = max(d.num_tokens for d in docs)
+    input_ids = np.zeros((len(docs), width), dtype=np.int64)
+    attention = np.zeros((len(docs), width), dtype=np.int64)
+    for row, d in enumerate(docs):
+        input_ids[row, : d.num_tokens] = d.input_ids
+        attention[row, : d.num_tokens] = 1
+    labels = np.concatenate(
+        [np.where(d.loss_mask, d.input_ids[1:], IGNORE_INDEX) for d in docs]
+    ).astype(np.int64)
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([getattr(d.positions, name) for d in docs]))
+
+    counts = docs[0].positions.support_counts
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "position_mask": torch.from_numpy(attention[:, 1:].astype(bool)),
+        "labels": torch.from_numpy(labels),
+        "support_ids": cat("support_ids").long(),
+        "support_logprobs": cat("support_logprobs").float(),
+        "tail_logmass": cat("tail_logmass").float(),
+        "label_logprob": cat("label_logprob").float(),
+        "tail_logsumexp": cat("tail_logsumexp").float(),
+        "entropy": cat("entropy").float(),
+        "support_counts": None if counts is None else cat("support_counts"),
+        "num_tokens": int((labels != IGNORE_INDEX).sum()),
+        "doc_ids": [d.doc_id for d in docs],
+    }
+
+
+class StoreDataset(IterableDataset):
+    """Batches of whole documents from a logit store, deterministic and resumable.
+
+    Args:
+        store: an opened store (``logitstore.open_store``) or its URL.
+        tokens_per_batch: budget on the padded batch size ``num_docs * longest``.
+        seed: shuffling seed; with ``epoch`` it fixes the order.
+        shuffle: permute shards and documents; False reads in store order.
+        shuffle_window: shards whose documents are shuffled together (memory: this many
+            decoded shards per reader, plus the prefetched batches).
+        prefetch: batches decoded ahead by the background thread.
+        rank, world_size: this process's share; default from ``torch.distributed`` if it is
+            initialised, else ``0, 1``.
+        storage_options: passed to ``open_store`` when ``store`` is a URL.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        tokens_per_batch: int = 8192,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_window: int = 4,
+        prefetch: int = 4,
+        rank: int | None = None,
+        world_size: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        if tokens_per_batch < 1 or shuffle_window < 1 or prefetch < 1:
+            raise ConfigError(
+                "tokens_per_batch, shuffle_window and prefetch must be positive; found "
+                f"{tokens_per_batch}, {shuffle_window}, {prefetch}"
+            )
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            ready = dist.is_available() and dist.is_initialized()
+            rank = dist.get_rank() if ready else 0
+            world_size = dist.get_world_size() if ready else 1
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, {world_size}); found {rank}")
+        self._url = store if isinstance(store, str) else None
+        self._store = None if isinstance(store, str) else store
+        self._storage_options = storage_options
+        self.tokens_per_batch = tokens_per_batch
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_window = shuffle_window
+        self.prefetch = prefetch
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self._consumed: list[int] | None = None
+        self._next_worker = 0
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            # Imported late: the reader imports the package that re-exports this module.
+            from logitstore.reader import open_store
+
+            assert self._url is not None  # one of store or URL is always set
+            self._store = open_store(self._url, storage_options=self._storage_options)
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers re-open a store given by URL rather than pickling open file handles.
+        state = self.__dict__.copy()
+        if self._url is not None:
+            state["_store"] = None
+        return state
+
+    # -- resume state ------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning (call before creating the DataLoader iterator)."""
+        self.epoch = int(epoch)
+        self._consumed = None
+        self._next_worker = 0
+
+    def record(self, batch: dict[str, Any]) -> None:
+        """Count ``batch`` as consumed; call in the main process for every batch used."""
+        workers = int(batch["num_workers"])
+        if self._consumed is None or len(self._consumed) != workers:
+            self._consumed = [0] * workers
+        self._consumed[int(batch["worker"])] = int(batch["consumed"])
+        self._next_worker = (int(batch["worker"]) + 1) % workers
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"seed", "epoch", "samples_consumed", "next_worker"}``: enough to resume exactly."""
+        consumed = list(self._consumed) if self._consumed is not None else [0]
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "samples_consumed": consumed,
+            "next_worker": self._next_worker,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration skips the documents ``state`` counts as consumed."""
+        if int(state["seed"]) != self.seed:
+            raise ConfigError(f"loader state has seed {state['seed']}, this loader {self.seed}")
+        self.epoch = int(state["epoch"])
+        consumed = [int(c) for c in state["samples_consumed"]]
+        self._consumed = consumed if any(consumed) else None
+        self._next_worker = int(state.get("next_worker", 0))
+
+    # -- order -------------------------------------------------------------------------------
+
+    def plan(self, epoch: int, stream: int, num_streams: int) -> list[_Window]:
+        """The windows one stream reads in ``epoch``: shards to decode, documents to emit."""
+        store = self.store
+        ranges = [_range(store.shard_document_range(j)) for j in range(store.num_shards)]
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(ranges)) if self.shuffle else np.arange(len(ranges))
+        by_shard = len(ranges) >= num_streams
+        mine = order[stream::num_streams] if by_shard else order
+        windows = []
+        position = 0  # position in the global stream, for the document-split fallback
+        for w, start in enumerate(range(0, len(mine), self.shuffle_window)):
+            shards = [int(j) for j in mine[start : start + self.shuffle_window]]
+            docs = np.concatenate(
+                [np.arange(*ranges[j], dtype=np.int64) for j in shards] or [np.zeros(0, np.int64)]
+            )
+            if self.shuffle:
+                seq = [self.seed, epoch, w] + ([stream, num_streams] if by_shard else [])
+                docs = docs[np.random.default_rng(seq).permutation(len(docs))]
+            if not by_shard:
+                keep = (position + np.arange(len(docs))) % num_streams == stream
+                position += len(docs)
+                docs = docs[keep]
+            windows.append(_Window(shards, docs))
+        return windows
+
+    def _documents(self, windows: list[_Window], skip: int) -> Iterator[Document]:
+        store = self.store
+        for window in windows:
+            if skip >= len(window.docs):
+                skip -= len(window.docs)
+                continue
+            decoded: dict[int, Document] = {}
+            for j in window.shards:
+                start, _ = _range(store.shard_document_range(j))
+                for offset, doc in enumerate(store.read_shard(j)):
+                    decoded[start + offset] = doc
+            for index in window.docs[skip:]:
+                yield decoded[int(index)]
+            skip = 0
+
+    def _batches(self, docs: Iterator[Document]) -> Iterator[list[Document]]:
+        current: list[Document] = []
+        longest = 0
+        for doc in docs:
+            grown = max(longest, doc.num_tokens)
+            if current and (len(current) + 1) * grown > self.tokens_per_batch:
+                yield current
+                current, grown = [], doc.num_tokens
+            current.append(doc)
+            longest = grown
+        if current:
+            yield current
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        # The DataLoader always asks worker 0 first; rotate the roles so that the worker whose
+        # turn came next before the interruption is asked first.
+        worker = (worker + self._next_worker) % workers
+        consumed = self._consumed or [0] * workers
+        if len(consumed) != workers:
+            raise ConfigError(
+                f"loader state was saved with {len(consumed)} DataLoader workers; "
+                f"this loader has {workers}"
+            )
+        stream, streams = self.rank * workers + worker, self.world_size * workers
+        windows = self.plan(self.epoch, stream, streams)
+        start = consumed[worker]
+        extra = {"epoch": self.epoch, "worker": worker, "num_workers": workers}
+        return _prefetched(self._collated(windows, start, extra), self.prefetch)
+
+    def _collated(
+        self, windows: list[_Window], start: int, extra: dict[str, Any]
+    ) -> Iterator[dict[str, Any]]:
+        count = start
+        for docs in self._batches(self._documents(windows, start)):
+            count += len(docs)
+            yield {**collate_documents(docs), **extra, "consumed": count}
+
+
+def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Run ``source`` in a daemon thread, ``depth`` items ahead; re-raise its errors here."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        items.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(("end", done))
+        except BaseException as exc:  # forwarded to the consumer, which re-raises it
+            items.put(("error", exc))
+
+    thread = threading.Thread(target=produce, daemon=True, name="logitstore-prefetch")
+    thread.start()
+    try:
+        while True:
+            kind, item = items.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,326 @@
+"""The student: loading, initialisation, the tokenizer check, and its loss on a batch.
+
+A student is named by a Hub id, a local model directory, or a model config file (JSON or
+YAML, with ``model_type``; random initialisation). It can then take weights from a teacher of
+the same architecture: embeddings, final norm and head, plus a chosen subset of the teacher's
+layers (student layer ``i`` <- teacher layer ``keep_layers[i]``).
+
+The loss (:class:`Distiller`) runs the model's body to its final hidden states and hands them,
+with the LM head weight, to ``fused_sparse_loss``: full ``[batch, seq, vocab]`` logits are never
+formed. Models whose head applies more than a plain matrix (a bias, logit soft-capping or
+scaling) are not handled exactly by this path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from logitstore.errors import ConfigError, TokenizerMismatchError
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def is_config_file(spec: str) -> bool:
+    return Path(spec).is_file() and Path(spec).suffix in {".json", ".yaml", ".yml"}
+
+
+def load_student(spec: str, *, seed: int = 0) -> torch.nn.Module:
+    """A causal LM from a Hub id, a model directory, or a config file (random init, ``seed``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if is_config_file(spec):
+        import yaml
+
+        text = Path(spec).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:  # YAML 1.1 would read JSON's 1e-06 as a string
+            data = yaml.safe_load(text)
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise ConfigError(f"student config {spec} must be a mapping with 'model_type'")
+        data = dict(data)
+        config = AutoConfig.for_model(data.pop("model_type"), **data)
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+
+
+def load_tokenizer(spec: str | None) -> Any:
+    """The tokenizer at ``spec`` (Hub id or directory), or None when there is none to load."""
+    if spec is None or is_config_file(spec):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def init_from_teacher(student: torch.nn.Module, teacher: str, keep_layers: Sequence[int]) -> None:
+    """Copy the teacher's non-layer weights and layers ``keep_layers`` into ``student``.
+
+    Args:
+        student: a model of the teacher's architecture with ``len(keep_layers)`` layers.
+        teacher: Hub id or directory of the teacher.
+        keep_layers: teacher layer indices; student layer ``i`` takes ``keep_layers[i]``.
+
+    Raises:
+        ConfigError: different architectures, layer counts or tensor shapes.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    if type(source) is not type(student):
+        raise ConfigError(
+            f"init from teacher needs one architecture; teacher is {type(source).__name__}, "
+            f"student {type(student).__name__}"
+        )
+    layers = student.config.num_hidden_layers
+    if len(keep_layers) != layers or not all(
+        0 <= j < source.config.num_hidden_layers for j in keep_layers
+    ):
+        raise ConfigError(
+            f"keep_layers must name {layers} teacher layers in "
+            f"[0, {source.config.num_hidden_layers}); found {list(keep_layers)}"
+        )
+    rename = {str(j): str(i) for i, j in enumerate(keep_layers)}
+    target = student.state_dict()
+    picked = {}
+    for name, tensor in source.state_dict().items():
+        match = _LAYER.search(name)
+        if match:
+            if match.group(1) not in rename:
+                continue
+            name = f"{name[: match.start(1)]}{rename[match.group(1)]}{name[match.end(1) :]}"
+        if name not in target or target[name].shape != tensor.shape:
+            found = None if name not in target else tuple(target[name].shape)
+            raise ConfigError(
+                f"teacher weight {name} {tuple(tensor.shape)} has no match in the student "
+                f"(found {found})"
+            )
+        picked[name] = tensor
+    missing = set(target) - set(picked)
+    if missing:
+        raise ConfigError(f"student weights not covered by the teacher: {sorted(missing)[:5]}")
+    student.load_state_dict(picked)
+
+
+def head_size(model: torch.nn.Module) -> int:
+    """Rows of the LM head: the size of the student's softmax."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_vocabulary(
+    manifest: Mapping[str, Any], model: torch.nn.Module, tokenizer: Any | None
+) -> list[str]:
+    """Refuse a student whose vocabulary or tokenizer differs from the teacher's.
+
+    Args:
+        manifest: the store's manifest (``vocab_size`` and ``tokenizer``).
+        model: the student; its head must have exactly the store's vocabulary size.
+        tokenizer: the student's tokenizer, or None (then only the size is checked).
+
+    Returns:
+        Notes on what could not be checked.
+
+    Raises:
+        TokenizerMismatchError: with the teacher's and the student's values.
+    """
+    vocab = int(manifest["vocab_size"])
+    if head_size(model) != vocab:
+        raise TokenizerMismatchError(
+            f"the store's teacher has vocabulary size {vocab}; the student's head has "
+            f"{head_size(model)} rows"
+        )
+    if tokenizer is None:
+        return ["no student tokenizer given: only the vocabulary size was checked"]
+    # The teacher pass wrote the manifest's section with this function: compare like for like.
+    from pipelines._teacher import tokenizer_fingerprint
+
+    expected = dict(manifest.get("tokenizer") or {})
+    found = tokenizer_fingerprint(tokenizer, vocab)
+    notes = []
+    for key, value in expected.items():
+        if key not in found:
+            notes.append(f"tokenizer field {key!r} not checked")
+        elif _canonical(found[key]) != _canonical(value):
+            raise TokenizerMismatchError(
+                f"tokenizer {key} differs: teacher (store) has {value!r}, student has "
+                f"{found[key]!r}"
+            )
+    return notes
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+# ---- the loss on the student, from final hidden states (never full logits) ----
+
+
+class Distiller(nn.Module):
+    """The student plus its loss, so DDP sees one forward per micro-batch.
+
+    Args:
+        lm: a ``transformers`` causal LM (``base_model_prefix`` names its body).
+        divergence, params, temperature, ce_weight, chunk_size, use_counts: see
+            ``pipelines.train.TrainConfig``.
+        temperature_index: the ``tail_logsumexp`` column of ``temperature`` (None at 1).
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        *,
+        divergence: str,
+        params: dict[str, Any],
+        temperature: float,
+        temperature_index: int | None,
+        ce_weight: float,
+        chunk_size: int | None,
+        use_counts: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lm = lm
+        self.divergence = divergence
+        self.params = params
+        self.temperature = temperature
+        self.temperature_index = temperature_index
+        self.ce_weight = ce_weight
+        self.chunk_size = chunk_size
+        self.use_counts = use_counts
+
+    def forward(
+        self, batch: dict[str, Any], num_items: float, extra: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed per-token loss / ``num_items``, and the detached hidden states ``(N, H)``."""
+        hidden = final_hidden(self.lm, batch)
+        weight = self.lm.get_output_embeddings().weight
+        loss = sparse_loss(
+            self.divergence,
+            hidden,
+            weight,
+            batch,
+            num_items=num_items,
+            temperature=self.temperature,
+            temperature_index=self.temperature_index,
+            chunk_size=self.chunk_size,
+            use_counts=self.use_counts,
+            **self.params,
+            **(extra or {}),
+        )
+        if self.ce_weight:
+            loss = loss + self.ce_weight * cross_entropy(
+                hidden, weight, batch["labels"], num_items=num_items, chunk_size=self.chunk_size
+            )
+        return loss, hidden.detach()
+
+
+def final_hidden(lm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """Final hidden states at the real positions, ``(N, H)``, row-major over ``position_mask``.
+
+    Position ``t`` predicts token ``t + 1``, so the last position of each row is dropped.
+    """
+    body = getattr(lm, lm.base_model_prefix)
+    out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.last_hidden_state[:, :-1][batch["position_mask"]]
+
+
+def _chunk(chunk_size: int | None) -> dict[str, Any]:
+    return {} if chunk_size is None else {"chunk_size": chunk_size}
+
+
+def sparse_loss(
+    name: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    batch: dict[str, Any],
+    *,
+    num_items: float,
+    temperature: float = 1.0,
+    temperature_index: int | None = None,
+    chunk_size: int | None = None,
+    use_counts: bool = False,
+    **params: Any,
+) -> torch.Tensor:
+    """``fused_sparse_loss`` on one collated batch (see ``logitstore.dataset``).
+
+    ``use_counts`` selects the RS-KD count estimator (``fkl`` on a sampled store); otherwise
+    sampled ids serve as a random support with their exact log-probs, like any other.
+    """
+    from logitstore.divergences import fused_sparse_loss
+
+    counts = batch.get("support_counts") if use_counts else None
+    if use_counts and counts is None:
+        raise ConfigError("use_counts needs a sampled store (draw counts); this one has none")
+    tail_lse = None
+    if temperature_index is not None:
+        tail_lse = batch["tail_logsumexp"][:, temperature_index]
+    return fused_sparse_loss(
+        name,
+        hidden,
+        weight,
+        batch["support_ids"],
+        batch["support_logprobs"],
+        batch["tail_logmass"],
+        batch["label_logprob"],
+        batch["labels"],
+        num_items=num_items,
+        temperature=temperature,
+        tail_logsumexp=tail_lse,
+        support_counts=counts,
+        **_chunk(chunk_size),
+        **params,
+    )
+
+
+def cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_items: float,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy with the labels without full logits: FKL against a one-hot teacher.
+
+    With the label as the whole support (log-prob 0, no tail), the bucket FKL is exactly
+    ``-log q_y``, and the fused loss computes it chunk by chunk like any divergence.
+    """
+    from logitstore.divergences import fused_sparse_loss
+
+    ids = labels.clamp(min=0)[:, None]
+    zeros = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    return fused_sparse_loss(
+        "fkl",
+        hidden,
+        weight,
+        ids,
+        zeros,
+        torch.full_like(zeros[:, 0], -math.inf),
+        zeros[:, 0],
+        labels,
+        num_items=num_items,
+        **_chunk(chunk_size),
+    )
+
+
+def teacher_kl(
+    lm: nn.Module,
+    hidden: torch.Tensor,
+    batch: dict[str, Any],
+    num_items: float,
+    chunk_size: int | None,
+) -> float:
+    """Summed bucket FKL(teacher || student) over trained positions, divided by ``num_items``."""
+    with torch.no_grad():
+        weight = lm.get_output_embeddings().weight.detach()
+        return float(
+            sparse_loss("fkl", hidden, weight, batch, num_items=num_items, chunk_size=chunk_size)
+        )

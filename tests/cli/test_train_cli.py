@@ -1,0 +1,214 @@
+"""``logitstore train`` and ``logitstore eval`` end to end, and a 2-process torchrun run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from cli.train import parse_params
+from logitstore import open_store
+from logitstore.dataset import StoreDataset
+from logitstore.errors import ConfigError
+from pipelines._student import load_student
+from pipelines.evaluate import evaluate
+from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from pipelines.train import Distiller
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_teacher_dir, text_jsonl) -> str:
+    out = tmp_path_factory.mktemp("cli-store") / "s"
+    run_teacher_pass(
+        TeacherPassConfig(
+            teacher=str(tiny_teacher_dir),
+            data=str(text_jsonl),
+            out=str(out),
+            k=8,
+            values="q8",
+            max_length=48,
+            limit=6,
+            docs_per_shard=3,
+            progress=False,
+        )
+    )
+    return str(out)
+
+
+def test_help_shows_examples():
+    for name in ("train", "eval"):
+        result = CliRunner().invoke(main, [name, "--help"])
+        assert result.exit_code == 0 and "Examples:" in result.output
+
+
+def test_param_parsing():
+    assert parse_params(("gamma=0.5", "target=label", "n=3")) == {
+        "gamma": 0.5,
+        "target": "label",
+        "n": 3,
+    }
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_params(("gamma",))
+
+
+def test_train_then_eval(store, tiny_student_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--store",
+        store,
+        "--student",
+        str(tiny_student_dir),
+        "--divergence",
+        "drkl",
+        "--param",
+        "gamma=0.3",
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "--tokens-per-step",
+        "200",
+        "--lr",
+        "1e-2",
+        "--seed",
+        "1",
+        "--ce-weight",
+        "0.1",
+        "--no-progress",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{") :])
+    assert summary["step"] == 3
+    state = json.loads((Path(summary["checkpoint"]) / "trainer_state.json").read_text())
+    assert state["config"]["params"] == {"gamma": 0.3} and state["config"]["ce_weight"] == 0.1
+
+    result = CliRunner().invoke(
+        main,
+        ["eval", "--student", summary["checkpoint"], "--store", store, "--json", "--device", "cpu"],
+    )
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output[result.output.index("{") :])
+    direct = evaluate(summary["checkpoint"], store, device="cpu")
+    assert metrics == pytest.approx(direct)
+
+
+def test_errors_become_messages(store, tiny_student_dir, tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--store",
+            store,
+            "--student",
+            str(tiny_student_dir),
+            "--divergence",
+            "nope",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "unknown divergence 'nope'" in result.output and "drkl" in result.output
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--store",
+            store,
+            "--student",
+            str(tiny_student_dir),
+            "--out",
+            str(tmp_path),
+            "--temperature",
+            "3",
+        ],
+    )
+    assert result.exit_code == 2 and "not captured" in result.output
+
+
+@pytest.mark.integration
+def test_two_process_torchrun(store, tiny_student_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    out = tmp_path / "run"
+    config.write_text(
+        json.dumps(
+            {
+                "store": store,
+                "student": str(tiny_student_dir),
+                "out": str(out),
+                "divergence": "fkl",
+                "max_steps": 3,
+                "tokens_per_step": 300,
+                "tokens_per_batch": 256,
+                "lr": 1e-2,
+                "warmup_steps": 1,
+                "save_every": 2,
+                "progress": False,
+                "device": "cpu",
+            }
+        )
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pipelines.train",
+        str(config),
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((out / "checkpoints" / "step-00000003" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["loader"]) == 2
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]  # rank 0 writes, once per step
+    # Both ranks' tokens are counted: every step reaches the global budget.
+    assert all(b["tokens"] - a["tokens"] >= 300 for a, b in zip(lines, lines[1:]))
+    # Step 1's loss is the loss of both ranks' micro-batches (each rank reads its own shards
+    # up to half the budget) over their global token count, recomputed in one process.
+    opened = open_store(store)
+    model = Distiller(
+        load_student(str(tiny_student_dir)),
+        divergence="fkl",
+        params={},
+        temperature=1.0,
+        temperature_index=None,
+        ce_weight=0.0,
+        chunk_size=None,
+    )
+    micro = []
+    for rank in (0, 1):
+        taken = 0
+        for batch in StoreDataset(opened, tokens_per_batch=256, rank=rank, world_size=2):
+            micro.append(batch)
+            taken += batch["num_tokens"]
+            if taken >= 150:
+                break
+    total = sum(b["num_tokens"] for b in micro)
+    with torch.no_grad():
+        expected = sum(float(model(b, float(total))[0]) for b in micro)
+    assert lines[0]["tokens"] == total
+    assert lines[0]["loss"] == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,135 @@
+"""Evaluation metrics against a dense float64 computation from the two models themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from logitstore import open_store
+from pipelines.evaluate import bleu, distinct_n, evaluate, self_bleu
+from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def full_store(tmp_path_factory, tiny_teacher_dir, text_jsonl) -> str:
+    """Support = the whole vocabulary (k = V, float32): the bucket model is then exact."""
+    out = tmp_path_factory.mktemp("full") / "s"
+    run_teacher_pass(
+        TeacherPassConfig(
+            teacher=str(tiny_teacher_dir),
+            data=str(text_jsonl),
+            out=str(out),
+            k=384,
+            values="float32",
+            max_length=48,
+            limit=4,
+            docs_per_shard=4,
+            progress=False,
+        )
+    )
+    return str(out)
+
+
+def dense_reference(student_dir, teacher_dir, store) -> dict[str, float]:
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float64).eval()
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float64).eval()
+    rows = []
+    with torch.no_grad():
+        for doc in open_store(store):
+            ids = torch.from_numpy(doc.input_ids)[None]
+            mask = torch.from_numpy(doc.loss_mask)
+            logp = torch.log_softmax(teacher(ids).logits[0, :-1], -1)[mask]
+            logq = torch.log_softmax(student(ids).logits[0, :-1], -1)[mask]
+            rows.append((logp, logq, ids[0, 1:][mask]))
+    logp = torch.cat([r[0] for r in rows]).numpy()
+    logq = torch.cat([r[1] for r in rows]).numpy()
+    labels = torch.cat([r[2] for r in rows]).numpy()
+    p, q = np.exp(logp), np.exp(logq)
+
+    def ece(probs):
+        conf, hit = probs.max(1), probs.argmax(1) == labels
+        total = 0.0
+        for b in range(15):
+            lo, hi = b / 15, (b + 1) / 15
+            inside = (conf >= lo) & ((conf < hi) if b < 14 else (conf <= hi))
+            if inside.any():
+                total += inside.mean() * abs(hit[inside].mean() - conf[inside].mean())
+        return total
+
+    return {
+        "tokens": len(labels),
+        "fkl": float((p * (logp - logq)).sum(1).mean()),
+        "rkl": float((q * (logq - logp)).sum(1).mean()),
+        "top1_agreement": float((p.argmax(1) == q.argmax(1)).mean()),
+        "student_top1_prob": float(q.max(1).mean()),
+        "teacher_top1_prob": float(p.max(1).mean()),
+        "student_entropy": float(-(q * logq).sum(1).mean()),
+        "teacher_entropy": float(-(p * logp).sum(1).mean()),
+        "student_accuracy": float((q.argmax(1) == labels).mean()),
+        "teacher_accuracy": float((p.argmax(1) == labels).mean()),
+        "student_ece": ece(q),
+        "teacher_ece": ece(p),
+    }
+
+
+def test_metrics_match_a_dense_float64_computation(full_store, tiny_student_dir, tiny_teacher_dir):
+    got = evaluate(
+        str(tiny_student_dir), full_store, tokens_per_batch=100, chunk_size=37, device="cpu"
+    )
+    want = dense_reference(tiny_student_dir, tiny_teacher_dir, full_store)
+    assert got["tokens"] == want["tokens"] > 50
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=2e-4, abs=2e-5), key
+
+
+def test_a_student_equal_to_its_teacher_has_zero_kl_and_full_agreement(
+    full_store, tiny_teacher_dir
+):
+    got = evaluate(str(tiny_teacher_dir), full_store, device="cpu", max_documents=2)
+    assert abs(got["fkl"]) < 1e-4 and abs(got["rkl"]) < 1e-4
+    assert got["top1_agreement"] == 1.0
+    assert got["student_ece"] == pytest.approx(got["teacher_ece"], abs=1e-5)
+
+
+def test_distinct_n_counts_unique_ngrams():
+    seqs = [[1, 2, 3, 1, 2], [3, 1, 2], [7]]
+    grams = {f"{a},{b}" for s in seqs for a, b in zip(s, s[1:])}
+    total = sum(max(len(s) - 1, 0) for s in seqs)
+    assert distinct_n(seqs, 2) == len(grams) / total
+
+
+def test_bleu_properties():
+    hyp = [5, 6, 7, 8, 9, 10]
+    assert bleu(hyp, [hyp]) == pytest.approx(1.0)
+    partial = bleu(hyp, [[5, 6, 7, 1, 2, 3]])
+    assert 0 < partial < bleu(hyp, [[5, 6, 7, 8, 2, 3]]) < 1
+    # Clipping: repeating a matched token does not raise precision.
+    assert bleu([5, 5, 5, 5], [[5, 1, 2, 3]]) < bleu([5, 1, 2, 3], [[5, 1, 2, 3]])
+    assert self_bleu([[hyp, hyp, hyp]]) == pytest.approx(1.0)
+    disjoint = self_bleu([[[1, 2, 3, 4], [5, 6, 7, 8]]])
+    assert disjoint < self_bleu([[[1, 2, 3, 4], [1, 2, 3, 8]]]) < 1
+
+
+def test_generation_diversity_runs_from_prompts(full_store, tiny_teacher_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The function\nA class\n")
+    got = evaluate(
+        str(tiny_teacher_dir),
+        full_store,
+        device="cpu",
+        max_documents=1,
+        prompts=str(prompts),
+        num_samples=3,
+        max_new_tokens=8,
+    )
+    assert 0 < got["distinct_2"] <= 1 and 0 <= got["self_bleu"] <= 1

@@ -1,0 +1,358 @@
+"""The trainer: every divergence lowers the true teacher KL, exact resume, refusals, accumulation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from logitstore import open_store
+from logitstore.dataset import StoreDataset, collate_documents
+from logitstore.divergences import DIVERGENCES
+from logitstore.errors import (
+    ConfigError,
+    TemperatureNotCapturedError,
+    TokenizerMismatchError,
+    UnknownNameError,
+)
+from pipelines._student import init_from_teacher, load_student
+from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from pipelines.train import Distiller, TrainConfig, lr_factor, temperature_index, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: one thread is fastest, and avoids spinning threads on a shared machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_teacher_dir, text_jsonl) -> str:
+    out = tmp_path_factory.mktemp("store") / "s"
+    run_teacher_pass(
+        TeacherPassConfig(
+            teacher=str(tiny_teacher_dir),
+            data=str(text_jsonl),
+            out=str(out),
+            k=16,
+            values="float32",
+            max_length=64,
+            limit=8,
+            docs_per_shard=8,
+            temperatures=(1.0, 2.0),
+            progress=False,
+        )
+    )
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def teacher_logprobs(
+    store, tiny_teacher_dir
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per document: input ids, trained-position mask, full teacher log-probs (float64)."""
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float64).eval()
+    out = []
+    with torch.no_grad():
+        for doc in open_store(store):
+            ids = torch.from_numpy(doc.input_ids)[None]
+            logp = torch.log_softmax(teacher(ids).logits[0, :-1], -1)
+            out.append((ids, torch.from_numpy(doc.loss_mask), logp))
+    return out
+
+
+def true_teacher_kl(student: torch.nn.Module, teacher_logprobs) -> float:
+    """Mean full-vocabulary KL(teacher || student) over the trained positions, float64."""
+    student = student.to(torch.float64).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask, logp in teacher_logprobs:
+            logq = torch.log_softmax(student(ids).logits[0, :-1], -1)
+            kl = (logp.exp() * (logp - logq)).sum(-1)
+            total += float(kl[mask].sum())
+            count += int(mask.sum())
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def initial_kl(tiny_student_dir, teacher_logprobs) -> float:
+    return true_teacher_kl(load_student(str(tiny_student_dir)), teacher_logprobs)
+
+
+def config(store, student, out, **kw) -> TrainConfig:
+    base = dict(
+        store=store,
+        student=str(student),
+        out=str(out),
+        max_steps=6,
+        tokens_per_step=384,
+        tokens_per_batch=512,
+        lr=2e-2,
+        warmup_steps=1,
+        progress=False,
+        shuffle_window=2,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_every_divergence_lowers_the_teacher_kl(
+    name, store, tiny_student_dir, teacher_logprobs, initial_kl, tmp_path
+):
+    summary = train(config(store, tiny_student_dir, tmp_path, divergence=name))
+    # The checkpoint is a plain model directory: from_pretrained loads it.
+    trained = AutoModelForCausalLM.from_pretrained(summary["checkpoint"])
+    after = true_teacher_kl(trained, teacher_logprobs)
+    assert after < 0.9 * initial_kl, (name, initial_kl, after)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 7))
+    assert all(m["teacher_kl"] >= 0 and m["tokens_per_s"] > 0 for m in lines)
+
+
+def _losses(path: Path) -> list[tuple]:
+    rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    return [(m["step"], m["loss"], m["teacher_kl"], m["lr"], m.get("taid_t")) for m in rows]
+
+
+def test_resume_equals_uninterrupted(store, tiny_student_dir, tmp_path):
+    # TAID (schedule state) with a cross-entropy term and several micro-batches per step.
+    kw = dict(
+        divergence="taid",
+        params={"t_start": 0.3, "alpha": 0.05},
+        ce_weight=0.5,
+        max_steps=6,
+        tokens_per_step=700,
+        tokens_per_batch=256,
+        save_every=2,
+    )
+    train(config(store, tiny_student_dir, tmp_path / "a", **kw))
+    train(config(store, tiny_student_dir, tmp_path / "b", stop_after=3, **kw))
+    assert len(_losses(tmp_path / "b")) == 3
+    # A crash after a checkpoint leaves metrics past it: resume drops them and redoes the step.
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000003")
+    train(config(store, tiny_student_dir, tmp_path / "b", resume=True, **kw))
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert len(a) == 6 and a == b
+    assert a[-1][4] > a[1][4]  # TAID's t moved, so its state really was restored
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "checkpoints" / "step-00000006")
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "checkpoints" / "step-00000006")
+    for (name, x), (_, y) in zip(wa.state_dict().items(), wb.state_dict().items()):
+        assert torch.equal(x, y), name
+    state = json.loads(
+        (tmp_path / "b" / "checkpoints" / "step-00000006" / "trainer_state.json").read_text()
+    )
+    assert state["step"] == 6 and state["schedule"]["step"] == 6
+    assert set(state["loader"][0]) == {"seed", "epoch", "samples_consumed", "next_worker"}
+
+
+def test_tokenizer_mismatch_is_refused(store, tiny_student_dir, tmp_path):
+    student = tmp_path / "student"
+    shutil.copytree(tiny_student_dir, student)
+    cfg_path = student / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = "{{ messages }}"
+    cfg_path.write_text(json.dumps(cfg))
+    (student / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(TokenizerMismatchError, match="chat_template") as err:
+        train(config(store, student, tmp_path / "run"))
+    assert "teacher" in str(err.value) and "student" in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_vocabulary_size_mismatch_is_refused(store, tmp_path):
+    path = tmp_path / "student.json"
+    path.write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 400,
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+            }
+        )
+    )
+    with pytest.raises(TokenizerMismatchError, match="384.*400"):
+        train(config(store, path, tmp_path / "run"))
+
+
+def test_uncaptured_temperature_and_unknown_divergence_are_refused(
+    store, tiny_student_dir, tmp_path
+):
+    with pytest.raises(TemperatureNotCapturedError, match="3.0"):
+        train(config(store, tiny_student_dir, tmp_path, temperature=3.0))
+    approx = train(
+        config(
+            store,
+            tiny_student_dir,
+            tmp_path / "approx",
+            temperature=3.0,
+            approximate_tail=True,
+            max_steps=1,
+        )
+    )
+    assert any("approximate" in note for note in approx["notes"])
+    with pytest.raises(UnknownNameError, match="gamma"):
+        train(config(store, tiny_student_dir, tmp_path / "bad", params={"gamma": 0.5}))
+    with pytest.raises(UnknownNameError, match="fkl"):
+        train(config(store, tiny_student_dir, tmp_path, divergence="nope"))
+
+
+def tempered_bucket_fkl(logits, batch, tau) -> float:
+    """Mean bucket FKL at temperature ``tau``, float64, straight from spec section 1."""
+    total = 0.0
+    trained = (batch["labels"] != -100).nonzero()[:, 0]
+    for row in trained.tolist():
+        ids = batch["support_ids"][row].tolist()
+        y = int(batch["labels"][row])
+        lp = batch["support_logprobs"][row].double() / tau
+        tail = batch["tail_logsumexp"][row, 0].double()  # over V \ S, at tau
+        if y not in ids:  # the label leaves the tail and becomes its own bucket
+            ly = batch["label_logprob"][row].double() / tau
+            lp = torch.cat([lp, ly[None]])
+            tail = tail + torch.log1p(-torch.exp(ly - tail))
+            ids = ids + [y]
+        teacher = torch.cat([lp, tail[None]])
+        teacher = teacher - torch.logsumexp(teacher, 0)
+        logq = torch.log_softmax(logits[row] / tau, 0)
+        head = logq[ids]
+        student = torch.cat([head, torch.log1p(-torch.exp(torch.logsumexp(head, 0)))[None]])
+        total += float((teacher.exp() * (teacher - student)).sum())
+    return total / len(trained)
+
+
+def test_training_at_a_captured_temperature_uses_its_tail_column(store, tiny_student_dir, tmp_path):
+    manifest = {"capture": {"temperatures": [2.0, 4.0]}}
+    assert [temperature_index(manifest, t) for t in (1.0, 2.0, 4.0)] == [None, 0, 1]
+    opened = open_store(store)
+    assert temperature_index(opened.manifest, 2.0) == 0
+    lm = load_student(str(tiny_student_dir))
+    model = Distiller(
+        lm,
+        divergence="fkl",
+        params={},
+        temperature=2.0,
+        temperature_index=0,
+        ce_weight=0.0,
+        chunk_size=None,
+    )
+    batch = collate_documents(opened.read_shard(0)[:3])
+    with torch.no_grad():
+        value = float(model(batch, float(batch["num_tokens"]))[0])
+        hidden = lm.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        logits = (hidden[:, :-1][batch["position_mask"]] @ lm.lm_head.weight.T).double()
+    assert value == pytest.approx(tempered_bucket_fkl(logits, batch, 2.0), rel=1e-4)
+    summary = train(config(store, tiny_student_dir, tmp_path, temperature=2.0, max_steps=1))
+    assert summary["step"] == 1
+
+
+def test_sampled_store_trains_with_exact_log_probs_or_with_counts(
+    store, tiny_teacher_dir, text_jsonl, tiny_student_dir, tmp_path
+):
+    out = tmp_path / "sampled"
+    run_teacher_pass(
+        TeacherPassConfig(
+            teacher=str(tiny_teacher_dir),
+            data=str(text_jsonl),
+            out=str(out),
+            codec="sampled",
+            draws=20,
+            max_length=32,
+            limit=3,
+            progress=False,
+        )
+    )
+    rkl = train(config(str(out), tiny_student_dir, tmp_path / "rkl", divergence="rkl", max_steps=2))
+    counts = train(
+        config(str(out), tiny_student_dir, tmp_path / "rs", use_counts=True, max_steps=2)
+    )
+    plain = train(config(str(out), tiny_student_dir, tmp_path / "fkl", max_steps=2))
+    assert rkl["step"] == counts["step"] == plain["step"] == 2
+    # The count estimator is a different loss from the bucket FKL on the same batches.
+    assert counts["last"]["loss"] != pytest.approx(plain["last"]["loss"], rel=1e-3)
+    with pytest.raises(ConfigError, match="sampled"):
+        train(config(store, tiny_student_dir, tmp_path / "x", use_counts=True))
+
+
+def test_config_file_student_initialised_from_teacher_layers(tiny_teacher_dir, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    cfg = teacher.config.to_dict()
+    cfg["num_hidden_layers"] = 1
+    path = tmp_path / "student.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is valid YAML
+    student = load_student(str(path))
+    init_from_teacher(student, str(tiny_teacher_dir), [1])
+    t, s = teacher.state_dict(), student.state_dict()
+    assert torch.equal(
+        s["model.layers.0.mlp.up_proj.weight"], t["model.layers.1.mlp.up_proj.weight"]
+    )
+    assert torch.equal(s["lm_head.weight"], t["lm_head.weight"])
+    with pytest.raises(ConfigError, match="keep_layers"):
+        init_from_teacher(student, str(tiny_teacher_dir), [0, 1])
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch(store, tiny_student_dir):
+    docs = open_store(store).read_shard(0)[:6]
+    lm = load_student(str(tiny_student_dir))
+    model = Distiller(
+        lm,
+        divergence="jsd",
+        params={},
+        temperature=1.0,
+        temperature_index=None,
+        ce_weight=0.3,
+        chunk_size=64,
+    )
+
+    def grads(groups):
+        lm.zero_grad()
+        batches = [collate_documents(g) for g in groups]
+        total = sum(b["num_tokens"] for b in batches)
+        for b in batches:
+            model(b, float(total))[0].backward()
+        return torch.cat([p.grad.flatten() for p in lm.parameters()])
+
+    whole = grads([docs])
+    split = grads([docs[:2], docs[2:5], docs[5:]])
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-7)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(
+        store="s", student="s", out="o", max_steps=20, warmup_steps=4, min_lr_ratio=0.1
+    )
+    factors = [lr_factor(s, cfg) for s in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert factors[20] == pytest.approx(0.1)
+
+
+def test_yaml_config_round_trip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("store: s\nstudent: m\nout: o\ndivergence: drkl\nparams: {gamma: 0.3}\n")
+    cfg = TrainConfig.from_yaml(path, max_steps=7, lr=None)
+    assert (cfg.divergence, cfg.params, cfg.max_steps, cfg.lr) == ("drkl", {"gamma": 0.3}, 7, 3e-4)
+    path.write_text("store: s\nstudent: m\nout: o\nlearning_rate: 1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        TrainConfig.from_yaml(path)
+
+
+def test_loader_feeds_the_trainer_whole_documents(store):
+    # Every trained position of every document reaches the loss once per epoch.
+    opened = open_store(store)
+    seen = sum(
+        b["num_tokens"] for b in StoreDataset(opened, tokens_per_batch=300, rank=0, world_size=1)
+    )
+    assert seen == sum(int(d.loss_mask.sum()) for d in opened)
