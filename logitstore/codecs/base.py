@@ -68,12 +68,11 @@ class Positions:
 
     def slice(self, start: int, stop: int) -> Positions:
         """Rows ``start:stop`` of every array."""
-        return Positions(
-            **{
-                f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[start:stop])
-                for f in dataclasses.fields(self)
-            }
-        )
+        rows: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            rows[f.name] = None if value is None else value[start:stop]
+        return Positions(**rows)
 
 
 @dataclass(frozen=True)
@@ -108,6 +107,14 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
         """Decode arrays shaped as ``fields`` declares (concatenations allowed)."""
+
+    def fit(self, logprobs: torch.Tensor, size: int = 4096) -> Codec:
+        """A codec tuned on sample positions (``(P, V)`` log-probs), e.g. a first batch.
+
+        Call it before the store is created, since its parameters go into the manifest. The
+        default returns ``self``; ``topk`` learns a storage order for its ids.
+        """
+        return self
 
     def to_json(self) -> dict[str, Any]:
         config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,129 @@
+"""Id coding shared by the codecs: ids sorted ascending, delta-coded, split into byte planes.
+
+A row of ``K`` ids is cut into runs (groups) in which ids ascend; the first id of a run is stored
+as ``g = i`` and every other as ``g_j = i_j - i_{j-1} - 1`` (so adjacent ids cost a zero). The
+``topk`` codec's runs are its quantization levels (it orders entries by (code, id), so decoding
+needs no sort); ``sampled`` has one run per row. Where runs start is not stored here: the caller
+knows it (from the codes). Gap ``g`` is split into byte planes
+``plane_b = (g >> 8b) & 0xFF``, ``b = 0 .. n_planes(V) - 1``, each its own uint8 ``(K,)`` field,
+so the store's zstd entropy-codes the low plane (small gaps: BPE ids are roughly
+frequency-ordered, so likely tokens have small ids) separately from the mostly-zero high planes.
+The number of planes follows from the vocabulary size; no id width is fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+
+def n_planes(vocab_size: int) -> int:
+    """Bytes needed for a gap below ``vocab_size``."""
+    return max(1, (max(vocab_size - 1, 1).bit_length() + 7) // 8)
+
+
+def plane_names(prefix: str, vocab_size: int) -> list[str]:
+    return [f"{prefix}{b}" for b in range(n_planes(vocab_size))]
+
+
+def encode_sorted_ids(
+    ids: torch.Tensor,
+    valid: torch.Tensor | None,
+    prefix: str,
+    vocab_size: int,
+    starts: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Byte planes of ids ascending within runs.
+
+    Args:
+        ids: int64 ``(P, K)`` ascending within each run over the valid entries.
+        valid: bool ``(P, K)`` or ``None``; invalid entries must come last and store gap 0.
+        prefix: field name prefix (planes are ``prefix0``, ``prefix1``, ...).
+        vocab_size: ``V``; decides the number of planes.
+        starts: bool ``(P, K)``, where runs start besides column 0; ``None``: one run per row.
+    """
+    prev = torch.cat([torch.full_like(ids[:, :1], -1), ids[:, :-1]], dim=1)
+    if starts is not None:
+        prev = torch.where(starts, torch.full_like(prev, -1), prev)
+    gaps = ids - prev - 1
+    if valid is not None:
+        gaps = torch.where(valid, gaps, torch.zeros_like(gaps))
+    return {
+        name: ((gaps >> (8 * b)) & 0xFF).to(torch.uint8)
+        for b, name in enumerate(plane_names(prefix, vocab_size))
+    }
+
+
+def decode_sorted_ids(
+    fields: Mapping[str, np.ndarray], prefix: str, starts: np.ndarray | None = None
+) -> np.ndarray:
+    """Int64 ``(P, K)`` ids from the planes written by :func:`encode_sorted_ids`.
+
+    Args:
+        fields: the stored arrays (planes ``prefix0``, ``prefix1``, ... uint8 ``(P, K)``).
+        prefix: field name prefix.
+        starts: bool ``(P, K)`` run starts (column 0 must be True), or ``None``: one run per row.
+    """
+    planes: list[np.ndarray] = []
+    while f"{prefix}{len(planes)}" in fields:
+        planes.append(np.asarray(fields[f"{prefix}{len(planes)}"]))
+    if not planes:
+        raise KeyError(f"no id planes named {prefix}0, {prefix}1, ...")
+    shape = planes[0].shape
+    if planes[0].size == 0:
+        return np.zeros(shape, dtype=np.int64)
+    # uint32 arithmetic wraps modulo 2^32, which is exact here: every result (an id) is < 2^31,
+    # and half-width arrays halve the memory traffic of this, the decoder's hottest loop.
+    # Most significant plane first, widening in place: no temporaries of the full size.
+    step = planes[-1].astype(np.uint32)
+    for plane in planes[-2::-1]:
+        step <<= 8
+        step |= plane
+    step = step.reshape(-1)
+    step += 1  # gap + 1, flattened over all rows
+    # One cumsum over the flattened array is several times faster than one along short rows.
+    total = np.cumsum(step, dtype=np.uint32)
+    np.subtract(total, step, out=step)  # step now holds the total before each entry
+    if starts is None:
+        base = np.repeat(step[:: shape[1]], shape[1])  # each row is one run
+    else:
+        # Forward-fill the total reached before the latest run start.
+        latest = np.arange(step.size, dtype=np.int64 if step.size >= 2**31 else np.int32)
+        np.multiply(latest, starts.reshape(-1), out=latest)
+        np.maximum.accumulate(latest, out=latest)
+        base = step[latest]
+    total -= base
+    total -= 1
+    return total.reshape(shape).astype(np.int64)
+
+
+def hot_forward(hot_ids: tuple[int, ...], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Int64 ``(V,)`` map from token id to stored id: hot ids first, in list order, then the rest.
+
+    Storing ids in this order packs the ids a teacher puts in its top-k most often (function
+    words, punctuation, whitespace) into a dense block at the front, so their gaps are small.
+    """
+    hot = torch.tensor(hot_ids, dtype=torch.int64, device=device)
+    fwd = torch.empty(vocab_size, dtype=torch.int64, device=device)
+    cold = torch.ones(vocab_size, dtype=torch.bool, device=device)
+    cold[hot] = False
+    fwd[hot] = torch.arange(len(hot_ids), device=device)
+    fwd[cold] = torch.arange(len(hot_ids), vocab_size, device=device)
+    return fwd
+
+
+def hot_inverse(hot_ids: tuple[int, ...], stored: np.ndarray) -> np.ndarray:
+    """Token ids of stored ids (inverse of :func:`hot_forward`); negative entries pass through."""
+    if not hot_ids or stored.size == 0:
+        return stored
+    hot = np.asarray(hot_ids, dtype=np.int64)
+    size = max(int(stored.max()) + 1, int(hot.max()) + 1)
+    # Token ids of stored ids 0 .. size-1: the hot list, then the other ids ascending.
+    cold = np.ones(size + len(hot), dtype=bool)
+    cold[hot] = False
+    table = np.concatenate([hot, np.flatnonzero(cold)])[:size]
+    if stored.min() >= 0:
+        return table[stored]
+    return np.where(stored >= 0, table[np.maximum(stored, 0)], stored)

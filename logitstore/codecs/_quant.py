@@ -1,0 +1,96 @@
+"""Value coding shared by the codecs: log-probs relative to the top-1, on fixed grids.
+
+A value is stored as its distance below the position's top-1 log-prob, ``d = top1 - logp >= 0``.
+
+Quantized options (``q8``, ``q6``, ``q4``: 256, 64 or 16 levels) map ``d`` to the nearest level
+of a fixed, non-uniform grid:
+code ``0`` is reserved for the top-1 itself (``d = 0`` exactly, so the decoded argmax is always the
+true argmax), codes ``1 .. L-1`` sit at ``d_j = -a * ln(1 - j / (L - 1/2))``. The levels are
+uniform in ``1 - exp(-d / a)``: spacing grows like ``exp(d / a)``. For a squared log-error
+weighted by ``p_i = p_1 exp(-d_i)`` (KL error ``~ p_i * err^2``) and evenly spread values, the
+optimal fixed-rate point density gives spacing ``~ exp(d / 3)``; the scales below were chosen
+on measured KL and bytes (see ``benchmarks/bench_codecs.py``).
+Values beyond the last level are clamped to it. The scale ``a`` is 4 for ``q8`` and ``q4`` and 3
+for ``q6``, so the last level is ``a ln(2L - 1)``: 24.9, 14.5 and 13.7 nats below the top-1.
+
+Float options store ``d`` itself, negated (``logp - top1 <= 0``), as float32, float16 or bfloat16
+(bfloat16 travels as its raw ``uint16`` bits because numpy has no bfloat16). Every non-top-1
+entry is forced strictly below zero, so the top-1 stays the unique maximum after rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from logitstore.errors import ConfigError
+
+# (levels, compander scale a) per quantized option; part of the codec version.
+GRIDS: dict[str, tuple[int, float]] = {"q8": (256, 4.0), "q6": (64, 3.0), "q4": (16, 4.0)}
+FLOAT_VALUES = ("float32", "float16", "bfloat16")
+VALUE_OPTIONS = (*GRIDS, *FLOAT_VALUES)
+
+
+def check_values(values: str) -> None:
+    if values not in VALUE_OPTIONS:
+        raise ConfigError(f"values must be one of {list(VALUE_OPTIONS)}, found {values!r}")
+
+
+def grid(values: str) -> np.ndarray:
+    """Level distances ``d_j`` (float64 ``(L,)``, ``d_0 = 0``) of a quantized option."""
+    levels, a = GRIDS[values]
+    j = np.arange(levels, dtype=np.float64)
+    return -a * np.log1p(-j / (levels - 0.5))
+
+
+def grid_max(values: str) -> float:
+    """The largest representable distance below the top-1 for a quantized option."""
+    levels, a = GRIDS[values]
+    return a * math.log(2 * levels - 1)
+
+
+def quantize(d: torch.Tensor, is_top1: torch.Tensor, values: str) -> torch.Tensor:
+    """Codes (uint8, same shape as ``d``) of distances ``d >= 0`` below the top-1.
+
+    Args:
+        d: float32 ``(...)`` distances ``top1 - logp``.
+        is_top1: bool ``(...)``, the one entry per row that gets code 0.
+        values: ``"q8"``, ``"q6"`` or ``"q4"``.
+    """
+    g = torch.as_tensor(grid(values), dtype=torch.float32, device=d.device)
+    mids = (g[1:-1] + g[2:]) / 2  # boundaries between levels 1..L-1
+    codes = torch.bucketize(d.contiguous(), mids) + 1
+    codes = torch.where(is_top1, torch.zeros_like(codes), codes)
+    return codes.to(torch.uint8)
+
+
+def dequantize(codes: np.ndarray, values: str) -> np.ndarray:
+    """Distances (float32) of codes produced by :func:`quantize`."""
+    return grid(values).astype(np.float32)[codes]
+
+
+def float_store_dtype(values: str) -> str:
+    return {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[values]
+
+
+def encode_float(d: torch.Tensor, is_top1: torch.Tensor, values: str) -> torch.Tensor:
+    """Store ``-d`` in a float format; non-top-1 entries stay strictly negative."""
+    rel = -d.to(torch.float32)
+    if values == "float32":
+        tiny = torch.finfo(torch.float32).tiny
+        return torch.where(is_top1, torch.zeros_like(rel), rel.clamp(max=-tiny))
+    dtype = torch.float16 if values == "float16" else torch.bfloat16
+    # A normal number just below zero (subnormals may be flushed to zero on some devices).
+    below_zero = -torch.finfo(dtype).smallest_normal
+    out = torch.where(is_top1, torch.zeros_like(rel), rel.clamp(max=below_zero)).to(dtype)
+    return out.view(torch.uint16) if values == "bfloat16" else out
+
+
+def decode_float(stored: np.ndarray, values: str) -> np.ndarray:
+    """Distances (float32, ``>= 0``) from :func:`encode_float` output."""
+    if values == "bfloat16":
+        bits = stored.astype(np.uint32) << 16
+        return -bits.view(np.float32)
+    return -stored.astype(np.float32)

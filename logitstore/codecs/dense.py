@@ -1,0 +1,88 @@
+"""The ``dense`` codec: the whole vocabulary, quantized; for small vocabularies and as a reference.
+
+Layout (per position, version 1):
+
+* ``values`` uint8 ``(V,)``: the code of every token's distance ``d = top1 - logp`` in id order,
+  on the ``q8`` grid (``bits=8``) or the ``q4`` grid (``bits=4``, one code per byte: the store's
+  zstd entropy-codes the 16 symbols, and the row width stays ``V``); see ``_quant.py``.
+  Code 0 marks the top-1 (exactly one per position).
+* ``top1`` float32 ``()``: the top-1 log-prob, exact.
+* ``label_logprob``, ``tail_logmass`` (always ``-inf``: the support is everything),
+  ``tail_logsumexp`` (``-inf``), ``entropy``: see ``_scalars.py``.
+
+Decode returns all ``V`` ids sorted by decoded log-prob, most probable first (ties by id).
+Tokens further than the grid's range below the top-1 decode at the grid's last level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from logitstore.codecs import _quant, _scalars
+from logitstore.codecs.base import Codec, FieldSpec, Positions
+from logitstore.codecs.topk import sort_by_probability
+from logitstore.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dense(Codec):
+    """Every token's log-prob, quantized to 8 or 4 bits relative to the top-1.
+
+    Args:
+        bits: 8 or 4.
+    """
+
+    name: ClassVar[str] = "dense"
+    version: ClassVar[int] = 1
+
+    bits: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in (8, 4):
+            raise ConfigError(f"bits must be 8 or 4, found {self.bits!r}")
+
+    @property
+    def _values(self) -> str:
+        return f"q{self.bits}"
+
+    def fields(self, vocab_size: int, num_temperatures: int) -> dict[str, FieldSpec]:
+        out = {"values": FieldSpec("uint8", (vocab_size,)), "top1": FieldSpec("float32")}
+        out.update(_scalars.scalar_fields(num_temperatures))
+        return out
+
+    def encode(
+        self,
+        logprobs: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        temperatures: Sequence[float] = (),
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        _scalars.check_inputs(logprobs, labels, temperatures)
+        lp = logprobs.float()
+        top1, arg = lp.max(dim=1)
+        is_top1 = torch.arange(lp.shape[1], device=lp.device)[None, :] == arg[:, None]
+        out = {
+            "values": _quant.quantize(top1[:, None] - lp, is_top1, self._values),
+            "top1": top1.contiguous(),
+        }
+        everything = torch.ones_like(lp, dtype=torch.bool)
+        out.update(_scalars.encode_scalars(lp, labels, everything, temperatures))
+        return out
+
+    def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
+        codes = np.asarray(fields["values"], dtype=np.uint8)
+        top1 = np.asarray(fields["top1"], dtype=np.float32)
+        ids = np.broadcast_to(np.arange(codes.shape[1], dtype=np.int64), codes.shape)
+        codes, ids = sort_by_probability(codes, ids)
+        d = _quant.dequantize(codes, self._values)
+        return Positions(
+            support_ids=np.ascontiguousarray(ids),
+            support_logprobs=(top1[:, None] - d).astype(np.float32),
+            **_scalars.decode_scalars(fields, codes.shape[0]),
+        )

@@ -1,0 +1,195 @@
+"""The ``topk`` codec: the ``k`` most probable ids with their log-probs.
+
+Every value is the distance ``d = top1 - logp >= 0`` below the position's top-1 log-prob, which
+is stored exactly. Layout (per position, version 1):
+
+* ``top1`` float32 ``()``: the top-1 log-prob; decoded ``logp = top1 - d``.
+* Quantized values (``q8``, ``q6``, ``q4``; grids in ``_quant.py``, code 0 = the top-1 only):
+  entries are ordered by (code, id), so the order is already most probable first and decoding
+  needs no sort.
+
+  - ``values`` uint8 ``(k,)``: code deltas along the row (``codes = cumsum(values)``; the first
+    is 0, the top-1's code); a non-zero delta starts a new run of equal codes.
+  - ``ids0``, ``ids1``, ... uint8 ``(k,)``: byte planes of the id gaps, ids ascending within each
+    run of equal codes, the first id of a run stored absolutely (``_ids.py``).
+
+* Float values (``float32``, ``float16``, ``bfloat16``): entries in ascending id order.
+
+  - ``ids0``, ``ids1``, ...: byte planes of the id gaps (one run).
+  - ``values`` ``(k,)``: ``-d`` as float32, float16 or the raw uint16 bits of bfloat16; every
+    entry but the top-1 is strictly negative.
+
+* ``label_logprob``, ``tail_logmass``, ``tail_logsumexp``, ``entropy``: see ``_scalars.py``.
+
+Ids are stored as themselves, or, with ``hot_ids``, in the storage order of
+``_ids.hot_forward`` (the listed ids first); gaps and runs are over stored ids. The number of id
+planes is ``ceil(bits(V - 1) / 8)``: no id width is fixed. Decode returns the
+support most probable first (ties in stored-id order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from logitstore.codecs import _ids, _quant, _scalars
+from logitstore.codecs.base import Codec, FieldSpec, Positions
+from logitstore.errors import ConfigError
+
+
+def check_size(name: str, value: object, vocab_size: int | None = None) -> None:
+    """Refuse a support size that is not a positive integer or exceeds the vocabulary."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, found {value!r}")
+    if vocab_size is not None and value > vocab_size:
+        raise ConfigError(f"{name}={value} exceeds the vocabulary size {vocab_size}")
+
+
+def sort_by_probability(key: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``key`` and ``arrays`` reordered along rows so ``key`` ascends (stable: ties keep order)."""
+    order = np.argsort(key, axis=1, kind="stable")
+    return tuple(np.take_along_axis(a, order, axis=1) for a in (key, *arrays))
+
+
+def row_cumsum(deltas: np.ndarray) -> np.ndarray:
+    """Cumulative sums along the rows of uint8 ``(P, K)`` deltas whose row sums stay below 256."""
+    if deltas.size == 0:
+        return deltas.astype(np.uint8)
+    # A flattened cumsum is faster than one along short rows; uint8 wrap-around cancels exactly.
+    total = np.cumsum(deltas.reshape(-1), dtype=np.uint8).reshape(deltas.shape)
+    return total - (total[:, :1] - deltas[:, :1])
+
+
+def fit_hot_ids(logprobs: torch.Tensor, k: int, size: int = 4096) -> tuple[int, ...]:
+    """Ids most often among the top-``k`` of ``logprobs`` ``(P, V)``, most frequent first.
+
+    Ties go to the smaller id; ids never in a top-``k`` are left out.
+    """
+    check_size("size", size)
+    vocab_size = logprobs.shape[1]
+    top = logprobs.topk(min(k, vocab_size), dim=1).indices.reshape(-1)
+    counts = torch.bincount(top, minlength=vocab_size)
+    order = torch.argsort(-counts, stable=True)[:size]
+    return tuple(int(i) for i in order[counts[order] > 0].tolist())
+
+
+@dataclass(frozen=True)
+class TopK(Codec):
+    """The ``k`` most probable ids, values quantized or stored as floats relative to the top-1.
+
+    Args:
+        k: support size per position.
+        values: ``"q8"``, ``"q6"``, ``"q4"``, ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        hot_ids: optional id order for storage: these ids are stored as ``0 .. len - 1`` and the
+            others after them (see ``_ids.hot_forward``); :meth:`fit` picks the ids the teacher
+            ranks in its top-k most often, which shrinks the stored id planes by 10-20 %.
+    """
+
+    name: ClassVar[str] = "topk"
+    version: ClassVar[int] = 1
+
+    k: int = 128
+    values: str = "q8"
+    hot_ids: tuple[int, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        check_size("k", self.k)
+        _quant.check_values(self.values)
+        hot = self.hot_ids
+        if not isinstance(hot, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in hot
+        ):
+            raise ConfigError("hot_ids must be a list of non-negative integer token ids")
+        if len(set(hot)) != len(hot):
+            raise ConfigError(f"hot_ids must not repeat ids; {len(hot) - len(set(hot))} repeat")
+        object.__setattr__(self, "hot_ids", tuple(hot))  # JSON gives a list
+
+    def to_json(self) -> dict[str, Any]:
+        data = super().to_json()
+        if self.hot_ids:
+            data["configuration"]["hot_ids"] = list(self.hot_ids)
+        else:  # the default order needs no entry
+            del data["configuration"]["hot_ids"]
+        return data
+
+    def fit(self, logprobs: torch.Tensor, size: int = 4096) -> TopK:
+        """This codec with ``hot_ids``: the ``size`` ids most often in these positions' top-k.
+
+        Args:
+            logprobs: float ``(P, V)`` teacher log-probs of sample positions (e.g. the first
+                batch of a teacher pass), on any device.
+            size: how many ids to list at most (only ids seen in some top-k are listed).
+        """
+        return dataclasses.replace(self, hot_ids=fit_hot_ids(logprobs, self.k, size))
+
+    def fields(self, vocab_size: int, num_temperatures: int) -> dict[str, FieldSpec]:
+        check_size("k", self.k, vocab_size)
+        if self.hot_ids and max(self.hot_ids) >= vocab_size:
+            raise ConfigError(
+                f"hot_ids hold {max(self.hot_ids)}, outside the vocabulary of {vocab_size}"
+            )
+        out = {name: FieldSpec("uint8", (self.k,)) for name in _ids.plane_names("ids", vocab_size)}
+        quantized = self.values in _quant.GRIDS
+        dtype = "uint8" if quantized else _quant.float_store_dtype(self.values)
+        out["values"] = FieldSpec(dtype, (self.k,))
+        out["top1"] = FieldSpec("float32")
+        out.update(_scalars.scalar_fields(num_temperatures))
+        return out
+
+    def encode(
+        self,
+        logprobs: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        temperatures: Sequence[float] = (),
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        _scalars.check_inputs(logprobs, labels, temperatures)
+        vocab_size = logprobs.shape[1]
+        self.fields(vocab_size, len(temperatures))  # validates k and hot_ids against V
+        lp = logprobs.float()
+        top_vals, top_ids = lp.topk(self.k, dim=1)  # most probable first
+        stored = top_ids
+        if self.hot_ids:
+            stored = _ids.hot_forward(self.hot_ids, vocab_size, lp.device)[top_ids]
+        d = top_vals[:, :1] - top_vals
+        is_top1 = torch.zeros_like(d, dtype=torch.bool)
+        is_top1[:, 0] = True
+        if self.values in _quant.GRIDS:
+            codes = _quant.quantize(d, is_top1, self.values)
+            order = (codes.long() * vocab_size + stored).argsort(dim=1)
+            ids, codes = stored.gather(1, order), codes.gather(1, order)
+            deltas = torch.diff(codes.long(), dim=1, prepend=torch.zeros_like(codes[:, :1]).long())
+            out = _ids.encode_sorted_ids(ids, None, "ids", vocab_size, starts=deltas != 0)
+            out["values"] = deltas.to(torch.uint8)
+        else:
+            ids, order = stored.sort(dim=1)
+            out = _ids.encode_sorted_ids(ids, None, "ids", vocab_size)
+            out["values"] = _quant.encode_float(d.gather(1, order), order == 0, self.values)
+        out["top1"] = top_vals[:, 0].contiguous()
+        in_support = _scalars.support_mask(top_ids, None, vocab_size)
+        out.update(_scalars.encode_scalars(lp, labels, in_support, temperatures))
+        return out
+
+    def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
+        top1 = np.asarray(fields["top1"], dtype=np.float32)
+        values = np.asarray(fields["values"])
+        if self.values in _quant.GRIDS:
+            starts = values != 0
+            starts[:, :1] = True
+            ids = _ids.decode_sorted_ids(fields, "ids", starts)
+            d = _quant.dequantize(row_cumsum(values), self.values)
+        else:
+            ids = _ids.decode_sorted_ids(fields, "ids")
+            d, ids = sort_by_probability(_quant.decode_float(values, self.values), ids)
+        ids = _ids.hot_inverse(self.hot_ids, ids)
+        return Positions(
+            support_ids=ids,
+            support_logprobs=np.subtract(top1[:, None], d, out=d),  # d is a fresh float32 array
+            **_scalars.decode_scalars(fields, ids.shape[0]),
+        )
