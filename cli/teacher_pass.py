@@ -1,0 +1,115 @@
+"""``logitstore teacher-pass``: run a teacher over a dataset into a compressed store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from logitstore.errors import ConfigError
+from pipelines.teacher_pass import TeacherPassConfig, format_summary, run_teacher_pass
+
+
+def _temperatures(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return tuple(float(t) for t in value.split(",") if t.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, found {value!r}") from None
+
+
+@click.command("teacher-pass")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="YAML file of settings (the option names with underscores); options given on the command line override it.",
+)
+@click.option("--teacher", help="Teacher: Hub id, local model directory, or path to a .gguf file.")
+@click.option(
+    "--gguf-file", help="GGUF file name inside --teacher (loaded and dequantised by transformers)."
+)
+@click.option("--revision", help="Hub revision (branch, tag or commit) of the teacher.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="Teacher dtype. [default: bfloat16 on CUDA, float32 on CPU]",
+)
+@click.option("--device", help="Torch device, e.g. cuda:0 or cpu. [default: cuda if available]")
+@click.option(
+    "--trust-remote-code", is_flag=True, default=None, help="Allow the teacher's own code to run."
+)
+@click.option(
+    "--data",
+    help="A .txt/.jsonl/.parquet file or directory, a save_to_disk directory, or a Hub dataset id.",
+)
+@click.option("--split", help="Split of a Hub or saved dataset. [default: train]")
+@click.option("--text-field", help="Field holding plain text. [default: text]")
+@click.option(
+    "--messages-field",
+    help="Field holding chat messages; rendered with the teacher's chat template, assistant turns trained.",
+)
+@click.option("--limit", type=int, help="Use only the first N rows.")
+@click.option("--out", help="Output store: local path or fsspec URL (s3://, memory://, ...).")
+@click.option(
+    "--codec", type=click.Choice(["topk", "sampled", "dense"]), help="Codec. [default: topk]"
+)
+@click.option("--k", type=int, help="topk: support size. [default: 128]")
+@click.option("--values", help="topk: q8, q4, float32, float16 or bfloat16. [default: q8]")
+@click.option("--draws", type=int, help="sampled: draws per position. [default: 50]")
+@click.option("--bits", type=int, help="dense: 8 or 4. [default: 8]")
+@click.option(
+    "--backend", type=click.Choice(["zarr", "parquet"]), help="Store backend. [default: zarr]"
+)
+@click.option("--max-length", type=int, help="Most tokens per window. [default: 2048]")
+@click.option(
+    "--no-windowing",
+    "windowing",
+    flag_value=False,
+    default=None,
+    help="Refuse documents longer than --max-length instead of splitting them.",
+)
+@click.option("--batch-size", type=int, help="Windows per forward. [default: 8]")
+@click.option(
+    "--temperatures",
+    callback=_temperatures,
+    help="Comma-separated capture temperatures; 1.0 is always captured. [default: 1.0]",
+)
+@click.option(
+    "--seed", type=int, help="Seed for sampled codecs and the fidelity sample. [default: 0]"
+)
+@click.option("--docs-per-shard", type=int, help="Documents (windows) per shard. [default: 256]")
+@click.option(
+    "--fidelity-positions",
+    type=int,
+    help="Positions per shard measured against the dense teacher. [default: 256]",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=None,
+    help="Continue an interrupted run: skip committed shards.",
+)
+@click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress bar.")
+def command(config_file: str | None, **options: Any) -> None:
+    """Run a teacher once over a dataset and store its distributions compressed.
+
+    \b
+    Examples:
+      logitstore teacher-pass --teacher HuggingFaceTB/SmolLM2-135M-Instruct \\
+          --data corpus.jsonl --out store/ --codec topk --k 128 --values q8
+      logitstore teacher-pass --teacher models/ --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \\
+          --data chats.jsonl --messages-field messages --out store/ --max-length 1024
+      torchrun --nproc-per-node 4 -m pipelines.teacher_pass --teacher TEACHER --data DATA \\
+          --out s3://bucket/store --resume
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    if config_file:
+        cfg = TeacherPassConfig.from_yaml(config_file, **given)
+    else:
+        missing = [f"--{k}" for k in ("teacher", "data", "out") if k not in given]
+        if missing:
+            raise ConfigError(f"missing required options {', '.join(missing)} (or a --config file)")
+        cfg = TeacherPassConfig.from_dict(given)
+    click.echo(format_summary(run_teacher_pass(cfg)))

@@ -1,0 +1,257 @@
+"""Loading the teacher (Hub id, local directory or GGUF file) and fingerprinting it.
+
+The metadata returned here goes into the store's settings, which a resumed run must match byte
+for byte, so it holds nothing machine-specific: a local directory is named by its base name and
+identified by a hash of its weight files, a Hub model by its id and commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logitstore.errors import ConfigError, NonFiniteTeacherError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_FULL_HASH_LIMIT = 4 << 30
+"""Weights up to this many bytes are hashed in full; above it, names, sizes and headers only."""
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher in inference mode.
+
+    Attributes:
+        model: the causal LM, in eval mode on ``device``.
+        tokenizer: its tokenizer.
+        vocab_size: true vocabulary size, the model's output dimension.
+        device: where the forward runs.
+        dtype: the model's parameter dtype.
+        metadata: the store's ``teacher`` section.
+    """
+
+    model: Any
+    tokenizer: Any
+    vocab_size: int
+    device: torch.device
+    dtype: torch.dtype
+    metadata: dict[str, Any]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` or, when ``None``, CUDA if available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """``dtype`` by name or, when ``None``, bfloat16 on CUDA and float32 elsewhere."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def weights_fingerprint(directory: Path, gguf_file: str | None = None) -> dict[str, Any]:
+    """SHA-256 over a local model's weight files (names and contents, in sorted order).
+
+    Teachers above 4 GiB are fingerprinted by names, sizes and the first MiB of each file,
+    which holds the safetensors/GGUF header with every tensor's name, shape and offset; the
+    result says which kind it is.
+    """
+    if gguf_file is not None:
+        files = [directory / gguf_file]
+    else:
+        files = sorted(p for p in directory.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    total = sum(f.stat().st_size for f in files)
+    full = total <= _FULL_HASH_LIMIT
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        with f.open("rb") as fh:
+            if full:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                h.update(fh.read(1 << 20))
+    return {"sha256": h.hexdigest(), "kind": "full" if full else "names-sizes-headers"}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
+    """The store's ``tokenizer`` section: what a student's tokenizer must match.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer.
+        vocab_size: the teacher's output dimension (may exceed ``len(tokenizer)``: padded
+            embedding matrices).
+
+    Returns:
+        ``vocab_sha256`` (vocabulary and merges), ``vocab_size``, ``num_tokens``
+        (``len(tokenizer)``), ``special_tokens`` (name to ``[token, id]``) and
+        ``chat_template_sha256`` (``None`` without a template).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        model = json.loads(backend.to_str()).get("model", {})
+        model = {k: model.get(k) for k in ("type", "vocab", "merges")}
+    else:
+        model = {"vocab": tokenizer.get_vocab()}
+    added = {str(k): str(v) for k, v in sorted(tokenizer.get_added_vocab().items())}
+    canonical = json.dumps({"model": model, "added": added}, sort_keys=True, ensure_ascii=True)
+    special = {}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            special[name] = [str(token), int(tokenizer.convert_tokens_to_ids(str(token)))]
+    template = getattr(tokenizer, "chat_template", None)
+    return {
+        "vocab_sha256": _sha(canonical),
+        "vocab_size": int(vocab_size),
+        "num_tokens": len(tokenizer),
+        "special_tokens": special,
+        "chat_template_sha256": _sha(template) if isinstance(template, str) else None,
+    }
+
+
+def hub_commit(
+    repo_id: str, filename: str, revision: str | None = None, cache_dir: str | Path | None = None
+) -> str | None:
+    """The commit a Hub model was loaded at, read from the local Hub cache (no network).
+
+    ``from_pretrained`` resolves a branch or tag to a commit and caches files under
+    ``snapshots/<commit>/``; the path of the cached ``filename`` names it.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    if not isinstance(path, str):
+        return None
+    parts = Path(path).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
+
+
+def load_teacher(
+    teacher: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> Teacher:
+    """Load a teacher the way users name it: Hub id, local directory, or GGUF file.
+
+    Args:
+        teacher: Hub id, local directory, or a path to a ``.gguf`` file (then ``gguf_file``
+            is its name and the directory is its parent).
+        gguf_file: GGUF file name inside ``teacher`` (dequantised by ``transformers``).
+        dtype: ``float32``, ``bfloat16`` or ``float16``; default bf16 on CUDA, else float32.
+        device: torch device; default CUDA when available.
+        trust_remote_code: allow the model's own code to run (off by default).
+        revision: Hub revision (branch, tag or commit).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(teacher)
+    if path.is_file() and path.suffix == ".gguf":
+        if gguf_file is not None and gguf_file != path.name:
+            raise ConfigError(f"--teacher names {path.name} but --gguf-file is {gguf_file}")
+        path, gguf_file = path.parent, path.name
+        teacher = str(path)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(teacher, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch_dtype, **kwargs)
+    model = model.to(dev).eval()
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    metadata: dict[str, Any] = {
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "gguf_file": gguf_file,
+        "trust_remote_code": bool(trust_remote_code),
+        "model_type": str(getattr(model.config, "model_type", "")),
+    }
+    if path.is_dir():
+        metadata.update(id=path.name, revision=None, weights=weights_fingerprint(path, gguf_file))
+    else:
+        commit = hub_commit(teacher, gguf_file or "config.json", revision)
+        metadata.update(id=teacher, revision=commit or revision, weights=None)
+    return Teacher(model, tokenizer, vocab_size, dev, torch_dtype, metadata)
+
+
+def forward_batch(
+    model: Any, windows: Sequence[Any], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one padded batch of windows and check that the logits are finite.
+
+    Every window is its own sequence, right-padded, with an attention mask, so no token
+    attends across windows. Call under ``torch.inference_mode()``.
+
+    Args:
+        model: the causal LM.
+        windows: objects with ``doc_id`` and ``input_ids`` int64 ``(T,)``, ``T >= 2``.
+        device: where the model lives.
+
+    Returns:
+        ``(logits, ids)``: ``(B, T_max, V)`` in the model's dtype and int64 ``(B, T_max)``,
+        on ``device``.
+
+    Raises:
+        NonFiniteTeacherError: NaN or Inf in the logits of a window, named by its doc id.
+    """
+    lengths = [int(w.input_ids.shape[0]) for w in windows]
+    ids = torch.zeros(len(windows), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, w in enumerate(windows):
+        ids[b, : lengths[b]] = torch.from_numpy(w.input_ids)
+        mask[b, : lengths[b]] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    # One host sync per batch: the positions that predict a real next token must be finite.
+    # NaN and Inf survive a float32 sum over the vocabulary (finite logits cannot overflow it),
+    # which costs one read of the logits instead of a (B, T, V) boolean tensor.
+    valid = torch.zeros_like(mask, dtype=torch.bool)
+    valid[:, :-1] = mask[:, 1:].bool()
+    finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+    bad = (~finite & valid).any(dim=1).tolist()
+    if any(bad):
+        names = [w.doc_id for w, b in zip(windows, bad) if b]
+        raise NonFiniteTeacherError(
+            f"teacher logits contain NaN or Inf for document {names[0]!r}"
+            f"{f' (and {len(names) - 1} more in its batch)' if len(names) > 1 else ''}; "
+            "expected finite logits. Nothing of this shard was written."
+        )
+    return logits, ids
+
+
+def window_logprobs(
+    logits: torch.Tensor, ids: torch.Tensor, windows: Sequence[Any]
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Each window's float32 log-softmax, one window at a time (one float32 copy alive).
+
+    Args:
+        logits: ``(B, T_max, V)`` from :func:`forward_batch`.
+        ids: int64 ``(B, T_max)`` from :func:`forward_batch`.
+        windows: the batch's ``B`` windows.
+
+    Yields:
+        ``(b, logprobs, labels)``: batch row, float32 ``(T - 1, V)`` and int64 ``(T - 1,)``.
+    """
+    for b, w in enumerate(windows):
+        t = int(w.input_ids.shape[0])
+        yield b, logits[b, : t - 1].float().log_softmax(dim=-1), ids[b, 1:t]

@@ -1,0 +1,506 @@
+"""Stage one: run a teacher once over a dataset and store its distributions compressed.
+
+Reads top to bottom: setup (teacher, codec, data, shard plan, store), loop (the main thread runs
+each batch's forward in inference mode and checks its logits for NaN/Inf; a background worker
+takes the logits, computes the float32 log-softmax, encodes on the device, copies only the
+encoded arrays to the host and commits each finished shard, so all of that overlaps the next
+forward), save (finalize the manifest, summary). All resume state is one dict, ``state``; the
+store itself is the checkpoint: committed shards are skipped on ``--resume``.
+
+Memory: at most three batches of logits are alive (one in the forward, one queued, one being
+encoded), plus one window's float32 log-softmax.
+
+Shard policy: windows (see ``pipelines/_data.py``) in source order, ``docs_per_shard`` per
+shard; shard ``i`` belongs to rank ``i % world_size``. Inside a shard, windows are sorted by
+length (longest first, ties in source order) and batched, to waste little padding; the shard
+stores them in source order. Sampled codecs draw from a generator seeded by ``(seed, doc_id)``,
+so the stored bytes do not depend on batching, ranks or restarts.
+
+Multi-process: launched by ``torchrun`` (``WORLD_SIZE > 1``), rank 0 creates or resumes the
+store, the others join it, each writes its own shards, and rank 0 writes the manifest after
+every rank succeeded. Run as ``python -m pipelines.teacher_pass`` with the options of
+``logitstore teacher-pass``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed
+from tqdm import tqdm
+
+from logitstore.codecs import Codec, fidelity_sums, get_codec, merge_fidelity
+from logitstore.errors import ConfigError, LogitstoreError
+from logitstore.writer import EncodedDocument, StoreWriter
+from pipelines._data import ISOLATION, WINDOWING_POLICY, Window, build_windows, load_rows
+from pipelines._teacher import (
+    Teacher,
+    forward_batch,
+    load_teacher,
+    resolve_device,
+    tokenizer_fingerprint,
+    window_logprobs,
+)
+
+
+@dataclass
+class TeacherPassConfig:
+    """Every setting of the teacher pass; loadable from YAML, overridable from the CLI.
+
+    Settings that change the stored values (codec, max_length, windowing, temperatures, seed,
+    docs_per_shard, data fields, dtype) are recorded in the store; a resumed run must match
+    them. ``batch_size``, ``device`` and ``progress`` are not recorded.
+    """
+
+    teacher: str
+    data: str
+    out: str
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    trust_remote_code: bool = False
+    split: str = "train"
+    text_field: str = "text"
+    messages_field: str | None = None
+    limit: int | None = None
+    codec: str = "topk"
+    k: int = 128
+    values: str = "q8"
+    draws: int = 50
+    bits: int = 8
+    backend: str = "zarr"
+    max_length: int = 2048
+    windowing: bool = True
+    batch_size: int = 8
+    temperatures: Sequence[float] = (1.0,)
+    seed: int = 0
+    docs_per_shard: int = 256
+    fidelity_positions: int = 256
+    resume: bool = False
+    storage_options: dict[str, Any] | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TeacherPassConfig:
+        """Build from a mapping; unknown keys raise ``ConfigError`` listing the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown teacher-pass settings {sorted(unknown)}; known: {sorted(known)}"
+            )
+        missing = [key for key in ("teacher", "data", "out") if data.get(key) is None]
+        if missing:
+            raise ConfigError(f"teacher-pass settings {missing} are required, found none")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TeacherPassConfig:
+        """Load a YAML mapping of settings, then apply ``overrides`` (e.g. from the CLI)."""
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping of settings, found {type(data).__name__}"
+            )
+        return cls.from_dict({**data, **overrides})
+
+    def build_codec(self) -> Codec:
+        params: dict[str, dict[str, Any]] = {
+            "topk": {"k": self.k, "values": self.values},
+            "sampled": {"n": self.draws},
+        }
+        return get_codec(self.codec, **params.get(self.codec, {"bits": self.bits}))
+
+    def extra_temperatures(self) -> list[float]:
+        """Temperatures besides 1 whose tail log-sum-exp is stored, in column order."""
+        temps = [float(t) for t in self.temperatures]
+        if any(not t > 0 for t in temps):
+            raise ConfigError(f"temperatures must be positive, found {temps}")
+        return [t for t in dict.fromkeys(temps) if t != 1.0]
+
+
+# -- shard policy --------------------------------------------------------------------------
+
+
+def plan_shards(windows: Sequence[Window], docs_per_shard: int) -> list[list[Window]]:
+    """Consecutive runs of ``docs_per_shard`` windows, in source order."""
+    if docs_per_shard < 1:
+        raise ConfigError(f"docs_per_shard must be >= 1, found {docs_per_shard}")
+    return [list(windows[i : i + docs_per_shard]) for i in range(0, len(windows), docs_per_shard)]
+
+
+def plan_batches(windows: Sequence[Window], batch_size: int) -> list[list[int]]:
+    """Indices into ``windows``, longest first, in batches of ``batch_size`` (little padding)."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, found {batch_size}")
+    order = sorted(range(len(windows)), key=lambda i: (-windows[i].num_tokens, i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _digest_int(*parts: object) -> int:
+    raw = hashlib.sha256("\0".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(raw[:8], "little") & ((1 << 63) - 1)
+
+
+def fidelity_rows(
+    windows: Sequence[Window], count: int, seed: int, shard: int
+) -> dict[int, np.ndarray]:
+    """A deterministic sample of up to ``count`` positions of one shard, by window index."""
+    sizes = np.array([w.num_tokens - 1 for w in windows])
+    total = int(sizes.sum())
+    rng = np.random.default_rng(_digest_int(seed, "fidelity", shard))
+    chosen = np.sort(rng.choice(total, size=min(count, total), replace=False))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    owner = np.searchsorted(starts, chosen, side="right") - 1
+    return {int(j): chosen[owner == j] - starts[j] for j in np.unique(owner)}
+
+
+# -- background worker -----------------------------------------------------------------------
+
+
+class _ShardBuffer:
+    """One shard being encoded: its windows, their encoded documents and fidelity sums."""
+
+    def __init__(self, index: int, windows: Sequence[Window], cfg: TeacherPassConfig) -> None:
+        self.index = index
+        self.windows = windows
+        self.slot = {id(w): j for j, w in enumerate(windows)}
+        self.sample = fidelity_rows(windows, cfg.fidelity_positions, cfg.seed, index)
+        self.docs: list[EncodedDocument | None] = [None] * len(windows)
+        self.fidelity: list[dict[str, float]] = []
+
+
+class _Worker:
+    """Encodes forwarded batches and commits finished shards on a thread.
+
+    The main thread only runs forwards (and the NaN check), so encoding on the device, the copy
+    of encoded arrays to the host and the shard commits overlap the next forward. The queue is
+    bounded (``depth`` batches of logits wait at most). An error in the thread is re-raised in
+    the main thread at its next ``submit`` or at ``close``; after one, no later shard is
+    committed.
+    """
+
+    def __init__(
+        self,
+        writer: StoreWriter,
+        codec: Codec,
+        cfg: TeacherPassConfig,
+        device: torch.device,
+        depth: int = 1,
+    ) -> None:
+        self.writer, self.codec, self.cfg, self.device = writer, codec, cfg, device
+        self.temperatures = cfg.extra_temperatures()
+        self.records: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="logitstore-worker", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with torch.inference_mode():  # thread-local, so entered here too
+            while (job := self._queue.get()) is not None:
+                if self.error is not None:
+                    continue
+                try:
+                    if len(job) == 4:
+                        self._encode(*job)
+                    else:
+                        self._commit(*job)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    self.error = exc
+
+    def _encode(
+        self,
+        shard: _ShardBuffer,
+        windows: Sequence[Window],
+        logits: torch.Tensor,
+        ids: torch.Tensor,
+    ) -> None:
+        for b, logprobs, labels in window_logprobs(logits, ids, windows):
+            w = windows[b]
+            gen = torch.Generator(device=self.device).manual_seed(
+                _digest_int(self.cfg.seed, w.doc_id)
+            )
+            encoded = self.codec.encode(
+                logprobs, labels, temperatures=self.temperatures, generator=gen
+            )
+            fields = {name: t.cpu().numpy() for name, t in encoded.items()}
+            j = shard.slot[id(w)]
+            shard.docs[j] = EncodedDocument(w.doc_id, w.input_ids, w.loss_mask, fields)
+            if j in shard.sample:
+                rows = shard.sample[j]
+                decoded = self.codec.decode({k: v[rows] for k, v in fields.items()})
+                picked = torch.from_numpy(rows).to(self.device)
+                shard.fidelity.append(fidelity_sums(logprobs[picked], decoded, labels[picked]))
+
+    def _commit(self, shard: _ShardBuffer) -> None:
+        docs = [d for d in shard.docs if d is not None]
+        assert len(docs) == len(shard.windows), "every window of a shard is encoded before commit"
+        fidelity = merge_fidelity(shard.fidelity) if shard.fidelity else None
+        self.records.append(self.writer.write_shard(shard.index, docs, fidelity))
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, *job: Any) -> None:
+        """Queue ``(shard, windows, logits, ids)`` to encode or ``(shard,)`` to commit."""
+        self._raise()
+        while True:
+            try:
+                self._queue.put(job, timeout=0.5)
+                return
+            except queue.Full:
+                self._raise()
+
+    def close(self) -> None:
+        """Finish the queued jobs (complete shards are still committed), then re-raise."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+
+# -- multi-process ---------------------------------------------------------------------------
+
+
+def _rank_device(device: str | None) -> torch.device:
+    """The device of this process: under torchrun, CUDA device ``LOCAL_RANK`` unless given."""
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return dev
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _agree(error: BaseException | None, world: int, what: str) -> None:
+    """Collective: raise on every rank when any rank failed (so none waits at a barrier)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        on = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else None
+        )
+        flag = torch.tensor(
+            [0 if error is None else 1], device=on
+        )  # NCCL reduces CUDA tensors only
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if error is None and int(flag.item()):
+            raise LogitstoreError(f"another rank failed during {what}; see its error")
+    if error is not None:
+        raise error
+
+
+# -- the pass ----------------------------------------------------------------------------------
+
+
+def build_metadata(
+    cfg: TeacherPassConfig, teacher: Teacher, source_meta: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The store's ``teacher``, ``tokenizer``, ``capture`` and ``source`` sections."""
+    return {
+        "teacher": teacher.metadata,
+        "tokenizer": tokenizer_fingerprint(teacher.tokenizer, teacher.vocab_size),
+        "capture": {
+            # Columns of tail_logsumexp; temperature 1 is always captured (tail_logmass).
+            "temperatures": cfg.extra_temperatures(),
+            "base_temperature": 1.0,
+            "max_length": cfg.max_length,
+            "windowing": WINDOWING_POLICY if cfg.windowing else "off: longer documents refused",
+            "isolation": ISOLATION,
+            "docs_per_shard": cfg.docs_per_shard,
+            "seed": cfg.seed,
+            "fidelity_positions_per_shard": cfg.fidelity_positions,
+            "logsoftmax_dtype": "float32",
+        },
+        "source": {
+            **source_meta,
+            "text_field": None if cfg.messages_field else cfg.text_field,
+            "messages_field": cfg.messages_field,
+            "limit": cfg.limit,
+        },
+    }
+
+
+def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) -> dict[str, Any]:
+    """Run the teacher pass described by ``cfg`` and return a summary.
+
+    Args:
+        cfg: the settings.
+        teacher: an already loaded teacher (benchmarks reuse one); by default it is loaded
+            from ``cfg``'s teacher settings.
+
+    Returns:
+        ``{"rank", "world_size", "shards", "shards_written", "documents", "tokens", "seconds",
+        "manifest"}``; ``manifest`` is ``None`` on ranks other than 0.
+
+    Raises:
+        ConfigError: invalid settings, e.g. ``k`` larger than the vocabulary (before any data
+            is read or anything is written).
+        DataError: an empty data source or unusable rows.
+        SettingsMismatchError: ``--resume`` into a store made with different settings.
+        NonFiniteTeacherError: NaN or Inf in the teacher's logits, naming the document.
+    """
+    # ---- setup
+    codec = cfg.build_codec()
+    temps = cfg.extra_temperatures()
+    device = teacher.device if teacher else _rank_device(cfg.device)
+    rank, world = _init_distributed(device)
+    teacher = teacher or load_teacher(
+        cfg.teacher,
+        gguf_file=cfg.gguf_file,
+        dtype=cfg.dtype,
+        device=str(device),
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+    )
+    codec.fields(teacher.vocab_size, len(temps))  # k > V and friends fail here, before any work
+    source = load_rows(cfg.data, split=cfg.split, limit=cfg.limit)
+    windows = build_windows(
+        source,
+        teacher.tokenizer,
+        max_length=cfg.max_length,
+        text_field=cfg.text_field,
+        messages_field=cfg.messages_field,
+        windowing=cfg.windowing,
+    )
+    shards = plan_shards(windows, cfg.docs_per_shard)
+    open_args: dict[str, Any] = {
+        "codec": codec,
+        "backend": cfg.backend,
+        "metadata": build_metadata(cfg, teacher, source.metadata),
+        "vocab_size": teacher.vocab_size,
+        "storage_options": cfg.storage_options,
+    }
+    writer: StoreWriter | None = None
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            writer = StoreWriter(cfg.out, mode="resume" if cfg.resume else "create", **open_args)
+        except LogitstoreError as exc:
+            error = exc
+    _agree(error, world, "opening the store")
+    if rank != 0:
+        try:
+            writer = StoreWriter(cfg.out, mode="join", **open_args)
+        except LogitstoreError as exc:
+            error = exc
+    _agree(error, world, "joining the store")
+    assert writer is not None
+    committed = writer.committed_shards()
+    state: dict[str, Any] = {
+        "shards": len(shards),
+        "committed": sorted(committed),
+        "todo": [i for i in range(len(shards)) if i % world == rank and i not in committed],
+        "written": [],
+        "documents": 0,
+        "tokens": 0,
+    }
+
+    # ---- loop
+    show = cfg.progress and rank == 0 and sys.stderr.isatty()
+    total_docs = sum(len(shards[i]) for i in state["todo"])
+    progress = tqdm(total=total_docs, unit="doc", disable=not show, dynamic_ncols=True)
+    worker = _Worker(writer, codec, cfg, teacher.device)
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for i in state["todo"]:
+                shard = _ShardBuffer(i, shards[i], cfg)
+                for batch in plan_batches(shard.windows, cfg.batch_size):
+                    windows = [shard.windows[j] for j in batch]
+                    logits, ids = forward_batch(teacher.model, windows, teacher.device)
+                    worker.submit(shard, windows, logits, ids)
+                    state["tokens"] += sum(w.num_tokens for w in windows)
+                    rate = state["tokens"] / max(time.perf_counter() - start, 1e-9)
+                    progress.update(len(windows))
+                    progress.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+                worker.submit(shard)
+                state["written"].append(i)
+                state["documents"] += len(shard.windows)
+        worker.close()
+    except BaseException as exc:
+        # Shards whose commit was queued are still committed; the failing one never is.
+        with contextlib.suppress(BaseException):  # the first error is the one to report
+            worker.close()
+        error = exc
+    finally:
+        progress.close()
+    _agree(error, world, "the teacher pass")
+
+    # ---- save
+    if world > 1:
+        torch.distributed.barrier()
+    manifest = writer.finalize(len(shards)) if rank == 0 else None
+    if world > 1:
+        torch.distributed.barrier()  # nobody reports success before the manifest exists
+    return {
+        "rank": rank,
+        "world_size": world,
+        "shards": len(shards),
+        "shards_written": state["written"],
+        "documents": state["documents"],
+        "tokens": state["tokens"],
+        "seconds": time.perf_counter() - start,
+        "manifest": manifest,
+    }
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """A few human-readable lines from :func:`run_teacher_pass`'s result."""
+    lines = [
+        f"wrote {len(summary['shards_written'])} of {summary['shards']} shards "
+        f"({summary['documents']} documents, {summary['tokens']:,} tokens) in "
+        f"{summary['seconds']:.1f} s ({summary['tokens'] / max(summary['seconds'], 1e-9):,.0f} tok/s)"
+    ]
+    manifest = summary.get("manifest")
+    if manifest:
+        stats = manifest["statistics"]
+        lines.append(
+            f"store: {stats['documents']} documents, {stats['tokens']:,} tokens, "
+            f"{stats['bytes']:,} bytes, {stats['bytes_per_token']:.1f} bytes/token"
+        )
+        fid = stats.get("fidelity")
+        if fid and fid.get("positions"):
+            lines.append(
+                f"fidelity on {int(fid['positions'])} positions: mass captured "
+                f"{fid['mass_captured']:.4f}, bucket KL {fid['bucket_kl']:.2e}, top-1 agreement "
+                f"{fid['top1_agreement']:.4f}"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # torchrun -m pipelines.teacher_pass ... takes the CLI's options
+    from cli import main
+
+    main(["teacher-pass", *sys.argv[1:]])

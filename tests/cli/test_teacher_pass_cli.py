@@ -1,0 +1,82 @@
+"""``logitstore teacher-pass``: options, YAML config, summary and error exits."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from click.testing import CliRunner
+
+import logitstore
+from cli import main
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, ["teacher-pass", *args])
+
+
+def test_help_lists_options_and_examples():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for option in (
+        "--teacher",
+        "--gguf-file",
+        "--messages-field",
+        "--resume",
+        "--temperatures",
+        "--docs-per-shard",
+    ):
+        assert option in result.output
+    assert "Examples:" in result.output and "torchrun" in result.output
+
+
+def test_run_prints_a_summary_that_matches_the_store(tmp_path, tiny_teacher_dir, text_jsonl):
+    out = tmp_path / "store"
+    result = invoke(
+        "--teacher", str(tiny_teacher_dir), "--data", str(text_jsonl), "--out", str(out),
+        "--codec", "topk", "--k", "12", "--values", "q4", "--max-length", "40", "--limit", "2",
+        "--docs-per-shard", "9", "--temperatures", "1.0,0.5", "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    store = logitstore.open_store(str(out))
+    stats = store.manifest["statistics"]
+    assert store.manifest["codec"]["configuration"] == {"k": 12, "values": "q4"}
+    assert store.manifest["capture"]["temperatures"] == [0.5]
+    assert f"{stats['documents']} documents" in result.output
+    assert f"{stats['bytes_per_token']:.1f} bytes/token" in result.output
+    assert "top-1 agreement" in result.output
+
+
+def test_yaml_config_with_command_line_overrides(tmp_path, tiny_teacher_dir, text_jsonl):
+    config = tmp_path / "pass.yaml"
+    out = tmp_path / "store"
+    config.write_text(yaml.safe_dump({
+        "teacher": str(tiny_teacher_dir), "data": str(text_jsonl), "out": str(out),
+        "k": 4, "max_length": 24, "limit": 1, "backend": "parquet", "progress": False,
+    }))  # fmt: skip
+    result = invoke("--config", str(config), "--k", "6")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["codec"]["configuration"]["k"] == 6  # the command line wins
+    assert manifest["capture"]["max_length"] == 24 and manifest["backend"] == "parquet"
+
+
+def test_errors_exit_non_zero_with_a_message(tmp_path, tiny_teacher_dir, text_jsonl):
+    result = invoke("--teacher", str(tiny_teacher_dir), "--data", str(text_jsonl))
+    assert result.exit_code == 2 and "--out" in result.output
+    out = tmp_path / "store"
+    result = invoke(
+        "--teacher",
+        str(tiny_teacher_dir),
+        "--data",
+        str(text_jsonl),
+        "--out",
+        str(out),
+        "--k",
+        "1000",
+    )
+    assert result.exit_code == 2 and "exceeds the vocabulary size 384" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: x\ndata: y\nout: z\nbatchsize: 3\n")
+    result = invoke("--config", str(bad))
+    assert result.exit_code == 2 and "batchsize" in result.output and "batch_size" in result.output

@@ -1,0 +1,158 @@
+"""Data loading, tokenisation, chat masks, windowing and doc ids of the teacher pass."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from logitstore.errors import DataError
+from pipelines._data import (
+    build_windows,
+    doc_id,
+    load_rows,
+    make_windows,
+    tokenize_chat,
+    tokenize_text,
+)
+
+TEXTS = ["First document.\nIt has two lines.", "Second one.", "Third: unicode é ü 漢字."]
+
+
+@pytest.mark.parametrize("n", [2, 3, 9, 10, 11, 17, 40])
+@pytest.mark.parametrize("max_length", [2, 5, 10])
+def test_windows_cover_every_position_exactly_once(n, max_length):
+    rng = np.random.default_rng(n * 100 + max_length)
+    ids = rng.integers(0, 1000, size=n)
+    trained = rng.random(n) < 0.6
+    windows = make_windows("row", ids, trained, max_length=max_length)
+    seen: list[int] = []
+    for j, w in enumerate(windows):
+        assert 2 <= w.num_tokens <= max_length
+        assert w.doc_id.startswith(f"row/w{j}/")
+        start = j * (max_length - 1)  # the documented stride
+        np.testing.assert_array_equal(w.input_ids, ids[start : start + w.num_tokens])
+        # Window position t predicts the document's token start + t + 1, with its label flag.
+        np.testing.assert_array_equal(w.loss_mask, trained[start + 1 : start + w.num_tokens])
+        seen.extend(range(start, start + w.num_tokens - 1))
+    assert seen == list(range(n - 1))
+
+
+def test_short_documents_are_skipped_and_long_ones_refused_without_windowing():
+    assert make_windows("r", np.array([5]), np.array([True]), max_length=4) == []
+    ids = np.arange(6)
+    assert len(make_windows("r", ids, np.ones(6, bool), max_length=6, windowing=False)) == 1
+    with pytest.raises(DataError, match="'docs.jsonl:7'.*7 tokens"):
+        make_windows("docs.jsonl:7", np.arange(7), np.ones(7, bool), max_length=6, windowing=False)
+
+
+def test_doc_id_is_keyed_by_content():
+    ids = np.array([3, 1, 4, 1, 5])
+    a = doc_id("f.jsonl:2", 0, ids)
+    assert a == doc_id("f.jsonl:2", 0, ids.astype(np.int32))  # dtype does not matter
+    assert a != doc_id("f.jsonl:2", 0, ids[::-1])
+    assert a != doc_id("f.jsonl:3", 0, ids) and a != doc_id("f.jsonl:2", 1, ids)
+    import hashlib
+
+    expected = hashlib.sha256(np.asarray(ids, "<i8").tobytes()).hexdigest()[:16]
+    assert a == f"f.jsonl:2/w0/{expected}"
+
+
+def _write_sources(tmp_path):
+    """The same three texts as a .txt directory, .jsonl, .parquet and a saved dataset."""
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for i, text in enumerate(TEXTS):
+        (txt / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(
+        "".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(TEXTS)) + "\n"
+    )
+    parquet = tmp_path / "pq"
+    parquet.mkdir()
+    pq.write_table(pa.table({"text": TEXTS[:2]}), parquet / "a.parquet")
+    pq.write_table(pa.table({"text": TEXTS[2:]}), parquet / "b.parquet")
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS})}).save_to_disk(saved)
+    return {"txt": txt, "jsonl": jsonl, "parquet": parquet, "saved": saved}
+
+
+def test_every_local_source_kind_yields_the_same_rows(tmp_path):
+    sources = _write_sources(tmp_path)
+    for kind, path in sources.items():
+        source = load_rows(str(path))
+        assert [r["text"] for _, r in source.rows] == TEXTS, kind
+        assert len({row_id for row_id, _ in source.rows}) == len(TEXTS), kind
+        assert str(tmp_path) not in json.dumps(source.metadata), kind  # nothing machine-specific
+    jsonl = load_rows(str(sources["jsonl"]))
+    assert [r for r, _ in jsonl.rows] == ["docs.jsonl:1", "docs.jsonl:2", "docs.jsonl:3"]
+    assert len(load_rows(str(sources["parquet"]), limit=2).rows) == 2
+
+
+def test_source_fingerprint_follows_the_content(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "a"}) + "\n")
+    first = load_rows(str(path)).metadata["fingerprint"]
+    assert load_rows(str(path)).metadata["fingerprint"] == first
+    path.write_text(json.dumps({"text": "b"}) + "\n")
+    assert load_rows(str(path)).metadata["fingerprint"] != first
+
+
+def test_empty_or_bad_data_is_refused(tmp_path, tiny_tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        load_rows(str(empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        load_rows(str(bad))
+    source = load_rows(str(_write_sources(tmp_path)["jsonl"]))
+    with pytest.raises(DataError, match="no field 'body'"):
+        build_windows(source, tiny_tokenizer, max_length=64, text_field="body")
+
+
+def test_text_tokenisation_round_trips(tiny_tokenizer):
+    ids, trained = tokenize_text(tiny_tokenizer, TEXTS[2])
+    assert ids.dtype == np.int64 and trained.all()
+    assert tiny_tokenizer.decode(ids) == TEXTS[2]
+
+
+CHAT = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "What is a tuple?"},
+    {"role": "assistant", "content": "An immutable sequence."},
+    {"role": "user", "content": "And a list?"},
+    {"role": "assistant", "content": "A mutable one."},
+]
+
+
+def test_chat_mask_covers_assistant_turns_only(tiny_tokenizer):
+    ids, trained = tokenize_chat(tiny_tokenizer, CHAT)
+    # The whole rendering is tokenized, and the trained tokens are exactly the assistant replies
+    # with the template's end-of-turn text: checked by decoding, independently of offsets.
+    assert tiny_tokenizer.decode(ids) == tiny_tokenizer.apply_chat_template(CHAT, tokenize=False)
+    replies = "".join(m["content"] + "<|im_end|>\n" for m in CHAT if m["role"] == "assistant")
+    assert tiny_tokenizer.decode(ids[trained]) == replies
+    untrained = tiny_tokenizer.decode(ids[~trained])
+    assert "tuple" in untrained and "briefly" in untrained and "immutable" not in untrained
+    # The loss mask is the label flags shifted by one (position t predicts token t + 1).
+    (window,) = make_windows("c", ids, trained, max_length=len(ids))
+    np.testing.assert_array_equal(window.loss_mask, trained[1:])
+
+
+def test_chat_rows_through_build_windows(tmp_path, tiny_tokenizer):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n")
+    windows = build_windows(
+        load_rows(str(path)), tiny_tokenizer, max_length=16, messages_field="messages"
+    )
+    ids, trained = tokenize_chat(tiny_tokenizer, CHAT)
+    assert len(windows) == -(-(len(ids) - 1) // 15)
+    mask = np.concatenate([w.loss_mask for w in windows])
+    np.testing.assert_array_equal(mask, trained[1:])

@@ -1,0 +1,332 @@
+"""The teacher pass end to end with a tiny teacher saved with ``save_pretrained``.
+
+Stored values are checked against a direct float64 computation with the same model on the
+same window, run here without padding or batching.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import logitstore
+from logitstore.codecs._quant import grid, grid_max
+from logitstore.errors import ConfigError, DataError, NonFiniteTeacherError, SettingsMismatchError
+from pipelines._data import load_rows, tokenize_chat, tokenize_text
+from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+
+TAIL_RTOL = 2.0**-11  # tails are stored as float16 (the codec's stated precision)
+
+
+def run(teacher, data, out, **kw):
+    cfg = TeacherPassConfig(
+        teacher=str(teacher), data=str(data), out=str(out), progress=False, **kw
+    )
+    return run_teacher_pass(cfg)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def direct_logprobs(model, input_ids: np.ndarray) -> np.ndarray:
+    """Float64 ``(T - 1, V)`` log-softmax of one window, run alone (no padding, no batch)."""
+    with torch.no_grad():
+        logits = model(torch.from_numpy(input_ids)[None]).logits[0, :-1]
+    return torch.log_softmax(logits.double(), dim=-1).numpy()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_teacher_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def float_store(tmp_path_factory, tiny_teacher_dir, text_jsonl):
+    out = tmp_path_factory.mktemp("float") / "store"
+    summary = run(
+        tiny_teacher_dir, text_jsonl, out, k=16, values="float32", max_length=96,
+        docs_per_shard=7, batch_size=4, limit=4, temperatures=(1.0, 2.0),
+    )  # fmt: skip
+    return out, summary
+
+
+def test_stored_values_equal_a_direct_computation(float_store, model):
+    out, summary = float_store
+    store = logitstore.open_store(str(out))
+    assert store.num_documents == summary["documents"] > summary["shards"] > 1
+    for doc in store.iter_documents():
+        lp = direct_logprobs(model, doc.input_ids)
+        rows = np.arange(lp.shape[0])[:, None]
+        top = np.argsort(-lp, axis=1)[:, :16]
+        np.testing.assert_array_equal(np.sort(doc.support_ids, 1), np.sort(top, 1))
+        assert (np.diff(doc.support_logprobs, axis=1) <= 0).all()  # most probable first
+        np.testing.assert_allclose(doc.support_logprobs, lp[rows, doc.support_ids], atol=2e-5)
+        outside = lp.copy()
+        outside[rows, doc.support_ids] = -np.inf
+        tail = np.logaddexp.reduce(outside, axis=1)
+        np.testing.assert_allclose(doc.tail_logmass, tail, rtol=TAIL_RTOL, atol=2e-5)
+        labels = doc.input_ids[1:]
+        np.testing.assert_allclose(doc.label_logprob, lp[np.arange(len(labels)), labels], atol=2e-5)
+        np.testing.assert_allclose(
+            doc.tail_logsumexp[:, 0], np.logaddexp.reduce(outside / 2, 1), rtol=TAIL_RTOL, atol=2e-5
+        )
+        entropy = -(np.exp(lp) * lp).sum(1)
+        np.testing.assert_allclose(doc.entropy, entropy, rtol=2e-3, atol=1e-3)
+        assert doc.loss_mask.all()
+
+
+def test_windows_reassemble_the_documents(float_store, text_jsonl, tiny_tokenizer):
+    out, _ = float_store
+    store = logitstore.open_store(str(out))
+    rows = load_rows(str(text_jsonl), limit=4).rows
+    by_row: dict[str, list] = {}
+    for doc in store.iter_documents():
+        row, window, _ = doc.doc_id.split("/")
+        by_row.setdefault(row, []).append((int(window[1:]), doc.input_ids))
+    assert list(by_row) == [row_id for row_id, _ in rows]  # source order, nothing lost
+    for row_id, record in rows:
+        parts = [ids for _, ids in sorted(by_row[row_id])]
+        assert all(len(p) <= 96 for p in parts) and len(parts) > 1
+        # Consecutive windows share one token (stride max_length - 1).
+        joined = np.concatenate([parts[0], *[p[1:] for p in parts[1:]]])
+        np.testing.assert_array_equal(joined, tokenize_text(tiny_tokenizer, record["text"])[0])
+
+
+def test_manifest_metadata(float_store, tiny_teacher_dir):
+    out, _ = float_store
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["vocab_size"] == 384 and manifest["num_temperatures"] == 1
+    assert manifest["capture"]["temperatures"] == [2.0]  # the tail_logsumexp columns
+    assert manifest["capture"]["max_length"] == 96
+    assert manifest["teacher"]["weights"]["kind"] == "full"
+    assert manifest["tokenizer"]["chat_template_sha256"] is not None
+    assert manifest["source"]["split"] is None and manifest["source"]["text_field"] == "text"
+    fid = manifest["statistics"]["fidelity"]
+    assert fid["positions"] > 0 and fid["top1_agreement"] == 1.0
+    # Nothing machine-specific: no absolute path from this run appears anywhere.
+    text = (out / "manifest.json").read_text() + (out / "settings.json").read_text()
+    assert str(tiny_teacher_dir.parent) not in text
+
+
+def test_q8_values_within_the_grid_precision(tmp_path, tiny_teacher_dir, text_jsonl, model):
+    out = tmp_path / "store"
+    run(
+        tiny_teacher_dir,
+        text_jsonl,
+        out,
+        k=32,
+        values="q8",
+        max_length=64,
+        limit=2,
+        docs_per_shard=3,
+    )
+    g = grid("q8")
+    for doc in logitstore.open_store(str(out)).iter_documents():
+        lp = direct_logprobs(model, doc.input_ids)
+        true = lp[np.arange(lp.shape[0])[:, None], doc.support_ids]
+        d_true = true[:, :1] - true
+        d_dec = doc.support_logprobs[:, :1] - doc.support_logprobs
+        np.testing.assert_allclose(doc.support_logprobs[:, 0], true[:, 0], atol=2e-5)  # exact top-1
+        idx = np.clip(np.searchsorted(g, d_true), 2, len(g) - 1)
+        bound = np.maximum((g[idx] - g[idx - 1]) / 2, g[1]) + 1e-4
+        inside = (d_true < grid_max("q8"))[:, 1:]
+        err = np.abs(d_dec - d_true)[:, 1:]
+        assert (err[inside] <= bound[:, 1:][inside]).all()
+
+
+def test_sampled_draws_do_not_depend_on_batching(tmp_path, tiny_teacher_dir, text_jsonl, model):
+    stores = []
+    for batch in (1, 5):
+        out = tmp_path / f"b{batch}"
+        run(tiny_teacher_dir, text_jsonl, out, codec="sampled", draws=20, max_length=48,
+            limit=2, docs_per_shard=6, batch_size=batch)  # fmt: skip
+        stores.append(list(logitstore.open_store(str(out)).iter_documents()))
+    assert len(stores[0]) > 5  # several batches at batch size 5, one window each at 1
+    for a, b in zip(*stores):
+        np.testing.assert_array_equal(a.support_ids, b.support_ids)
+        np.testing.assert_array_equal(a.support_counts, b.support_counts)
+        assert (a.support_counts.sum(1) == 20).all()
+        lp = direct_logprobs(model, a.input_ids)
+        valid = a.support_ids >= 0
+        rows = np.nonzero(valid)[0]
+        np.testing.assert_allclose(
+            a.support_logprobs[valid], lp[rows, a.support_ids[valid]], atol=2e-5
+        )
+
+
+def test_chat_data_parquet_backend(tmp_path, tiny_teacher_dir, tiny_tokenizer):
+    chats = [
+        [
+            {"role": "user", "content": f"Question {i}?"},
+            {"role": "assistant", "content": f"Answer {i}."},
+        ]
+        for i in range(3)
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    out = tmp_path / "store"
+    run(
+        tiny_teacher_dir,
+        data,
+        out,
+        messages_field="messages",
+        backend="parquet",
+        k=8,
+        docs_per_shard=2,
+    )
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out / "shards" / "000000.parquet").num_rows == 2  # read by another library
+    docs = list(logitstore.open_store(str(out)).iter_documents())
+    assert len(docs) == 3
+    for doc, chat in zip(docs, chats):
+        ids, trained = tokenize_chat(tiny_tokenizer, chat)
+        np.testing.assert_array_equal(doc.input_ids, ids)
+        np.testing.assert_array_equal(doc.loss_mask, trained[1:])
+        assert tiny_tokenizer.decode(doc.input_ids[1:][doc.loss_mask]).startswith(
+            chat[1]["content"]
+        )
+
+
+def test_resume_refuses_different_settings(tmp_path, tiny_teacher_dir, text_jsonl):
+    out = tmp_path / "store"
+    run(tiny_teacher_dir, text_jsonl, out, k=8, max_length=32, limit=1, docs_per_shard=4)
+    with pytest.raises(SettingsMismatchError, match="codec.configuration.k"):
+        run(
+            tiny_teacher_dir,
+            text_jsonl,
+            out,
+            k=9,
+            max_length=32,
+            limit=1,
+            docs_per_shard=4,
+            resume=True,
+        )
+    with pytest.raises(SettingsMismatchError, match="capture.max_length"):
+        run(
+            tiny_teacher_dir,
+            text_jsonl,
+            out,
+            k=8,
+            max_length=33,
+            limit=1,
+            docs_per_shard=4,
+            resume=True,
+        )
+    # Same settings: everything is committed, so resuming writes nothing and re-finalizes.
+    summary = run(
+        tiny_teacher_dir,
+        text_jsonl,
+        out,
+        k=8,
+        max_length=32,
+        limit=1,
+        docs_per_shard=4,
+        resume=True,
+    )
+    assert summary["shards_written"] == [] and summary["manifest"]["statistics"]["documents"] > 0
+
+
+def test_k_larger_than_vocabulary_fails_before_anything_runs(
+    tmp_path, tiny_teacher_dir, text_jsonl
+):
+    with pytest.raises(ConfigError, match="exceeds the vocabulary size 384"):
+        run(tiny_teacher_dir, text_jsonl, tmp_path / "store", k=385)
+    assert not (tmp_path / "store").exists()
+
+
+def test_empty_dataset_is_refused(tmp_path, tiny_teacher_dir):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        run(tiny_teacher_dir, data, tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
+def test_nan_teacher_names_the_document_and_keeps_committed_shards(
+    tmp_path, tiny_teacher_dir, text_jsonl
+):
+    # A teacher whose embedding of <|im_end|> is NaN: only documents containing it break.
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[2] = float("nan")
+    poisoned = tmp_path / "poisoned"
+    model.save_pretrained(poisoned)
+    AutoTokenizer.from_pretrained(tiny_teacher_dir).save_pretrained(poisoned)
+    lines = text_jsonl.read_text().splitlines()[:3] + [
+        json.dumps({"text": "Fine until <|im_end|> here."})
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    kw = {"k": 8, "max_length": 64, "docs_per_shard": 5, "batch_size": 3}
+    with pytest.raises(NonFiniteTeacherError, match=r"'data.jsonl:4/w0/[0-9a-f]{16}'"):
+        run(poisoned, data, tmp_path / "bad", **kw)
+    clean = tmp_path / "good"
+    summary = run(tiny_teacher_dir, data, clean, **kw)
+    last = summary["shards"] - 1
+    bad, good = tree(tmp_path / "bad"), tree(clean)
+    assert not any(
+        name.startswith((f"records/{last:06d}", f"shards/{last:06d}", "manifest")) for name in bad
+    )
+    assert "settings.json" in bad
+    committed = {n: b for n, b in bad.items() if n.startswith(("records/", "shards/"))}
+    assert {f"records/{i:06d}.json" for i in range(last)} <= set(committed)
+    for name, data_bytes in committed.items():  # byte-identical to the clean run's shards
+        assert good[name] == data_bytes, name
+
+
+def test_teacher_loading_options_and_fingerprints(tiny_teacher_dir, tiny_tokenizer):
+    import hashlib
+
+    from pipelines._teacher import load_teacher, tokenizer_fingerprint
+
+    teacher = load_teacher(str(tiny_teacher_dir), dtype="bfloat16", device="cpu")
+    assert next(teacher.model.parameters()).dtype == torch.bfloat16 and not teacher.model.training
+    assert (
+        teacher.metadata["dtype"] == "bfloat16" and teacher.metadata["trust_remote_code"] is False
+    )
+    assert teacher.vocab_size == teacher.model.lm_head.weight.shape[0] == 384
+    with pytest.raises(ConfigError, match="float64"):
+        load_teacher(str(tiny_teacher_dir), dtype="float64")
+    base = tokenizer_fingerprint(tiny_tokenizer, 384)
+    assert (
+        base["chat_template_sha256"]
+        == hashlib.sha256(tiny_tokenizer.chat_template.encode()).hexdigest()
+    )
+    assert base["special_tokens"]["eos_token"] == ["<|endoftext|>", 0]
+    same = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    assert tokenizer_fingerprint(same, 384) == base  # survives a save and load
+    same.add_tokens(["<extra_token>"])
+    assert tokenizer_fingerprint(same, 384)["vocab_sha256"] != base["vocab_sha256"]
+    assert tokenizer_fingerprint(tiny_tokenizer, 400)["vocab_size"] == 400
+
+
+def test_fsspec_output_url(tiny_teacher_dir, text_jsonl):
+    url = "memory://teacher-pass-test/store"
+    summary = run(tiny_teacher_dir, text_jsonl, url, k=8, max_length=32, limit=1, docs_per_shard=5)
+    store = logitstore.open_store(url)
+    assert store.num_documents == summary["documents"] and store.num_shards == summary["shards"]
+    doc = store[0]
+    assert doc.input_ids.shape[0] <= 32 and doc.support_ids.shape == (doc.input_ids.shape[0] - 1, 8)
+
+
+def test_hub_commit_is_read_from_the_local_cache(tmp_path):
+    from pipelines._teacher import hub_commit
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--org--tiny"
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    (repo / "snapshots" / sha / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    assert hub_commit("org/tiny", "config.json", cache_dir=tmp_path) == sha
+    assert hub_commit("org/tiny", "config.json", revision=sha, cache_dir=tmp_path) == sha
+    assert hub_commit("org/other", "config.json", cache_dir=tmp_path) is None

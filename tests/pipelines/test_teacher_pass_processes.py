@@ -1,0 +1,125 @@
+"""The teacher pass as real processes: killed with SIGKILL and resumed, and under torchrun."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import logitstore
+from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = {"k": 8, "max_length": 48, "docs_per_shard": 4, "batch_size": 4, "limit": 6}
+
+
+def cli_args(teacher: Path, data: Path, out: Path, **settings) -> list[str]:
+    args = ["--teacher", str(teacher), "--data", str(data), "--out", str(out), "--no-progress"]
+    for key, value in settings.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def reference(
+    tmp_path: Path, teacher: Path, data: Path, threads: int | None = None, **settings
+) -> Path:
+    out = tmp_path / "reference"
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)  # the thread count can change float rounding
+    try:
+        cfg = TeacherPassConfig(
+            teacher=str(teacher), data=str(data), out=str(out), progress=False, **settings
+        )
+        run_teacher_pass(cfg)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def test_sigkill_then_resume_gives_a_byte_identical_store(tmp_path, tiny_teacher_dir, text_jsonl):
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.teacher_pass",
+        *cli_args(tiny_teacher_dir, text_jsonl, out, **SETTINGS),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    # A random moment: after a random number of commits, plus a random delay that often lands
+    # inside the next shard's commit.
+    wanted, delay = random.randint(1, 3), random.uniform(0.0, 0.02)
+    deadline = time.monotonic() + 180
+    records = out / "records"
+    while not records.exists() or len(list(records.iterdir())) < wanted:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert time.monotonic() < deadline, "the pass committed no shard in time"
+        time.sleep(0.002)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), f"the pass finished before the kill ({delay=:.3f})"
+    committed = len(list((out / "records").iterdir()))
+
+    summary = run_teacher_pass(
+        TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl), out=str(out),
+                          resume=True, progress=False, **SETTINGS)
+    )  # fmt: skip
+    assert len(summary["shards_written"]) == summary["shards"] - committed > 0
+    ref = reference(tmp_path, tiny_teacher_dir, text_jsonl, **SETTINGS)
+    got, want = tree(out), tree(ref)
+    assert sorted(got) == sorted(want), f"{delay=:.3f}"
+    for name in want:
+        assert got[name] == want[name], f"{name} differs ({wanted=}, {delay=:.3f})"
+    ids = [d.doc_id for d in logitstore.open_store(str(out)).iter_documents()]
+    assert len(ids) == len(set(ids)) == summary["manifest"]["statistics"]["documents"]
+
+
+def test_torchrun_two_processes_write_one_store(tmp_path, tiny_teacher_dir, text_jsonl):
+    settings = {**SETTINGS, "docs_per_shard": 10}
+    out = tmp_path / "ranks"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "pipelines.teacher_pass", *cli_args(tiny_teacher_dir, text_jsonl, out, **settings),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [int(m) for m in re.findall(r"wrote (\d+) of \d+ shards", result.stdout)]
+    store = logitstore.open_store(str(out))
+    assert len(written) == 2 and all(written) and sum(written) == store.num_shards
+
+    # torchrun runs each rank with one thread; so does the single-process reference.
+    ref_path = reference(tmp_path, tiny_teacher_dir, text_jsonl, threads=1, **settings)
+    ref = logitstore.open_store(str(ref_path))
+    assert store.num_documents == ref.num_documents
+    for a, b in zip(store.iter_documents(), ref.iter_documents()):
+        assert a.doc_id == b.doc_id
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_array_equal(a.support_ids, b.support_ids)
+        np.testing.assert_allclose(a.support_logprobs, b.support_logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.label_logprob, b.label_logprob, atol=1e-5)
+    got, want = tree(out), tree(ref_path)
+    assert got == want  # byte-identical, manifest included
