@@ -143,13 +143,7 @@ class StoreWriter:
             raise StoreExistsError(f"another writer created a store at {self.url} concurrently")
 
     def _stored_settings(self) -> dict[str, Any] | None:
-        try:
-            raw = _fs.read_bytes(self.fs, self._path(fmt.SETTINGS_NAME))
-        except FileNotFoundError:
-            return None
-        stored = fmt.loads(raw, fmt.SETTINGS_NAME)
-        fmt.check_format_version(stored, f"{self.url}/{fmt.SETTINGS_NAME}")
-        return stored
+        return _read_settings(self.fs, self.root, self.url)
 
     def _check_settings(self, stored: Mapping[str, Any]) -> None:
         diff = fmt.first_difference(stored, self.settings)
@@ -430,3 +424,21 @@ def _fidelity(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     from logitstore.codecs.fidelity import merge_fidelity, summarize_fidelity
 
     return dict(summarize_fidelity(merge_fidelity(sums)))
+
+
+def _read_settings(fs: Any, root: str, url: str) -> dict[str, Any] | None:
+    try:
+        raw = _fs.read_bytes(fs, _fs.join(root, fmt.SETTINGS_NAME))
+    except FileNotFoundError:
+        return None
+    stored = fmt.loads(raw, fmt.SETTINGS_NAME)
+    fmt.check_format_version(stored, f"{url}/{fmt.SETTINGS_NAME}")
+    return stored
+
+
+def stored_settings(
+    url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The settings a (possibly unfinished) store at ``url`` was created with, or ``None``."""
+    fs, root = _fs.url_to_fs(str(url), storage_options)
+    return _read_settings(fs, root, str(url))

@@ -255,3 +255,44 @@ def window_logprobs(
     for b, w in enumerate(windows):
         t = int(w.input_ids.shape[0])
         yield b, logits[b, : t - 1].float().log_softmax(dim=-1), ids[b, 1:t]
+
+
+def fit_codec(
+    codec: Any,
+    teacher: Teacher,
+    sample: Sequence[Any],
+    *,
+    resume_from: dict[str, Any] | None = None,
+) -> Any:
+    """The codec adapted to this teacher (e.g. top-k's storage order of ids) on ``sample``.
+
+    Args:
+        codec: the codec the user asked for.
+        teacher: the loaded teacher.
+        sample: windows to fit on (the first batch of the first shard: fixed by the data and
+            the settings, so a rerun fits the same codec).
+        resume_from: the settings of the store being resumed, if any. Its fitted codec is
+            reused when the user's request matches it, so a resume on other hardware (where
+            near-ties in the teacher's top-k could fall the other way) cannot change it.
+
+    Raises:
+        SettingsMismatchError: ``resume_from`` was made with another codec request.
+    """
+    from logitstore import format as fmt
+    from logitstore.codecs import codec_from_json
+    from logitstore.errors import SettingsMismatchError
+
+    if resume_from is not None:
+        previous = codec_from_json(resume_from["codec"])
+        diff = fmt.first_difference(previous.unfit().to_json(), codec.to_json())
+        if diff is None:
+            return previous
+        key, old, new = diff
+        raise SettingsMismatchError(
+            f"the store was created with different settings: codec {key} is {old!r} in the "
+            f"store but {new!r} in this run"
+        )
+    with torch.inference_mode():
+        logits, ids = forward_batch(teacher.model, sample, teacher.device)
+        logprobs = torch.cat([lp for _, lp, _ in window_logprobs(logits, ids, sample)])
+    return codec.fit(logprobs)

@@ -42,12 +42,13 @@ import torch
 import torch.distributed
 from tqdm import tqdm
 
-from logitstore.codecs import Codec, fidelity_sums, get_codec, merge_fidelity
+from logitstore.codecs import Codec, codec_from_json, fidelity_sums, get_codec, merge_fidelity
 from logitstore.errors import ConfigError, LogitstoreError
-from logitstore.writer import EncodedDocument, StoreWriter
+from logitstore.writer import EncodedDocument, StoreWriter, stored_settings
 from pipelines._data import ISOLATION, WINDOWING_POLICY, Window, build_windows, load_rows
 from pipelines._teacher import (
     Teacher,
+    fit_codec,
     forward_batch,
     load_teacher,
     resolve_device,
@@ -301,6 +302,31 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _fitted_codec(
+    codec: Codec,
+    cfg: TeacherPassConfig,
+    teacher: Teacher,
+    shards: Sequence[Sequence[Window]],
+    rank: int,
+    world: int,
+) -> Codec:
+    """Rank 0 fits the codec on shard 0's first batch; every other rank takes rank 0's."""
+    error: BaseException | None = None
+    if rank == 0:
+        try:
+            stored = stored_settings(cfg.out, cfg.storage_options) if cfg.resume else None
+            first = [shards[0][j] for j in plan_batches(shards[0], cfg.batch_size)[0]]
+            codec = fit_codec(codec, teacher, first, resume_from=stored)
+        except LogitstoreError as exc:
+            error = exc
+    _agree(error, world, "fitting the codec")
+    if world > 1:
+        payload = [codec.to_json()]
+        torch.distributed.broadcast_object_list(payload, src=0)
+        codec = codec_from_json(payload[0])
+    return codec
+
+
 def _agree(error: BaseException | None, world: int, what: str) -> None:
     """Collective: raise on every rank when any rank failed (so none waits at a barrier)."""
     if world > 1:
@@ -395,6 +421,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
         windowing=cfg.windowing,
     )
     shards = plan_shards(windows, cfg.docs_per_shard)
+    codec = _fitted_codec(codec, cfg, teacher, shards, rank, world)
     open_args: dict[str, Any] = {
         "codec": codec,
         "backend": cfg.backend,

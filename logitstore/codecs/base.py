@@ -116,6 +116,10 @@ class Codec(ABC):
         """
         return self
 
+    def unfit(self) -> Codec:
+        """This codec without what :meth:`fit` learned: the settings a user asked for."""
+        return self
+
     def to_json(self) -> dict[str, Any]:
         config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {"name": self.name, "version": self.version, "configuration": config}

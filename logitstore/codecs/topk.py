@@ -127,6 +127,9 @@ class TopK(Codec):
         """
         return dataclasses.replace(self, hot_ids=fit_hot_ids(logprobs, self.k, size))
 
+    def unfit(self) -> TopK:
+        return dataclasses.replace(self, hot_ids=())
+
     def fields(self, vocab_size: int, num_temperatures: int) -> dict[str, FieldSpec]:
         check_size("k", self.k, vocab_size)
         if self.hot_ids and max(self.hot_ids) >= vocab_size:

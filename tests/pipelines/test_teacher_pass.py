@@ -7,6 +7,7 @@ same window, run here without padding or batching.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -330,3 +331,33 @@ def test_hub_commit_is_read_from_the_local_cache(tmp_path):
     assert hub_commit("org/tiny", "config.json", cache_dir=tmp_path) == sha
     assert hub_commit("org/tiny", "config.json", revision=sha, cache_dir=tmp_path) == sha
     assert hub_commit("org/other", "config.json", cache_dir=tmp_path) is None
+
+
+def test_codec_is_fitted_on_the_first_batch_and_reused_on_resume(
+    tmp_path, tiny_teacher_dir, text_jsonl, model, monkeypatch
+):
+    from logitstore.codecs.topk import TopK, fit_hot_ids
+
+    out = tmp_path / "store"
+    kw = dict(k=8, max_length=64, docs_per_shard=3, batch_size=2, limit=4)
+    run(tiny_teacher_dir, text_jsonl, out, **kw)
+    hot = tuple(logitstore.open_store(out).manifest["codec"]["configuration"]["hot_ids"])
+
+    # Independently: the first batch of shard 0 is its two longest windows, run alone.
+    store = logitstore.open_store(out)
+    first_shard = store.read_shard(0)
+    longest = sorted(first_shard, key=lambda d: (-d.num_tokens, first_shard.index(d)))[:2]
+    sample = np.concatenate([direct_logprobs(model, d.input_ids) for d in longest])
+    assert hot == fit_hot_ids(torch.from_numpy(sample), 8)
+    assert len(hot) > 8
+
+    # A resume must reuse the stored order even if refitting would give another one.
+    monkeypatch.setattr(TopK, "fit", lambda self, lp, size=4096: TopK(self.k, self.values, (1, 2)))
+    shutil.rmtree(out / "records")
+    for path in (out / "shards").iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run(tiny_teacher_dir, text_jsonl, out, resume=True, **kw)
+    assert tuple(logitstore.open_store(out).manifest["codec"]["configuration"]["hot_ids"]) == hot
+
+    with pytest.raises(SettingsMismatchError, match="codec configuration.k is 8 in the store but 9"):
+        run(tiny_teacher_dir, text_jsonl, out, resume=True, **{**kw, "k": 9})
