@@ -56,7 +56,7 @@ def _temperatures(ctx: click.Context, param: click.Parameter, value: str | None)
     "--codec", type=click.Choice(["topk", "sampled", "dense"]), help="Codec. [default: topk]"
 )
 @click.option("--k", type=int, help="topk: support size. [default: 128]")
-@click.option("--values", help="topk: q8, q4, float32, float16 or bfloat16. [default: q8]")
+@click.option("--values", help="topk: q6 (default), q8, q4, float32, float16 or bfloat16.")
 @click.option("--draws", type=int, help="sampled: draws per position. [default: 50]")
 @click.option("--bits", type=int, help="dense: 8 or 4. [default: 8]")
 @click.option(
@@ -98,7 +98,7 @@ def command(config_file: str | None, **options: Any) -> None:
     \b
     Examples:
       logitstore teacher-pass --teacher HuggingFaceTB/SmolLM2-135M-Instruct \\
-          --data corpus.jsonl --out store/ --codec topk --k 128 --values q8
+          --data corpus.jsonl --out store/ --codec topk --k 128 --values q6
       logitstore teacher-pass --teacher models/ --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \\
           --data chats.jsonl --messages-field messages --out store/ --max-length 1024
       torchrun --nproc-per-node 4 -m pipelines.teacher_pass --teacher TEACHER --data DATA \\

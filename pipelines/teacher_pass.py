@@ -80,7 +80,7 @@ class TeacherPassConfig:
     limit: int | None = None
     codec: str = "topk"
     k: int = 128
-    values: str = "q8"
+    values: str = "q6"
     draws: int = 50
     bits: int = 8
     backend: str = "zarr"
