@@ -41,6 +41,24 @@ def main() -> None:
 #   from cli import inspect as _inspect  # noqa: E402
 #   main.add_command(_inspect.command)
 # --- subcommands (keep sorted) ---
+from cli import convert as _convert  # noqa: E402
+
+main.add_command(_convert.command)
+from cli import eval as _eval  # noqa: E402
+
+main.add_command(_eval.command)
+from cli import inspect as _inspect  # noqa: E402
+
+main.add_command(_inspect.command)
+from cli import teacher_pass as _teacher_pass  # noqa: E402
+
+main.add_command(_teacher_pass.command)
+from cli import train as _train  # noqa: E402
+
+main.add_command(_train.command)
+from cli import verify as _verify  # noqa: E402
+
+main.add_command(_verify.command)
 # --- end subcommands ---
 
 
