@@ -47,9 +47,18 @@ main.add_command(_convert.command)
 from cli import eval as _eval  # noqa: E402
 
 main.add_command(_eval.command)
+from cli import export as _export  # noqa: E402
+
+main.add_command(_export.command)
 from cli import inspect as _inspect  # noqa: E402
 
 main.add_command(_inspect.command)
+from cli import mix as _mix  # noqa: E402
+
+main.add_command(_mix.command)
+from cli import push as _push  # noqa: E402
+
+main.add_command(_push.command)
 from cli import teacher_pass as _teacher_pass  # noqa: E402
 
 main.add_command(_teacher_pass.command)

@@ -15,7 +15,14 @@ def _codec(codec: dict) -> str:
 @click.command("inspect")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def command(store: str, as_json: bool) -> None:
+@click.option(
+    "--storage-options",
+    default=None,
+    metavar="JSON",
+    help="fsspec options as a JSON object, e.g. "
+    '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'.',
+)
+def command(store: str, as_json: bool, storage_options: str | None) -> None:
     """Documents, tokens, bytes per token, codec, teacher and capture-time fidelity of STORE.
 
     STORE is a local path or an fsspec URL (memory://, s3://, hf://).
@@ -26,8 +33,9 @@ def command(store: str, as_json: bool) -> None:
       logitstore inspect s3://bucket/stores/smollm2 --json
     """
     from logitstore import open_store
+    from logitstore.storage._fs import options_from_json
 
-    summary = open_store(store).summary()
+    summary = open_store(store, options_from_json(storage_options)).summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return

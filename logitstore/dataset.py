@@ -250,12 +250,20 @@ class StoreDataset(IterableDataset):
 
     def _documents(self, windows: list[_Window], skip: int) -> Iterator[Document]:
         store = self.store
+        # Read-ahead: the store fetches the next shards of this stream's order in background
+        # threads while these are decoded and trained on (it matters for remote stores).
+        order = [j for window in windows for j in window.shards]
+        ahead, seen = getattr(store, "readahead", 0), 0
         for window in windows:
             if skip >= len(window.docs):
                 skip -= len(window.docs)
+                seen += len(window.shards)
                 continue
             decoded: dict[int, Document] = {}
             for j in window.shards:
+                if ahead:
+                    store.prefetch(order[seen : seen + 1 + ahead])
+                seen += 1
                 start, _ = _range(store.shard_document_range(j))
                 for offset, doc in enumerate(store.read_shard(j)):
                     decoded[start + offset] = doc

@@ -69,3 +69,7 @@ class ShardClaimError(LogitstoreError, FileExistsError):
 
 class DataError(LogitstoreError, ValueError):
     """Input data is empty, malformed, or does not fit the settings."""
+
+
+class HubAuthError(LogitstoreError, PermissionError):
+    """No Hugging Face Hub token was found where one is needed (e.g. to push a store)."""

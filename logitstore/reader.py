@@ -9,7 +9,11 @@ from the store: JSON and plain numeric arrays only, no pickle, and no path outsi
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+import shutil
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +38,24 @@ class LogitStore:
     Documents returned share memory with their decoded shard (one shard is cached), so holding
     one document keeps its shard's arrays alive.
 
+    Remote stores (``s3://``, ``hf://``, any fsspec URL) are read shard by shard, never
+    downloaded whole first. Two options help there:
+
+    * read-ahead: :meth:`prefetch` fetches shards' files in background threads while the
+      caller decodes or trains; :meth:`iter_documents` fetches the next ``readahead`` shards
+      this way by itself. A prefetched shard is verified exactly like one read directly.
+    * a local cache (``cache_dir``): verified shard files are kept under their SHA-256, so a
+      second epoch or a second run reads them locally. Content addressing makes a stale entry
+      impossible: a shard rewritten upstream has another checksum and is fetched again.
+
+    Args:
+        url: local path or fsspec URL.
+        storage_options: passed to fsspec.
+        readahead: shards fetched ahead by :meth:`iter_documents` (0: none); also the number
+            of background fetch threads.
+        cache_dir: local directory for the shard cache; ``None`` (default) caches nothing.
+            Ignored for local stores, which need no cache.
+
     Attributes:
         url: where the store lives.
         manifest: the parsed, validated manifest.
@@ -43,9 +65,18 @@ class LogitStore:
     """
 
     def __init__(
-        self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+        self,
+        url: str | os.PathLike[str],
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        readahead: int = 1,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        if isinstance(readahead, bool) or not isinstance(readahead, int) or readahead < 0:
+            raise ConfigError(f"readahead must be an int >= 0, found {readahead!r}")
         self.url = str(url)
+        self.readahead = readahead
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.fs, self.root = _fs.url_to_fs(self.url, storage_options)
         self.manifest = self._load_manifest()
         self.codec: Codec = codec_from_json(self.manifest["codec"])
@@ -69,6 +100,26 @@ class LogitStore:
         self._doc_starts = np.zeros(len(shards) + 1, dtype=np.int64)
         np.cumsum([s["documents"] for s in shards], out=self._doc_starts[1:])
         self._cache: tuple[int, list[Document]] | None = None
+        self._reset_prefetch()
+
+    def _reset_prefetch(self) -> None:
+        # Created lazily and per process: a forked DataLoader worker must not inherit threads.
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_pid = os.getpid()
+        self._pending: dict[int, Future[dict[str, bytes]]] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Threads, futures and locks do not pickle; a copy starts without read-ahead in flight.
+        state = self.__dict__.copy()
+        for key in ("_executor", "_pending", "_lock", "_cache"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cache = None
+        self._reset_prefetch()
 
     def _load_manifest(self) -> dict[str, Any]:
         try:
@@ -124,8 +175,96 @@ class LogitStore:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def prefetch(self, shards: Iterable[int]) -> None:
+        """Start fetching the files of ``shards`` in the background (read-ahead).
+
+        A later read of one of them waits for its fetch instead of starting another. List the
+        most urgent first: at most ``max(readahead, 1) + 1`` fetches are kept in flight and
+        requests beyond that are ignored (those shards are fetched when read); fetches of
+        shards not listed any more are dropped. Errors surface when the shard is read, as
+        they would without read-ahead.
+        """
+        wanted = [self._shard_index(j) for j in shards]
+        with self._lock:
+            if self._executor is None or self._executor_pid != os.getpid():
+                self._executor = ThreadPoolExecutor(
+                    max_workers=max(self.readahead, 1), thread_name_prefix="logitstore-readahead"
+                )
+                self._executor_pid = os.getpid()
+                self._pending = {}
+            for stale in [j for j in self._pending if j not in wanted]:
+                self._pending.pop(stale).cancel()  # no longer wanted (e.g. iteration abandoned)
+            for j in wanted:
+                if len(self._pending) > max(self.readahead, 1):
+                    break  # bounded memory: a prefetched shard's files wait here until read
+                if j in self._pending or (self._cache is not None and self._cache[0] == j):
+                    continue
+                entry = self.manifest["shards"][j]
+                self._pending[j] = self._executor.submit(self._fetch, entry)
+
+    def _take(self, j: int) -> dict[str, bytes]:
+        """Shard ``j``'s verified files: from a read-ahead in flight, else fetched now."""
+        with self._lock:
+            future = self._pending.pop(j, None) if self._executor_pid == os.getpid() else None
+        if future is not None and not future.cancelled():
+            return future.result()
+        return self._fetch(self.manifest["shards"][j])
+
+    def _cache_path(self, entry: Mapping[str, Any]) -> Path | None:
+        if self.cache_dir is None or _fs.is_local(self.fs):
+            return None
+        digest = str(entry["sha256"])
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            return None  # the name of a cache entry must be a plain hex digest
+        return self.cache_dir / digest[:2] / digest
+
+    def _from_cache(self, entry: Mapping[str, Any], folder: Path) -> dict[str, bytes] | None:
+        files: dict[str, bytes] = {}
+        for i, (name, size) in enumerate(entry["files"]):
+            try:
+                data = (folder / str(i)).read_bytes()
+            except OSError:
+                return None
+            if len(data) != size:
+                break
+            files[name] = data
+        else:
+            if _fs.tree_checksum(files.items()) == entry["sha256"]:
+                return files
+        shutil.rmtree(folder, ignore_errors=True)  # damaged: dropped, then fetched again
+        return None
+
+    def _to_cache(self, files: Mapping[str, bytes], entry: Mapping[str, Any], folder: Path) -> None:
+        # Written under a temporary name then renamed whole, so concurrent readers (DataLoader
+        # workers) see a complete entry or none.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / _fs.temp_name(folder.name)
+        try:
+            tmp.mkdir()
+            for i, (name, _) in enumerate(entry["files"]):
+                (tmp / str(i)).write_bytes(files[name])
+            os.replace(tmp, folder)
+        except OSError:
+            pass  # another process cached it first, or the disk is full: reading still works
+        finally:
+            if tmp.exists():
+                for child in tmp.iterdir():
+                    child.unlink()
+                tmp.rmdir()
+
     def _fetch(self, entry: Mapping[str, Any]) -> dict[str, bytes]:
-        """The shard's files, checked for presence, size and checksum."""
+        """The shard's files, checked for presence, size and checksum (cache first, if any)."""
+        folder = self._cache_path(entry)
+        if folder is not None:
+            cached = self._from_cache(entry, folder)
+            if cached is not None:
+                return cached
+        files = self._fetch_remote(entry)
+        if folder is not None:
+            self._to_cache(files, entry, folder)
+        return files
+
+    def _fetch_remote(self, entry: Mapping[str, Any]) -> dict[str, bytes]:
         where = entry["path"]
         paths = {_fs.join(self.root, name): name for name, _ in entry["files"]}
         got = self.fs.cat(list(paths), on_error="return") if paths else {}
@@ -149,9 +288,10 @@ class LogitStore:
 
     def read_shard_arrays(self, j: int) -> ShardArrays:
         """Shard ``j``'s encoded arrays, verified (checksum, shapes, counts), not decoded."""
-        entry = self.manifest["shards"][self._shard_index(j)]
+        j = self._shard_index(j)
+        entry = self.manifest["shards"][j]
         where = entry["path"]
-        files = self._fetch(entry)
+        files = self._take(j)
         arrays = self.backend.decode(
             where, files, self.specs, expected_positions=entry["positions"]
         )
@@ -206,8 +346,10 @@ class LogitStore:
         return self.read_shard(j)[i - int(self._doc_starts[j])]
 
     def iter_documents(self) -> Iterator[Document]:
-        """Every document, shard by shard."""
+        """Every document, shard by shard, fetching the next ``readahead`` shards meanwhile."""
         for j in range(self.num_shards):
+            if self.readahead:  # this shard (fetched ahead already, or now) and the next ones
+                self.prefetch(range(j, min(j + 1 + self.readahead, self.num_shards)))
             yield from self.read_shard(j)
 
     def __iter__(self) -> Iterator[Document]:
@@ -264,13 +406,24 @@ class LogitStore:
 
 
 def open_store(
-    url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+    url: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    readahead: int = 1,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> LogitStore:
     """Open a finalized store read-only.
 
+    Every URL goes through fsspec, so ``hf://datasets/ORG/NAME`` is read by the same code as
+    ``s3://bucket/prefix`` or ``memory://``: manifest first, then each shard's files when
+    it is read (never the whole store up front).
+
     Args:
         url: local path or fsspec URL (``memory://``, ``s3://``, ``hf://``, ...).
-        storage_options: passed to fsspec.
+        storage_options: passed to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``
+            for an S3-compatible server; credentials come from the usual environment).
+        readahead: shards fetched ahead in the background when iterating (0: none).
+        cache_dir: keep verified shard files of a remote store in this local directory.
 
     Raises:
         StoreNotFoundError: no manifest there.
@@ -279,4 +432,4 @@ def open_store(
         UnknownNameError: unknown codec or backend.
         UnsafePathError: a shard path that escapes the store.
     """
-    return LogitStore(url, storage_options)
+    return LogitStore(url, storage_options, readahead=readahead, cache_dir=cache_dir)

@@ -163,3 +163,26 @@ def tree_checksum(files: Iterable[tuple[str, bytes]]) -> str:
         h.update(name.encode("utf-8") + b"\x00" + len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
+
+
+def options_from_json(text: str | None) -> dict[str, Any] | None:
+    """fsspec ``storage_options`` from a command line's JSON text (``None`` passes through).
+
+    Raises:
+        ConfigError: not a JSON object.
+    """
+    if text is None:
+        return None
+    import json
+
+    from logitstore.errors import ConfigError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"--storage-options must be a JSON object, found {text!r} ({exc})"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--storage-options must be a JSON object, found {type(value).__name__}")
+    return value

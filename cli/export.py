@@ -1,0 +1,61 @@
+"""``logitstore export``: a Hub-ready folder (store, decoded view, dataset card)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("export")
+@click.argument("store")
+@click.argument("out")
+@click.option(
+    "--max-support",
+    type=int,
+    default=None,
+    help="Keep at most this many support entries per position in the decoded view (the "
+    "store itself stays complete); useful for dense stores.",
+)
+@click.option("--repo-id", default=None, help="ORG/NAME the dataset card's examples use.")
+@click.option(
+    "--storage-options",
+    default=None,
+    metavar="JSON",
+    help="fsspec options as a JSON object, e.g. "
+    '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'.',
+)
+def command(
+    store: str, out: str, max_support: int | None, repo_id: str | None, storage_options: str | None
+) -> None:
+    """Export STORE to OUT: a parquet store plus a decoded view and a dataset card.
+
+    OUT opens with `logitstore` (open_store, train, verify) and with
+    `datasets.load_dataset(OUT)`, which reads the decoded view in data/.
+
+    \b
+    Examples:
+      logitstore export store/ export/ --repo-id my-org/smollm2-logits
+      logitstore export s3://bucket/store export/ --max-support 64
+    """
+    from tqdm import tqdm
+
+    from logitstore import open_store
+    from logitstore.hub import export_store
+    from logitstore.storage._fs import options_from_json
+
+    opts = options_from_json(storage_options)
+    total = open_store(store, opts).num_shards
+    with tqdm(total=total, unit="shard", desc="export") as bar:
+        manifest = export_store(
+            store,
+            out,
+            max_support=max_support,
+            repo_id=repo_id,
+            storage_options=opts,
+            out_storage_options={},
+            on_shard=lambda _: bar.update(1),
+        )
+    stats = manifest["statistics"]
+    click.echo(
+        f"exported {out}: {stats['documents']} documents, {stats['tokens']} tokens; "
+        f"README.md, manifest.json, shards/ (store), data/ (decoded view)"
+    )

@@ -1,0 +1,53 @@
+"""``logitstore mix``: one store holding a weighted mixture of several teachers' stores."""
+
+from __future__ import annotations
+
+import click
+
+from logitstore.errors import ConfigError
+
+
+@click.command("mix")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", required=True, help="Output store (new, empty location).")
+@click.option(
+    "--weights",
+    default=None,
+    help="Comma-separated weights, one per store (normalised). [default: equal]",
+)
+@click.option(
+    "--k",
+    type=int,
+    default=None,
+    help="Output support size. [default: the largest union of the input supports]",
+)
+@click.option("--backend", type=click.Choice(["zarr", "parquet"]), default=None)
+def command(
+    stores: tuple[str, ...], out: str, weights: str | None, k: int | None, backend: str | None
+) -> None:
+    """Mix STORES (same documents and tokenizer) into OUT, weighted by --weights.
+
+    Teacher probabilities outside a store's support are estimated by spreading its tail
+    uniformly; the manifest records this approximation (teacher.mixture).
+
+    \b
+    Examples:
+      logitstore mix store-a/ store-b/ --out mixed/ --weights 0.7,0.3
+    """
+    from logitstore import open_store
+    from logitstore.codecs import get_codec
+    from logitstore.mixture import mix_stores
+
+    try:
+        w = None if weights is None else [float(x) for x in weights.split(",")]
+    except ValueError:
+        raise ConfigError(f"--weights expects comma-separated numbers, found {weights!r}") from None
+    codec = None
+    if k is not None:
+        codec = get_codec("topk", k=min(k, open_store(stores[0]).vocab_size), values="float32")
+    manifest = mix_stores(list(stores), out, weights=w, codec=codec, backend=backend)
+    stats = manifest["statistics"]
+    click.echo(
+        f"mixed {len(stores)} stores into {out}: {stats['documents']} documents, "
+        f"weights {manifest['teacher']['mixture']['weights']}"
+    )

@@ -1,0 +1,329 @@
+"""Hub export and push, and remote reading (read-ahead, local cache, ``hf://`` through fsspec)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from fsspec.implementations.memory import MemoryFileSystem
+
+import logitstore.hub as hub
+from cli import main
+from logitstore import open_store
+from logitstore.codecs import get_codec
+from logitstore.errors import HubAuthError
+from logitstore.writer import EncodedDocument, StoreWriter
+
+V = 300
+TEMPS = (2.0,)
+METADATA = {
+    "teacher": {"model": "tiny/teacher", "dtype": "float32"},
+    "tokenizer": {"vocab_sha256": "ef" * 8, "vocab_size": V},
+    "capture": {"temperatures": list(TEMPS), "max_length": 64},
+    "source": {"path": "docs.jsonl"},
+}
+
+
+def make_store(url: str, codec_name: str, params: dict, storage_options=None, backend="zarr"):
+    """Three shards of random peaked documents; ``doc_id`` in the teacher pass's form."""
+    codec = get_codec(codec_name, **params)
+    g = torch.Generator().manual_seed(0)
+    w = StoreWriter(
+        url,
+        codec=codec,
+        backend=backend,
+        metadata=METADATA,
+        vocab_size=V,
+        storage_options=storage_options,
+    )
+    for j in range(3):
+        docs = []
+        for d in range(3):
+            t = int(torch.randint(2, 30, (1,), generator=g))
+            ids = torch.randint(0, V, (t,), generator=g)
+            lp = torch.log_softmax(3.0 * torch.randn(t - 1, V, generator=g), dim=-1)
+            enc = codec.encode(lp, ids[1:], temperatures=TEMPS, generator=g)
+            docs.append(
+                EncodedDocument(
+                    f"docs.jsonl:{3 * j + d}/w0/{j:08x}{d:08x}",
+                    ids.numpy(),
+                    (ids[1:] % 3 != 0).numpy(),
+                    {k: v.numpy() for k, v in enc.items()},
+                )
+            )
+        w.write_shard(j, docs)
+    w.finalize(3)
+    return url
+
+
+@pytest.fixture(scope="module", params=[("sampled", {"n": 12}), ("topk", {"k": 16})])
+def exported(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    src = make_store(str(root / "src"), *request.param)
+    out = root / "out"
+    hub.export_store(src, str(out), repo_id="org/name")
+    return src, out
+
+
+def test_export_loads_with_datasets_and_equals_the_store(exported):
+    import datasets
+
+    src, out = exported
+    rows = datasets.load_dataset(str(out), split="train")
+    docs = list(open_store(src))
+    assert rows.num_rows == len(docs)
+    for row, doc in zip(rows, docs, strict=True):
+        assert row["doc_id"] == doc.doc_id
+        assert row["source_row"] == doc.doc_id.split("/")[0] and row["window"] == 0
+        np.testing.assert_array_equal(row["input_ids"], doc.input_ids)
+        np.testing.assert_array_equal(row["loss_mask"], doc.loss_mask)
+        np.testing.assert_array_equal(row["support_ids"], doc.support_ids)
+        np.testing.assert_array_equal(row["support_logprobs"], doc.support_logprobs)
+        for key in ("tail_logmass", "label_logprob", "entropy", "tail_logsumexp"):
+            np.testing.assert_array_equal(np.asarray(row[key], np.float32), getattr(doc, key))
+        if doc.support_counts is not None:
+            np.testing.assert_array_equal(row["support_counts"], doc.support_counts)
+
+
+def test_export_is_a_store_with_a_card(exported):
+    src, out = exported
+    again = open_store(str(out))
+    assert again.manifest["backend"] == "parquet" and again.verify() == []
+    for a, b in zip(open_store(src), again, strict=True):
+        np.testing.assert_array_equal(a.support_logprobs, b.support_logprobs)
+        np.testing.assert_array_equal(a.tail_logmass, b.tail_logmass)
+    assert not (out / "records").exists() and not (out / "settings.json").exists()
+    text = (out / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    paths = {c["config_name"]: c["data_files"][0]["path"] for c in meta["configs"]}
+    assert paths == {"default": "data/*.parquet", "encoded": "shards/*.parquet"}
+    view = pq.read_schema(out / "data" / "000000.parquet")
+    assert [f["name"] for f in meta["dataset_info"][0]["features"]] == view.names
+    assert meta["dataset_info"][0]["splits"][0]["num_examples"] == again.num_documents
+    stats = again.manifest["statistics"]
+    for needle in (
+        "tiny/teacher",
+        "ef" * 8,
+        again.manifest["codec"]["name"],
+        f"| documents | {stats['documents']} |",
+        f"| tokens | {stats['tokens']} |",
+        f"{stats['bytes_per_token']:.2f}",
+        "logitstore train --store hf://datasets/org/name",
+    ):
+        assert needle in body
+
+
+def test_view_truncation_moves_mass_into_the_tail(tmp_path, monkeypatch):
+    src = make_store(str(tmp_path / "src"), "topk", {"k": 16, "values": "float32"})
+    monkeypatch.setattr(hub, "VIEW_ROW_GROUP_BYTES", 300)  # forces several row groups
+    hub.export_store(src, str(tmp_path / "out"), max_support=5)
+    view = pq.ParquetFile(tmp_path / "out" / "data" / "000000.parquet")
+    assert view.metadata.num_row_groups > 1
+    rows = view.read().to_pylist()
+    for row, doc in zip(rows, list(open_store(src))[:3], strict=True):
+        lp = doc.support_logprobs.astype(np.float64)
+        tail = np.log(np.exp(doc.tail_logmass.astype(np.float64)) + np.exp(lp[:, 5:]).sum(1))
+        np.testing.assert_allclose(row["tail_logmass"], tail, rtol=1e-6)
+        np.testing.assert_array_equal(row["support_ids"], doc.support_ids[:, :5])
+        tls = np.logaddexp(
+            doc.tail_logsumexp[:, 0].astype(np.float64), np.log(np.exp(lp[:, 5:] / TEMPS[0]).sum(1))
+        )
+        np.testing.assert_allclose(np.asarray(row["tail_logsumexp"])[:, 0], tls, rtol=1e-6)
+
+
+def test_push_without_token_is_a_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(HubAuthError, match="HF_TOKEN"):
+        hub.push_store(str(tmp_path), "org/name")
+    result = CliRunner().invoke(main, ["push", str(tmp_path), "org/name"])
+    assert result.exit_code == 2 and "token" in result.output
+
+
+class FakeApi:
+    """Stands in for ``huggingface_hub.HfApi`` at the network boundary; records the calls."""
+
+    calls: list = []
+    snapshot: Path | None = None
+
+    def __init__(self, token=None):
+        FakeApi.calls.append(("init", token))
+
+    def create_repo(self, repo_id, **kw):
+        FakeApi.calls.append(("create_repo", repo_id, kw))
+
+    def create_branch(self, repo_id, **kw):
+        FakeApi.calls.append(("create_branch", repo_id, kw))
+
+    def upload_folder(self, *, folder_path, **kw):
+        FakeApi.calls.append(("upload_folder", kw))
+        shutil.copytree(folder_path, FakeApi.snapshot)
+        return "https://hub.example/commit/1"
+
+
+def test_push_exports_then_uploads(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    src = make_store(str(tmp_path / "src"), "topk", {"k": 8})
+    FakeApi.calls, FakeApi.snapshot = [], tmp_path / "uploaded"
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_secret")
+    result = CliRunner().invoke(main, ["push", src, "org/name", "--private", "--revision", "v1"])
+    assert result.exit_code == 0, result.output
+    kinds = [c[0] for c in FakeApi.calls]
+    assert kinds == ["init", "create_repo", "create_branch", "upload_folder"]
+    assert FakeApi.calls[0][1] == "hf_secret"
+    assert FakeApi.calls[1][2] == {"repo_type": "dataset", "private": True, "exist_ok": True}
+    assert FakeApi.calls[2][2]["branch"] == "v1"
+    assert FakeApi.calls[3][1]["revision"] == "v1" and FakeApi.calls[3][1]["repo_type"] == "dataset"
+    uploaded = open_store(str(FakeApi.snapshot))
+    assert uploaded.verify() == [] and len(uploaded) == len(open_store(src))
+    assert "hf://datasets/org/name" in (FakeApi.snapshot / "README.md").read_text()
+    # an existing export is uploaded as it is
+    FakeApi.calls, FakeApi.snapshot = [], tmp_path / "uploaded2"
+    hub.push_store(str(tmp_path / "uploaded"), "org/name")
+    assert sorted(p.name for p in FakeApi.snapshot.iterdir()) == sorted(
+        p.name for p in (tmp_path / "uploaded").iterdir()
+    )
+
+
+# -- remote reading --------------------------------------------------------------------------
+
+
+class CountingMemory(MemoryFileSystem):
+    """An in-memory filesystem of its own that counts whole-file reads."""
+
+    protocol = "countmem"
+    store: dict = {}
+    pseudo_dirs = [""]
+    reads: list = []
+
+    def cat_file(self, path, start=None, end=None, **kw):
+        CountingMemory.reads.append(path)
+        return super().cat_file(path, start, end, **kw)
+
+
+def test_readahead_and_local_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(CountingMemory, "store", {})
+    fsspec.register_implementation("countmem", CountingMemory, clobber=True)
+    url = make_store("countmem://bucket/store", "topk", {"k": 8})
+    expected = [(d.doc_id, d.support_logprobs.copy()) for d in open_store(url, readahead=0)]
+    cache = tmp_path / "cache"
+    store = open_store(url, readahead=2, cache_dir=cache)
+    got = [(d.doc_id, d.support_logprobs.copy()) for d in store.iter_documents()]
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(got, expected, strict=True))
+    assert len(list(cache.glob("*/*"))) == 3  # one verified entry per shard
+    # a damaged entry is dropped and fetched again
+    victim = next(cache.glob("*/*")) / "0"
+    good = victim.read_bytes()
+    victim.write_bytes(b"x" + good[1:])
+    assert open_store(url, cache_dir=cache).verify() == []
+    assert victim.read_bytes() == good
+    # with the shards gone from the remote, the cache still serves them (and is verified)
+    for entry in store.manifest["shards"]:
+        store.fs.rm(f"{store.root}/{entry['path']}", recursive=True)
+    CountingMemory.reads.clear()
+    again = open_store(url, cache_dir=cache)
+    assert [d.doc_id for d in again] == [e[0] for e in expected]
+    assert not [p for p in CountingMemory.reads if "/shards/" in p]
+    # a damaged cache entry is ignored: the shard is fetched again (here: missing, reported)
+    victim = next(cache.glob("*/*")) / "0"
+    victim.write_bytes(b"x" + victim.read_bytes()[1:])
+    assert len(open_store(url, cache_dir=cache).verify()) == 1
+
+
+def test_prefetched_errors_surface_when_read(tmp_path):
+    url = make_store(f"memory://{tmp_path.name}/store", "topk", {"k": 8})
+    store = open_store(url, readahead=2)
+    store.fs.rm(f"/{tmp_path.name}/store/shards/000002.zarr", recursive=True)
+    store.prefetch([1, 2])
+    assert len(store.read_shard(1)) == 3
+    with pytest.raises(Exception, match="000002"):
+        store.read_shard(2)
+
+
+class HubLike(MemoryFileSystem):
+    """Plays ``hf://`` here: the Hub is not reachable, the protocol and URL form are kept."""
+
+    protocol = "hf"
+    store: dict = {}
+    pseudo_dirs = [""]
+
+
+def test_hf_urls_use_the_same_reader(monkeypatch):
+    monkeypatch.setattr(HubLike, "store", {})
+    fsspec.register_implementation("hf", HubLike, clobber=True)
+    try:
+        url = make_store("hf://datasets/org/name", "sampled", {"n": 10}, backend="parquet")
+        store = open_store(url)
+        assert isinstance(store.fs, HubLike) and store.root.endswith("datasets/org/name")
+        assert store.verify() == [] and len(store) == 9
+        result = CliRunner().invoke(main, ["verify", url])
+        assert result.exit_code == 0 and "9 documents" in result.output
+    finally:
+        from huggingface_hub import HfFileSystem
+
+        fsspec.register_implementation("hf", HfFileSystem, clobber=True)
+
+
+def test_fsspec_cache_chaining_reads_the_same(tmp_path):
+    url = make_store(f"memory://{tmp_path.name}-chain/store", "topk", {"k": 8})
+    cache = tmp_path / "simplecache"
+    opts = {"simplecache": {"cache_storage": str(cache)}}
+    chained = open_store(f"simplecache::{url}", opts)
+    direct = open_store(url)
+    for a, b in zip(chained, direct, strict=True):
+        assert a.doc_id == b.doc_id
+        np.testing.assert_array_equal(a.support_logprobs, b.support_logprobs)
+    assert len(list(cache.iterdir())) > 3  # manifest plus the shards' files
+
+
+def test_export_cli(tmp_path):
+    src = make_store(str(tmp_path / "src"), "dense", {"bits": 8})
+    result = CliRunner().invoke(main, ["export", src, str(tmp_path / "out"), "--max-support", "4"])
+    assert result.exit_code == 0, result.output
+    view = pq.read_table(tmp_path / "out" / "data" / "000001.parquet")
+    assert view.schema.field("support_ids").type.value_type.list_size == 4
+    assert open_store(str(tmp_path / "out")).num_documents == 9
+
+
+def test_storage_options_must_be_a_json_object(tmp_path):
+    result = CliRunner().invoke(main, ["verify", str(tmp_path), "--storage-options", "[1]"])
+    assert result.exit_code == 2 and "JSON object" in result.output
+
+
+def test_prefetch_fetches_before_the_read(monkeypatch):
+    monkeypatch.setattr(CountingMemory, "store", {})
+    fsspec.register_implementation("countmem", CountingMemory, clobber=True)
+    url = make_store("countmem://bucket/ahead", "topk", {"k": 8}, backend="parquet")
+    store = open_store(url, readahead=1)
+    CountingMemory.reads.clear()
+    documents = store.iter_documents()
+    next(documents)  # reading shard 0 has scheduled shard 1
+    store._pending[1].result()  # wait for the background fetch, as training time would
+    assert any(p.endswith("shards/000001.parquet") for p in CountingMemory.reads)
+    before = len(CountingMemory.reads)
+    rest = list(documents)
+    fetched_now = CountingMemory.reads[before:]
+    assert not any(p.endswith("shards/000001.parquet") for p in fetched_now)
+    assert len(rest) == 8 and any(p.endswith("shards/000002.parquet") for p in fetched_now)
+
+
+def test_store_with_readahead_pickles_for_workers(tmp_path):
+    import pickle
+
+    url = make_store(f"memory://{tmp_path.name}-pickle/store", "topk", {"k": 8})
+    store = open_store(url, readahead=2)
+    store.prefetch([0, 1])
+    copy = pickle.loads(pickle.dumps(store))
+    assert [d.doc_id for d in copy] == [d.doc_id for d in store]

@@ -1,0 +1,187 @@
+"""Mixing two teachers' stores, checked against float64 mixtures of their dense distributions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from logitstore import open_store
+from logitstore.codecs import get_codec
+from logitstore.errors import DataError, TokenizerMismatchError
+from logitstore.mixture import APPROXIMATION, mix_stores
+from logitstore.writer import EncodedDocument, StoreWriter
+
+V = 40
+TOKENIZER = {"vocab_sha256": "ab" * 8, "vocab_size": V}
+
+
+def teacher_logprobs(seed: int, lengths: list[int]) -> list[np.ndarray]:
+    """Dense float64 log-probs ``(T - 1, V)`` per document, peaked like a trained model."""
+    g = np.random.default_rng(seed)
+    out = []
+    for t in lengths:
+        z = 3.0 * g.standard_normal((t - 1, V))
+        out.append(z - np.logaddexp.reduce(z, axis=1, keepdims=True))
+    return out
+
+
+def write_store(url, codec, tokens, logprobs, *, teacher="t", tokenizer=TOKENIZER, shards=2):
+    w = StoreWriter(
+        url,
+        codec=codec,
+        backend="parquet",
+        metadata={
+            "teacher": {"model": teacher},
+            "tokenizer": tokenizer,
+            "capture": {"temperatures": []},
+            "source": {"path": "docs"},
+        },
+        vocab_size=V,
+    )
+    docs = []
+    for d, (ids, lp) in enumerate(zip(tokens, logprobs, strict=True)):
+        enc = codec.encode(torch.from_numpy(lp.astype(np.float32)), torch.from_numpy(ids[1:]))
+        docs.append(
+            EncodedDocument(
+                f"row{d}/w0/{d:016x}", ids, ids[1:] % 2 == 0, {k: v.numpy() for k, v in enc.items()}
+            )
+        )
+    per = -(-len(docs) // shards)
+    for j in range(shards):
+        w.write_shard(j, docs[j * per : (j + 1) * per])
+    w.finalize(shards)
+    return url
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    g = np.random.default_rng(7)
+    lengths = [5, 9, 2, 7]
+    tokens = [g.integers(0, V, size=t).astype(np.int64) for t in lengths]
+    return tokens, teacher_logprobs(1, lengths), teacher_logprobs(2, lengths)
+
+
+def dense_of(doc) -> np.ndarray:
+    """Decoded support scattered into ``(T - 1, V)``; tokens outside it get -inf."""
+    out = np.full((len(doc.label_logprob), V), -np.inf)
+    rows = np.arange(out.shape[0])[:, None]
+    valid = doc.support_ids >= 0
+    out[np.broadcast_to(rows, valid.shape)[valid], doc.support_ids[valid]] = doc.support_logprobs[
+        valid
+    ]
+    return out
+
+
+def test_mixture_is_exact_when_supports_cover_the_vocabulary(tmp_path, corpus):
+    tokens, lp_a, lp_b = corpus
+    full = get_codec("topk", k=V, values="float32")
+    a = write_store(str(tmp_path / "a"), full, tokens, lp_a, teacher="A")
+    b = write_store(str(tmp_path / "b"), full, tokens, lp_b, teacher="B")
+    w = (0.3, 0.7)
+    mix_stores([a, b], str(tmp_path / "m"), weights=[3, 7])  # normalised to 0.3, 0.7
+    mixed = open_store(str(tmp_path / "m"))
+    assert mixed.verify() == []
+    assert [d.doc_id for d in mixed] == [d.doc_id for d in open_store(a)]
+    for d, doc in enumerate(mixed):
+        direct = np.log(w[0] * np.exp(lp_a[d]) + w[1] * np.exp(lp_b[d]))  # float64 reference
+        np.testing.assert_allclose(dense_of(doc), direct, atol=2e-6, rtol=1e-6)
+        labels = tokens[d][1:]
+        np.testing.assert_allclose(
+            doc.label_logprob, direct[np.arange(len(labels)), labels], atol=2e-6, rtol=1e-6
+        )
+        assert np.all(doc.tail_logmass == -np.inf)
+        np.testing.assert_array_equal(doc.input_ids, tokens[d])
+        np.testing.assert_array_equal(doc.loss_mask, tokens[d][1:] % 2 == 0)
+
+
+def spread_estimate(lp: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """The documented estimate, written independently: top-k and label kept, rest uniform."""
+    p = np.exp(lp)
+    out = np.empty_like(p)
+    for t in range(len(p)):
+        known = set(np.argsort(-p[t], kind="stable")[:k].tolist()) | {int(labels[t])}
+        rest = [i for i in range(V) if i not in known]
+        known_idx = sorted(known)
+        out[t, known_idx] = p[t, known_idx]
+        out[t, rest] = p[t, rest].sum() / len(rest)
+    return out
+
+
+def test_partial_supports_follow_the_recorded_approximation(tmp_path, corpus):
+    tokens, lp_a, lp_b = corpus
+    k = 6
+    codec = get_codec("topk", k=k, values="float32")
+    a = write_store(str(tmp_path / "a"), codec, tokens, lp_a, teacher="A")
+    b = write_store(str(tmp_path / "b"), codec, tokens, lp_b, teacher="B", shards=1)
+    manifest = mix_stores([a, b], str(tmp_path / "m"))
+    mix = manifest["teacher"]["mixture"]
+    assert mix["approximation"] == APPROXIMATION and mix["weights"] == [0.5, 0.5]
+    assert [s["teacher"]["model"] for s in mix["stores"]] == ["A", "B"]
+    largest = max(
+        len(set(np.argsort(-a_t)[:k]) | set(np.argsort(-b_t)[:k]))
+        for a_doc, b_doc in zip(lp_a, lp_b, strict=True)
+        for a_t, b_t in zip(a_doc, b_doc, strict=True)
+    )
+    assert manifest["codec"]["configuration"]["k"] == largest  # the largest union of supports
+    mixed = open_store(str(tmp_path / "m"))
+    for d, doc in enumerate(mixed):
+        labels = tokens[d][1:]
+        rows = np.arange(len(labels))
+        exact = 0.5 * np.exp(lp_a[d]) + 0.5 * np.exp(lp_b[d])
+        # the label is exact whatever the supports
+        np.testing.assert_allclose(np.exp(doc.label_logprob), exact[rows, labels], rtol=1e-5)
+        estimate = 0.5 * spread_estimate(lp_a[d], labels, k) + 0.5 * spread_estimate(
+            lp_b[d], labels, k
+        )
+        got = np.exp(dense_of(doc))
+        stored = doc.support_ids >= 0
+        r = np.broadcast_to(rows[:, None], stored.shape)[stored]
+        c = doc.support_ids[stored]
+        # spread values inherit the float16 tail's relative error (2^-11 of |log r|)
+        np.testing.assert_allclose(got[r, c], estimate[r, c], rtol=1e-2)
+        for t in rows:
+            top_a, top_b = set(np.argsort(-lp_a[d][t])[:k]), set(np.argsort(-lp_b[d][t])[:k])
+            assert top_a | top_b <= set(doc.support_ids[t].tolist())  # the union is kept
+            for i in top_a & top_b:  # stored by both teachers: mixed exactly
+                np.testing.assert_allclose(got[t, i], exact[t, i], rtol=1e-5)
+        # support plus tail is a distribution (the tail is float16, relative 2^-11 in log)
+        total = got.sum(axis=1) + np.exp(doc.tail_logmass.astype(np.float64))
+        np.testing.assert_allclose(total, 1.0, atol=2e-3)
+
+
+def test_refuses_different_tokenizers_and_documents(tmp_path, corpus):
+    tokens, lp_a, lp_b = corpus
+    codec = get_codec("topk", k=4, values="float32")
+    a = write_store(str(tmp_path / "a"), codec, tokens, lp_a)
+    other_tok = {**TOKENIZER, "vocab_sha256": "cd" * 8}
+    b = write_store(str(tmp_path / "b"), codec, tokens, lp_b, tokenizer=other_tok)
+    with pytest.raises(TokenizerMismatchError, match="ab" * 8) as err:
+        mix_stores([a, b], str(tmp_path / "m"))
+    assert "cd" * 8 in str(err.value) and "vocab_sha256" in str(err.value)
+    c = write_store(str(tmp_path / "c"), codec, tokens[:3], lp_b[:3], shards=1)
+    with pytest.raises(DataError, match="different documents"):
+        mix_stores([a, c], str(tmp_path / "m2"))
+    changed = [t.copy() for t in tokens]
+    changed[0][0] = (changed[0][0] + 1) % V
+    e = write_store(str(tmp_path / "e"), codec, changed, lp_b)
+    with pytest.raises(DataError, match="different tokens"):
+        mix_stores([a, e], str(tmp_path / "m3"))
+
+
+def test_mix_cli(tmp_path, corpus):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    tokens, lp_a, lp_b = corpus
+    codec = get_codec("topk", k=4, values="q8")
+    a = write_store(str(tmp_path / "a"), codec, tokens, lp_a, teacher="A")
+    b = write_store(str(tmp_path / "b"), codec, tokens, lp_b, teacher="B")
+    out = str(tmp_path / "m")
+    result = CliRunner().invoke(main, ["mix", a, b, "--out", out, "--weights", "1,3", "--k", "6"])
+    assert result.exit_code == 0, result.output
+    manifest = open_store(out).manifest
+    assert manifest["teacher"]["mixture"]["weights"] == [0.25, 0.75]
+    assert manifest["codec"]["configuration"]["k"] == 6
+    assert manifest["teacher"]["model"] == "A + B"
