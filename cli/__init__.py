@@ -41,6 +41,9 @@ def main() -> None:
 #   from cli import inspect as _inspect  # noqa: E402
 #   main.add_command(_inspect.command)
 # --- subcommands (keep sorted) ---
+from cli import bench as _bench  # noqa: E402
+
+main.add_command(_bench.command)
 from cli import convert as _convert  # noqa: E402
 
 main.add_command(_convert.command)
