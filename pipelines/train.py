@@ -83,7 +83,9 @@ class TrainConfig:
     chunk_size: int | None = None
     resume: bool = False
     device: str | None = None
-    storage_options: dict[str, Any] | None = None
+    storage_options: dict[str, Any] | None = None  # fsspec options of a remote store
+    cache_dir: str | None = None  # keep verified shards of a remote store here (epochs, reruns)
+    readahead: int = 2  # shards fetched in the background while training
     progress: bool = True
 
     @classmethod
@@ -237,7 +239,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     out = Path(config.out)
     DIVERGENCES[config.divergence]  # unknown names fail before any loading
 
-    store = open_store(config.store, storage_options=config.storage_options)
+    store = open_store(
+        config.store,
+        storage_options=config.storage_options,
+        readahead=config.readahead,
+        cache_dir=config.cache_dir,
+    )
     manifest = store.manifest
     notes: list[str] = []
     try:

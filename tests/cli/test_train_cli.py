@@ -212,3 +212,46 @@ def test_two_process_torchrun(store, tiny_student_dir, tmp_path):
         expected = sum(float(model(b, float(total))[0]) for b in micro)
     assert lines[0]["tokens"] == total
     assert lines[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_remote_store_through_the_cli_with_cache(
+    tiny_teacher_dir, tiny_student_dir, text_jsonl, tmp_path
+):
+    """teacher-pass --out and train --store take an fsspec URL with --storage-options; the
+    train run's --cache-dir ends up holding every shard under its manifest checksum."""
+    import fsspec
+
+    url = "memory://cli-remote/store"
+    memory = fsspec.filesystem("memory")
+    if memory.exists("/cli-remote"):
+        memory.rm("/cli-remote", recursive=True)
+    common = ["--storage-options", "{}"]
+    result = CliRunner().invoke(
+        main,
+        ["teacher-pass", "--teacher", str(tiny_teacher_dir), "--data", str(text_jsonl)]
+        + ["--out", url, "--k", "8", "--max-length", "48", "--limit", "4"]
+        + ["--docs-per-shard", "2", "--no-progress"]
+        + common,
+    )
+    assert result.exit_code == 0, result.output
+    shards = open_store(url).manifest["shards"]
+    assert len(shards) >= 2 and not (tmp_path / "cache").exists()
+
+    cache = tmp_path / "cache"
+    result = CliRunner().invoke(
+        main,
+        ["train", "--store", url, "--student", str(tiny_student_dir), "--out", str(tmp_path / "r")]
+        + ["--max-steps", "2", "--tokens-per-step", "100", "--no-progress"]
+        + ["--cache-dir", str(cache), "--readahead", "1"]
+        + common,
+    )
+    assert result.exit_code == 0, result.output
+    cached = {p.name for p in cache.glob("*/*") if p.is_dir()}
+    assert cached <= {s["sha256"] for s in shards} and cached
+
+    result = CliRunner().invoke(
+        main,
+        ["train", "--store", url, "--student", str(tiny_student_dir), "--out", str(tmp_path / "x")]
+        + ["--storage-options", "[1, 2]"],
+    )
+    assert result.exit_code == 2 and "--storage-options must be a JSON object" in result.output
