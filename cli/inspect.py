@@ -7,8 +7,18 @@ import json
 import click
 
 
+def _short(value: object) -> str:
+    """A setting for one line: long lists (e.g. a fitted id order) are summarised."""
+    if isinstance(value, list) and len(value) > 8:
+        return f"[{len(value)} values]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in sorted(value.items())) + "}"
+    return str(value)
+
+
 def _codec(codec: dict) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in sorted(codec.get("configuration", {}).items()))
+    config = sorted(codec.get("configuration", {}).items())
+    params = ", ".join(f"{k}={_short(v)}" for k, v in config)
     return f"{codec['name']} v{codec['version']} ({params})"
 
 
@@ -50,7 +60,7 @@ def command(store: str, as_json: bool, storage_options: str | None) -> None:
         ("tokens", summary["tokens"]),
         ("bytes", summary["bytes"]),
         ("bytes/token", f"{summary['bytes_per_token']:.2f}"),
-        ("teacher", ", ".join(f"{k}={v}" for k, v in sorted(teacher.items())) or "-"),
+        ("teacher", ", ".join(f"{k}={_short(v)}" for k, v in sorted(teacher.items())) or "-"),
     ]
     fidelity = summary["fidelity"] or {}
     rows += [(f"fidelity {k}", f"{v:.6g}") for k, v in sorted(fidelity.items())]

@@ -125,3 +125,13 @@ def test_interrupted_convert_resumes(store, tmp_path, monkeypatch):
     run("convert", store, "--backend", "parquet", fresh)
     assert (out / "manifest.json").read_bytes() == (fresh / "manifest.json").read_bytes()
     assert sorted(p.name for p in out.rglob("*")) == sorted(p.name for p in fresh.rglob("*"))
+
+
+def test_inspect_summarises_long_codec_settings():
+    from cli.inspect import _codec
+
+    codec = {"name": "topk", "version": 1, "configuration": {"k": 4, "hot_ids": list(range(900))}}
+    line = _codec(codec)
+    assert line == "topk v1 (hot_ids=[900 values], k=4)"
+    short = {"name": "topk", "version": 1, "configuration": {"hot_ids": [3, 1]}}
+    assert _codec(short) == "topk v1 (hot_ids=[3, 1])"
