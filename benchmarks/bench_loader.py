@@ -68,7 +68,7 @@ def main() -> None:
 
     codec = get_codec("topk", k=64, values="q8")
     docs = synthetic_documents(codec, args.tokens)
-    meta = {"teacher": {}, "tokenizer": {}, "capture": {"temperatures": [1.0]}, "source": {}}
+    meta = {"teacher": {}, "tokenizer": {}, "capture": {"temperatures": []}, "source": {}}
     with tempfile.TemporaryDirectory() as tmp:
         writer = StoreWriter(
             tmp, codec=codec, backend=args.backend, metadata=meta, vocab_size=VOCAB
