@@ -31,6 +31,11 @@ class StoreExistsError(LogitstoreError, FileExistsError):
     """The output location already holds a store, or a different one."""
 
 
+class OutputNotWritableError(LogitstoreError, OSError):
+    """An output location (a store, a run directory) cannot be written: permissions, a file
+    in the way, a read-only or full disk."""
+
+
 class ManifestError(LogitstoreError, ValueError):
     """The manifest is missing, not valid JSON, or lacks required fields."""
 

@@ -28,6 +28,7 @@ from logitstore.errors import (
     LogitstoreError,
     ManifestError,
     StoreNotFoundError,
+    UnsafePathError,
 )
 from logitstore.storage import BACKENDS, Backend, ShardArrays, _fs
 
@@ -267,6 +268,8 @@ class LogitStore:
     def _fetch_remote(self, entry: Mapping[str, Any]) -> dict[str, bytes]:
         where = entry["path"]
         paths = {_fs.join(self.root, name): name for name, _ in entry["files"]}
+        if _fs.is_local(self.fs):
+            self._refuse_links_out(where, paths)
         got = self.fs.cat(list(paths), on_error="return") if paths else {}
         files: dict[str, bytes] = {}
         for name, size in entry["files"]:
@@ -285,6 +288,21 @@ class LogitStore:
                 f"the manifest says {entry['sha256'][:16]}...)"
             )
         return files
+
+    def _refuse_links_out(self, where: str, paths: Iterable[str]) -> None:
+        """Refuse shard files that a symbolic link resolves to outside the store's root.
+
+        Manifest paths are checked to be plain relative names, but a link inside the store
+        (to ``/etc/...`` or ``../other``) could still lead reads elsewhere.
+        """
+        root = os.path.realpath(self.root)
+        for path in paths:
+            real = os.path.realpath(path)
+            if os.path.commonpath([root, real]) != root:
+                raise UnsafePathError(
+                    f"shard {where}: {path[len(self.root) + 1 :]} is a link to {real}, outside "
+                    f"the store's root {root}; expected files inside the store"
+                )
 
     def read_shard_arrays(self, j: int) -> ShardArrays:
         """Shard ``j``'s encoded arrays, verified (checksum, shapes, counts), not decoded."""

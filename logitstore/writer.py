@@ -15,9 +15,10 @@ reads the records and writes ``manifest.json`` atomically, only when every shard
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ from logitstore.errors import (
     ConfigError,
     CorruptShardError,
     DataError,
+    LogitstoreError,
+    OutputNotWritableError,
     SettingsMismatchError,
     ShardClaimError,
     StoreExistsError,
@@ -114,8 +117,10 @@ class StoreWriter:
         settings["compression_level"] = compression_level
         self.settings = settings
         temps = settings["capture"].get("temperatures")
-        self._temperature_hint = len(temps) if isinstance(temps, list) else 0
-        {"create": self._create, "resume": self._resume, "join": self._join}[mode]()
+        # The manifest names the tail_logsumexp columns by this list: documents must match it.
+        self._temperature_hint = len(temps) if isinstance(temps, list) else None
+        with _writing(f"open the store at {self.url}"):
+            {"create": self._create, "resume": self._resume, "join": self._join}[mode]()
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -157,6 +162,8 @@ class StoreWriter:
     def _resume(self) -> None:
         stored = self._stored_settings()
         if stored is None:
+            if self.fs.isdir(self.root):  # a run killed while creating settings.json
+                self._remove_temporaries()
             self._create()
             return
         self._check_settings(stored)
@@ -189,21 +196,42 @@ class StoreWriter:
         return {i for i in map(fmt.record_index, names) if i is not None}
 
     def _specs(self, doc: EncodedDocument) -> tuple[int, dict[str, FieldSpec]]:
-        """The field specs the documents must match, and the number of extra temperatures."""
-        order = [self._temperature_hint, *range(_MAX_TEMPERATURES)]
-        for n in order:
-            specs = self.codec.fields(self.vocab_size, n)
-            if all(
-                name in doc.fields and tuple(np.shape(doc.fields[name]))[1:] == spec.shape
-                for name, spec in specs.items()
-            ):
-                return n, specs
-        expected = self.codec.fields(self.vocab_size, self._temperature_hint)
-        found = {k: (str(getattr(v, "dtype", "?")), np.shape(v)) for k, v in doc.fields.items()}
-        raise DataError(
-            f"document {doc.doc_id!r}: fields {found} do not fit the codec "
-            f"{self.codec.name}; expected {expected} (per position)"
-        )
+        """The exact field specs every document must match, and the number of extra temperatures.
+
+        The number of temperatures is the width of the document's ``tail_logsumexp`` (0 without
+        one); when ``capture.temperatures`` lists them, it must be their count, since the
+        manifest names the columns by that list.
+        """
+        where = f"document {doc.doc_id!r}"
+        lse = doc.fields.get("tail_logsumexp")
+        lse_shape = tuple(np.shape(lse)) if lse is not None else ()
+        n = int(lse_shape[1]) if len(lse_shape) == 2 else 0
+        hint = self._temperature_hint
+        if hint is not None and n != hint:
+            found = "no tail_logsumexp" if lse is None else f"tail_logsumexp of shape {lse_shape}"
+            raise DataError(
+                f"{where}: capture.temperatures lists {hint} extra temperature(s), so "
+                f"tail_logsumexp must have {hint} column(s) (none when 0); found {found}"
+            )
+        if n > _MAX_TEMPERATURES:
+            raise DataError(f"{where}: at most {_MAX_TEMPERATURES} extra temperatures, found {n}")
+        specs = self.codec.fields(self.vocab_size, n)
+        expected = {name: spec.shape for name, spec in specs.items()}
+        found_shapes = {name: tuple(np.shape(v))[1:] for name, v in doc.fields.items()}
+        if found_shapes != expected:
+            missing = sorted(set(expected) - set(found_shapes))
+            unexpected = sorted(set(found_shapes) - set(expected))
+            wrong = {
+                k: found_shapes[k]
+                for k in sorted(set(expected) & set(found_shapes))
+                if found_shapes[k] != expected[k]
+            }
+            raise DataError(
+                f"{where}: fields do not fit the codec {self.codec.name} with {n} extra "
+                f"temperature(s): missing {missing}, unexpected {unexpected}, wrong per-position "
+                f"shape {wrong}; expected {expected} (per position)"
+            )
+        return n, specs
 
     def _check_document(self, doc: EncodedDocument, specs: Mapping[str, FieldSpec]) -> None:
         where = f"document {doc.doc_id!r}"
@@ -285,7 +313,8 @@ class StoreWriter:
         arrays = self._concatenate(documents, specs)
         rel = fmt.shard_name(index, self.backend.suffix)
         record_path = self._path(fmt.record_name(index))
-        claim = self._claim(index, record_path)
+        with _writing(f"claim shard {index} of {self.url}"):
+            claim = self._claim(index, record_path)
         committed = False
         final = self._path(rel)
         try:
@@ -310,9 +339,10 @@ class StoreWriter:
             }
             record_bytes = fmt.dumps(record)
             # Leftovers of a crashed attempt have no record, so they were never committed.
-            _fs.remove(self.fs, final)
-            self._write_files(final, files)
-            _fs.write_bytes_atomic(self.fs, record_path, record_bytes)
+            with _writing(f"write shard {index} of {self.url}"):
+                _fs.remove(self.fs, final)
+                self._write_files(final, files)
+                _fs.write_bytes_atomic(self.fs, record_path, record_bytes)
             committed = True
         finally:
             if not committed:
@@ -408,6 +438,22 @@ class StoreWriter:
                         f"shard {rec['path']}: file {name} has "
                         f"{'no file' if got is None else f'{got} bytes'}, its record says {size} bytes"
                     )
+
+
+@contextlib.contextmanager
+def _writing(what: str) -> Iterator[None]:
+    """Turn an operating-system error (permissions, a file in the way, a full disk) into
+    :class:`OutputNotWritableError` naming what was being written; our own errors pass."""
+    try:
+        yield
+    except LogitstoreError:
+        raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise OutputNotWritableError(
+            f"cannot {what}: {reason}{where}; expected a writable location"
+        ) from exc
 
 
 def _swap(name: str, final: str, tmp: str, root: str) -> str:

@@ -36,7 +36,12 @@ import torch.distributed as dist
 from torch import nn
 
 from logitstore.dataset import StoreDataset
-from logitstore.errors import ConfigError, DataError, TemperatureNotCapturedError
+from logitstore.errors import (
+    ConfigError,
+    DataError,
+    OutputNotWritableError,
+    TemperatureNotCapturedError,
+)
 from pipelines._student import (
     Distiller,
     check_vocabulary,
@@ -121,6 +126,19 @@ def temperature_index(manifest: dict[str, Any], temperature: float) -> int | Non
             f"{extra or 'no temperature'} besides 1.0"
         )
     return extra.index(temperature)
+
+
+def check_writable(out: Path) -> None:
+    """Refuse a run directory that cannot be created (a file in the way, no permission) at
+    once, rather than after loading and training."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    problem = "is a file" if not probe.is_dir() else "is not writable"
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputNotWritableError(
+            f"cannot write the run directory {out}: {probe} {problem}, expected a directory"
+        )
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -237,6 +255,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     else:
         device = torch.device("cpu")
     out = Path(config.out)
+    check_writable(out)  # before any loading
     DIVERGENCES[config.divergence]  # unknown names fail before any loading
 
     store = open_store(
@@ -466,11 +485,24 @@ def _checkpoint(
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step`` (written after the checkpoint a run resumes from)."""
+    """Drop metric lines past ``step`` (written after the checkpoint a run resumes from).
+
+    A line torn by a kill during its write is dropped too (its step is redone), and the file
+    is replaced atomically, so a kill during this rewrite loses no line.
+    """
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    lines = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            continue  # torn: always the last line, of a step past the checkpoint
+        if row["step"] <= step:
+            lines.append(ln)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(ln + "\n" for ln in lines))
+    os.replace(tmp, path)
 
 
 _SCHEDULE_PARAMS = ("t_start", "t_end", "alpha", "beta")

@@ -78,9 +78,13 @@ def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
 def create_exclusive(fs: Any, path: str, data: bytes) -> bool:
     """Create ``path`` only if it does not exist yet.
 
-    Locally this is ``O_EXCL`` (atomic between processes). fsspec filesystems that support
-    mode ``"xb"`` are used the same way; others fall back to check-then-write, which is racy
-    but still catches the common mistake of two ranks given the same shard plan.
+    Locally the data goes to a temporary file that is then hard-linked to ``path``: ``link``
+    fails if ``path`` exists (atomic between processes, like ``O_EXCL``) and, unlike an
+    ``O_EXCL`` create followed by a write, a process killed in between never leaves an empty
+    ``path`` behind (an empty ``settings.json`` would make the store unresumable). Where hard
+    links are not supported, ``O_EXCL`` is used. fsspec filesystems that support mode ``"xb"``
+    are used the same way; others fall back to check-then-write, which is racy but still
+    catches the common mistake of two ranks given the same shard plan.
 
     Returns:
         True if this call created the file, False if it already existed.
@@ -89,6 +93,22 @@ def create_exclusive(fs: Any, path: str, data: bytes) -> bool:
     if is_local(fs):
         if parent:
             os.makedirs(parent, exist_ok=True)
+        tmp = temp_name(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:
+                pass  # no hard links here (some network or FAT filesystems): O_EXCL below
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
