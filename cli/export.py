@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from cli._options import storage_options as _storage_options
+
 
 @click.command("export")
 @click.argument("store")
@@ -16,15 +18,9 @@ import click
     "store itself stays complete); useful for dense stores.",
 )
 @click.option("--repo-id", default=None, help="ORG/NAME the dataset card's examples use.")
-@click.option(
-    "--storage-options",
-    default=None,
-    metavar="JSON",
-    help="fsspec options as a JSON object, e.g. "
-    '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'.',
-)
+@_storage_options()
 def command(
-    store: str, out: str, max_support: int | None, repo_id: str | None, storage_options: str | None
+    store: str, out: str, max_support: int | None, repo_id: str | None, storage_options: dict | None
 ) -> None:
     """Export STORE to OUT: a parquet store plus a decoded view and a dataset card.
 
@@ -40,17 +36,15 @@ def command(
 
     from logitstore import open_store
     from logitstore.hub import export_store
-    from logitstore.storage._fs import options_from_json
 
-    opts = options_from_json(storage_options)
-    total = open_store(store, opts).num_shards
+    total = open_store(store, storage_options).num_shards
     with tqdm(total=total, unit="shard", desc="export") as bar:
         manifest = export_store(
             store,
             out,
             max_support=max_support,
             repo_id=repo_id,
-            storage_options=opts,
+            storage_options=storage_options,
             out_storage_options={},
             on_shard=lambda _: bar.update(1),
         )

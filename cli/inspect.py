@@ -6,6 +6,8 @@ import json
 
 import click
 
+from cli._options import storage_options as _storage_options
+
 
 def _short(value: object) -> str:
     """A setting for one line: long lists (e.g. a fitted id order) are summarised."""
@@ -25,14 +27,8 @@ def _codec(codec: dict) -> str:
 @click.command("inspect")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option(
-    "--storage-options",
-    default=None,
-    metavar="JSON",
-    help="fsspec options as a JSON object, e.g. "
-    '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'.',
-)
-def command(store: str, as_json: bool, storage_options: str | None) -> None:
+@_storage_options()
+def command(store: str, as_json: bool, storage_options: dict | None) -> None:
     """Documents, tokens, bytes per token, codec, teacher and capture-time fidelity of STORE.
 
     STORE is a local path or an fsspec URL (memory://, s3://, hf://).
@@ -43,9 +39,8 @@ def command(store: str, as_json: bool, storage_options: str | None) -> None:
       logitstore inspect s3://bucket/stores/smollm2 --json
     """
     from logitstore import open_store
-    from logitstore.storage._fs import options_from_json
 
-    summary = open_store(store, options_from_json(storage_options)).summary()
+    summary = open_store(store, storage_options).summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return

@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
+from cli._options import storage_options as _storage_options
 from logitstore.errors import ConfigError
-from logitstore.storage._fs import options_from_json
 from pipelines.teacher_pass import TeacherPassConfig, format_summary, run_teacher_pass
 
 
@@ -92,13 +92,7 @@ def _temperatures(ctx: click.Context, param: click.Parameter, value: str | None)
     default=None,
     help="Continue an interrupted run: skip committed shards.",
 )
-@click.option(
-    "--storage-options",
-    metavar="JSON",
-    callback=lambda ctx, param, value: options_from_json(value),
-    help="fsspec options of a remote --out as a JSON object, e.g. "
-    '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'.',
-)
+@_storage_options("a remote --out")
 @click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress bar.")
 def command(config_file: str | None, **options: Any) -> None:
     """Run a teacher once over a dataset and store its distributions compressed.

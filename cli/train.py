@@ -7,6 +7,7 @@ import json
 import click
 import yaml
 
+from cli._options import storage_options as _storage_options
 from logitstore.errors import ConfigError
 
 
@@ -70,18 +71,13 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
 @click.option("--init-from", help="Teacher to copy embeddings, head and --keep-layers from.")
 @click.option("--keep-layers", help="Comma-separated teacher layers, e.g. 0,2,4.")
 @click.option("--device", help="torch device (default: CUDA if available).")
-@click.option(
-    "--storage-options",
-    metavar="JSON",
-    help="fsspec options of a remote --store as a JSON object, e.g. "
-    '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'.',
-)
+@_storage_options("a remote --store")
 @click.option(
     "--cache-dir", help="Keep verified shards of a remote store here (later epochs read them)."
 )
 @click.option("--readahead", type=int, help="Shards fetched in the background. [default: 2]")
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bar.")
-def command(config_file, params, keep_layers, storage_options, no_progress, **options) -> None:
+def command(config_file, params, keep_layers, no_progress, **options) -> None:
     """Train a student on a teacher's logit store.
 
     Runs on one process, or under torchrun for data parallelism (gloo on CPU, NCCL on CUDA).
@@ -97,12 +93,9 @@ def command(config_file, params, keep_layers, storage_options, no_progress, **op
       logitstore train --store hf://datasets/ORG/NAME --student config.json --out run/ \\
           --cache-dir ~/.cache/logitstore
     """
-    from logitstore.storage._fs import options_from_json
     from pipelines.train import TrainConfig, train
 
     overrides = dict(options)
-    if storage_options:
-        overrides["storage_options"] = options_from_json(storage_options)
     if params:
         overrides["params"] = parse_params(params)
     if keep_layers:

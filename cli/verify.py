@@ -6,17 +6,13 @@ import sys
 
 import click
 
+from cli._options import storage_options as _storage_options
+
 
 @click.command("verify")
 @click.argument("store")
-@click.option(
-    "--storage-options",
-    default=None,
-    metavar="JSON",
-    help="fsspec options as a JSON object, e.g. "
-    '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'.',
-)
-def command(store: str, storage_options: str | None) -> None:
+@_storage_options()
+def command(store: str, storage_options: dict | None) -> None:
     """Check STORE's manifest and every shard; name each problem, exit 1 if any.
 
     Reads every shard in full (checksums, file sizes, array shapes, counts, decoding).
@@ -28,9 +24,8 @@ def command(store: str, storage_options: str | None) -> None:
       logitstore verify s3://bucket/stores/smollm2
     """
     from logitstore import open_store
-    from logitstore.storage._fs import options_from_json
 
-    opened = open_store(store, options_from_json(storage_options))
+    opened = open_store(store, storage_options)
     problems = opened.verify()
     for problem in problems:
         click.echo(f"problem: {problem}", err=True)

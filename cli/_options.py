@@ -1,0 +1,24 @@
+"""Options several subcommands share, defined once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+def _parse_storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    from logitstore.storage._fs import options_from_json
+
+    return options_from_json(value)
+
+
+def storage_options(what: str = "the store") -> Any:
+    """``--storage-options JSON``, parsed into a dict (``None`` when not given)."""
+    return click.option(
+        "--storage-options",
+        metavar="JSON",
+        callback=_parse_storage_options,
+        help=f"fsspec options of {what} as a JSON object, e.g. "
+        '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'.',
+    )
