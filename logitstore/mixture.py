@@ -55,8 +55,10 @@ APPROXIMATION = (
     "(outside its support and not the label), p_a(i) is taken as its remaining mass "
     "(1 - sum of its stored support and label probabilities) spread uniformly over the "
     "tokens it did not store. Label log-probs are mixed exactly; tokens every teacher stored "
-    "are mixed exactly; exact when every teacher's support covers the vocabulary. Extra "
-    "capture temperatures are not carried over."
+    "are mixed exactly; exact when every teacher's support covers the vocabulary. The mixture "
+    "is then renormalised to sum to 1 (stored values and float16 tails are rounded, so it is "
+    "off by about their rounding), which shifts every log-prob of a position, the label's "
+    "included, by the same small constant. Extra capture temperatures are not carried over."
 )
 """The approximation a mixed store makes, recorded verbatim in its manifest."""
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from logitstore.codecs import Codec
 from logitstore.errors import ConfigError, NonFiniteTeacherError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -239,10 +240,13 @@ def forward_batch(
     return logits, ids
 
 
-def window_logprobs(
+def window_logits(
     logits: torch.Tensor, ids: torch.Tensor, windows: Sequence[Any]
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Each window's float32 log-softmax, one window at a time (one float32 copy alive).
+    """Each window's logits as float32, one window at a time (one float32 copy alive at most).
+
+    The codecs normalise the rows themselves (one pass gives the log-softmax, entropy and
+    tail), so no log-softmax is computed here.
 
     Args:
         logits: ``(B, T_max, V)`` from :func:`forward_batch`.
@@ -250,11 +254,12 @@ def window_logprobs(
         windows: the batch's ``B`` windows.
 
     Yields:
-        ``(b, logprobs, labels)``: batch row, float32 ``(T - 1, V)`` and int64 ``(T - 1,)``.
+        ``(b, logits, labels)``: batch row, float32 ``(T - 1, V)`` (a view when the model runs
+        in float32) and int64 ``(T - 1,)``.
     """
     for b, w in enumerate(windows):
         t = int(w.input_ids.shape[0])
-        yield b, logits[b, : t - 1].float().log_softmax(dim=-1), ids[b, 1:t]
+        yield b, logits[b, : t - 1].float(), ids[b, 1:t]
 
 
 def fit_codec(
@@ -263,6 +268,7 @@ def fit_codec(
     sample: Sequence[Any],
     *,
     resume_from: dict[str, Any] | None = None,
+    forwarded: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Any:
     """The codec adapted to this teacher (e.g. top-k's storage order of ids) on ``sample``.
 
@@ -274,6 +280,9 @@ def fit_codec(
         resume_from: the settings of the store being resumed, if any. Its fitted codec is
             reused when the user's request matches it, so a resume on other hardware (where
             near-ties in the teacher's top-k could fall the other way) cannot change it.
+        forwarded: ``forward_batch(teacher.model, sample, ...)``'s output, if the caller has
+            it (the teacher pass runs its first batch once and keeps the logits); by default
+            the batch is run here.
 
     Raises:
         SettingsMismatchError: ``resume_from`` was made with another codec request.
@@ -292,7 +301,9 @@ def fit_codec(
             f"the store was created with different settings: codec {key} is {old!r} in the "
             f"store but {new!r} in this run"
         )
+    if type(codec).fit is Codec.fit:  # nothing to learn: no forward
+        return codec
     with torch.inference_mode():
-        logits, ids = forward_batch(teacher.model, sample, teacher.device)
-        logprobs = torch.cat([lp for _, lp, _ in window_logprobs(logits, ids, sample)])
-    return codec.fit(logprobs)
+        logits, ids = forwarded or forward_batch(teacher.model, sample, teacher.device)
+        rows = torch.cat([z for _, z, _ in window_logits(logits, ids, sample)])
+    return codec.fit(rows)

@@ -2,13 +2,16 @@
 
 Reads top to bottom: setup (teacher, codec, data, shard plan, store), loop (the main thread runs
 each batch's forward in inference mode and checks its logits for NaN/Inf; a background worker
-takes the logits, computes the float32 log-softmax, encodes on the device, copies only the
-encoded arrays to the host and commits each finished shard, so all of that overlaps the next
+takes the logits and encodes them on the device (the codec normalises each row, computing the
+log-softmax, entropy and tail in one pass over the vocabulary), copies only the encoded arrays
+to the host and commits each finished shard, so all of that overlaps the next
 forward), save (finalize the manifest, summary). All resume state is one dict, ``state``; the
 store itself is the checkpoint: committed shards are skipped on ``--resume``.
 
 Memory: at most three batches of logits are alive (one in the forward, one queued, one being
-encoded), plus one window's float32 log-softmax.
+encoded), plus a few float32 ``(T, V)`` temporaries of one window while it is encoded (one
+copy of its logits when the model does not run in float32). The first batch is run once: the
+codec is fitted on it (top-k's id order) and the loop reuses its logits.
 
 Shard policy: windows (see ``pipelines/_data.py``) in source order, ``docs_per_shard`` per
 shard; shard ``i`` belongs to rank ``i % world_size``. Inside a shard, windows are sorted by
@@ -53,7 +56,7 @@ from pipelines._teacher import (
     load_teacher,
     resolve_device,
     tokenizer_fingerprint,
-    window_logprobs,
+    window_logits,
 )
 
 
@@ -233,22 +236,21 @@ class _Worker:
         logits: torch.Tensor,
         ids: torch.Tensor,
     ) -> None:
-        for b, logprobs, labels in window_logprobs(logits, ids, windows):
+        for b, rows, labels in window_logits(logits, ids, windows):
             w = windows[b]
             gen = torch.Generator(device=self.device).manual_seed(
                 _digest_int(self.cfg.seed, w.doc_id)
             )
-            encoded = self.codec.encode(
-                logprobs, labels, temperatures=self.temperatures, generator=gen
-            )
+            encoded = self.codec.encode(rows, labels, temperatures=self.temperatures, generator=gen)
             fields = {name: t.cpu().numpy() for name, t in encoded.items()}
             j = shard.slot[id(w)]
             shard.docs[j] = EncodedDocument(w.doc_id, w.input_ids, w.loss_mask, fields)
             if j in shard.sample:
-                rows = shard.sample[j]
-                decoded = self.codec.decode({k: v[rows] for k, v in fields.items()})
-                picked = torch.from_numpy(rows).to(self.device)
-                shard.fidelity.append(fidelity_sums(logprobs[picked], decoded, labels[picked]))
+                sample = shard.sample[j]
+                decoded = self.codec.decode({k: v[sample] for k, v in fields.items()})
+                picked = torch.from_numpy(sample).to(self.device)
+                dense = rows[picked].log_softmax(dim=-1)
+                shard.fidelity.append(fidelity_sums(dense, decoded, labels[picked]))
 
     def _commit(self, shard: _ShardBuffer) -> None:
         docs = [d for d in shard.docs if d is not None]
@@ -309,14 +311,22 @@ def _fitted_codec(
     shards: Sequence[Sequence[Window]],
     rank: int,
     world: int,
-) -> Codec:
-    """Rank 0 fits the codec on shard 0's first batch; every other rank takes rank 0's."""
+) -> tuple[Codec, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Rank 0 fits the codec on shard 0's first batch; every other rank takes rank 0's.
+
+    Returns the codec and, where this rank ran the first batch to fit on, that batch's
+    ``forward_batch`` output, which the loop reuses instead of running the batch again.
+    """
     error: BaseException | None = None
+    forwarded = None
     if rank == 0:
         try:
             stored = stored_settings(cfg.out, cfg.storage_options) if cfg.resume else None
             first = [shards[0][j] for j in plan_batches(shards[0], cfg.batch_size)[0]]
-            codec = fit_codec(codec, teacher, first, resume_from=stored)
+            if stored is None and type(codec).fit is not Codec.fit:
+                with torch.inference_mode():
+                    forwarded = forward_batch(teacher.model, first, teacher.device)
+            codec = fit_codec(codec, teacher, first, resume_from=stored, forwarded=forwarded)
         except LogitstoreError as exc:
             error = exc
     _agree(error, world, "fitting the codec")
@@ -324,7 +334,7 @@ def _fitted_codec(
         payload = [codec.to_json()]
         torch.distributed.broadcast_object_list(payload, src=0)
         codec = codec_from_json(payload[0])
-    return codec
+    return codec, forwarded
 
 
 def _agree(error: BaseException | None, world: int, what: str) -> None:
@@ -421,7 +431,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
         windowing=cfg.windowing,
     )
     shards = plan_shards(windows, cfg.docs_per_shard)
-    codec = _fitted_codec(codec, cfg, teacher, shards, rank, world)
+    codec, first_batch = _fitted_codec(codec, cfg, teacher, shards, rank, world)
     open_args: dict[str, Any] = {
         "codec": codec,
         "backend": cfg.backend,
@@ -466,7 +476,10 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
                 shard = _ShardBuffer(i, shards[i], cfg)
                 for batch in plan_batches(shard.windows, cfg.batch_size):
                     windows = [shard.windows[j] for j in batch]
-                    logits, ids = forward_batch(teacher.model, windows, teacher.device)
+                    if i == 0 and first_batch is not None:  # run once already, to fit on
+                        (logits, ids), first_batch = first_batch, None
+                    else:
+                        logits, ids = forward_batch(teacher.model, windows, teacher.device)
                     worker.submit(shard, windows, logits, ids)
                     state["tokens"] += sum(w.num_tokens for w in windows)
                     rate = state["tokens"] / max(time.perf_counter() - start, 1e-9)

@@ -61,7 +61,9 @@ def build_tokenizer(vocab_size: int = TINY_VOCAB):
     return fast
 
 
-def save_tiny_causal_lm(path: Path, tokenizer, *, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def save_tiny_causal_lm(
+    path: Path, tokenizer, *, hidden: int = 32, layers: int = 2, seed: int = 0
+) -> Path:
     """Save a randomly initialised tiny Llama and ``tokenizer`` to ``path``; return ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -93,13 +95,17 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A tiny teacher (vocabulary 384) saved with ``save_pretrained``."""
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("teacher"), tiny_tokenizer, hidden=48, seed=0)
+    return save_tiny_causal_lm(
+        tmp_path_factory.mktemp("teacher"), tiny_tokenizer, hidden=48, seed=0
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_student_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A smaller tiny student sharing the teacher's tokenizer."""
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("student"), tiny_tokenizer, hidden=32, seed=1)
+    return save_tiny_causal_lm(
+        tmp_path_factory.mktemp("student"), tiny_tokenizer, hidden=32, seed=1
+    )
 
 
 @pytest.fixture(scope="session")

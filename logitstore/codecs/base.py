@@ -6,7 +6,7 @@ so a reader never needs anything else to decode.
 
 Contract every codec meets (the conformance tests check it):
 
-* ``encode`` runs on whatever device ``logprobs`` lives (the teacher pass encodes on the GPU)
+* ``encode`` runs on whatever device ``logits`` lives (the teacher pass encodes on the GPU)
   and returns a dict of tensors, every one with leading dimension ``P`` (positions) and the
   trailing shape and dtype that ``fields`` declares. Only these travel to the host.
 * ``decode`` takes the same dict as numpy arrays, possibly the concatenation of many
@@ -89,16 +89,18 @@ class Codec(ABC):
     @abstractmethod
     def encode(
         self,
-        logprobs: torch.Tensor,
+        logits: torch.Tensor,
         labels: torch.Tensor,
         *,
         temperatures: Sequence[float] = (),
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Encode positions on ``logprobs.device``.
+        """Encode positions on ``logits.device``.
 
         Args:
-            logprobs: float32 ``(P, V)`` full-vocabulary teacher log-softmax at temperature 1.
+            logits: float ``(P, V)`` full-vocabulary teacher logits at temperature 1, or their
+                log-softmax: each row is normalised here (``_scalars.py``), so log-probs pass
+                through unchanged up to float32 rounding.
             labels: int64 ``(P,)`` next-token ids.
             temperatures: extra temperatures whose tail log-sum-exp is stored.
             generator: randomness for sampled codecs (seeded by the caller for determinism).
@@ -108,8 +110,8 @@ class Codec(ABC):
     def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
         """Decode arrays shaped as ``fields`` declares (concatenations allowed)."""
 
-    def fit(self, logprobs: torch.Tensor, size: int = 4096) -> Codec:
-        """A codec tuned on sample positions (``(P, V)`` log-probs), e.g. a first batch.
+    def fit(self, logits: torch.Tensor, size: int = 4096) -> Codec:
+        """A codec tuned on sample positions (``(P, V)`` logits or log-probs), e.g. a first batch.
 
         Call it before the store is created, since its parameters go into the manifest. The
         default returns ``self``; ``topk`` learns a storage order for its ids.

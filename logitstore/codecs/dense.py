@@ -57,23 +57,23 @@ class Dense(Codec):
 
     def encode(
         self,
-        logprobs: torch.Tensor,
+        logits: torch.Tensor,
         labels: torch.Tensor,
         *,
         temperatures: Sequence[float] = (),
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        _scalars.check_inputs(logprobs, labels, temperatures)
-        lp = logprobs.float()
-        top1, arg = lp.max(dim=1)
-        is_top1 = torch.arange(lp.shape[1], device=lp.device)[None, :] == arg[:, None]
-        out = {
-            "values": _quant.quantize(top1[:, None] - lp, is_top1, self._values),
-            "top1": top1.contiguous(),
-        }
-        everything = torch.ones_like(lp, dtype=torch.bool)
-        out.update(_scalars.encode_scalars(lp, labels, everything, temperatures))
-        return out
+        _scalars.check_inputs(logits, labels, temperatures)
+
+        def scan(z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+            top, arg = z.max(dim=1)
+            is_top1 = torch.arange(z.shape[1], device=z.device)[None, :] == arg[:, None]
+            out, norm = _scalars.encode_scalars(z, y, None, temperatures, row_max=top)
+            out["values"] = _quant.quantize(top[:, None] - z, is_top1, self._values)
+            out["top1"] = -norm.log_sum
+            return out
+
+        return _scalars.by_rows(scan, logits, labels)
 
     def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
         codes = np.asarray(fields["values"], dtype=np.uint8)

@@ -62,14 +62,25 @@ class Sampled(Codec):
 
     def encode(
         self,
-        logprobs: torch.Tensor,
+        logits: torch.Tensor,
         labels: torch.Tensor,
         *,
         temperatures: Sequence[float] = (),
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        _scalars.check_inputs(logprobs, labels, temperatures)
-        lp = logprobs.float()
+        _scalars.check_inputs(logits, labels, temperatures)
+        return _scalars.by_rows(
+            lambda z, y: self._encode_rows(z, y, temperatures, generator), logits, labels
+        )
+
+    def _encode_rows(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        temperatures: Sequence[float],
+        generator: torch.Generator | None,
+    ) -> dict[str, torch.Tensor]:
+        lp = logits.log_softmax(dim=1)
         num, vocab_size = lp.shape
         if num == 0:
             draws = torch.zeros(0, self.n, dtype=torch.int64, device=lp.device)
@@ -88,8 +99,7 @@ class Sampled(Codec):
         out["logprobs"] = torch.where(
             valid, lp.gather(1, ids), torch.zeros_like(ids, dtype=lp.dtype)
         )
-        in_support = _scalars.support_mask(ids, valid, vocab_size)
-        out.update(_scalars.encode_scalars(lp, labels, in_support, temperatures))
+        out.update(_scalars.encode_scalars(lp, labels, ids, temperatures, valid)[0])
         return out
 
     def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:

@@ -65,14 +65,14 @@ def row_cumsum(deltas: np.ndarray) -> np.ndarray:
     return total - (total[:, :1] - deltas[:, :1])
 
 
-def fit_hot_ids(logprobs: torch.Tensor, k: int, size: int = 4096) -> tuple[int, ...]:
-    """Ids most often among the top-``k`` of ``logprobs`` ``(P, V)``, most frequent first.
+def fit_hot_ids(logits: torch.Tensor, k: int, size: int = 4096) -> tuple[int, ...]:
+    """Ids most often among the top-``k`` of ``logits`` ``(P, V)``, most frequent first.
 
     Ties go to the smaller id; ids never in a top-``k`` are left out.
     """
     check_size("size", size)
-    vocab_size = logprobs.shape[1]
-    top = logprobs.topk(min(k, vocab_size), dim=1).indices.reshape(-1)
+    vocab_size = logits.shape[1]
+    top = logits.topk(min(k, vocab_size), dim=1).indices.reshape(-1)
     counts = torch.bincount(top, minlength=vocab_size)
     order = torch.argsort(-counts, stable=True)[:size]
     return tuple(int(i) for i in order[counts[order] > 0].tolist())
@@ -117,15 +117,15 @@ class TopK(Codec):
             del data["configuration"]["hot_ids"]
         return data
 
-    def fit(self, logprobs: torch.Tensor, size: int = 4096) -> TopK:
+    def fit(self, logits: torch.Tensor, size: int = 4096) -> TopK:
         """This codec with ``hot_ids``: the ``size`` ids most often in these positions' top-k.
 
         Args:
-            logprobs: float ``(P, V)`` teacher log-probs of sample positions (e.g. the first
+            logits: float ``(P, V)`` teacher logits (or log-probs) of sample positions (the first
                 batch of a teacher pass), on any device.
             size: how many ids to list at most (only ids seen in some top-k are listed).
         """
-        return dataclasses.replace(self, hot_ids=fit_hot_ids(logprobs, self.k, size))
+        return dataclasses.replace(self, hot_ids=fit_hot_ids(logits, self.k, size))
 
     def unfit(self) -> TopK:
         return dataclasses.replace(self, hot_ids=())
@@ -146,21 +146,30 @@ class TopK(Codec):
 
     def encode(
         self,
-        logprobs: torch.Tensor,
+        logits: torch.Tensor,
         labels: torch.Tensor,
         *,
         temperatures: Sequence[float] = (),
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        _scalars.check_inputs(logprobs, labels, temperatures)
-        vocab_size = logprobs.shape[1]
+        _scalars.check_inputs(logits, labels, temperatures)
+        vocab_size = logits.shape[1]
         self.fields(vocab_size, len(temperatures))  # validates k and hot_ids against V
-        lp = logprobs.float()
-        top_vals, top_ids = lp.topk(self.k, dim=1)  # most probable first
+
+        def scan(z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+            """The passes over the vocabulary, one block of rows at a time."""
+            top_vals, top_ids = z.topk(self.k, dim=1)  # most probable first
+            out, norm = _scalars.encode_scalars(z, y, top_ids, temperatures, row_max=top_vals[:, 0])
+            out["top1"] = -norm.log_sum  # the top-1's (z - max) is 0
+            return {**out, "top_vals": top_vals, "top_ids": top_ids}
+
+        out = _scalars.by_rows(scan, logits, labels)
+        top_vals, top_ids = out.pop("top_vals"), out.pop("top_ids")
+        # Values are distances below the top-1, so they need no normaliser: d = max - z.
+        d = top_vals[:, :1] - top_vals
         stored = top_ids
         if self.hot_ids:
-            stored = _ids.hot_forward(self.hot_ids, vocab_size, lp.device)[top_ids]
-        d = top_vals[:, :1] - top_vals
+            stored = _ids.hot_forward(self.hot_ids, vocab_size, logits.device)[top_ids]
         is_top1 = torch.zeros_like(d, dtype=torch.bool)
         is_top1[:, 0] = True
         if self.values in _quant.GRIDS:
@@ -168,15 +177,12 @@ class TopK(Codec):
             order = (codes.long() * vocab_size + stored).argsort(dim=1)
             ids, codes = stored.gather(1, order), codes.gather(1, order)
             deltas = torch.diff(codes.long(), dim=1, prepend=torch.zeros_like(codes[:, :1]).long())
-            out = _ids.encode_sorted_ids(ids, None, "ids", vocab_size, starts=deltas != 0)
+            out.update(_ids.encode_sorted_ids(ids, None, "ids", vocab_size, starts=deltas != 0))
             out["values"] = deltas.to(torch.uint8)
         else:
             ids, order = stored.sort(dim=1)
-            out = _ids.encode_sorted_ids(ids, None, "ids", vocab_size)
+            out.update(_ids.encode_sorted_ids(ids, None, "ids", vocab_size))
             out["values"] = _quant.encode_float(d.gather(1, order), order == 0, self.values)
-        out["top1"] = top_vals[:, 0].contiguous()
-        in_support = _scalars.support_mask(top_ids, None, vocab_size)
-        out.update(_scalars.encode_scalars(lp, labels, in_support, temperatures))
         return out
 
     def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:

@@ -129,8 +129,10 @@ def test_partial_supports_follow_the_recorded_approximation(tmp_path, corpus):
         labels = tokens[d][1:]
         rows = np.arange(len(labels))
         exact = 0.5 * np.exp(lp_a[d]) + 0.5 * np.exp(lp_b[d])
-        # the label is exact whatever the supports
-        np.testing.assert_allclose(np.exp(doc.label_logprob), exact[rows, labels], rtol=1e-5)
+        # The label is exact whatever the supports, up to the renormalisation: one constant per
+        # position, within the float16 tails' rounding (2^-11 of |log r|, r about 0.01 here).
+        shift = doc.label_logprob - np.log(exact[rows, labels])
+        assert np.abs(shift).max() < 2.0**-11 * 10
         estimate = 0.5 * spread_estimate(lp_a[d], labels, k) + 0.5 * spread_estimate(
             lp_b[d], labels, k
         )
@@ -143,8 +145,8 @@ def test_partial_supports_follow_the_recorded_approximation(tmp_path, corpus):
         for t in rows:
             top_a, top_b = set(np.argsort(-lp_a[d][t])[:k]), set(np.argsort(-lp_b[d][t])[:k])
             assert top_a | top_b <= set(doc.support_ids[t].tolist())  # the union is kept
-            for i in top_a & top_b:  # stored by both teachers: mixed exactly
-                np.testing.assert_allclose(got[t, i], exact[t, i], rtol=1e-5)
+            for i in top_a & top_b:  # stored by both teachers: mixed exactly (same shift)
+                np.testing.assert_allclose(got[t, i], exact[t, i] * np.exp(shift[t]), rtol=1e-5)
         # support plus tail is a distribution (the tail is float16, relative 2^-11 in log)
         total = got.sum(axis=1) + np.exp(doc.tail_logmass.astype(np.float64))
         np.testing.assert_allclose(total, 1.0, atol=2e-3)

@@ -359,5 +359,7 @@ def test_codec_is_fitted_on_the_first_batch_and_reused_on_resume(
     run(tiny_teacher_dir, text_jsonl, out, resume=True, **kw)
     assert tuple(logitstore.open_store(out).manifest["codec"]["configuration"]["hot_ids"]) == hot
 
-    with pytest.raises(SettingsMismatchError, match="codec configuration.k is 8 in the store but 9"):
+    with pytest.raises(
+        SettingsMismatchError, match="codec configuration.k is 8 in the store but 9"
+    ):
         run(tiny_teacher_dir, text_jsonl, out, resume=True, **{**kw, "k": 9})

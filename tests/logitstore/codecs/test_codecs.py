@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from logitstore.codecs import CODECS, Dense, Sampled, TopK, codec_from_json, get_codec
+from logitstore.codecs import CODECS, Dense, Sampled, TopK, _scalars, codec_from_json, get_codec
 from logitstore.errors import (
     ConfigError,
     DataError,
@@ -36,6 +36,16 @@ def _grid_bound(levels: int, a: float):
     return bound, a * math.log(2 * levels - 1)
 
 
+# Codecs normalise their input rows in float32 (a log-softmax), so even exact values may differ
+# from the float64 log-softmax by this much (rows of log-probs summing to 1 within ~1e-7).
+FLOAT32_NORMALISE = 2e-6
+
+
+def exact(lp: torch.Tensor) -> torch.Tensor:
+    """The float64 log-softmax of the codec's input: what every decoded value approximates."""
+    return torch.log_softmax(lp.double(), dim=1)
+
+
 # A storage order that moves some high and some low ids to the front.
 HOT = (998, 3, 500, *range(990, 900, -3), 0, 1)
 Q8 = _grid_bound(256, 4.0)
@@ -51,7 +61,7 @@ CASES = [
     (TopK(k=16, values="float32"), ((lambda d: 1e-5 + 1e-6 * d), math.inf)),
     (TopK(k=16, values="float16"), ((lambda d: 7e-5 + 2.0**-11 * d), math.inf)),
     (TopK(k=16, values="bfloat16"), ((lambda d: 1e-6 + 2.0**-8 * d), math.inf)),
-    (Sampled(n=50), ((lambda d: 0 * d), math.inf)),
+    (Sampled(n=50), ((lambda d: FLOAT32_NORMALISE + 0 * d), math.inf)),
     (Dense(bits=8), Q8),
     (Dense(bits=4), Q4),
 ]
@@ -85,9 +95,12 @@ def encode_np(codec, lp, labels, temps=TEMPS, seed=0):
     return {k: v.cpu().numpy() for k, v in enc.items()}
 
 
-@pytest.fixture(scope="module")
-def data():
+@pytest.fixture(scope="module", params=["logprobs", "logits"])
+def data(request):
+    """Log-probs, or logits: the same rows shifted by a per-row constant (codecs normalise)."""
     lp = teacher(40, 1000)
+    if request.param == "logits":
+        lp = lp + 20 * torch.randn(40, 1, generator=torch.Generator().manual_seed(7))
     return lp, labels_for(lp)
 
 
@@ -105,7 +118,7 @@ class TestCodecConformance:
     def test_round_trip(self, codec, precision, data):
         lp, y = data
         dec = codec.decode(encode_np(codec, lp, y))
-        true = lp.double().numpy()
+        true = exact(lp).numpy()
         ids, vals = dec.support_ids, dec.support_logprobs
         valid = ids >= 0
         assert vals.dtype == np.float32 and ids.dtype == np.int64
@@ -143,13 +156,20 @@ class TestCodecConformance:
         assert np.isneginf(vals[:, 1:][~finite]).all() and np.isfinite(vals[:, 0]).all()
         if not isinstance(codec, Sampled):  # a sample may miss the argmax
             np.testing.assert_array_equal(dec.support_ids[:, 0], lp.argmax(dim=1).numpy())
-            np.testing.assert_allclose(vals[:, 0], lp.max(dim=1).values.numpy(), rtol=1e-6)
+            np.testing.assert_allclose(
+                vals[:, 0], exact(lp).max(dim=1).values.numpy(), rtol=0, atol=FLOAT32_NORMALISE
+            )
 
     def test_scalars(self, codec, precision, data):
         lp, y = data
         dec = codec.decode(encode_np(codec, lp, y))
-        true = lp.double()
-        np.testing.assert_array_equal(dec.label_logprob, lp.gather(1, y[:, None])[:, 0].numpy())
+        true = exact(lp)
+        np.testing.assert_allclose(
+            dec.label_logprob,
+            true.gather(1, y[:, None])[:, 0].numpy(),
+            rtol=0,
+            atol=FLOAT32_NORMALISE,
+        )
         in_s = torch.zeros_like(lp, dtype=torch.bool)
         for row, ids in enumerate(dec.support_ids):
             in_s[row, torch.from_numpy(ids[ids >= 0])] = True
@@ -188,6 +208,16 @@ class TestCodecConformance:
                 getattr(whole, name), np.concatenate([getattr(p, name) for p in pieces])
             )
 
+    def test_blocks_of_rows_change_nothing(self, codec, precision, data, monkeypatch):
+        # Codecs read the vocabulary a block of rows at a time; the bytes must not depend on it.
+        lp, y = data
+        whole = encode_np(codec, lp, y)
+        monkeypatch.setattr(_scalars, "CPU_BLOCK_ELEMENTS", 7 * lp.shape[1])  # 7 rows a block
+        blocks = encode_np(codec, lp, y)
+        assert set(blocks) == set(whole)
+        for name in whole:
+            np.testing.assert_array_equal(blocks[name], whole[name], err_msg=name)
+
     def test_json_round_trip(self, codec, precision):
         data = json.loads(json.dumps(codec.to_json()))
         assert codec_from_json(data) == codec
@@ -208,7 +238,12 @@ class TestCodecConformance:
         dec = codec.decode(encode_np(codec, lp, y, temps=()))
         assert (dec.support_ids[:, 0] == vocab - 1).all()
         assert (dec.support_ids == 66000).any(axis=1).all()
-        np.testing.assert_array_equal(dec.label_logprob, lp.gather(1, y[:, None])[:, 0].numpy())
+        np.testing.assert_allclose(
+            dec.label_logprob,
+            exact(lp).gather(1, y[:, None])[:, 0].numpy(),
+            rtol=0,
+            atol=FLOAT32_NORMALISE,
+        )
 
     def test_refuses_bad_inputs(self, codec, precision, data):
         lp, y = data
@@ -229,10 +264,33 @@ class TestCodecConformance:
         lp[:, -3:] = -math.inf
         dec = codec.decode(encode_np(codec, lp, y))
         assert np.isfinite(dec.entropy).all() and np.isfinite(dec.label_logprob).all()
+        true = exact(lp)
+        plogp = torch.where(true > -math.inf, true.exp() * true, torch.zeros_like(true))
+        np.testing.assert_allclose(dec.entropy, -plogp.sum(dim=1).numpy(), rtol=2e-3, atol=1e-4)
         if not isinstance(codec, Dense):
             assert not np.isin(
                 dec.support_ids, [lp.shape[1] - 3, lp.shape[1] - 2, lp.shape[1] - 1]
             ).any()
+
+    def test_tail_below_float32_range(self, codec, precision, data):
+        # Outside a few ids every log-prob is about -120: each tail term underflows float32
+        # (exp(-120) < 1e-45) but the tail's log-mass is still finite and must be stored.
+        lp, y = data
+        vocab = lp.shape[1]
+        logits = torch.full((4, vocab), -120.0)
+        logits[:, :2] = torch.tensor([0.0, -1.0])
+        logits[1, 500:] = -math.inf  # and one row where part of that tail is exactly zero
+        lp = torch.log_softmax(logits.double(), dim=1).float()
+        dec = codec.decode(encode_np(codec, lp, y[:4], temps=()))
+        in_s = torch.zeros_like(lp, dtype=torch.bool)
+        for row, ids in enumerate(dec.support_ids):
+            in_s[row, torch.from_numpy(ids[ids >= 0])] = True
+        expect = torch.logsumexp(lp.double().masked_fill(in_s, -math.inf), dim=1).numpy()
+        if isinstance(codec, Dense):
+            assert np.isneginf(dec.tail_logmass).all()
+        else:
+            assert np.isfinite(dec.tail_logmass).all()
+            assert_float16_close(dec.tail_logmass, expect)
 
     @pytest.mark.gpu
     def test_encodes_on_device(self, codec, precision, data):

@@ -72,7 +72,8 @@ def test_parquet_reads_with_datasets(stores):
 
     roots, codec, shards = stores
     files = sorted(str(p) for p in (roots["parquet"] / "shards").glob("*.parquet"))
-    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    cache = str(roots["parquet"].parent / "datasets-cache")  # never rows of an earlier run
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache)
     docs = [d for shard in shards for d in shard]
     assert ds.num_rows == len(docs)
     for row, doc in zip(ds, docs):
