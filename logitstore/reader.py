@@ -33,6 +33,15 @@ from logitstore.errors import (
 from logitstore.storage import BACKENDS, Backend, ShardArrays, _fs
 
 
+def _read_local(path: str) -> bytes | BaseException:
+    """A local file's bytes, or the error (``fs.cat(..., on_error="return")`` semantics)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        return exc
+
+
 class LogitStore:
     """A finalized store, opened read-only. Use :func:`open_store`.
 
@@ -270,7 +279,9 @@ class LogitStore:
         paths = {_fs.join(self.root, name): name for name, _ in entry["files"]}
         if _fs.is_local(self.fs):
             self._refuse_links_out(where, paths)
-        got = self.fs.cat(list(paths), on_error="return") if paths else {}
+            got = {path: _read_local(path) for path in paths}  # fsspec's cat costs more here
+        else:
+            got = self.fs.cat(list(paths), on_error="return") if paths else {}
         files: dict[str, bytes] = {}
         for name, size in entry["files"]:
             data = got.get(_fs.join(self.root, name), FileNotFoundError())

@@ -10,8 +10,11 @@ from logitstore.codecs import _ids
 from logitstore.codecs.topk import row_cumsum
 
 
+@pytest.mark.parametrize("block_rows", [None, 1, 7])
 @pytest.mark.parametrize("vocab", [7, 256, 257, 65536, 70000, 1 << 20])
-def test_runs_round_trip(vocab):
+def test_runs_round_trip(vocab, block_rows, monkeypatch):
+    if block_rows is not None:  # decoding goes block by block; blocks must not leak into rows
+        monkeypatch.setattr(_ids, "BLOCK_ENTRIES", block_rows * min(12, vocab))
     rng = np.random.default_rng(vocab)
     rows, width = 50, min(12, vocab)
     ids = np.stack([rng.choice(vocab, width, replace=False) for _ in range(rows)])
