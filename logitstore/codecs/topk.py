@@ -198,7 +198,9 @@ class TopK(Codec):
             table = _quant.grid(self.values).astype(np.float32)
             rows = max(1, _ids.BLOCK_ENTRIES // max(values.shape[1], 1))
             for a in range(0, values.shape[0], rows):  # blocks stay in cache, as for the ids
-                np.take(table, row_cumsum(values[a : a + rows]), out=d[a : a + rows])
+                # (a corrupt code beyond the grid decodes to its last level)
+                codes = row_cumsum(values[a : a + rows])
+                np.take(table, codes, out=d[a : a + rows], mode="clip")
         else:
             ids = _ids.decode_sorted_ids(fields, "ids")
             d, ids = sort_by_probability(_quant.decode_float(values, self.values), ids)
