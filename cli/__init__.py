@@ -64,7 +64,7 @@ from cli import push as _push  # noqa: E402
 main.add_command(_push.command)
 from cli import teacher_pass as _teacher_pass  # noqa: E402
 
-main.add_command(_teacher_pass.command)
+main.add_command(_teacher_pass.command)  # type: ignore[has-type]  # mypy loses the long decorator chain
 from cli import train as _train  # noqa: E402
 
 main.add_command(_train.command)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -13,7 +14,10 @@ def _parse_storage_options(ctx: click.Context, param: click.Parameter, value: st
     return options_from_json(value)
 
 
-def storage_options(what: str = "the store") -> Any:
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def storage_options(what: str = "the store") -> Callable[[F], F]:
     """``--storage-options JSON``, parsed into a dict (``None`` when not given)."""
     return click.option(
         "--storage-options",

@@ -32,7 +32,7 @@ def is_config_file(spec: str) -> bool:
     return Path(spec).is_file() and Path(spec).suffix in {".json", ".yaml", ".yml"}
 
 
-def load_student(spec: str, *, seed: int = 0) -> torch.nn.Module:
+def load_student(spec: str, *, seed: int = 0) -> Any:
     """A causal LM from a Hub id, a model directory, or a config file (random init, ``seed``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -111,14 +111,12 @@ def init_from_teacher(student: torch.nn.Module, teacher: str, keep_layers: Seque
     student.load_state_dict(picked)
 
 
-def head_size(model: torch.nn.Module) -> int:
+def head_size(model: Any) -> int:
     """Rows of the LM head: the size of the student's softmax."""
     return int(model.get_output_embeddings().weight.shape[0])
 
 
-def check_vocabulary(
-    manifest: Mapping[str, Any], model: torch.nn.Module, tokenizer: Any | None
-) -> list[str]:
+def check_vocabulary(manifest: Mapping[str, Any], model: Any, tokenizer: Any | None) -> list[str]:
     """Refuse a student whose vocabulary or tokenizer differs from the teacher's.
 
     Args:
@@ -176,7 +174,7 @@ class Distiller(nn.Module):
 
     def __init__(
         self,
-        lm: nn.Module,
+        lm: Any,
         *,
         divergence: str,
         params: dict[str, Any],
@@ -222,7 +220,7 @@ class Distiller(nn.Module):
         return loss, hidden.detach()
 
 
-def final_hidden(lm: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+def final_hidden(lm: Any, batch: dict[str, Any]) -> torch.Tensor:
     """Final hidden states at the real positions, ``(N, H)``, row-major over ``position_mask``.
 
     Position ``t`` predicts token ``t + 1``, so the last position of each row is dropped.
@@ -312,7 +310,7 @@ def cross_entropy(
 
 
 def teacher_kl(
-    lm: nn.Module,
+    lm: Any,
     hidden: torch.Tensor,
     batch: dict[str, Any],
     num_items: float,

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     curves: dict[str, list[dict[str, Any]]] = {}
     for name in [d.strip() for d in args.divergences.split(",") if d.strip()]:
         run_dir = out / f"student_{name}"
-        cfg = TrainConfig(
+        train_cfg = TrainConfig(
             store=stores["train"],
             student=str(config_file),
             tokenizer=str(teacher_dir),
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             resume=True,
             device=device,
         )
-        train(cfg)
+        train(train_cfg)
         checkpoint = latest_checkpoint(run_dir)
         metrics = evaluate(str(checkpoint), stores["heldout"], device=device)
         metrics["gap"] = metrics["student_top1_prob"] - metrics["teacher_top1_prob"]

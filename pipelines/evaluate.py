@@ -258,7 +258,7 @@ def _until_eos(ids: list[int], tokenizer: Any) -> list[int]:
 
 
 def diversity(
-    lm: torch.nn.Module,
+    lm: Any,
     tokenizer: Any,
     prompts: Sequence[str],
     *,

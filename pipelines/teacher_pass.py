@@ -541,6 +541,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 
 if __name__ == "__main__":  # torchrun -m pipelines.teacher_pass ... takes the CLI's options
-    from cli import main
+    import importlib
 
-    main(["teacher-pass", *sys.argv[1:]])
+    # Looked up at run time: the CLI imports this module, so no static import back.
+    importlib.import_module("cli").main(["teacher-pass", *sys.argv[1:]])

@@ -211,7 +211,7 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 def save_checkpoint(
     out: Path,
     step: int,
-    lm: nn.Module,
+    lm: Any,
     tokenizer: Any,
     state: dict[str, Any],
     tensors: dict[str, Any],
@@ -464,7 +464,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def _checkpoint(
     out: Path,
-    lm: nn.Module,
+    lm: Any,
     tokenizer: Any,
     state: dict[str, Any],
     optimizer: torch.optim.Optimizer,
