@@ -82,6 +82,12 @@ def _temperatures(ctx: click.Context, param: click.Parameter, value: str | None)
 )
 @click.option("--docs-per-shard", type=int, help="Documents (windows) per shard. [default: 256]")
 @click.option(
+    "--compression-level",
+    type=int,
+    help="zstd level of every array, -7 to 22. 19 stores about 5 % fewer bytes than 9 at the "
+    "same decoding speed, but compresses about 6x slower. [default: 9]",
+)
+@click.option(
     "--fidelity-positions",
     type=int,
     help="Positions per shard measured against the dense teacher. [default: 256]",

@@ -65,8 +65,8 @@ class TeacherPassConfig:
     """Every setting of the teacher pass; loadable from YAML, overridable from the CLI.
 
     Settings that change the stored values (codec, max_length, windowing, temperatures, seed,
-    docs_per_shard, data fields, dtype) are recorded in the store; a resumed run must match
-    them. ``batch_size``, ``device`` and ``progress`` are not recorded.
+    docs_per_shard, compression_level, data fields, dtype) are recorded in the store; a resumed
+    run must match them. ``batch_size``, ``device`` and ``progress`` are not recorded.
     """
 
     teacher: str
@@ -93,6 +93,7 @@ class TeacherPassConfig:
     temperatures: Sequence[float] = (1.0,)
     seed: int = 0
     docs_per_shard: int = 256
+    compression_level: int = 9
     fidelity_positions: int = 256
     resume: bool = False
     storage_options: dict[str, Any] | None = None
@@ -438,6 +439,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
         "metadata": build_metadata(cfg, teacher, source.metadata),
         "vocab_size": teacher.vocab_size,
         "storage_options": cfg.storage_options,
+        "compression_level": cfg.compression_level,
     }
     writer: StoreWriter | None = None
     error: BaseException | None = None

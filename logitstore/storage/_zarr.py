@@ -211,11 +211,12 @@ def _read_canonical(
         return None
     if not canonical:
         return None
-    out = np.zeros(shape, dtype=found)
     key = f"{name}/c/" + "/".join("0" * len(shape))
     blob = files.get(key)
-    if blob is None or out.size == 0:
-        return out  # every chunk equals the fill value (zarr writes nothing)
+    if blob is None or 0 in shape:
+        return np.zeros(shape, dtype=found)  # every chunk is the fill value (nothing written)
+    # Not zeroed first (a pass over memory): every row is written below, or None is returned.
+    out = np.empty(shape, dtype=found)
     n_chunks = shard_rows // CHUNK_ROWS
     index_bytes = 16 * n_chunks
     if len(blob) < index_bytes + 4:
@@ -226,15 +227,21 @@ def _read_canonical(
     zstd = Zstd()
     for c in range(n_chunks):
         offset, nbytes = index[2 * c], index[2 * c + 1]
-        if offset == _EMPTY and nbytes == _EMPTY:
-            continue
         start = c * CHUNK_ROWS
         stop = min(rows, start + CHUNK_ROWS)
+        if offset == _EMPTY and nbytes == _EMPTY:
+            if flat is not None:
+                flat[start:stop] = 0  # a chunk of fill values is not stored
+            continue
         if start >= rows or flat is None or offset + nbytes > len(blob) - index_bytes - 4:
             return None
         frame = memoryview(blob)[int(offset) : int(offset + nbytes)]
         try:
             if stop - start == CHUNK_ROWS:  # a full chunk decompresses straight into place
+                # ... when its frame says it holds exactly the chunk (decoding into a larger
+                # buffer would leave the rest unwritten)
+                if frame_content_size(frame) != CHUNK_ROWS * row_bytes:
+                    return None
                 zstd.decode(frame, out=flat[start:stop])
                 continue
             chunk = np.frombuffer(zstd.decode(frame), dtype=np.uint8)
@@ -244,3 +251,23 @@ def _read_canonical(
             return None
         flat[start:stop] = chunk.reshape(CHUNK_ROWS, row_bytes)[: stop - start]
     return out
+
+
+def frame_content_size(frame: memoryview | bytes) -> int | None:
+    """The decompressed size a zstd frame declares in its header, or ``None`` if it declares none.
+
+    Frame header (RFC 8878, 3.1.1): magic ``28 B5 2F FD``, a descriptor byte (bits 7-6: size
+    of the content-size field, bit 5: single segment, bits 1-0: size of the dictionary id), an
+    optional window byte, the dictionary id, then the content size (little endian; a 2-byte
+    field stores ``size - 256``).
+    """
+    if len(frame) < 6 or bytes(frame[:4]) != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = frame[4]
+    single = (descriptor >> 5) & 1
+    width = (single, 2, 4, 8)[descriptor >> 6]
+    at = 5 + (1 - single) + (0, 1, 2, 4)[descriptor & 3]
+    if width == 0 or len(frame) < at + width:
+        return None
+    size = int.from_bytes(bytes(frame[at : at + width]), "little")
+    return size + 256 if width == 2 else size

@@ -222,6 +222,18 @@ def test_resume_refuses_different_settings(tmp_path, tiny_teacher_dir, text_json
             docs_per_shard=4,
             resume=True,
         )
+    with pytest.raises(SettingsMismatchError, match="compression_level"):
+        run(
+            tiny_teacher_dir,
+            text_jsonl,
+            out,
+            k=8,
+            max_length=32,
+            limit=1,
+            docs_per_shard=4,
+            compression_level=19,
+            resume=True,
+        )
     # Same settings: everything is committed, so resuming writes nothing and re-finalizes.
     summary = run(
         tiny_teacher_dir,
@@ -363,3 +375,20 @@ def test_codec_is_fitted_on_the_first_batch_and_reused_on_resume(
         SettingsMismatchError, match="codec configuration.k is 8 in the store but 9"
     ):
         run(tiny_teacher_dir, text_jsonl, out, resume=True, **{**kw, "k": 9})
+
+
+def test_compression_level_changes_bytes_not_values(tmp_path, tiny_teacher_dir, text_jsonl):
+    from logitstore import open_store
+
+    stores = {}
+    for level in (1, 19):
+        out = tmp_path / f"level{level}"
+        manifest = run(
+            tiny_teacher_dir, text_jsonl, out, k=16, max_length=64, compression_level=level
+        )["manifest"]
+        assert manifest["compression_level"] == level
+        stores[level] = (manifest["statistics"]["bytes_per_token"], open_store(str(out)))
+    assert stores[19][0] < stores[1][0]
+    for a, b in zip(stores[1][1], stores[19][1], strict=True):
+        np.testing.assert_array_equal(a.support_ids, b.support_ids)
+        np.testing.assert_array_equal(a.support_logprobs, b.support_logprobs)

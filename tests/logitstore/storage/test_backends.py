@@ -204,3 +204,43 @@ def test_other_zarr_layouts_go_through_zarr_python():
     assert _read_canonical(local, "a", "uint8", arrays.fields["a"].shape) is None
     back = impl.decode("s.zarr", files, specs, expected_positions=arrays.num_positions)
     np.testing.assert_array_equal(back.fields["a"], arrays.fields["a"])
+
+
+def test_frame_content_size_reads_every_header_width():
+    from numcodecs import Zstd
+
+    from logitstore.storage._zarr import frame_content_size
+
+    rng = np.random.default_rng(0)
+    # 1-, 2-, 4- and 8-byte size fields (zstd picks the width from the size).
+    for n in (0, 1, 255, 256, 300, 65535, 65536 + 300, 262144, 5_000_000):
+        frame = Zstd(level=3).encode(rng.integers(0, 4, n, dtype=np.uint8).tobytes())
+        assert frame_content_size(frame) == n
+    assert frame_content_size(b"not a zstd frame") is None
+
+
+def test_a_frame_shorter_than_its_chunk_is_not_read_into_place():
+    # The fast reader decompresses full chunks straight into an uninitialised array; a frame
+    # that declares fewer bytes than a chunk (a store written by something else, or forged
+    # with a matching checksum) must not leave memory unwritten: it falls back to zarr-python.
+    from numcodecs import Zstd
+
+    from logitstore.storage._zarr import CHUNK_ROWS, _read_canonical
+
+    arrays, specs = _large_shard()
+    files = BACKENDS["zarr"].encode("s.zarr", arrays, specs, vocab_size=70000, compression_level=3)
+    local = {k[len("s.zarr/") :]: v for k, v in files.items()}
+    blob = local["a/c/0/0"]
+    n_chunks = -(-arrays.num_positions // CHUNK_ROWS)
+    index = np.frombuffer(blob, "<u8", 2 * n_chunks, len(blob) - 16 * n_chunks - 4).copy()
+    frames = [blob[int(o) : int(o + n)] for o, n in index.reshape(-1, 2)]
+    frames[0] = Zstd(level=3).encode(bytes(CHUNK_ROWS * 5 - 7))  # 7 bytes short
+    offsets = np.cumsum([0] + [len(f) for f in frames[:-1]])
+    index = np.stack([offsets, [len(f) for f in frames]], axis=1).astype("<u8")
+    local["a/c/0/0"] = b"".join(frames) + index.tobytes() + bytes(4)
+    assert _read_canonical(local, "a", "uint8", arrays.fields["a"].shape) is None
+    assert _read_canonical(files_of(files), "a", "uint8", arrays.fields["a"].shape) is not None
+
+
+def files_of(files):
+    return {k[len("s.zarr/") :]: v for k, v in files.items()}
