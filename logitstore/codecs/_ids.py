@@ -77,9 +77,9 @@ def decode_sorted_ids(
     if not planes:
         raise KeyError(f"no id planes named {prefix}0, {prefix}1, ...")
     shape = planes[0].shape
-    out = np.zeros(shape, dtype=np.int64)
     if planes[0].size == 0:
-        return out
+        return np.zeros(shape, dtype=np.int64)
+    out = np.empty(shape, dtype=np.int64)  # every block is written whole below
     rows = max(1, BLOCK_ENTRIES // max(shape[1], 1))
     for a in range(0, shape[0], rows):
         b = min(shape[0], a + rows)
