@@ -199,52 +199,17 @@ def test_chat_data_parquet_backend(tmp_path, tiny_teacher_dir, tiny_tokenizer):
 
 def test_resume_refuses_different_settings(tmp_path, tiny_teacher_dir, text_jsonl):
     out = tmp_path / "store"
-    run(tiny_teacher_dir, text_jsonl, out, k=8, max_length=32, limit=1, docs_per_shard=4)
-    with pytest.raises(SettingsMismatchError, match="codec.configuration.k"):
-        run(
-            tiny_teacher_dir,
-            text_jsonl,
-            out,
-            k=9,
-            max_length=32,
-            limit=1,
-            docs_per_shard=4,
-            resume=True,
-        )
-    with pytest.raises(SettingsMismatchError, match="capture.max_length"):
-        run(
-            tiny_teacher_dir,
-            text_jsonl,
-            out,
-            k=8,
-            max_length=33,
-            limit=1,
-            docs_per_shard=4,
-            resume=True,
-        )
-    with pytest.raises(SettingsMismatchError, match="compression_level"):
-        run(
-            tiny_teacher_dir,
-            text_jsonl,
-            out,
-            k=8,
-            max_length=32,
-            limit=1,
-            docs_per_shard=4,
-            compression_level=19,
-            resume=True,
-        )
+    settings = {"k": 8, "max_length": 32, "limit": 1, "docs_per_shard": 4}
+    run(tiny_teacher_dir, text_jsonl, out, **settings)
+    for match, change in (
+        ("codec.configuration.k", {"k": 9}),
+        ("capture.max_length", {"max_length": 33}),
+        ("compression_level", {"compression_level": 19}),
+    ):
+        with pytest.raises(SettingsMismatchError, match=match):
+            run(tiny_teacher_dir, text_jsonl, out, **{**settings, **change}, resume=True)
     # Same settings: everything is committed, so resuming writes nothing and re-finalizes.
-    summary = run(
-        tiny_teacher_dir,
-        text_jsonl,
-        out,
-        k=8,
-        max_length=32,
-        limit=1,
-        docs_per_shard=4,
-        resume=True,
-    )
+    summary = run(tiny_teacher_dir, text_jsonl, out, **settings, resume=True)
     assert summary["shards_written"] == [] and summary["manifest"]["statistics"]["documents"] > 0
 
 
