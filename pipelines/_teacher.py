@@ -268,8 +268,7 @@ def fit_codec(
     sample: Sequence[Any],
     *,
     resume_from: dict[str, Any] | None = None,
-    forwarded: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> Any:
+) -> tuple[Any, tuple[torch.Tensor, torch.Tensor] | None]:
     """The codec adapted to this teacher (e.g. top-k's storage order of ids) on ``sample``.
 
     Args:
@@ -280,9 +279,11 @@ def fit_codec(
         resume_from: the settings of the store being resumed, if any. Its fitted codec is
             reused when the user's request matches it, so a resume on other hardware (where
             near-ties in the teacher's top-k could fall the other way) cannot change it.
-        forwarded: ``forward_batch(teacher.model, sample, ...)``'s output, if the caller has
-            it (the teacher pass runs its first batch once and keeps the logits); by default
-            the batch is run here.
+
+    Returns:
+        ``(codec, forwarded)``: ``forwarded`` is ``forward_batch``'s output for ``sample`` when
+        fitting ran it (the teacher pass stores that batch from it instead of running it
+        again), else ``None`` (a resumed codec, or one with nothing to learn).
 
     Raises:
         SettingsMismatchError: ``resume_from`` was made with another codec request.
@@ -295,15 +296,15 @@ def fit_codec(
         previous = codec_from_json(resume_from["codec"])
         diff = fmt.first_difference(previous.unfit().to_json(), codec.to_json())
         if diff is None:
-            return previous
+            return previous, None
         key, old, new = diff
         raise SettingsMismatchError(
             f"the store was created with different settings: codec {key} is {old!r} in the "
             f"store but {new!r} in this run"
         )
     if type(codec).fit is Codec.fit:  # nothing to learn: no forward
-        return codec
+        return codec, None
     with torch.inference_mode():
-        logits, ids = forwarded or forward_batch(teacher.model, sample, teacher.device)
+        logits, ids = forwarded = forward_batch(teacher.model, sample, teacher.device)
         rows = torch.cat([z for _, z, _ in window_logits(logits, ids, sample)])
-    return codec.fit(rows)
+    return codec.fit(rows), forwarded

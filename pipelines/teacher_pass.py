@@ -324,10 +324,7 @@ def _fitted_codec(
         try:
             stored = stored_settings(cfg.out, cfg.storage_options) if cfg.resume else None
             first = [shards[0][j] for j in plan_batches(shards[0], cfg.batch_size)[0]]
-            if stored is None and type(codec).fit is not Codec.fit:
-                with torch.inference_mode():
-                    forwarded = forward_batch(teacher.model, first, teacher.device)
-            codec = fit_codec(codec, teacher, first, resume_from=stored, forwarded=forwarded)
+            codec, forwarded = fit_codec(codec, teacher, first, resume_from=stored)
         except LogitstoreError as exc:
             error = exc
     _agree(error, world, "fitting the codec")
