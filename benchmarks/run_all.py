@@ -76,6 +76,17 @@ SECTIONS = [
         "zstd baseline at the same k.",
     ),
     Section(
+        "id_bounds",
+        "Store size at k = 128: where the bytes go, and bounds for other layouts",
+        "benchmarks.bench_id_bounds",
+        ("--tokens", "4000"),
+        ("--tokens", "600"),
+        "Real teacher over held-out real text: the shipped top-k layout field by field, the "
+        "support set alone under other coders and models (entropy bounds, an oracle "
+        "per-token model, the previous position, block dictionaries) and the values at a "
+        "bucket-KL target, against the 156 B/token aim.",
+    ),
+    Section(
         "teacher_pass",
         "Teacher pass against a bare forward",
         "benchmarks.bench_teacher_pass",
