@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from logitstore.codecs import _ids, _quant, _scalars
+from logitstore.codecs import _ids, _quant, _scalars, _select
 from logitstore.codecs.base import Codec, FieldSpec, Positions
 from logitstore.errors import ConfigError
 
@@ -160,7 +160,7 @@ class TopK(Codec):
 
         def scan(z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
             """The passes over the vocabulary, one block of rows at a time."""
-            top_vals, top_ids = z.topk(self.k, dim=1)  # most probable first
+            top_vals, top_ids = _select.top_k(z, self.k)  # most probable first
             out, norm = _scalars.encode_scalars(z, y, top_ids, temperatures, row_max=top_vals[:, 0])
             out["top1"] = -norm.log_sum  # the top-1's (z - max) is 0
             return {**out, "top_vals": top_vals, "top_ids": top_ids}
