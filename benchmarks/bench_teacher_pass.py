@@ -13,6 +13,12 @@ alternates, in the same run:
 and prints tokens/s of each and the ratio ``pass / bare`` (best of ``--repeats`` each). The aim:
 >= 0.90x on CPU, >= 0.97x on a GPU. Not a test: it prints figures.
 
+``--compare-topk`` adds a third run to every repeat, ``pass-torch-topk``: the same pass with the
+codec's support selection (``logitstore.codecs._select.top_k``) replaced by plain
+``torch.topk``, so the two selections are compared in the same process and machine state. The
+order of the runs rotates between repeats, and the median of per-repeat ratios is printed too
+(less sensitive to a machine whose speed drifts than best-of or median-of-each).
+
 Fixed costs (loading the data, fitting the codec on the first batch, the manifest) are part of
 the pass's time; ``--tokens`` (default 12000) sets how much text they are spread over.
 
@@ -22,15 +28,18 @@ the pass's time; ``--tokens`` (default 12000) sets how much text they are spread
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+import logitstore.codecs.topk as topk_module
 from pipelines._data import build_windows, load_rows
 from pipelines._teacher import load_teacher
 from pipelines.teacher_pass import TeacherPassConfig, plan_batches, plan_shards, run_teacher_pass
@@ -86,6 +95,25 @@ def bare_forward(teacher, shards, batch_size: int) -> None:
         torch.cuda.synchronize()
 
 
+class _TorchTopK:
+    """Stands in for ``logitstore.codecs._select`` with plain ``torch.topk``."""
+
+    @staticmethod
+    def top_k(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return z.topk(k, dim=1)
+
+
+@contextlib.contextmanager
+def torch_topk_selection() -> Iterator[None]:
+    """The top-k codec selects its support with ``torch.topk`` inside this block."""
+    saved = topk_module._select
+    topk_module._select = _TorchTopK  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        topk_module._select = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -99,6 +127,9 @@ def main() -> None:
     parser.add_argument("--values", default="q8")
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--compare-topk", action="store_true", help="also run the pass with plain torch.topk"
+    )
     args = parser.parse_args()
 
     gguf = args.gguf or default_gguf()
@@ -123,32 +154,37 @@ def main() -> None:
             f"{len(windows)} windows, {len(shards)} shards, {tokens} tokens, batch {args.batch_size}"
         )
         bare_forward(teacher, shards[:1], args.batch_size)  # warm-up
-        times: dict[str, list[tuple[float, float]]] = {"bare": [], "pass": []}
+        modes = ["bare", "pass"] + (["pass-torch-topk"] if args.compare_topk else [])
+        times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
         summary: dict = {}
         for r in range(args.repeats):
-            cfg.out = str(Path(tmp) / f"store{r}")
-            # Alternate which runs first, so a drift in machine load favours neither.
-            for mode in ("bare", "pass") if r % 2 == 0 else ("pass", "bare"):
+            # Rotate which runs first, so a drift in machine load favours none.
+            for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
                 if mode == "bare":
                     _, wall, cpu = timed(bare_forward, teacher, shards, args.batch_size)
                 else:
-                    summary, wall, cpu = timed(run_teacher_pass, cfg, teacher=teacher)
+                    cfg.out = str(Path(tmp) / f"store{r}-{mode}")
+                    plain = mode == "pass-torch-topk"
+                    with torch_topk_selection() if plain else contextlib.nullcontext():
+                        summary, wall, cpu = timed(run_teacher_pass, cfg, teacher=teacher)
                     assert summary["tokens"] == tokens
                 times[mode].append((wall, cpu))
-            print(
-                f"  repeat {r}: bare {tokens / times['bare'][-1][0]:,.1f} tok/s, "
-                f"pass {tokens / times['pass'][-1][0]:,.1f} tok/s (wall clock)"
-            )
+            rates = ", ".join(f"{m} {tokens / times[m][-1][0]:,.1f}" for m in modes)
+            print(f"  repeat {r}: {rates} tok/s (wall clock)")
     for col, what in ((0, "wall clock"), (1, "CPU time of the process")):
         bare = [t[col] for t in times["bare"]]
-        full = [t[col] for t in times["pass"]]
         print(f"{what}:")
         print(f"  bare forward : {tokens / min(bare):9,.1f} tok/s (best of {args.repeats})")
-        print(f"  teacher pass : {tokens / min(full):9,.1f} tok/s (best of {args.repeats})")
-        print(
-            f"  ratio pass / bare: {min(bare) / min(full):.3f}x (best), "
-            f"{statistics.median(bare) / statistics.median(full):.3f}x (median)"
-        )
+        for mode in modes[1:]:
+            full = [t[col] for t in times[mode]]
+            name = "teacher pass" if mode == "pass" else mode
+            paired = statistics.median(b / f for b, f in zip(bare, full))
+            print(f"  {name} : {tokens / min(full):9,.1f} tok/s (best of {args.repeats})")
+            print(
+                f"  ratio {mode} / bare: {min(bare) / min(full):.3f}x (best), "
+                f"{statistics.median(bare) / statistics.median(full):.3f}x (median), "
+                f"{paired:.3f}x (median of repeats)"
+            )
     stats = summary["manifest"]["statistics"]
     fid = stats.get("fidelity", {})
     print(
