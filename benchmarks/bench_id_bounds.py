@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_codecs import find_gguf, store_bytes, teacher_positions, token_dtype
-from logitstore.codecs import Positions, TopK, fidelity_sums, merge_fidelity, summarize_fidelity
+from logitstore.codecs import Positions, TopK, fidelity_sums, summarize_fidelity
 from logitstore.codecs._ids import hot_forward
 
 K = 128
@@ -100,12 +100,15 @@ def with_dictionaries(
     return out, plane_bytes(g)
 
 
-def compander_codes(d: np.ndarray, step: float, scale: float = 3.0) -> np.ndarray:
-    """Codes on the ``topk`` grid family: levels uniform in ``1 - exp(-d / scale)``."""
+def compander_codes(
+    d: np.ndarray, step: float, scale: float = 3.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Codes on the ``topk`` grid family (levels uniform in ``1 - exp(-d / scale)``) and the
+    distances they decode to."""
     u = -np.expm1(-d / scale)
     codes = np.clip(np.rint(u / step), 1, np.floor((1 - 1e-9) / step))
     codes[:, 0] = 0
-    return codes.astype(np.int64)
+    return codes.astype(np.int64), -scale * np.log1p(-codes * step)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -179,8 +182,7 @@ def run(args: argparse.Namespace) -> None:
     lo, hi = 1e-4, 0.5
     for _ in range(20):
         mid = (lo * hi) ** 0.5
-        codes = compander_codes(d, mid)
-        approx = -3.0 * np.log1p(-codes * mid)
+        _, approx = compander_codes(d, mid)
         trial = Positions(
             support_ids=top.indices.numpy(),
             support_logprobs=(top.values[:, :1].numpy() - approx).astype(np.float32),
@@ -189,9 +191,9 @@ def run(args: argparse.Namespace) -> None:
             tail_logsumexp=decoded.tail_logsumexp,
             entropy=decoded.entropy,
         )
-        kl = summarize_fidelity(merge_fidelity([fidelity_sums(lp, trial, labels)]))["bucket_kl"]
+        kl = summarize_fidelity(fidelity_sums(lp, trial, labels))["bucket_kl"]
         lo, hi = (mid, hi) if kl <= args.kl else (lo, mid)
-    codes = compander_codes(d, lo)
+    codes, _ = compander_codes(d, lo)
     in_set_order = np.take_along_axis(codes, order, axis=1)
     values = store_bytes(in_set_order.astype(np.uint8)) / num
     print(
