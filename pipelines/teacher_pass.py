@@ -23,40 +23,37 @@ Multi-process: launched by ``torchrun`` (``WORLD_SIZE > 1``), rank 0 creates or 
 store, the others join it, each writes its own shards, and rank 0 writes the manifest after
 every rank succeeded. Run as ``python -m pipelines.teacher_pass`` with the options of
 ``logitstore teacher-pass``.
+
+The worker lives in ``pipelines/_encoder.py``, the torchrun helpers in ``pipelines/_ranks.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import os
-import queue
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed
 from tqdm import tqdm
 
-from logitstore.codecs import Codec, codec_from_json, fidelity_sums, get_codec, merge_fidelity
+from logitstore.codecs import Codec, codec_from_json, get_codec
 from logitstore.errors import ConfigError, LogitstoreError
-from logitstore.writer import EncodedDocument, StoreWriter, stored_settings
+from logitstore.writer import StoreWriter, stored_settings
 from pipelines._data import ISOLATION, WINDOWING_POLICY, Window, build_windows, load_rows
+from pipelines._encoder import ShardBuffer, Worker
+from pipelines._ranks import agree, init_distributed, rank_device
 from pipelines._teacher import (
     Teacher,
     fit_codec,
     forward_batch,
     load_teacher,
-    resolve_device,
     tokenizer_fingerprint,
-    window_logits,
 )
 
 
@@ -158,151 +155,7 @@ def plan_batches(windows: Sequence[Window], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _digest_int(*parts: object) -> int:
-    raw = hashlib.sha256("\0".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(raw[:8], "little") & ((1 << 63) - 1)
-
-
-def fidelity_rows(
-    windows: Sequence[Window], count: int, seed: int, shard: int
-) -> dict[int, np.ndarray]:
-    """A deterministic sample of up to ``count`` positions of one shard, by window index."""
-    sizes = np.array([w.num_tokens - 1 for w in windows])
-    total = int(sizes.sum())
-    rng = np.random.default_rng(_digest_int(seed, "fidelity", shard))
-    chosen = np.sort(rng.choice(total, size=min(count, total), replace=False))
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    owner = np.searchsorted(starts, chosen, side="right") - 1
-    return {int(j): chosen[owner == j] - starts[j] for j in np.unique(owner)}
-
-
-# -- background worker -----------------------------------------------------------------------
-
-
-class _ShardBuffer:
-    """One shard being encoded: its windows, their encoded documents and fidelity sums."""
-
-    def __init__(self, index: int, windows: Sequence[Window], cfg: TeacherPassConfig) -> None:
-        self.index = index
-        self.windows = windows
-        self.slot = {id(w): j for j, w in enumerate(windows)}
-        self.sample = fidelity_rows(windows, cfg.fidelity_positions, cfg.seed, index)
-        self.docs: list[EncodedDocument | None] = [None] * len(windows)
-        self.fidelity: list[dict[str, float]] = []
-
-
-class _Worker:
-    """Encodes forwarded batches and commits finished shards on a thread.
-
-    The main thread only runs forwards (and the NaN check), so encoding on the device, the copy
-    of encoded arrays to the host and the shard commits overlap the next forward. The queue is
-    bounded (``depth`` batches of logits wait at most). An error in the thread is re-raised in
-    the main thread at its next ``submit`` or at ``close``; after one, no later shard is
-    committed.
-    """
-
-    def __init__(
-        self,
-        writer: StoreWriter,
-        codec: Codec,
-        cfg: TeacherPassConfig,
-        device: torch.device,
-        depth: int = 1,
-    ) -> None:
-        self.writer, self.codec, self.cfg, self.device = writer, codec, cfg, device
-        self.temperatures = cfg.extra_temperatures()
-        self.records: list[dict[str, Any]] = []
-        self.error: BaseException | None = None
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="logitstore-worker", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with torch.inference_mode():  # thread-local, so entered here too
-            while (job := self._queue.get()) is not None:
-                if self.error is not None:
-                    continue
-                try:
-                    if len(job) == 4:
-                        self._encode(*job)
-                    else:
-                        self._commit(*job)
-                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                    self.error = exc
-
-    def _encode(
-        self,
-        shard: _ShardBuffer,
-        windows: Sequence[Window],
-        logits: torch.Tensor,
-        ids: torch.Tensor,
-    ) -> None:
-        for b, rows, labels in window_logits(logits, ids, windows):
-            w = windows[b]
-            gen = torch.Generator(device=self.device).manual_seed(
-                _digest_int(self.cfg.seed, w.doc_id)
-            )
-            encoded = self.codec.encode(rows, labels, temperatures=self.temperatures, generator=gen)
-            fields = {name: t.cpu().numpy() for name, t in encoded.items()}
-            j = shard.slot[id(w)]
-            shard.docs[j] = EncodedDocument(w.doc_id, w.input_ids, w.loss_mask, fields)
-            if j in shard.sample:
-                sample = shard.sample[j]
-                decoded = self.codec.decode({k: v[sample] for k, v in fields.items()})
-                picked = torch.from_numpy(sample).to(self.device)
-                dense = rows[picked].log_softmax(dim=-1)
-                shard.fidelity.append(fidelity_sums(dense, decoded, labels[picked]))
-
-    def _commit(self, shard: _ShardBuffer) -> None:
-        docs = [d for d in shard.docs if d is not None]
-        assert len(docs) == len(shard.windows), "every window of a shard is encoded before commit"
-        fidelity = merge_fidelity(shard.fidelity) if shard.fidelity else None
-        self.records.append(self.writer.write_shard(shard.index, docs, fidelity))
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def submit(self, *job: Any) -> None:
-        """Queue ``(shard, windows, logits, ids)`` to encode or ``(shard,)`` to commit."""
-        self._raise()
-        while True:
-            try:
-                self._queue.put(job, timeout=0.5)
-                return
-            except queue.Full:
-                self._raise()
-
-    def close(self) -> None:
-        """Finish the queued jobs (complete shards are still committed), then re-raise."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
-
-
 # -- multi-process ---------------------------------------------------------------------------
-
-
-def _rank_device(device: str | None) -> torch.device:
-    """The device of this process: under torchrun, CUDA device ``LOCAL_RANK`` unless given."""
-    dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return dev
-
-
-def _init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _fitted_codec(
@@ -327,32 +180,12 @@ def _fitted_codec(
             codec, forwarded = fit_codec(codec, teacher, first, resume_from=stored)
         except LogitstoreError as exc:
             error = exc
-    _agree(error, world, "fitting the codec")
+    agree(error, world, "fitting the codec")
     if world > 1:
         payload = [codec.to_json()]
         torch.distributed.broadcast_object_list(payload, src=0)
         codec = codec_from_json(payload[0])
     return codec, forwarded
-
-
-def _agree(error: BaseException | None, world: int, what: str) -> None:
-    """Collective: raise on every rank when any rank failed (so none waits at a barrier)."""
-    if world > 1:
-        import torch.distributed as dist
-
-        on = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend() == "nccl"
-            else None
-        )
-        flag = torch.tensor(
-            [0 if error is None else 1], device=on
-        )  # NCCL reduces CUDA tensors only
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if error is None and int(flag.item()):
-            raise LogitstoreError(f"another rank failed during {what}; see its error")
-    if error is not None:
-        raise error
 
 
 # -- the pass ----------------------------------------------------------------------------------
@@ -408,8 +241,8 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
     # ---- setup
     codec = cfg.build_codec()
     temps = cfg.extra_temperatures()
-    device = teacher.device if teacher else _rank_device(cfg.device)
-    rank, world = _init_distributed(device)
+    device = teacher.device if teacher else rank_device(cfg.device)
+    rank, world = init_distributed(device)
     teacher = teacher or load_teacher(
         cfg.teacher,
         gguf_file=cfg.gguf_file,
@@ -445,13 +278,13 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
             writer = StoreWriter(cfg.out, mode="resume" if cfg.resume else "create", **open_args)
         except LogitstoreError as exc:
             error = exc
-    _agree(error, world, "opening the store")
+    agree(error, world, "opening the store")
     if rank != 0:
         try:
             writer = StoreWriter(cfg.out, mode="join", **open_args)
         except LogitstoreError as exc:
             error = exc
-    _agree(error, world, "joining the store")
+    agree(error, world, "joining the store")
     assert writer is not None
     committed = writer.committed_shards()
     state: dict[str, Any] = {
@@ -467,12 +300,14 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
     show = cfg.progress and rank == 0 and sys.stderr.isatty()
     total_docs = sum(len(shards[i]) for i in state["todo"])
     progress = tqdm(total=total_docs, unit="doc", disable=not show, dynamic_ncols=True)
-    worker = _Worker(writer, codec, cfg, teacher.device)
+    worker = Worker(writer, codec, temperatures=temps, seed=cfg.seed, device=teacher.device)
     start = time.perf_counter()
     try:
         with torch.inference_mode():
             for i in state["todo"]:
-                shard = _ShardBuffer(i, shards[i], cfg)
+                shard = ShardBuffer(
+                    i, shards[i], fidelity_positions=cfg.fidelity_positions, seed=cfg.seed
+                )
                 for batch in plan_batches(shard.windows, cfg.batch_size):
                     windows = [shard.windows[j] for j in batch]
                     if i == 0 and first_batch is not None:  # run once already, to fit on
@@ -495,7 +330,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
         error = exc
     finally:
         progress.close()
-    _agree(error, world, "the teacher pass")
+    agree(error, world, "the teacher pass")
 
     # ---- save
     if world > 1:
