@@ -19,9 +19,10 @@ from logitstore.errors import (
     TokenizerMismatchError,
     UnknownNameError,
 )
+from pipelines._optim import lr_factor
 from pipelines._student import init_from_teacher, load_student
 from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
-from pipelines.train import Distiller, TrainConfig, lr_factor, temperature_index, train
+from pipelines.train import Distiller, TrainConfig, temperature_index, train
 
 
 @pytest.fixture(autouse=True, scope="module")
