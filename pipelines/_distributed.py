@@ -1,8 +1,9 @@
-"""The processes of a training run: the process group, this rank's device, two collectives.
+"""The processes of a run: this rank's device, the process group, and a few collectives.
 
 ``torchrun`` describes the group in the environment (``WORLD_SIZE``, ``LOCAL_RANK``); without
 it, or with one process, no group is created and the collectives return their input, so a
-single-process run needs no ``torchrun``. The group uses gloo on CPU and NCCL on CUDA.
+single-process run needs no ``torchrun``. The group uses NCCL when this rank's device is a GPU
+and gloo otherwise. Both stages, the teacher pass and training, use these.
 """
 
 from __future__ import annotations
@@ -13,30 +14,37 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-def init_processes() -> tuple[bool, int, int]:
-    """Join the process group ``torchrun`` set up, if there is more than one process.
-
-    Returns:
-        whether the run is distributed, this process's rank, and the number of processes.
-    """
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-    return distributed, rank, world
+from logitstore.errors import LogitstoreError
 
 
 def pick_device(name: str | None) -> torch.device:
-    """``name`` if given, else this rank's GPU (``LOCAL_RANK``, made current), else the CPU."""
+    """This rank's device: ``name``, or CUDA when available, else the CPU.
+
+    A CUDA device without an index (``"cuda"`` or the default) is GPU ``LOCAL_RANK`` (0 when not
+    under torchrun), made the current device, so every rank of a node uses its own GPU.
+    """
     if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
+        device = torch.device(name)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
+    return device
+
+
+def init_processes(device: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun set up, if there is more than one process.
+
+    Returns:
+        this process's rank and the number of processes.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def is_distributed() -> bool:
@@ -59,3 +67,19 @@ def gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def agree(error: BaseException | None, world: int, what: str) -> None:
+    """Collective: raise on every rank when any rank failed (so none waits at a barrier)."""
+    if world > 1:
+        on = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else None
+        )  # NCCL reduces CUDA tensors only
+        flag = torch.tensor([0 if error is None else 1], device=on)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if error is None and int(flag.item()):
+            raise LogitstoreError(f"another rank failed during {what}; see its error")
+    if error is not None:
+        raise error

@@ -24,7 +24,7 @@ store, the others join it, each writes its own shards, and rank 0 writes the man
 every rank succeeded. Run as ``python -m pipelines.teacher_pass`` with the options of
 ``logitstore teacher-pass``.
 
-The worker lives in ``pipelines/_encoder.py``, the torchrun helpers in ``pipelines/_ranks.py``.
+The worker lives in ``pipelines/_encoder.py``; ranks and collectives in ``pipelines/_distributed.py``.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from logitstore.codecs import Codec, codec_from_json, get_codec
 from logitstore.errors import ConfigError, LogitstoreError
 from logitstore.writer import StoreWriter, stored_settings
 from pipelines._data import ISOLATION, WINDOWING_POLICY, Window, build_windows, load_rows
+from pipelines._distributed import agree, init_processes, pick_device
 from pipelines._encoder import ShardBuffer, Worker
-from pipelines._ranks import agree, init_distributed, rank_device
 from pipelines._teacher import (
     Teacher,
     fit_codec,
@@ -241,8 +241,8 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
     # ---- setup
     codec = cfg.build_codec()
     temps = cfg.extra_temperatures()
-    device = teacher.device if teacher else rank_device(cfg.device)
-    rank, world = init_distributed(device)
+    device = teacher.device if teacher else pick_device(cfg.device)
+    rank, world = init_processes(device)
     teacher = teacher or load_teacher(
         cfg.teacher,
         gguf_file=cfg.gguf_file,

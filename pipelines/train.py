@@ -154,8 +154,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # ---- setup -------------------------------------------------------------------------------
     from logitstore.divergences import DIVERGENCES
 
-    distributed, rank, world = init_processes()
     device = pick_device(config.device)
+    rank, world = init_processes(device)
+    distributed = world > 1
     out = Path(config.out)
     check_writable(out)  # before any loading
     DIVERGENCES[config.divergence]  # unknown names fail before any loading
