@@ -10,19 +10,28 @@ alternates, in the same run:
   tokenisation, forward, float32 log-softmax, NaN check, encoding, fidelity sample, the
   background writer and the manifest.
 
-and prints tokens/s of each and the ratio ``pass / bare`` (best of ``--repeats`` each). The aim:
->= 0.90x on CPU, >= 0.97x on a GPU. Not a test: it prints figures.
+and prints tokens/s of each and the ratio ``pass / bare``. The aim: >= 0.90x on CPU, >= 0.97x on
+a GPU. Not a test: it prints figures.
 
-``--compare-topk`` adds a third run to every repeat, ``pass-torch-topk``: the same pass with the
-codec's support selection (``logitstore.codecs._select.top_k``) replaced by plain
-``torch.topk``, so the two selections are compared in the same process and machine state. The
-order of the runs rotates between repeats, and the median of per-repeat ratios is printed too
-(less sensitive to a machine whose speed drifts than best-of or median-of-each).
+Runs alternate ``bare, pass, bare, pass, ..., bare`` (``--repeats`` passes). Each pass is set
+against the geometric mean of the two bare runs beside it, and the median of those ratios is the
+figure to read: this machine's speed drifts by 10-20 % between runs of half a minute, more than
+the pass costs, and a drift that is steady over three runs cancels this way. A control line
+prints each bare run's speed over the previous bare run's (what the noise alone does), and the
+ratio of best-of-each is printed too.
+
+The pass runs with the codec defaults (k = 128, q6 values) and samples one fidelity position per
+document, the rate of the pass's defaults (256 positions in shards of 256 documents), in the
+benchmark's smaller shards (8 documents, so several shards are committed while the forward runs).
+
+``--compare-topk`` adds the pass with the codec's support selection
+(``logitstore.codecs._select.top_k``) replaced by plain ``torch.topk`` (``pass-torch-topk``),
+alternating with the plain pass, each again between two bare runs.
 
 Fixed costs (loading the data, fitting the codec on the first batch, the manifest) are part of
 the pass's time; ``--tokens`` (default 12000) sets how much text they are spread over.
 
-    python -m benchmarks.bench_teacher_pass [--tokens 12000] [--device cpu] [--repeats 2]
+    python -m benchmarks.bench_teacher_pass [--tokens 12000] [--device cpu] [--repeats 4]
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -114,6 +124,26 @@ def torch_topk_selection() -> Iterator[None]:
         topk_module._select = saved
 
 
+def sandwich(runs: list[tuple[str, float, float]], col: int) -> dict[str, list[float]]:
+    """Each pass run's speed over the geometric mean speed of the bare runs just before and after.
+
+    ``runs`` alternate ``bare, pass, bare, pass, ..., bare`` (``(mode, wall, cpu)`` each); a
+    steady drift in the machine's speed (the same factor per run) cancels in these ratios. The
+    ``"bare"`` entry holds each bare run's speed over the one before it: what this machine's
+    noise alone does to a ratio.
+    """
+
+    def speed(run: tuple[str, float, float]) -> float:
+        return 1 / run[1 + col]
+
+    out: dict[str, list[float]] = {}
+    for before, run, after in zip(runs[0::2], runs[1::2], runs[2::2]):
+        out.setdefault(run[0], []).append(speed(run) / math.sqrt(speed(before) * speed(after)))
+    bare_runs = [r for r in runs if r[0] == "bare"]
+    out["bare"] = [speed(r) / speed(prev) for prev, r in zip(bare_runs, bare_runs[1:])]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -124,9 +154,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--docs-per-shard", type=int, default=8)
     parser.add_argument("--k", type=int, default=128)
-    parser.add_argument("--values", default="q8")
+    parser.add_argument("--values", default="q6")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4, help="pass runs of each kind")
     parser.add_argument(
         "--compare-topk", action="store_true", help="also run the pass with plain torch.topk"
     )
@@ -142,49 +172,61 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "docs.jsonl"
         write_texts(data, teacher.tokenizer, args.tokens)
+        # One sampled fidelity position per document, the rate of the pass's defaults
+        # (256 positions in shards of 256 documents), in the benchmark's smaller shards.
         cfg = TeacherPassConfig(
             teacher=str(gguf), data=str(data), out="", k=args.k, values=args.values,
             max_length=args.max_length, batch_size=args.batch_size,
-            docs_per_shard=args.docs_per_shard, progress=False,
+            docs_per_shard=args.docs_per_shard, fidelity_positions=args.docs_per_shard,
+            progress=False,
         )  # fmt: skip
         windows = build_windows(load_rows(str(data)), teacher.tokenizer, max_length=args.max_length)
         shards = plan_shards(windows, args.docs_per_shard)
         tokens = sum(w.num_tokens for w in windows)
         print(
-            f"{len(windows)} windows, {len(shards)} shards, {tokens} tokens, batch {args.batch_size}"
+            f"{len(windows)} windows, {len(shards)} shards, {tokens} tokens, batch {args.batch_size}, "
+            f"k {args.k}, values {args.values}"
         )
         bare_forward(teacher, shards[:1], args.batch_size)  # warm-up
-        modes = ["bare", "pass"] + (["pass-torch-topk"] if args.compare_topk else [])
-        times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
-        summary: dict = {}
-        for r in range(args.repeats):
-            # Rotate which runs first, so a drift in machine load favours none.
+        modes = ["pass"] + (["pass-torch-topk"] if args.compare_topk else [])
+        order = ["bare"]
+        for r in range(args.repeats):  # bare between every two passes; kinds rotate
             for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
-                if mode == "bare":
-                    _, wall, cpu = timed(bare_forward, teacher, shards, args.batch_size)
-                else:
-                    cfg.out = str(Path(tmp) / f"store{r}-{mode}")
-                    plain = mode == "pass-torch-topk"
-                    with torch_topk_selection() if plain else contextlib.nullcontext():
-                        summary, wall, cpu = timed(run_teacher_pass, cfg, teacher=teacher)
-                    assert summary["tokens"] == tokens
-                times[mode].append((wall, cpu))
-            rates = ", ".join(f"{m} {tokens / times[m][-1][0]:,.1f}" for m in modes)
-            print(f"  repeat {r}: {rates} tok/s (wall clock)")
+                order += [mode, "bare"]
+        runs: list[tuple[str, float, float]] = []
+        summary: dict = {}
+        for n, mode in enumerate(order):
+            if mode == "bare":
+                _, wall, cpu = timed(bare_forward, teacher, shards, args.batch_size)
+            else:
+                cfg.out = str(Path(tmp) / f"store{n}")
+                plain = mode == "pass-torch-topk"
+                with torch_topk_selection() if plain else contextlib.nullcontext():
+                    summary, wall, cpu = timed(run_teacher_pass, cfg, teacher=teacher)
+                assert summary["tokens"] == tokens
+            runs.append((mode, wall, cpu))
+            print(f"  run {n:2d} {mode:16s} {tokens / wall:7,.1f} tok/s (wall clock)", flush=True)
     for col, what in ((0, "wall clock"), (1, "CPU time of the process")):
-        bare = [t[col] for t in times["bare"]]
+        ratios = sandwich(runs, col)
+        best_bare = min(r[1 + col] for r in runs if r[0] == "bare")
         print(f"{what}:")
-        print(f"  bare forward : {tokens / min(bare):9,.1f} tok/s (best of {args.repeats})")
-        for mode in modes[1:]:
-            full = [t[col] for t in times[mode]]
-            name = "teacher pass" if mode == "pass" else mode
-            paired = statistics.median(b / f for b, f in zip(bare, full))
-            print(f"  {name} : {tokens / min(full):9,.1f} tok/s (best of {args.repeats})")
+        print(
+            f"  bare forward : {tokens / best_bare:9,.1f} tok/s (best of {len(ratios['bare']) + 1})"
+        )
+        for mode in modes:
+            best = min(r[1 + col] for r in runs if r[0] == mode)
+            got = ratios[mode]
+            print(f"  {mode} : {tokens / best:9,.1f} tok/s (best of {len(got)})")
             print(
-                f"  ratio {mode} / bare: {min(bare) / min(full):.3f}x (best), "
-                f"{statistics.median(bare) / statistics.median(full):.3f}x (median), "
-                f"{paired:.3f}x (median of repeats)"
+                f"  ratio {mode} / bare: {statistics.median(got):.3f}x (median of {len(got)} runs, "
+                f"each against the bare runs beside it; range {min(got):.3f}-{max(got):.3f}), "
+                f"{best_bare / best:.3f}x (best of each)"
             )
+        noise = ratios["bare"]
+        print(
+            f"  control, each bare run / the bare run before it: median {statistics.median(noise):.3f}, "
+            f"range {min(noise):.3f}-{max(noise):.3f} (this machine's noise)"
+        )
     stats = summary["manifest"]["statistics"]
     fid = stats.get("fidelity", {})
     print(
