@@ -24,7 +24,8 @@ store, the others join it, each writes its own shards, and rank 0 writes the man
 every rank succeeded. Run as ``python -m pipelines.teacher_pass`` with the options of
 ``logitstore teacher-pass``.
 
-The worker lives in ``pipelines/_encoder.py``; ranks and collectives in ``pipelines/_distributed.py``.
+The worker lives in ``pipelines/_encoder.py``; ranks and collectives in
+``pipelines/_distributed.py``.
 """
 
 from __future__ import annotations
