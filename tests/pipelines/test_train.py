@@ -19,7 +19,6 @@ from logitstore.errors import (
     TokenizerMismatchError,
     UnknownNameError,
 )
-from pipelines._optim import lr_factor
 from pipelines._student import init_from_teacher, load_student
 from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 from pipelines.train import Distiller, TrainConfig, temperature_index, train
@@ -328,16 +327,6 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch(store, tiny_st
     whole = grads([docs])
     split = grads([docs[:2], docs[2:5], docs[5:]])
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-7)
-
-
-def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    cfg = TrainConfig(
-        store="s", student="s", out="o", max_steps=20, warmup_steps=4, min_lr_ratio=0.1
-    )
-    factors = [lr_factor(s, cfg) for s in range(21)]
-    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
-    assert factors[20] == pytest.approx(0.1)
 
 
 def test_yaml_config_round_trip(tmp_path):
