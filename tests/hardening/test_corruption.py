@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cli import main
@@ -31,13 +30,7 @@ BACKENDS = ["zarr", "parquet"]
 DAMAGES = ["flip", "truncate", "delete"]
 DAMAGED = 1
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/hardening/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -47,19 +47,12 @@ from logitstore.storage._fs import TMP_PREFIX, tree_checksum
 from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 from pipelines.train import TrainConfig, train
 
-pytestmark = pytest.mark.integration
+# One torch thread (tests/hardening/conftest.py); the subprocesses run one thread too (see
+# env()), so float rounding matches.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 ROOT = Path(__file__).resolve().parents[2]
 PASS = {"k": "8", "max-length": "48", "docs-per-shard": "4", "batch-size": "4", "limit": "6"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The subprocesses run one thread too (see env()); float rounding then matches.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def env() -> dict[str, str]:
