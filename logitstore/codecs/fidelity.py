@@ -62,7 +62,6 @@ def position_fidelity(
     true_at_y = dense.gather(1, y_t[:, None])[:, 0].to("cpu", torch.float64).numpy()
     true_argmax = dense.argmax(dim=1).cpu().numpy()
     y = y_t.cpu().numpy()
-    rows = np.arange(ids.shape[0])[:, None]
     true_s = np.where(valid, np.exp(true_at_s), 0.0)
     dec_lp = decoded.support_logprobs.astype(np.float64)
     dec_s = np.where(valid, np.exp(dec_lp), 0.0)
@@ -86,7 +85,7 @@ def position_fidelity(
         "bucket_kl": _kl(p_bar, q_bar),
         "support_kl": _kl(p_s, q_s),
         "max_logprob_error": err.max(axis=1, initial=0.0),
-        "top1_agreement": (ids[rows[:, 0], first] == true_argmax).astype(np.float64),
+        "top1_agreement": (ids[np.arange(ids.shape[0]), first] == true_argmax).astype(np.float64),
     }
 
 
