@@ -108,3 +108,57 @@ def store_copy(store, tmp_path) -> Path:
     copy = tmp_path / "store"
     shutil.copytree(store, copy)
     return copy
+
+
+# ---- hostile stores: read in a child process under a memory limit ---------------------------
+
+LIMIT_BYTES = 1536 * 2**20  # 1.5 GiB of address space beyond what the child starts with
+
+_CHILD = r"""
+import json, resource, sys, traceback
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+with open("/proc/self/statm") as f:
+    used = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + int(sys.argv[1]), hard))
+from click.testing import CliRunner
+from cli import main
+result = CliRunner().invoke(main, sys.argv[2:], catch_exceptions=True)
+exc = result.exception
+print(json.dumps({
+    "exit_code": result.exit_code,
+    "output": result.output,
+    "exception": None if exc is None or isinstance(exc, SystemExit) else type(exc).__name__,
+    "mro": [] if exc is None else [c.__name__ for c in type(exc).__mro__],
+    "traceback": "" if exc is None or isinstance(exc, SystemExit)
+        else "".join(traceback.format_exception(exc)),
+}))
+"""
+
+
+def run_limited(*args: Any, limit: int = LIMIT_BYTES, timeout: float = 120) -> dict[str, Any]:
+    """Run ``logitstore ARGS`` in a child process whose address space may grow by at most
+    ``limit`` bytes; return its exit code, output and the class of any uncaught exception.
+
+    A MemoryError (or a kill) in the child shows as a failed refusal, not as a crash of the
+    test run.
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(limit), *[str(a) for a in args]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def refused_limited(report: dict[str, Any], *words: str) -> None:
+    """``run_limited``'s report is a clean refusal: exit 2, no traceback, ``words`` said."""
+    assert report["exception"] is None, report["traceback"][-3000:]
+    assert report["exit_code"] == 2, report
+    assert "Traceback" not in report["output"], report["output"]
+    for word in words:
+        assert word in report["output"], (word, report["output"])
