@@ -78,3 +78,9 @@ class DataError(LogitstoreError, ValueError):
 
 class HubAuthError(LogitstoreError, PermissionError):
     """No Hugging Face Hub token was found where one is needed (e.g. to push a store)."""
+
+
+class StoreReadError(LogitstoreError, OSError):
+    """A store's file exists but could not be read: a network error (timeout, reset
+    connection, server error) that persisted after bounded retries, or a local I/O error.
+    The message names the URL; a missing file is reported as missing, never as this."""
