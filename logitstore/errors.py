@@ -84,3 +84,17 @@ class StoreReadError(LogitstoreError, OSError):
     """A store's file exists but could not be read: a network error (timeout, reset
     connection, server error) that persisted after bounded retries, or a local I/O error.
     The message names the URL; a missing file is reported as missing, never as this."""
+
+
+class BadValueError(CorruptShardError):
+    """A shard's decoded values break the format's rules: an id outside the vocabulary, NaN,
+    a log-probability above 0, or support and tail mass above 1.
+
+    Attributes:
+        row: the first bad position, counted over the decoded arrays (-1 when unknown).
+        field: the decoded field it was found in (e.g. ``support_ids``).
+    """
+
+    def __init__(self, message: str, row: int = -1, field: str = "") -> None:
+        super().__init__(message)
+        self.row, self.field = row, field
