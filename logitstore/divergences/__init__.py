@@ -12,15 +12,22 @@ from __future__ import annotations
 from logitstore.divergences._fused import DEFAULT_CHUNK_SIZE, fused_sparse_loss
 from logitstore.divergences._losses import dense_loss, sparse_loss
 from logitstore.divergences._registry import DIVERGENCES, Objective
-from logitstore.divergences.metrics import DistillationMetrics, distillation_metrics
+from logitstore.divergences.metrics import (
+    DistillationMetrics,
+    MetricTotals,
+    batch_metrics,
+    distillation_metrics,
+)
 from logitstore.divergences.taid import TAIDSchedule
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DIVERGENCES",
     "DistillationMetrics",
+    "MetricTotals",
     "Objective",
     "TAIDSchedule",
+    "batch_metrics",
     "dense_loss",
     "distillation_metrics",
     "fused_sparse_loss",
