@@ -4,12 +4,13 @@ Per trained token, averaged over the store: teacher forward and reverse KL on th
 (spec/divergences.md, section 1: exact for a full-vocabulary support, a lower bound
 otherwise), top-1 agreement with the teacher, the student's and the teacher's mean top-1
 probability (over-confidence shows as a student value above the teacher's), expected
-calibration error against the labels (15 equal-width confidence bins) for both, student and
-teacher entropy. Optionally, generation diversity from prompts: distinct-2 and self-BLEU.
+calibration error against the labels (15 equal-width confidence bins) for both, accuracy
+against the labels, student and teacher entropy. Optionally, generation diversity from
+prompts: distinct-2 and self-BLEU.
 
-The student's logits are formed for ``chunk_size`` positions at a time, never for a whole
-batch. The teacher's top-1 is the first support entry (supports are sorted by probability);
-for sampled stores that is the most probable *sampled* id.
+Every per-token metric is ``logitstore.divergences.batch_metrics``, summed over batches by
+``MetricTotals``, the same code training logs with; its module docstring defines the teacher's
+top-1 (the best of the support and the label) and how the student's logits are chunked.
 """
 
 from __future__ import annotations
@@ -23,50 +24,9 @@ from typing import Any
 
 import torch
 
-from logitstore.dataset import IGNORE_INDEX, StoreDataset
-from pipelines._student import (
-    check_vocabulary,
-    final_hidden,
-    load_student,
-    load_tokenizer,
-    sparse_loss,
-)
-
-ECE_BINS = 15
-_PER_POSITION = (
-    "labels",
-    "support_ids",
-    "support_logprobs",
-    "tail_logmass",
-    "label_logprob",
-    "tail_logsumexp",
-    "entropy",
-    "support_counts",
-)
-
-_SUMS = (
-    "fkl",
-    "rkl",
-    "agree",
-    "student_top1",
-    "teacher_top1",
-    "student_entropy",
-    "teacher_entropy",
-    "student_correct",
-    "teacher_correct",
-)
-
-
-def ece_from_bins(count: torch.Tensor, conf: torch.Tensor, correct: torch.Tensor) -> float:
-    """Expected calibration error from per-bin token counts and sums of confidence and hits."""
-    total = float(count.sum())
-    if total == 0:
-        return float("nan")
-    return float((conf - correct).abs().sum() / total)
-
-
-def _bin(confidence: torch.Tensor) -> torch.Tensor:
-    return (confidence * ECE_BINS).long().clamp(0, ECE_BINS - 1)
+from logitstore.dataset import StoreDataset
+from logitstore.divergences import MetricTotals, batch_metrics
+from pipelines._student import check_vocabulary, final_hidden, load_student, load_tokenizer
 
 
 @torch.no_grad()
@@ -99,8 +59,9 @@ def evaluate(
     Returns:
         ``tokens``, ``documents``, ``fkl``, ``rkl``, ``top1_agreement``,
         ``student_top1_prob``, ``teacher_top1_prob``, ``student_ece``, ``teacher_ece``,
-        ``student_accuracy``, ``teacher_accuracy``, ``student_entropy``, ``teacher_entropy``,
-        and with prompts ``distinct_2`` and ``self_bleu``.
+        ``student_accuracy``, ``teacher_accuracy``, ``student_entropy``, ``teacher_entropy``
+        (means are NaN when the store has no trained token), and with prompts ``distinct_2``
+        and ``self_bleu``.
     """
     from logitstore import open_store
 
@@ -112,44 +73,21 @@ def evaluate(
     lm.to(dev).eval()
     weight = lm.get_output_embeddings().weight.float()
 
-    sums = dict.fromkeys(_SUMS, 0.0)
-    bins = {who: torch.zeros(3, ECE_BINS, dtype=torch.float64) for who in ("student", "teacher")}
-    tokens = documents = 0
+    totals = MetricTotals(device=dev)
+    documents = 0
     dataset = StoreDataset(
         opened, tokens_per_batch=tokens_per_batch, shuffle=False, rank=0, world_size=1
     )
     for batch in dataset:
         batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
         hidden = final_hidden(lm, batch).float()
-        trained = batch["labels"] != IGNORE_INDEX
-        sub = {k: None if batch[k] is None else batch[k][trained] for k in _PER_POSITION}
-        h = hidden[trained]
-        tokens += int(trained.sum())
+        totals.add(batch_metrics(hidden, weight, batch, chunk_size=chunk_size))
         documents += len(batch["doc_ids"])
-        if h.shape[0]:
-            sums["fkl"] += float(sparse_loss("fkl", h, weight, sub, num_items=1.0))
-            sums["rkl"] += float(sparse_loss("rkl", h, weight, sub, num_items=1.0))
-            for start in range(0, h.shape[0], chunk_size):
-                _accumulate(h[start : start + chunk_size], weight, sub, start, sums, bins)
         if max_documents is not None and documents >= max_documents:
             break
 
-    n = max(tokens, 1)
-    result: dict[str, Any] = {
-        "tokens": tokens,
-        "documents": documents,
-        "fkl": sums["fkl"] / n,
-        "rkl": sums["rkl"] / n,
-        "top1_agreement": sums["agree"] / n,
-        "student_top1_prob": sums["student_top1"] / n,
-        "teacher_top1_prob": sums["teacher_top1"] / n,
-        "student_ece": ece_from_bins(*bins["student"]),
-        "teacher_ece": ece_from_bins(*bins["teacher"]),
-        "student_accuracy": sums["student_correct"] / n,
-        "teacher_accuracy": sums["teacher_correct"] / n,
-        "student_entropy": sums["student_entropy"] / n,
-        "teacher_entropy": sums["teacher_entropy"] / n,
-    }
+    summary = totals.summary()
+    result: dict[str, Any] = {"tokens": summary.pop("tokens"), "documents": documents, **summary}
     if prompts is not None:
         result.update(
             diversity(
@@ -162,36 +100,6 @@ def evaluate(
             )
         )
     return result
-
-
-def _accumulate(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    batch: dict[str, Any],
-    start: int,
-    sums: dict[str, float],
-    bins: dict[str, torch.Tensor],
-) -> None:
-    """Add one chunk of positions (full logits for ``h.shape[0]`` positions only)."""
-    rows = slice(start, start + h.shape[0])
-    logq = torch.log_softmax(h @ weight.T, dim=-1)
-    q_top, q_arg = logq.max(dim=-1)
-    q_top = q_top.exp()
-    labels = batch["labels"][rows]
-    t_arg = batch["support_ids"][rows, 0]
-    t_top = batch["support_logprobs"][rows, 0].float().exp()
-    sums["agree"] += float((q_arg == t_arg).sum())
-    sums["student_top1"] += float(q_top.sum())
-    sums["teacher_top1"] += float(t_top.sum())
-    sums["student_entropy"] += float(-(logq.exp() * logq).sum())
-    sums["teacher_entropy"] += float(batch["entropy"][rows].sum())
-    for who, conf, arg in (("student", q_top, q_arg), ("teacher", t_top, t_arg)):
-        hit = (arg == labels).double()
-        sums[f"{who}_correct"] += float(hit.sum())
-        index = _bin(conf).cpu()
-        bins[who][0].index_add_(0, index, torch.ones_like(hit).cpu())
-        bins[who][1].index_add_(0, index, conf.double().cpu())
-        bins[who][2].index_add_(0, index, hit.cpu())
 
 
 # ---- generation diversity ---------------------------------------------------------------------

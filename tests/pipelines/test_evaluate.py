@@ -40,6 +40,43 @@ def full_store(tmp_path_factory, tiny_teacher_dir, text_jsonl) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def topk_store(tmp_path_factory, tiny_teacher_dir, text_jsonl) -> str:
+    """Top-8 support: the bucket KLs are lower bounds, the teacher's top-1 is still exact."""
+    out = tmp_path_factory.mktemp("topk") / "s"
+    run_teacher_pass(
+        TeacherPassConfig(
+            teacher=str(tiny_teacher_dir),
+            data=str(text_jsonl),
+            out=str(out),
+            k=8,
+            values="float32",
+            max_length=48,
+            limit=4,
+            docs_per_shard=4,
+            progress=False,
+        )
+    )
+    return str(out)
+
+
+KEYS = {
+    "tokens",
+    "documents",
+    "fkl",
+    "rkl",
+    "top1_agreement",
+    "student_top1_prob",
+    "teacher_top1_prob",
+    "student_ece",
+    "teacher_ece",
+    "student_accuracy",
+    "teacher_accuracy",
+    "student_entropy",
+    "teacher_entropy",
+}
+
+
 def dense_reference(student_dir, teacher_dir, store) -> dict[str, float]:
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float64).eval()
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float64).eval()
@@ -67,6 +104,7 @@ def dense_reference(student_dir, teacher_dir, store) -> dict[str, float]:
         return total
 
     return {
+        "documents": len(rows),
         "tokens": len(labels),
         "fkl": float((p * (logp - logq)).sum(1).mean()),
         "rkl": float((q * (logq - logp)).sum(1).mean()),
@@ -87,9 +125,24 @@ def test_metrics_match_a_dense_float64_computation(full_store, tiny_student_dir,
         str(tiny_student_dir), full_store, tokens_per_batch=100, chunk_size=37, device="cpu"
     )
     want = dense_reference(tiny_student_dir, tiny_teacher_dir, full_store)
+    assert set(got) == KEYS
     assert got["tokens"] == want["tokens"] > 50
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=2e-4, abs=2e-5), key
+
+
+def test_a_top_k_store_bounds_the_kls_and_keeps_the_teachers_top1(
+    topk_store, tiny_student_dir, tiny_teacher_dir
+):
+    got = evaluate(
+        str(tiny_student_dir), topk_store, tokens_per_batch=100, chunk_size=16, device="cpu"
+    )
+    want = dense_reference(tiny_student_dir, tiny_teacher_dir, topk_store)
+    # Eight buckets plus the label and a tail lose information: the KLs can only shrink.
+    assert 0 < got["fkl"] < want["fkl"] and 0 < got["rkl"] < want["rkl"]
+    # The top-8 hold the teacher's argmax, so every top-1 metric is the dense one.
+    for key in sorted(set(want) - {"fkl", "rkl"}):
+        assert got[key] == pytest.approx(want[key], rel=2e-4, abs=2e-5), key
 
 
 def test_a_student_equal_to_its_teacher_has_zero_kl_and_full_agreement(
