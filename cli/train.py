@@ -67,6 +67,46 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
     default=None,
     help="RS-KD: fkl against the draw counts of a sampled store.",
 )
+@click.option("--min-lr-ratio", type=float, help="Final LR of the cosine decay, over the peak.")
+@click.option("--weight-decay", type=float, help="AdamW weight decay (not on norms, biases).")
+@click.option("--betas", help="AdamW betas, e.g. 0.9,0.95.")
+@click.option("--grad-clip", type=float, help="Clip the gradient norm to this (0: off).")
+@click.option("--chunk-size", type=int, help="Tokens whose logits the fused loss forms at once.")
+@click.option("--shuffle-window", type=int, help="Shards whose documents are shuffled together.")
+@click.option("--num-workers", type=int, help="DataLoader processes decoding the store.")
+@click.option("--keep-checkpoints", type=int, help="Complete checkpoints kept (0: all).")
+@click.option("--log-every", type=int, help="Log a metrics row every N steps.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    help="Mixed precision of the student's compute. [default: fp32]",
+)
+@click.option(
+    "--student-dtype",
+    help="dtype the student is loaded and saved in: auto (its own) or e.g. float32.",
+)
+@click.option("--fsdp", is_flag=True, default=None, help="Shard the student with FSDP2 (torchrun).")
+@click.option(
+    "--deepspeed",
+    type=click.Path(exists=True, dir_okay=False),
+    help="DeepSpeed JSON config (e.g. ZeRO-3); needs the deepspeed package.",
+)
+@click.option(
+    "--lora-r", type=int, help="Train LoRA adapters of this rank (PEFT), not all weights."
+)
+@click.option("--lora-alpha", type=int, help="LoRA scaling alpha. [default: 16]")
+@click.option("--lora-dropout", type=float, help="LoRA dropout. [default: 0]")
+@click.option("--lora-targets", help="Comma-separated module names for LoRA (default: all linear).")
+@click.option(
+    "--gradient-checkpointing",
+    is_flag=True,
+    default=None,
+    help="Recompute activations in backward (less memory, more time).",
+)
+@click.option(
+    "--report-to",
+    help="Tracker for metrics as Trainer knows them (tensorboard, wandb, ...). [default: none]",
+)
 @click.option("--tokenizer", help="Student tokenizer, if not with the student.")
 @click.option("--init-from", help="Teacher to copy embeddings, head and --keep-layers from.")
 @click.option("--keep-layers", help="Comma-separated teacher layers, e.g. 0,2,4.")
@@ -77,10 +117,12 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
 )
 @click.option("--readahead", type=int, help="Shards fetched in the background. [default: 2]")
 @click.option("--no-progress", is_flag=True, default=False, help="No progress bar.")
-def command(config_file, params, keep_layers, no_progress, **options) -> None:
+def command(config_file, params, keep_layers, betas, lora_targets, no_progress, **options) -> None:
     """Train a student on a teacher's logit store.
 
-    Runs on one process, or under torchrun for data parallelism (gloo on CPU, NCCL on CUDA).
+    Runs on Hugging Face Trainer: one process, or under torchrun for data parallelism
+    (gloo on CPU, NCCL on CUDA), with --fsdp or --deepspeed to shard a student that does
+    not fit one device, --lora-r for adapters, --precision bf16 for mixed precision.
 
     \b
     Examples:
@@ -90,6 +132,10 @@ def command(config_file, params, keep_layers, no_progress, **options) -> None:
           --out run/ --tokens-per-step 65536 --save-every 200
       logitstore train --config run.yaml --resume
       torchrun --nproc-per-node 2 $(which logitstore) train --config run.yaml
+      torchrun --nproc-per-node 8 $(which logitstore) train --config run.yaml \\
+          --fsdp --precision bf16 --gradient-checkpointing --report-to tensorboard
+      logitstore train --store store/ --student HuggingFaceTB/SmolLM2-1.7B \\
+          --out run/ --lora-r 16 --lora-targets q_proj,v_proj --max-steps 500
       logitstore train --store hf://datasets/ORG/NAME --student config.json --out run/ \\
           --cache-dir ~/.cache/logitstore
     """
@@ -100,6 +146,10 @@ def command(config_file, params, keep_layers, no_progress, **options) -> None:
         overrides["params"] = parse_params(params)
     if keep_layers:
         overrides["keep_layers"] = [int(x) for x in keep_layers.split(",")]
+    if betas:
+        overrides["betas"] = tuple(float(x) for x in betas.split(","))
+    if lora_targets:
+        overrides["lora_targets"] = [x.strip() for x in lora_targets.split(",") if x.strip()]
     if no_progress:
         overrides["progress"] = False
     if config_file:

@@ -5,23 +5,21 @@ YAML, with ``model_type``; random initialisation). It can then take weights from
 the same architecture: embeddings, final norm and head, plus a chosen subset of the teacher's
 layers (student layer ``i`` <- teacher layer ``keep_layers[i]``).
 
-The loss (:class:`Distiller`) runs the model's body to its final hidden states and hands them,
-with the LM head weight, to ``fused_sparse_loss``: full ``[batch, seq, vocab]`` logits are never
-formed. Models whose head applies more than a plain matrix (a bias, logit soft-capping or
-scaling) are not handled exactly by this path.
+Training and evaluation run the model's body to its final hidden states
+(:func:`final_hidden`) and hand them, with the LM head weight, to the fused loss or metrics:
+full ``[batch, seq, vocab]`` logits are never formed. Models whose head applies more than a
+plain matrix (a bias, logit soft-capping or scaling) are not handled exactly by this path.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from logitstore.errors import ConfigError, TokenizerMismatchError
 
@@ -32,8 +30,15 @@ def is_config_file(spec: str) -> bool:
     return Path(spec).is_file() and Path(spec).suffix in {".json", ".yaml", ".yml"}
 
 
-def load_student(spec: str, *, seed: int = 0) -> Any:
-    """A causal LM from a Hub id, a model directory, or a config file (random init, ``seed``)."""
+def load_student(spec: str, *, seed: int = 0, dtype: str = "auto") -> Any:
+    """A causal LM from a Hub id, a model directory, or a config file (random init, ``seed``).
+
+    ``dtype``: ``"auto"`` keeps the checkpoint's own dtype (float32 for a config file), or a
+    torch dtype name such as ``"float32"``.
+    """
+    if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ConfigError(f"student dtype must be 'auto' or a torch dtype name; found {dtype!r}")
+    weights = torch.float32 if dtype == "auto" else getattr(torch, dtype)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if is_config_file(spec):
@@ -49,8 +54,8 @@ def load_student(spec: str, *, seed: int = 0) -> Any:
         data = dict(data)
         config = AutoConfig.for_model(data.pop("model_type"), **data)
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=weights)
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype if dtype == "auto" else weights)
 
 
 def load_tokenizer(spec: str | None) -> Any:
@@ -159,65 +164,7 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-# ---- the loss on the student, from final hidden states (never full logits) ----
-
-
-class Distiller(nn.Module):
-    """The student plus its loss, so DDP sees one forward per micro-batch.
-
-    Args:
-        lm: a ``transformers`` causal LM (``base_model_prefix`` names its body).
-        divergence, params, temperature, ce_weight, chunk_size, use_counts: see
-            ``pipelines.train.TrainConfig``.
-        temperature_index: the ``tail_logsumexp`` column of ``temperature`` (None at 1).
-    """
-
-    def __init__(
-        self,
-        lm: Any,
-        *,
-        divergence: str,
-        params: dict[str, Any],
-        temperature: float,
-        temperature_index: int | None,
-        ce_weight: float,
-        chunk_size: int | None,
-        use_counts: bool = False,
-    ) -> None:
-        super().__init__()
-        self.lm = lm
-        self.divergence = divergence
-        self.params = params
-        self.temperature = temperature
-        self.temperature_index = temperature_index
-        self.ce_weight = ce_weight
-        self.chunk_size = chunk_size
-        self.use_counts = use_counts
-
-    def forward(
-        self, batch: dict[str, Any], num_items: float, extra: dict[str, Any] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed per-token loss / ``num_items``, and the detached hidden states ``(N, H)``."""
-        hidden = final_hidden(self.lm, batch)
-        weight = self.lm.get_output_embeddings().weight
-        loss = sparse_loss(
-            self.divergence,
-            hidden,
-            weight,
-            batch,
-            num_items=num_items,
-            temperature=self.temperature,
-            temperature_index=self.temperature_index,
-            chunk_size=self.chunk_size,
-            use_counts=self.use_counts,
-            **self.params,
-            **(extra or {}),
-        )
-        if self.ce_weight:
-            loss = loss + self.ce_weight * cross_entropy(
-                hidden, weight, batch["labels"], num_items=num_items, chunk_size=self.chunk_size
-            )
-        return loss, hidden.detach()
+# ---- the student's final hidden states (never full logits) ----
 
 
 def final_hidden(lm: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -228,97 +175,3 @@ def final_hidden(lm: Any, batch: dict[str, Any]) -> torch.Tensor:
     body = getattr(lm, lm.base_model_prefix)
     out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return out.last_hidden_state[:, :-1][batch["position_mask"]]
-
-
-def _chunk(chunk_size: int | None) -> dict[str, Any]:
-    return {} if chunk_size is None else {"chunk_size": chunk_size}
-
-
-def sparse_loss(
-    name: str,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    batch: dict[str, Any],
-    *,
-    num_items: float,
-    temperature: float = 1.0,
-    temperature_index: int | None = None,
-    chunk_size: int | None = None,
-    use_counts: bool = False,
-    **params: Any,
-) -> torch.Tensor:
-    """``fused_sparse_loss`` on one collated batch (see ``logitstore.dataset``).
-
-    ``use_counts`` selects the RS-KD count estimator (``fkl`` on a sampled store); otherwise
-    sampled ids serve as a random support with their exact log-probs, like any other.
-    """
-    from logitstore.divergences import fused_sparse_loss
-
-    counts = batch.get("support_counts") if use_counts else None
-    if use_counts and counts is None:
-        raise ConfigError("use_counts needs a sampled store (draw counts); this one has none")
-    tail_lse = None
-    if temperature_index is not None:
-        tail_lse = batch["tail_logsumexp"][:, temperature_index]
-    return fused_sparse_loss(
-        name,
-        hidden,
-        weight,
-        batch["support_ids"],
-        batch["support_logprobs"],
-        batch["tail_logmass"],
-        batch["label_logprob"],
-        batch["labels"],
-        num_items=num_items,
-        temperature=temperature,
-        tail_logsumexp=tail_lse,
-        support_counts=counts,
-        **_chunk(chunk_size),
-        **params,
-    )
-
-
-def cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    num_items: float,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Cross-entropy with the labels without full logits: FKL against a one-hot teacher.
-
-    With the label as the whole support (log-prob 0, no tail), the bucket FKL is exactly
-    ``-log q_y``, and the fused loss computes it chunk by chunk like any divergence.
-    """
-    from logitstore.divergences import fused_sparse_loss
-
-    ids = labels.clamp(min=0)[:, None]
-    zeros = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-    return fused_sparse_loss(
-        "fkl",
-        hidden,
-        weight,
-        ids,
-        zeros,
-        torch.full_like(zeros[:, 0], -math.inf),
-        zeros[:, 0],
-        labels,
-        num_items=num_items,
-        **_chunk(chunk_size),
-    )
-
-
-def teacher_kl(
-    lm: Any,
-    hidden: torch.Tensor,
-    batch: dict[str, Any],
-    num_items: float,
-    chunk_size: int | None,
-) -> float:
-    """Summed bucket FKL(teacher || student) over trained positions, divided by ``num_items``."""
-    with torch.no_grad():
-        weight = lm.get_output_embeddings().weight.detach()
-        return float(
-            sparse_loss("fkl", hidden, weight, batch, num_items=num_items, chunk_size=chunk_size)
-        )

@@ -1,17 +1,18 @@
-"""Stage two: train a student from a logit store. Reads top to bottom: setup, loop, save.
+"""Stage two: train a student from a logit store, on Hugging Face ``Trainer``.
 
-The loss never materialises ``[batch, seq, vocab]`` logits: the student's final hidden states
-at the real positions and its LM head weight go to ``fused_sparse_loss``, which chunks the head.
-Every optimizer step accumulates micro-batches up to ``tokens_per_step`` trained tokens (across
-all ranks) and divides every per-token loss by that global count, so gradient accumulation and
-data parallelism give the gradient of one large batch.
+``train(config)`` turns a :class:`TrainConfig` into ``TrainingArguments`` and a
+:class:`logitstore.hf.KDTrainer`, so the CLI's runs and a user's own ``Trainer`` scripts share
+one training loop: accelerate's DDP, FSDP (``fsdp``), DeepSpeed (``deepspeed``), PEFT LoRA
+adapters (``lora_r``), gradient checkpointing, bf16/fp16 and ``report_to`` trackers. The loss
+never materialises ``[batch, seq, vocab]`` logits (the fused loss runs in the student's
+forward), and every per-token loss is divided by the trained tokens of the whole optimizer
+step across micro-batches and ranks.
 
-All resume state lives in one dict (``state``): step, trained tokens, the loader state of
-every rank and the divergence's schedule state. A checkpoint is that dict (JSON), the model
-(``save_pretrained``: safetensors, loadable with ``from_pretrained``), and the optimizer,
-scheduler and RNG states (``torch.save`` of our own tensors, read back with
-``weights_only=True``), written to a temporary directory and renamed into place
-(``pipelines/_checkpoint.py``).
+A run directory ``out/`` holds ``metrics.jsonl`` (one JSON row per logged step) and
+``checkpoints/checkpoint-N``: Trainer's checkpoint (safetensors weights that
+``from_pretrained`` loads, tokenizer, optimizer, scheduler and RNG states, ``trainer_state.json``)
+plus ``logitstore_state.json`` (read positions, the objective's schedule), written last, so a
+checkpoint cut short by a crash is never resumed from.
 
 Run on several processes with ``torchrun --nproc-per-node N -m pipelines.train CONFIG.yaml``
 or ``torchrun ... $(which logitstore) train ...``; gloo on CPU, NCCL on CUDA.
@@ -19,46 +20,28 @@ or ``torchrun ... $(which logitstore) train ...``; gloo on CPU, NCCL on CUDA.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-from torch import nn
+from transformers import TrainerCallback
 
-from logitstore.dataset import StoreDataset
-from logitstore.errors import (
-    ConfigError,
-    DataError,
-    OutputNotWritableError,
-    TemperatureNotCapturedError,
-)
-from pipelines._checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    truncate_metrics,
-    write_checkpoint,
-)
-from pipelines._distributed import all_sum, gather, init_processes, pick_device
-from pipelines._optim import make_optimizer, make_schedule
+from logitstore.errors import ConfigError, OutputNotWritableError
+from pipelines._checkpoint import truncate_metrics
 from pipelines._student import (
-    Distiller,
     check_vocabulary,
     init_from_teacher,
     is_config_file,
     load_student,
     load_tokenizer,
-    teacher_kl,
 )
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -77,9 +60,10 @@ class TrainConfig:
     tokenizer: str | None = None  # default: the student's own (none for a config file)
     init_from: str | None = None  # teacher to copy weights from, with keep_layers
     keep_layers: list[int] | None = None
+    student_dtype: str = "auto"  # the student's own dtype; float32 for a config file
     max_steps: int = 100
     stop_after: int | None = None  # stop early (e.g. a time slot); the schedule keeps max_steps
-    tokens_per_step: int = 16384
+    tokens_per_step: int = 16384  # micro-batches per step: ceil(this / (ranks * batch))
     tokens_per_batch: int = 8192
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
@@ -96,6 +80,15 @@ class TrainConfig:
     chunk_size: int | None = None
     resume: bool = False
     device: str | None = None
+    precision: str = "fp32"  # fp32, bf16 or fp16 mixed precision
+    fsdp: bool = False  # FSDP2 full shard of the student (under torchrun)
+    deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO-3 ...)
+    lora_r: int = 0  # > 0: train LoRA adapters of this rank (PEFT) instead of all weights
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None  # default: every linear layer but the head
+    gradient_checkpointing: bool = False
+    report_to: str = "none"  # a tracker Trainer knows (tensorboard, wandb, ...), or none
     storage_options: dict[str, Any] | None = None  # fsspec options of a remote store
     cache_dir: str | None = None  # keep verified shards of a remote store here (epochs, reruns)
     readahead: int = 2  # shards fetched in the background while training
@@ -119,23 +112,6 @@ class TrainConfig:
         return cls(**data)
 
 
-def temperature_index(manifest: dict[str, Any], temperature: float) -> int | None:
-    """Column of ``tail_logsumexp`` for ``temperature``; None at 1 (the stored log-probs).
-
-    The columns are the capture's extra temperatures, ``capture.temperatures``, in order
-    (FORMAT.md).
-    """
-    if temperature == 1.0:
-        return None
-    extra = [float(t) for t in manifest.get("capture", {}).get("temperatures", [])]
-    if temperature not in extra:
-        raise TemperatureNotCapturedError(
-            f"temperature {temperature} was not captured; the store has tail sums for "
-            f"{extra or 'no temperature'} besides 1.0"
-        )
-    return extra.index(temperature)
-
-
 def check_writable(out: Path) -> None:
     """Refuse a run directory that cannot be created (a file in the way, no permission) at
     once, rather than after loading and training."""
@@ -151,275 +127,215 @@ def check_writable(out: Path) -> None:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train ``config.student`` on ``config.store``; return a summary of the run."""
-    # ---- setup -------------------------------------------------------------------------------
-    from logitstore.divergences import DIVERGENCES
+    from logitstore import open_store
+    from logitstore.divergences import DistillationLoss
+    from logitstore.hf import KDTrainer
+    from logitstore.hf import latest_checkpoint as newest
 
-    device = pick_device(config.device)
-    rank, world = init_processes(device)
-    distributed = world > 1
     out = Path(config.out)
     check_writable(out)  # before any loading
-    DIVERGENCES[config.divergence]  # unknown names fail before any loading
-
-    store, t_index, notes = _open_store(config)
-    resume_from = latest_checkpoint(out) if config.resume else None
-    lm, tokenizer = _load_student(config, resume_from)
-    notes += check_vocabulary(store.manifest, lm, tokenizer)
-    lm.to(device)
-    model, schedule, loss_params = _distiller(config, lm, t_index)
-    if distributed:
-        model = nn.parallel.DistributedDataParallel(model)
-    optimizer, scheduler = make_optimizer(config, lm)
-    dataset = StoreDataset(
-        store,
-        tokens_per_batch=config.tokens_per_batch,
-        seed=config.seed,
-        shuffle_window=config.shuffle_window,
-        rank=rank,
-        world_size=world,
+    _check(config)
+    args = training_arguments(config)
+    DistillationLoss.create(  # unknown names and bad values fail before any loading
+        config.divergence,
+        config.params,
+        temperature=config.temperature,
+        capture_temperatures=None,
+        approximate_tail=True,
+        use_counts=config.use_counts,
+        ce_weight=config.ce_weight,
+        chunk_size=config.chunk_size,
+        total_steps=config.max_steps,
     )
-
-    state: dict[str, Any] = {
-        "step": 0,
-        "tokens": 0,
-        "world_size": world,
-        "loader": None,
-        "schedule": None,
-        "config": dataclasses.asdict(config),
-    }
-    if resume_from is not None:
-        state = load_checkpoint(
-            resume_from,
-            dataclasses.asdict(config),
-            rank=rank,
-            world=world,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            dataset=dataset,
-            schedule=schedule,
-        )
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(metrics_path, state["step"])
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
-
-    # ---- loop --------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    batches = _batches(dataset, config.num_workers)
-    local_budget = math.ceil(config.tokens_per_step / world)
-    stop = min(config.max_steps, config.stop_after or config.max_steps)
-    bar = tqdm(
-        total=config.max_steps,
-        initial=state["step"],
-        disable=rank != 0 or not config.progress,
-        desc="train",
-        dynamic_ncols=True,
-    )
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    model.train()
-    plain_fkl = config.divergence == "fkl" and not (
-        config.ce_weight or t_index is not None or loss_params or config.use_counts
-    )
-    last: dict[str, Any] = {}
-    while state["step"] < stop:
-        started = time.perf_counter()
-        micro, local_tokens = _micro_batches(batches, local_budget, device)
-        global_tokens = all_sum(float(local_tokens), device)
-        num_items = max(global_tokens, 1.0)
-        # DDP averages gradients over ranks; the loss is already divided by the global count.
-        scale = float(world)
-        extra = {"t": schedule.t} if schedule is not None else {}
-        loss_sum, kl_sum = 0.0, 0.0
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1 or not distributed
-            ctx = contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
-            with ctx, autocast:
-                loss, hidden = model(batch, num_items, extra)
-            (loss * scale if distributed else loss).backward()
-            loss_sum += float(loss.detach())
-            if state["step"] % config.log_every == 0:
-                # With plain FKL the loss is the teacher KL: skip the second head pass.
-                kl_sum += (
-                    float(loss.detach())
-                    if plain_fkl
-                    else teacher_kl(lm, hidden, batch, num_items, config.chunk_size)
-                )
-        grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = all_sum(loss_sum, device)
-        if schedule is not None:
-            schedule.update(loss_value)
-        state["step"] += 1
-        state["tokens"] += int(global_tokens)
-        state["loader"] = gather(dataset.state_dict())
-        state["schedule"] = schedule.state_dict() if schedule is not None else None
-
-        elapsed = time.perf_counter() - started
-        if (state["step"] - 1) % config.log_every == 0:
-            last = {
-                "step": state["step"],
-                "loss": loss_value,
-                "teacher_kl": all_sum(kl_sum, device),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens": state["tokens"],
-                "tokens_per_s": global_tokens / elapsed,
-                "epoch": dataset.epoch,
-            }
-            if schedule is not None:
-                last["taid_t"] = float(schedule.t)
-            if rank == 0:
-                _log(metrics_path, last, bar)
-        bar.update(1)
-        if config.save_every and state["step"] % config.save_every == 0 and state["step"] < stop:
-            write_checkpoint(
-                out, lm, tokenizer, state, optimizer, scheduler, config.keep_checkpoints, rank
-            )
-
-    # ---- save --------------------------------------------------------------------------------
-    bar.close()
-    path = write_checkpoint(
-        out, lm, tokenizer, state, optimizer, scheduler, config.keep_checkpoints, rank
-    )
-    if distributed:
-        dist.barrier()
-    return {
-        "step": state["step"],
-        "tokens": state["tokens"],
-        "checkpoint": str(path),
-        "last": last,
-        "notes": notes,
-    }
-
-
-# ---- the steps of train(), in the order it takes them ---------------------------------------
-
-# Options of the fused loss itself, accepted among --param besides the objective's own.
-_LOSS_OPTIONS = ("tau_squared", "approximate_tail")
-
-
-def _open_store(config: TrainConfig) -> tuple[Any, int | None, list[str]]:
-    """The store, the ``tail_logsumexp`` column of the training temperature (None at 1 or
-    when approximated), and notes for the user."""
-    from logitstore import open_store
-
     store = open_store(
         config.store,
         storage_options=config.storage_options,
         readahead=config.readahead,
         cache_dir=config.cache_dir,
     )
-    try:
-        return store, temperature_index(store.manifest, config.temperature), []
-    except TemperatureNotCapturedError:
-        if not config.approximate_tail:
-            raise
-        note = (
-            f"temperature {config.temperature} not captured: the teacher's tail is "
-            "spread uniformly, so the tempered teacher is approximate"
+    loss = DistillationLoss.create(
+        config.divergence,
+        config.params,
+        temperature=config.temperature,
+        capture_temperatures=store.manifest.get("capture", {}).get("temperatures", []),
+        approximate_tail=config.approximate_tail,
+        use_counts=config.use_counts,
+        ce_weight=config.ce_weight,
+        chunk_size=config.chunk_size,
+        total_steps=config.max_steps,
+    )
+    notes = list(loss.notes)
+    lm, tokenizer = _load_student(config)
+    notes += check_vocabulary(store.manifest, lm, tokenizer)
+    resume_from = newest(args.output_dir) if config.resume else None
+    rank0 = args.process_index == 0
+    metrics_path = out / "metrics.jsonl"
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(metrics_path, _step_of(resume_from))
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    trainer = KDTrainer(
+        model=lm,
+        args=args,
+        train_dataset=store,
+        divergence=loss,
+        tokens_per_batch=config.tokens_per_batch,
+        shuffle_window=config.shuffle_window,
+        num_workers=config.num_workers,
+        peft_config=_lora(config),
+        processing_class=tokenizer,
+        callbacks=[_RunCallback(metrics_path, config.stop_after)],
+        run_info={"config": dataclasses.asdict(config)},
+    )
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.accelerator.wait_for_everyone()
+    path = newest(args.output_dir)
+    last = _last_row(metrics_path) if rank0 else {}
+    return {
+        "step": trainer.state.global_step,
+        "tokens": trainer.kd_tokens,
+        "checkpoint": str(path),
+        "last": last,
+        "notes": notes,
+    }
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint of the run directory ``out``, or None."""
+    from logitstore.hf import latest_checkpoint as newest
+
+    return newest(Path(out) / "checkpoints")
+
+
+# ---- the steps of train(), in the order it takes them ---------------------------------------
+
+
+def _check(config: TrainConfig) -> None:
+    if config.precision not in PRECISIONS:
+        raise ConfigError(
+            f"precision must be one of {', '.join(PRECISIONS)}; found {config.precision!r}"
         )
-        return store, None, [note]
+    if config.max_steps < 1 or config.tokens_per_step < 1 or config.tokens_per_batch < 1:
+        raise ConfigError(
+            "max_steps, tokens_per_step and tokens_per_batch must be positive; found "
+            f"{config.max_steps}, {config.tokens_per_step}, {config.tokens_per_batch}"
+        )
+    if config.fsdp and config.deepspeed:
+        raise ConfigError("choose one of fsdp and deepspeed, not both")
+    if config.lora_r < 0:
+        raise ConfigError(f"lora_r must be >= 0; found {config.lora_r}")
 
 
-def _load_student(config: TrainConfig, resume_from: Path | None) -> tuple[Any, Any]:
-    """The student, seeded (from the checkpoint a run resumes from, else built and possibly
-    initialised from the teacher), and its tokenizer (None when there is none to load)."""
+def training_arguments(config: TrainConfig) -> Any:
+    """The ``TrainingArguments`` of a run: every setting of ``config`` that Trainer owns."""
+    from transformers import TrainingArguments
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = max(1, math.ceil(config.tokens_per_step / (world * config.tokens_per_batch)))
+    device = (config.device or "").split(":")[0]
+    extra: dict[str, Any] = {}
+    if config.fsdp:
+        extra["fsdp"] = "full_shard"
+        extra["fsdp_config"] = {"version": 2}
+    if config.deepspeed:
+        extra["deepspeed"] = config.deepspeed
+    return TrainingArguments(
+        output_dir=str(Path(config.out) / "checkpoints"),
+        max_steps=config.max_steps,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=config.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": config.min_lr_ratio},
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.betas[0],
+        adam_beta2=config.betas[1],
+        max_grad_norm=config.grad_clip,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.log_every,
+        save_strategy="steps",
+        save_steps=config.save_every or config.max_steps,
+        save_total_limit=config.keep_checkpoints or None,
+        bf16=config.precision == "bf16",
+        fp16=config.precision == "fp16",
+        activation_checkpointing=config.gradient_checkpointing,
+        report_to=config.report_to,
+        disable_tqdm=not config.progress,
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def _load_student(config: TrainConfig) -> tuple[Any, Any]:
+    """The student, seeded (built and possibly initialised from the teacher), and its
+    tokenizer (None when there is none to load)."""
+    import torch
+
     torch.manual_seed(config.seed)
-    if resume_from is not None:
-        lm = load_student(str(resume_from))
-    else:
-        lm = load_student(config.student, seed=config.seed)
-        if config.init_from:
-            init_from_teacher(lm, config.init_from, config.keep_layers or [])
+    lm = load_student(config.student, seed=config.seed, dtype=config.student_dtype)
+    if config.init_from:
+        init_from_teacher(lm, config.init_from, config.keep_layers or [])
     # A config-file student has no tokenizer; one initialised from a teacher shares its own.
     from_teacher = config.init_from if is_config_file(config.student) else None
     return lm, load_tokenizer(config.tokenizer or from_teacher or config.student)
 
 
-def _distiller(
-    config: TrainConfig, lm: Any, t_index: int | None
-) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """The student with its loss, the divergence's schedule (or None) and the loss parameters.
-
-    The objective's parameters are validated here, not at the first step.
-    """
-    from logitstore.divergences import DIVERGENCES
-
-    schedule, loss_params = make_schedule(config)
-    DIVERGENCES[config.divergence].resolve(
-        {k: v for k, v in loss_params.items() if k not in _LOSS_OPTIONS}
+def _lora(config: TrainConfig) -> Any:
+    if not config.lora_r:
+        return None
+    try:
+        from peft import LoraConfig
+    except ImportError as exc:
+        raise ConfigError("LoRA needs the peft package: pip install 'logitstore[peft]'") from exc
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_targets or "all-linear",
+        task_type="CAUSAL_LM",
     )
-    if t_index is None and config.temperature != 1.0:
-        loss_params["approximate_tail"] = True
-    model = Distiller(
-        lm,
-        divergence=config.divergence,
-        params=loss_params,
-        temperature=config.temperature,
-        temperature_index=t_index,
-        ce_weight=config.ce_weight,
-        chunk_size=config.chunk_size,
-        use_counts=config.use_counts,
-    )
-    return model, schedule, loss_params
 
 
-def _batches(dataset: StoreDataset, num_workers: int) -> Iterator[dict[str, Any]]:
-    """Endless batches, epoch after epoch, each recorded as consumed when handed out."""
-    from torch.utils.data import DataLoader
-
-    while True:
-        empty = True
-        source = (
-            DataLoader(dataset, batch_size=None, num_workers=num_workers)
-            if num_workers
-            else dataset
-        )
-        for batch in source:
-            empty = False
-            dataset.record(batch)
-            yield batch
-        if empty and dataset.state_dict()["samples_consumed"] == [0] * max(1, num_workers):
-            raise DataError(f"rank {dataset.rank} has no documents in epoch {dataset.epoch}")
-        dataset.set_epoch(dataset.epoch + 1)
+def _step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.removeprefix("checkpoint-")) if checkpoint else 0
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-    }
+def _last_row(path: Path) -> dict[str, Any]:
+    rows = path.read_text().splitlines() if path.exists() else []
+    return json.loads(rows[-1]) if rows else {}
 
 
-def _micro_batches(
-    batches: Iterator[dict[str, Any]], budget: int, device: torch.device
-) -> tuple[list[dict[str, Any]], int]:
-    """Batches on ``device`` until they hold ``budget`` trained tokens; they and their count."""
-    micro, tokens = [], 0
-    while tokens < budget:
-        micro.append(_to(next(batches), device))
-        tokens += micro[-1]["num_tokens"]
-    return micro, tokens
+class _RunCallback(TrainerCallback):
+    """``metrics.jsonl`` rows (rank 0) and ``stop_after`` (stop and checkpoint early)."""
 
+    def __init__(self, metrics_path: Path, stop_after: int | None) -> None:
+        self.metrics_path = metrics_path
+        self.stop_after = stop_after
 
-def _log(path: Path, row: dict[str, Any], bar: Any) -> None:
-    """Append ``row`` to the metrics log and show it on the progress bar (rank 0)."""
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    bar.set_postfix(
-        loss=f"{row['loss']:.4f}",
-        kl=f"{row['teacher_kl']:.4f}",
-        tok_s=f"{row['tokens_per_s']:.0f}",
-        lr=f"{row['lr']:.2e}",
-    )
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stop_after is not None and state.global_step >= self.stop_after:
+            control.should_training_stop = True
+            control.should_save = True
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs or "teacher_kl" not in logs:
+            return
+        row = {
+            "step": state.global_step,
+            "loss": logs["loss"],
+            "teacher_kl": logs["teacher_kl"],
+            "lr": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+            "tokens": logs["tokens"],
+            "tokens_per_s": logs["tokens_per_s"],
+            "epoch": logs["data_epoch"],
+        }
+        row.update({k: v for k, v in logs.items() if k not in row and k.endswith("_t")})
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":  # torchrun --nproc-per-node N -m pipelines.train CONFIG.yaml

@@ -12,6 +12,7 @@ from __future__ import annotations
 from logitstore.divergences._fused import DEFAULT_CHUNK_SIZE, fused_sparse_loss
 from logitstore.divergences._losses import dense_loss, sparse_loss
 from logitstore.divergences._registry import DIVERGENCES, Objective
+from logitstore.divergences.loss import DistillationLoss
 from logitstore.divergences.metrics import (
     DistillationMetrics,
     MetricTotals,
@@ -23,6 +24,7 @@ from logitstore.divergences.taid import TAIDSchedule
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DIVERGENCES",
+    "DistillationLoss",
     "DistillationMetrics",
     "MetricTotals",
     "Objective",

@@ -207,6 +207,48 @@ def fused_sparse_loss(
         connected to ``hidden`` and ``lm_head_weight``, with zero gradients.
     """
     objective, resolved = resolve(name, params)
+    return fused_bucket_loss(
+        objective,
+        resolved,
+        hidden,
+        lm_head_weight,
+        support_ids,
+        support_logprobs,
+        tail_logmass,
+        label_logprob,
+        labels,
+        num_items=num_items,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        tail_logsumexp=tail_logsumexp,
+        approximate_tail=approximate_tail,
+        support_counts=support_counts,
+        tau_squared=tau_squared,
+    )
+
+
+def fused_bucket_loss(
+    objective: Objective,
+    resolved: dict,
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    support_ids: Tensor,
+    support_logprobs: Tensor,
+    tail_logmass: Tensor,
+    label_logprob: Tensor,
+    labels: Tensor,
+    *,
+    num_items: int | float | Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    tail_logsumexp: Tensor | None = None,
+    approximate_tail: bool = False,
+    support_counts: Tensor | None = None,
+    tau_squared: bool = False,
+) -> Tensor:
+    """:func:`fused_sparse_loss` for an already resolved objective and parameters (what a
+    :class:`~logitstore.divergences.DistillationLoss` calls on every micro-batch)."""
+    name = objective.name
     tau = check_temperature(temperature)
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
         raise DataError(

@@ -88,6 +88,12 @@ def _no_params(p: dict) -> dict:
     return dict(p)
 
 
+def _taid_schedule(settings: dict, total_steps: int) -> Any:
+    from logitstore.divergences.taid import TAIDSchedule
+
+    return TAIDSchedule(total_steps, **settings)
+
+
 @dataclass(frozen=True)
 class Objective:
     """One registered objective.
@@ -98,6 +104,10 @@ class Objective:
         defaults: every parameter with its default (spec/divergences.md, section 2).
         check: validates and normalises a full parameter dict; raises ``ConfigError``.
         summary: one line for listings.
+        schedule: ``schedule(settings, total_steps)`` builds the object that drives a parameter
+            over training (TAID's ``t``), used when that parameter is not fixed by the user.
+        schedule_params: the names of ``settings`` (accepted besides ``defaults``), and
+            ``scheduled``: the parameter the schedule drives.
     """
 
     name: str
@@ -105,6 +115,29 @@ class Objective:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[dict], dict] = _no_params
     summary: str = ""
+    schedule: Callable[[dict, int], Any] | None = None
+    schedule_params: tuple[str, ...] = ()
+    scheduled: str | None = None
+
+    def split(self, params: Mapping[str, Any], total_steps: int | None) -> tuple[Any, dict]:
+        """The schedule (or None) and the remaining objective parameters.
+
+        A scheduled objective gets its schedule when the scheduled parameter is not given and
+        the run's length is known (``total_steps``); schedule settings without a schedule are
+        refused.
+        """
+        settings = {k: params[k] for k in self.schedule_params if k in params}
+        rest = {k: v for k, v in params.items() if k not in settings}
+        adaptive = self.schedule is not None and self.scheduled not in rest
+        if settings and not adaptive:
+            raise ConfigError(
+                f"{', '.join(sorted(settings))} set {self.name}'s schedule, which is off when "
+                f"{self.scheduled} is fixed"
+            )
+        if not adaptive or total_steps is None:
+            return None, rest
+        assert self.schedule is not None
+        return self.schedule(settings, int(total_steps)), rest
 
     def resolve(self, params: Mapping[str, Any]) -> dict:
         """Defaults overridden by ``params``; unknown names and bad values raise."""
@@ -135,7 +168,16 @@ DIVERGENCES: Registry[Objective] = Registry(
         "abkd": Objective(
             "abkd", obj.abkd, {"alpha": 0.2, "beta": 0.7}, _check_abkd, "alpha-beta divergence"
         ),
-        "taid": Objective("taid", obj.taid, {"t": 0.4}, _check_taid, "TAID interpolated KL"),
+        "taid": Objective(
+            "taid",
+            obj.taid,
+            {"t": 0.4},
+            _check_taid,
+            "TAID interpolated KL",
+            schedule=_taid_schedule,
+            schedule_params=("t_start", "t_end", "alpha", "beta"),
+            scheduled="t",
+        ),
         "amid": Objective(
             "amid",
             obj.amid,

@@ -12,16 +12,17 @@ from transformers import AutoModelForCausalLM
 
 from logitstore import open_store
 from logitstore.dataset import StoreDataset, collate_documents
-from logitstore.divergences import DIVERGENCES
+from logitstore.divergences import DIVERGENCES, DistillationLoss
 from logitstore.errors import (
     ConfigError,
     TemperatureNotCapturedError,
     TokenizerMismatchError,
     UnknownNameError,
 )
-from pipelines._student import init_from_teacher, load_student
+from logitstore.hf import STATE_NAME
+from pipelines._student import final_hidden, init_from_teacher, load_student
 from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
-from pipelines.train import Distiller, TrainConfig, temperature_index, train
+from pipelines.train import TrainConfig, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -98,6 +99,7 @@ def config(store, student, out, **kw) -> TrainConfig:
         warmup_steps=1,
         progress=False,
         shuffle_window=2,
+        device="cpu",
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -137,20 +139,28 @@ def test_resume_equals_uninterrupted(store, tiny_student_dir, tmp_path):
     train(config(store, tiny_student_dir, tmp_path / "b", stop_after=3, **kw))
     assert len(_losses(tmp_path / "b")) == 3
     # A crash after a checkpoint leaves metrics past it: resume drops them and redoes the step.
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000003")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "checkpoint-3")
+    # A checkpoint torn by a crash (no logitstore_state.json, written last) is never resumed.
+    torn = tmp_path / "b" / "checkpoints" / "checkpoint-5"
+    shutil.copytree(tmp_path / "b" / "checkpoints" / "checkpoint-2", torn)
+    (torn / STATE_NAME).unlink()
     train(config(store, tiny_student_dir, tmp_path / "b", resume=True, **kw))
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert len(a) == 6 and a == b
     assert a[-1][4] > a[1][4]  # TAID's t moved, so its state really was restored
-    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "checkpoints" / "step-00000006")
-    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "checkpoints" / "step-00000006")
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "checkpoints" / "checkpoint-6")
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "checkpoints" / "checkpoint-6")
     for (name, x), (_, y) in zip(wa.state_dict().items(), wb.state_dict().items()):
         assert torch.equal(x, y), name
-    state = json.loads(
-        (tmp_path / "b" / "checkpoints" / "step-00000006" / "trainer_state.json").read_text()
-    )
-    assert state["step"] == 6 and state["schedule"]["step"] == 6
+    state = json.loads((tmp_path / "b" / "checkpoints" / "checkpoint-6" / STATE_NAME).read_text())
+    assert state["step"] == 6 and state["loss_schedule"]["step"] == 6
     assert set(state["loader"][0]) == {"seed", "epoch", "samples_consumed", "next_worker"}
+    assert not torn.exists()  # rotation removed the torn checkpoint
+    # Trainer's own state file keeps its own layout.
+    hf_state = json.loads(
+        (tmp_path / "b" / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text()
+    )
+    assert hf_state["global_step"] == 6
 
 
 def test_tokenizer_mismatch_is_refused(store, tiny_student_dir, tmp_path):
@@ -232,23 +242,20 @@ def tempered_bucket_fkl(logits, batch, tau) -> float:
 
 
 def test_training_at_a_captured_temperature_uses_its_tail_column(store, tiny_student_dir, tmp_path):
-    manifest = {"capture": {"temperatures": [2.0, 4.0]}}
-    assert [temperature_index(manifest, t) for t in (1.0, 2.0, 4.0)] == [None, 0, 1]
+    def column(t):
+        return DistillationLoss.create(temperature=t, capture_temperatures=[2.0, 4.0])
+
+    assert [column(t).temperature_index for t in (1.0, 2.0, 4.0)] == [None, 0, 1]
     opened = open_store(store)
-    assert temperature_index(opened.manifest, 2.0) == 0
-    lm = load_student(str(tiny_student_dir))
-    model = Distiller(
-        lm,
-        divergence="fkl",
-        params={},
-        temperature=2.0,
-        temperature_index=0,
-        ce_weight=0.0,
-        chunk_size=None,
+    loss = DistillationLoss.create(
+        temperature=2.0, capture_temperatures=opened.manifest["capture"]["temperatures"]
     )
+    assert loss.temperature_index == 0
+    lm = load_student(str(tiny_student_dir))
     batch = collate_documents(opened.read_shard(0)[:3])
     with torch.no_grad():
-        value = float(model(batch, float(batch["num_tokens"]))[0])
+        weight = lm.get_output_embeddings().weight
+        value = float(loss(final_hidden(lm, batch), weight, batch, float(batch["num_tokens"])))
         hidden = lm.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
@@ -306,22 +313,15 @@ def test_config_file_student_initialised_from_teacher_layers(tiny_teacher_dir, t
 def test_accumulated_micro_batches_give_the_gradient_of_one_batch(store, tiny_student_dir):
     docs = open_store(store).read_shard(0)[:6]
     lm = load_student(str(tiny_student_dir))
-    model = Distiller(
-        lm,
-        divergence="jsd",
-        params={},
-        temperature=1.0,
-        temperature_index=None,
-        ce_weight=0.3,
-        chunk_size=64,
-    )
+    loss = DistillationLoss.create("jsd", ce_weight=0.3, chunk_size=64)
+    weight = lm.get_output_embeddings().weight
 
     def grads(groups):
         lm.zero_grad()
         batches = [collate_documents(g) for g in groups]
         total = sum(b["num_tokens"] for b in batches)
         for b in batches:
-            model(b, float(total))[0].backward()
+            loss(final_hidden(lm, b), weight, b, float(total)).backward()
         return torch.cat([p.grad.flatten() for p in lm.parameters()])
 
     whole = grads([docs])

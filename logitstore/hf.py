@@ -1,0 +1,565 @@
+"""Distil inside Hugging Face ``Trainer``: :class:`KDTrainer`, its loader and the fused forward.
+
+``KDTrainer`` is a ``transformers.Trainer`` whose training data is a logit store, so everything
+a user already runs with ``Trainer`` and accelerate works unchanged: DDP, FSDP, DeepSpeed,
+PEFT adapters, gradient checkpointing, bf16/fp16, ``report_to`` trackers, checkpoints and
+``resume_from_checkpoint``::
+
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    from logitstore.hf import KDTrainer
+
+    student = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M")
+    args = TrainingArguments("run/", max_steps=1000, learning_rate=3e-4, bf16=True)
+    KDTrainer(model=student, args=args, train_dataset="store/", divergence="drkl",
+              divergence_params={"gamma": 0.5}).train()
+
+How it fits the engine:
+
+- **Data.** Batches are whole documents grouped by a token budget (``tokens_per_batch``), not
+  ``per_device_train_batch_size`` rows. Each rank reads its own shards of the store
+  (``StoreDataset``), so the loader is not handed to accelerate to be sharded again, and every
+  document is trained exactly once per epoch across ranks. The loader runs epoch after epoch
+  (``max_steps`` sets the run's length; a store has no cheap length in batches).
+- **Normalisation.** Every per-token loss is divided by the trained tokens of the whole
+  optimizer step, summed over its ``gradient_accumulation_steps`` micro-batches and over ranks,
+  and multiplied by the number of processes, which DDP, FSDP and DeepSpeed divide by when they
+  average gradients: the gradient equals a single-process run over the same tokens.
+- **The loss runs in the model's own forward.** The causal LM's ``forward`` is replaced (as
+  fused-loss libraries do) by one that runs the body, then the fused loss on the final hidden
+  states and the head weight, without ``[batch, seq, vocab]`` logits. Because it runs inside
+  the forward, FSDP has gathered the head (a ZeRO-3 head is gathered explicitly).
+- **Checkpoints.** Trainer's own checkpoint, plus ``logitstore_state.json`` (every rank's
+  read position, the objective's schedule, trained tokens), written last: a checkpoint
+  directory without it was cut short and is never resumed from. ``save_total_limit`` counts
+  complete checkpoints only. Resuming restores the read position, so the data order continues
+  as if uninterrupted (``ignore_data_skip`` is set: nothing is re-read to skip it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.utils import ModelOutput
+
+from logitstore.dataset import StoreDataset, collate_documents
+from logitstore.divergences import DIVERGENCES, DistillationLoss
+from logitstore.divergences._fused import fused_bucket_loss
+from logitstore.errors import ConfigError, DataError, TokenizerMismatchError
+
+__all__ = [
+    "KDCollator",
+    "KDTrainer",
+    "STATE_NAME",
+    "StoreBatches",
+    "latest_checkpoint",
+    "patch_for_distillation",
+]
+
+STATE_NAME = "logitstore_state.json"
+TEACHER_FIELDS = (
+    "labels",
+    "support_ids",
+    "support_logprobs",
+    "tail_logmass",
+    "label_logprob",
+    "tail_logsumexp",
+    "entropy",
+    "support_counts",
+)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+class KDCollator:
+    """Collate :class:`~logitstore.document.Document` lists into a batch; pass batches through.
+
+    The store's loader already yields collated batches (``collate_documents``); this collator
+    makes ``Trainer``'s ``data_collator`` slot harmless and serves users who batch documents
+    themselves.
+    """
+
+    def __call__(self, items: Any) -> dict[str, Any]:
+        if isinstance(items, dict):
+            return items
+        return collate_documents(list(items))
+
+
+class StoreBatches:
+    """Endless batches of a :class:`StoreDataset`, epoch after epoch, for ``Trainer``.
+
+    Each batch is recorded as consumed when handed out, so :meth:`state_dict` after an
+    optimizer step is the exact read position. With ``num_workers`` the documents are decoded
+    in DataLoader worker processes.
+    """
+
+    def __init__(self, dataset: StoreDataset, num_workers: int = 0) -> None:
+        self.dataset = dataset
+        self.num_workers = int(num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from torch.utils.data import DataLoader
+
+        data = self.dataset
+        while True:
+            empty = True
+            source: Any = (
+                DataLoader(data, batch_size=None, num_workers=self.num_workers)
+                if self.num_workers
+                else data
+            )
+            for batch in source:
+                empty = False
+                data.record(batch)
+                yield batch
+            if empty and data.state_dict()["samples_consumed"] == [0] * max(1, self.num_workers):
+                raise DataError(f"rank {data.rank} has no documents in epoch {data.epoch}")
+            data.set_epoch(data.epoch + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict()
+
+
+# ---- the fused forward -----------------------------------------------------------------------
+
+
+@dataclass
+class KDOutput(ModelOutput):
+    """What the patched forward returns: the loss, and the summed teacher KL when asked."""
+
+    loss: torch.Tensor | None = None
+    teacher_kl_sum: torch.Tensor | None = None
+
+
+class TeacherBatch:
+    """The teacher's side of a batch, handed to the forward in one plain object.
+
+    Not a dict or dataclass on purpose: engines that cast floating inputs of a forward (FSDP's
+    mixed precision casts them to bf16) leave it alone, so the teacher's log-probs keep their
+    float32 precision.
+    """
+
+    def __init__(self, position_mask: torch.Tensor, fields: dict[str, Any], metrics: bool):
+        self.position_mask = position_mask
+        self.fields = fields
+        self.metrics = metrics
+
+
+def _gathered(weight: torch.Tensor) -> Any:
+    """A context in which ``weight`` is whole: DeepSpeed ZeRO-3 partitions it outside its own
+    module's forward, so it is gathered here; anything else is already whole."""
+    if hasattr(weight, "ds_id"):
+        import deepspeed  # type: ignore[import-not-found]
+
+        return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def _kd_forward(
+    self: Any,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    kd_batch: TeacherBatch | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+    **kwargs: Any,
+) -> Any:
+    """The causal LM's forward with the distillation loss (``kd_batch`` given) or as before."""
+    if kd_batch is None:
+        return self._logitstore_forward(
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs
+        )
+    loss_fn: DistillationLoss = self._logitstore_loss
+    out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out.last_hidden_state[:, :-1][kd_batch.position_mask]
+    weight = self.get_output_embeddings().weight
+    with _gathered(weight):
+        loss = loss_fn(hidden, weight, kd_batch.fields, num_items_in_batch)
+        kl = None
+        if kd_batch.metrics:
+            kl = teacher_kl_sum(hidden.detach(), weight.detach(), kd_batch.fields, loss_fn)
+    return KDOutput(loss=loss, teacher_kl_sum=kl)
+
+
+@torch.no_grad()
+def teacher_kl_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, fields: dict[str, Any], loss_fn: DistillationLoss
+) -> torch.Tensor:
+    """Summed bucket FKL(teacher || student) over the batch's trained tokens (temperature 1)."""
+    fkl = DIVERGENCES["fkl"]
+    return fused_bucket_loss(
+        fkl,
+        fkl.resolve({}),
+        hidden,
+        weight,
+        fields["support_ids"],
+        fields["support_logprobs"],
+        fields["tail_logmass"],
+        fields["label_logprob"],
+        fields["labels"],
+        num_items=1.0,
+        chunk_size=loss_fn.chunk_size,
+    )
+
+
+def causal_lm(model: Any) -> Any:
+    """The ``transformers`` causal LM inside ``model`` (itself, or the base of a PEFT model)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(inner, "get_decoder") or inner.get_output_embeddings() is None:
+        raise ConfigError(
+            f"{type(inner).__name__} is not a causal LM with a decoder and an output head"
+        )
+    return inner
+
+
+def patch_for_distillation(model: Any, loss: DistillationLoss) -> Any:
+    """Make ``model``'s causal LM compute ``loss`` in its forward when given ``kd_batch``.
+
+    Without ``kd_batch`` the forward is the original one (generation, evaluation). Patching
+    twice replaces the loss. Returns ``model``.
+    """
+    lm = causal_lm(model)
+    if "_logitstore_forward" not in vars(lm):
+        lm._logitstore_forward = lm.forward
+        lm.forward = types.MethodType(_kd_forward, lm)
+    lm._logitstore_loss = loss
+    return model
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (one holding ``logitstore_state.json``), or None."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    done = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _CHECKPOINT.match(p.name)) and (p / STATE_NAME).is_file()
+    ]
+    return max(done)[1] if done else None
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with tmp.open("w") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rotate(root: Path, keep: int | None) -> None:
+    """Keep the ``keep`` newest complete checkpoints; drop torn ones older than the newest."""
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT.match(p.name)))
+    complete = [(s, p) for s, p in found if (p / STATE_NAME).is_file()]
+    if not complete:
+        return
+    newest = complete[-1][0]
+    kept = {p for _, p in complete[-keep:]} if keep else {p for _, p in complete}
+    for step, path in found:
+        torn = not (path / STATE_NAME).is_file()
+        if (torn and step < newest) or (not torn and path not in kept):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- the trainer -----------------------------------------------------------------------------
+
+
+class _StepEnd(TrainerCallback):
+    """After each optimizer step: advance the objective's schedule (every rank)."""
+
+    def __init__(self, trainer: KDTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._end_step()
+
+
+class KDTrainer(Trainer):
+    """A ``transformers.Trainer`` that distils from a logit store.
+
+    Args:
+        model: the student, a ``transformers`` causal LM (or a PEFT model of one) whose head
+            has the store's vocabulary size.
+        args: the user's ``TrainingArguments``; ``max_steps`` must be set (> 0).
+        train_dataset: a store URL, an opened store (``logitstore.open_store``) or a
+            :class:`StoreDataset` (its ``rank`` and ``world_size`` must be the run's).
+        divergence: objective name (``DIVERGENCES``), or a ready :class:`DistillationLoss`.
+        divergence_params: the objective's parameters (and its schedule's settings).
+        temperature, approximate_tail, tau_squared, use_counts, ce_weight, chunk_size: see
+            :meth:`DistillationLoss.create`.
+        tokens_per_batch: padded tokens per micro-batch (whole documents).
+        shuffle_window: shards whose documents are shuffled together.
+        num_workers: DataLoader worker processes decoding the store.
+        peft_config: a ``peft`` config; the student is wrapped with ``get_peft_model``.
+        storage_options: fsspec options when ``train_dataset`` is a remote URL.
+        run_info: JSON-able facts saved in every checkpoint's ``logitstore_state.json``.
+        **kwargs: passed to ``Trainer`` (``processing_class``, ``callbacks``, ...).
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        args: Any = None,
+        train_dataset: Any = None,
+        *,
+        divergence: str | DistillationLoss = "fkl",
+        divergence_params: dict[str, Any] | None = None,
+        temperature: float = 1.0,
+        approximate_tail: bool = False,
+        tau_squared: bool = False,
+        use_counts: bool = False,
+        ce_weight: float = 0.0,
+        chunk_size: int | None = None,
+        tokens_per_batch: int = 8192,
+        shuffle_window: int = 4,
+        num_workers: int = 0,
+        peft_config: Any = None,
+        storage_options: dict[str, Any] | None = None,
+        run_info: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from transformers import TrainingArguments
+
+        if args is None:
+            raise ConfigError("KDTrainer needs TrainingArguments with max_steps > 0")
+        if not isinstance(args, TrainingArguments) or args.max_steps <= 0:
+            raise ConfigError(
+                "KDTrainer needs TrainingArguments with max_steps > 0: a store's length in "
+                f"batches is not known before reading it; found max_steps={args.max_steps}"
+            )
+        dataset = self._dataset(
+            train_dataset, args, tokens_per_batch, shuffle_window, storage_options
+        )
+        manifest = dataset.store.manifest
+        if isinstance(divergence, DistillationLoss):
+            loss = divergence
+        else:
+            loss = DistillationLoss.create(
+                divergence,
+                divergence_params,
+                temperature=temperature,
+                capture_temperatures=manifest.get("capture", {}).get("temperatures", []),
+                approximate_tail=approximate_tail,
+                tau_squared=tau_squared,
+                use_counts=use_counts,
+                ce_weight=ce_weight,
+                chunk_size=chunk_size,
+                total_steps=args.max_steps,
+            )
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        vocab = int(manifest["vocab_size"])
+        rows = int(causal_lm(model).get_output_embeddings().weight.shape[0])
+        if rows != vocab:
+            raise TokenizerMismatchError(
+                f"the store's teacher has vocabulary size {vocab}; the student's head has "
+                f"{rows} rows"
+            )
+        patch_for_distillation(model, loss)
+        # Checkpoints are rotated here, counting complete ones only (see the module docstring),
+        # and the read position is restored from them rather than by re-reading batches.
+        self._keep = args.save_total_limit
+        args.save_total_limit = None
+        args.ignore_data_skip = True
+        kwargs.setdefault("data_collator", KDCollator())
+        super().__init__(model=model, args=args, train_dataset=dataset, **kwargs)
+        self.loss_is_scaled_for_ga = True
+        self.kd_loss = loss
+        self.kd_dataset = dataset
+        self.kd_batches = StoreBatches(dataset, num_workers)
+        self.run_info = dict(run_info or {})
+        self.kd_tokens = 0
+        self._resume: dict[str, Any] | None = None
+        self._since_log = {"loss": 0.0, "kl": 0.0, "kl_tokens": 0.0, "tokens": 0.0}
+        self._step_loss = 0.0
+        self._log_clock = time.perf_counter()
+        self.add_callback(_StepEnd(self))
+
+    @staticmethod
+    def _dataset(
+        source: Any,
+        args: Any,
+        tokens_per_batch: int,
+        shuffle_window: int,
+        storage_options: dict[str, Any] | None,
+    ) -> StoreDataset:
+        if source is None:
+            raise ConfigError("KDTrainer needs train_dataset: a store URL or an opened store")
+        rank, world = int(args.process_index), int(args.world_size)
+        if isinstance(source, StoreDataset):
+            if (source.rank, source.world_size) != (rank, world):
+                raise ConfigError(
+                    f"the StoreDataset reads as rank {source.rank} of {source.world_size}; "
+                    f"this process is rank {rank} of {world}"
+                )
+            return source
+        if isinstance(source, (str, os.PathLike)):
+            from logitstore.reader import open_store
+
+            source = open_store(str(source), storage_options=storage_options)
+        return StoreDataset(
+            source,
+            tokens_per_batch=tokens_per_batch,
+            seed=int(args.seed),
+            shuffle_window=shuffle_window,
+            rank=rank,
+            world_size=world,
+        )
+
+    # ---- data and the loss ---------------------------------------------------------------
+
+    def get_train_dataloader(self) -> Any:
+        if self._resume is not None:
+            state, world = self._resume, int(self.args.world_size)
+            if state["world_size"] != world:
+                raise ConfigError(
+                    f"checkpoint was written by {state['world_size']} processes; this run has "
+                    f"{world}"
+                )
+            self.kd_dataset.load_state_dict(state["loader"][int(self.args.process_index)])
+            self.kd_loss.load_state_dict(state["loss_schedule"])
+            self.kd_tokens = int(state["tokens"])
+        return self.kd_batches
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+        """The trained tokens of the whole optimizer step: all micro-batches, all ranks."""
+        local = float(sum(int(b["num_tokens"]) for b in batch_samples))
+        total = torch.tensor(local, dtype=torch.float64, device=device)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        count = float(total)
+        self.kd_tokens += int(count)
+        self._since_log["tokens"] += count
+        return max(count, 1.0)
+
+    def _logs_this_step(self) -> bool:
+        step = self.state.global_step + 1
+        every = int(self.state.logging_steps or 0)
+        return self.args.logging_strategy == "steps" and (
+            (every > 0 and step % every == 0) or (step == 1 and self.args.logging_first_step)
+        )
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        fields = {k: inputs.get(k) for k in TEACHER_FIELDS}
+        training = model.training
+        kd = TeacherBatch(inputs["position_mask"], fields, training and self._logs_this_step())
+        if num_items_in_batch is None:
+            num_items_in_batch = max(float(inputs["num_tokens"]), 1.0)
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            kd_batch=kd,
+            num_items_in_batch=num_items_in_batch,
+        )
+        loss = outputs["loss"]
+        if training:
+            value = float(loss.detach())
+            self._step_loss += value
+            if outputs.get("teacher_kl_sum") is not None:
+                self._since_log["kl"] += float(outputs["teacher_kl_sum"])
+                self._since_log["kl_tokens"] += float(inputs["num_tokens"])
+            # DDP, FSDP and DeepSpeed average gradients over ranks; the loss is already divided
+            # by the global token count.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _end_step(self) -> None:
+        """After an optimizer step: the objective's schedule sees the step's mean loss."""
+        if self.kd_loss.schedule is not None:
+            self.kd_loss.step(self._all_sum([self._step_loss])[0])
+        self._step_loss = 0.0
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return [float(v) for v in t.tolist()]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and "learning_rate" in logs:  # a training step's log, on every rank
+            kl, kl_tokens = self._all_sum([self._since_log["kl"], self._since_log["kl_tokens"]])
+            now = time.perf_counter()
+            logs["teacher_kl"] = kl / kl_tokens if kl_tokens else math.nan
+            logs["tokens"] = self.kd_tokens
+            logs["tokens_per_s"] = self._since_log["tokens"] / max(now - self._log_clock, 1e-9)
+            logs["data_epoch"] = self.kd_dataset.epoch
+            logs.update(self.kd_loss.log_values())
+            self._since_log = dict.fromkeys(self._since_log, 0.0)
+            self._log_clock = now
+        super().log(logs, start_time)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def train(  # type: ignore[override]
+        self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any
+    ) -> Any:
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete*
+        checkpoint of ``output_dir``, and a path must be a complete checkpoint."""
+        path: Path | None = None
+        if resume_from_checkpoint is True:
+            path = latest_checkpoint(str(self.args.output_dir))
+            if path is None:
+                raise ConfigError(f"no complete checkpoint in {self.args.output_dir} to resume")
+        elif resume_from_checkpoint:
+            path = Path(str(resume_from_checkpoint))
+            if not (path / STATE_NAME).is_file():
+                raise ConfigError(
+                    f"{path} is not a complete logitstore checkpoint (no {STATE_NAME})"
+                )
+        self._resume = json.loads((path / STATE_NAME).read_text()) if path else None
+        return super().train(resume_from_checkpoint=str(path) if path else None, **kwargs)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        loader = self._gather(self.kd_batches.state_dict())
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()  # every rank's files are written
+        if not self.args.should_save:
+            return
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
+        state = {
+            "step": self.state.global_step,
+            "tokens": self.kd_tokens,
+            "world_size": int(self.args.world_size),
+            "loader": loader,
+            "loss_schedule": self.kd_loss.state_dict(),
+            "objective": {"name": self.kd_loss.name, "params": self.kd_loss.params},
+            "run": self.run_info,
+        }
+        _write_json_atomic(folder / STATE_NAME, state)
+        _rotate(run_dir, self._keep)
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if self.accelerator.num_processes <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
