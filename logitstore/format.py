@@ -14,12 +14,14 @@ runs with the same inputs produce byte-identical stores. ``FORMAT.md`` documents
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from logitstore._schema import Int, List, Nullable, Num, Obj, Pair, Str
 from logitstore.errors import (
     ConfigError,
     FormatVersionError,
@@ -41,29 +43,87 @@ SHARDS_DIR = "shards"
 METADATA_KEYS = ("teacher", "tokenizer", "capture", "source")
 """Sections the teacher pass supplies; copied verbatim into settings and manifest."""
 
-MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "format_version": int,
-    "codec": dict,
-    "backend": str,
-    "vocab_size": int,
-    "num_temperatures": int,
-    "teacher": dict,
-    "tokenizer": dict,
-    "capture": dict,
-    "source": dict,
-    "shards": list,
-    "statistics": dict,
-}
+# -- the manifest's schema -----------------------------------------------------------------
+# Every field a reader uses, with its type and range, checked once when a store is opened, so
+# a malformed manifest (a stranger's bytes) is refused with a ManifestError naming the field,
+# never an OverflowError or TypeError later. Keys not listed are allowed (optional keys are a
+# compatible change) but carry no meaning.
 
-SHARD_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "path": str,
-    "documents": int,
-    "tokens": int,
-    "positions": int,
-    "bytes": int,
-    "sha256": str,
-    "files": list,
-}
+MAX_COUNT = 2**40
+"""Largest count or byte size a shard may declare (documents, tokens, positions, bytes)."""
+
+MAX_VOCAB_SIZE = 2**24
+"""Largest vocabulary a store may declare (three id planes; real vocabularies are < 2^19)."""
+
+MAX_TEMPERATURES = 64
+MAX_SHARDS = 2**20
+MAX_FILES_PER_SHARD = 4096
+
+MAX_EXPANSION = 256
+"""A shard's arrays, uncompressed, may be at most this many times its bytes on disk.
+
+Real shards compress 2-4x; the bound only keeps a tiny hostile shard from declaring millions
+of positions, which readers would otherwise allocate before finding its chunks empty."""
+
+
+_COUNT = Int(0, MAX_COUNT)
+_FIDELITY = Nullable(Obj(values=Num()))
+
+SHARD_SCHEMA = Obj(
+    required={
+        "path": Str(),
+        "documents": _COUNT,
+        "tokens": _COUNT,
+        "positions": _COUNT,
+        "bytes": _COUNT,
+        "sha256": Str(r"[0-9a-f]{64}", "a SHA-256 hex digest"),
+        "files": List(Pair(Str(), _COUNT), MAX_FILES_PER_SHARD, "a list of [name, size] pairs"),
+    },
+    optional={"index": Int(0, MAX_SHARDS), "fidelity": _FIDELITY},
+)
+
+MANIFEST_SCHEMA = Obj(
+    required={
+        "format_version": Int(0, 2**31),
+        "codec": Obj(
+            required={"name": Str(), "version": Int(0, 2**31)},
+            optional={"configuration": Obj()},
+        ),
+        "backend": Str(),
+        "vocab_size": Int(1, MAX_VOCAB_SIZE),
+        "num_temperatures": Int(0, MAX_TEMPERATURES),
+        "teacher": Obj(),
+        "tokenizer": Obj(),
+        "capture": Obj(
+            optional={
+                "temperatures": List(
+                    Num(positive=True), MAX_TEMPERATURES, "a list of positive numbers"
+                )
+            }
+        ),
+        "source": Obj(),
+        "shards": List(SHARD_SCHEMA, MAX_SHARDS, f"a list of at most {MAX_SHARDS} shards"),
+        "statistics": Obj(
+            required={
+                "documents": _COUNT,
+                "tokens": _COUNT,
+                "positions": _COUNT,
+                "bytes": _COUNT,
+                "bytes_per_token": Num(),
+                "bytes_per_position": Num(),
+            },
+            optional={"fidelity": _FIDELITY},
+        ),
+    },
+    optional={"compression_level": Int(-7, 22)},
+)
+
+
+MANIFEST_FIELDS = tuple(MANIFEST_SCHEMA.required)
+"""Top-level fields every manifest has."""
+
+SHARD_FIELDS = tuple(SHARD_SCHEMA.required)
+"""Fields every shard entry (and record) has."""
 
 _SHARD_NAME = re.compile(r"^(\d{6,})\.json$")
 
@@ -130,19 +190,51 @@ def loads(raw: bytes, what: str) -> dict[str, Any]:
         what: file name for the error message.
 
     Raises:
-        ManifestError: not UTF-8 JSON, or not an object. ``NaN``/``Infinity`` are refused too.
+        ManifestError: not UTF-8 JSON, or not an object. ``NaN``, ``Infinity`` and numbers
+            too large for a float (``1e999``) are refused too.
     """
 
-    def _no_constants(name: str) -> Any:
-        raise ValueError(f"non-standard constant {name}")
+    non_finite: list[str] = []  # parsed (so the field can be named), then refused
+
+    def _constant(name: str) -> float:
+        non_finite.append(name)
+        return math.nan
+
+    def _float(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):  # 1e999 parses to inf
+            non_finite.append(text[:20])
+        return value
 
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+        data = json.loads(raw.decode("utf-8"), parse_constant=_constant, parse_float=_float)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ManifestError(f"{what} is not valid JSON: {exc}") from None
+    if non_finite:
+        raise ManifestError(
+            f"{what} is not valid JSON: field {_first_non_finite(data)} holds {non_finite[0]}; "
+            "the format allows finite numbers only"
+        )
     if not isinstance(data, dict):
         raise ManifestError(f"{what} must hold a JSON object, found {type(data).__name__}")
     return data
+
+
+def _first_non_finite(data: Any) -> str:
+    """Path (``a.b[2]``) of the first non-finite float in parsed JSON, walked without recursion."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path or "<root>"
+        if isinstance(value, dict):
+            items = [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            continue
+        stack.extend(reversed(items))
+    return "<unknown>"
 
 
 def check_relative_path(path: Any, what: str = "path") -> str:
@@ -232,19 +324,6 @@ def first_difference(expected: Any, found: Any, path: str = "") -> tuple[str, An
     return None
 
 
-def _check_fields(data: Mapping[str, Any], fields: Mapping[str, Any], where: str) -> None:
-    for key, kind in fields.items():
-        if key not in data:
-            raise ManifestError(f"{where} is missing the field {key!r}")
-        value = data[key]
-        # bool is an int in Python; a count or version of True is still malformed.
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise ManifestError(
-                f"{where} field {key!r} must be {names}, found {type(value).__name__}"
-            )
-
-
 def check_format_version(data: Mapping[str, Any], what: str) -> None:
     """Raise ``FormatVersionError`` unless the file's format version is one this code reads."""
     if "format_version" not in data:
@@ -258,37 +337,67 @@ def check_format_version(data: Mapping[str, Any], what: str) -> None:
 
 
 def validate_manifest(data: Mapping[str, Any]) -> None:
-    """Check a parsed manifest's structure and paths (the codec is resolved by the reader).
+    """Check a parsed manifest against :data:`MANIFEST_SCHEMA`, its paths and its counts.
+
+    The codec's configuration is checked by the codec when the reader resolves it, and the
+    declared sizes against the codec's row size by :func:`check_declared_sizes`.
 
     Raises:
         FormatVersionError: unknown format version (checked first: a future manifest may
             legitimately lack today's fields).
-        ManifestError: a required field is missing or has the wrong type, or counts are negative.
+        ManifestError: a field missing, of the wrong type or out of its range; the message
+            names the field (``shards[3].tokens``).
         UnsafePathError: a shard or file path that could escape the store's root.
     """
     check_format_version(data, MANIFEST_NAME)
-    _check_fields(data, MANIFEST_FIELDS, MANIFEST_NAME)
-    for key in ("name", "version"):
-        if key not in data["codec"]:
-            raise ManifestError(f"{MANIFEST_NAME} field 'codec' is missing {key!r}")
-    if data["vocab_size"] < 1 or data["num_temperatures"] < 0:
-        raise ManifestError(
-            f"{MANIFEST_NAME}: vocab_size must be >= 1 and num_temperatures >= 0, found "
-            f"{data['vocab_size']} and {data['num_temperatures']}"
-        )
+    MANIFEST_SCHEMA.check(data, MANIFEST_NAME)
     for j, shard in enumerate(data["shards"]):
-        where = f"{MANIFEST_NAME} shards[{j}]"
-        if not isinstance(shard, dict):
-            raise ManifestError(f"{where} must be an object, found {type(shard).__name__}")
-        _check_fields(shard, SHARD_FIELDS, where)
-        check_relative_path(shard["path"], f"{where} path")
-        for item in shard["files"]:
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int)):
-                raise ManifestError(f"{where} files must be [name, size] pairs, found {item!r}")
-            check_relative_path(item[0], f"{where} file")
-        for key in ("documents", "tokens", "positions", "bytes"):
-            if shard[key] < 0:
-                raise ManifestError(f"{where} {key} must be >= 0, found {shard[key]}")
+        where = f"{MANIFEST_NAME} field shards[{j}]"
+        check_relative_path(shard["path"], f"{where}.path")
+        for i, (name, _) in enumerate(shard["files"]):
+            check_relative_path(name, f"{where}.files[{i}]")
+        documents, tokens = shard["documents"], shard["tokens"]
+        if tokens < documents or shard["positions"] != tokens - documents:
+            raise ManifestError(
+                f"{where}.positions: expected tokens - documents = {tokens - documents} "
+                f"(every document has at least one token), found {shard['positions']} "
+                f"positions for {tokens} tokens in {documents} documents"
+            )
+    temperatures = data["capture"].get("temperatures")
+    if temperatures is not None and len(temperatures) != data["num_temperatures"]:
+        raise ManifestError(
+            f"{MANIFEST_NAME} field capture.temperatures: expected num_temperatures = "
+            f"{data['num_temperatures']} temperatures, found {len(temperatures)}"
+        )
+
+
+def check_declared_sizes(
+    shards: Sequence[Mapping[str, Any]], position_bytes: int, token_bytes: int
+) -> None:
+    """Refuse shards whose declared arrays are far larger than their files.
+
+    Readers size arrays from the manifest's counts before the chunks are decompressed, so
+    the counts are bounded first: uncompressed, a shard's arrays may be at most
+    :data:`MAX_EXPANSION` times its bytes on disk.
+
+    Args:
+        shards: the manifest's validated shard entries.
+        position_bytes: stored bytes of one position (codec fields and loss mask).
+        token_bytes: stored bytes of one token id.
+
+    Raises:
+        ManifestError: naming the shard's field.
+    """
+    for j, shard in enumerate(shards):
+        on_disk = sum(size for _, size in shard["files"])
+        declared = shard["positions"] * position_bytes + shard["tokens"] * token_bytes
+        if declared > MAX_EXPANSION * on_disk:
+            raise ManifestError(
+                f"{MANIFEST_NAME} field shards[{j}].positions: expected at most "
+                f"{MAX_EXPANSION} times the shard's {on_disk} bytes on disk uncompressed, "
+                f"found {shard['positions']} positions and {shard['tokens']} tokens "
+                f"({declared} bytes)"
+            )
 
 
 def build_manifest(

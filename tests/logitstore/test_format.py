@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -103,7 +104,7 @@ def test_build_manifest_totals():
 def test_every_required_field_is_checked(field):
     m = _manifest()
     m.pop(field)
-    with pytest.raises(ManifestError, match=repr(field)) as info:
+    with pytest.raises(ManifestError, match=rf"manifest.json is missing the field {field!r}") as info:
         fmt.validate_manifest(m)
     assert not isinstance(info.value, FormatVersionError)  # missing is not "unknown version"
 
@@ -112,14 +113,16 @@ def test_every_required_field_is_checked(field):
 def test_every_shard_field_is_checked(field):
     m = _manifest()
     m["shards"][1].pop(field)
-    with pytest.raises(ManifestError, match=rf"shards\[1\].*{field!r}"):
+    with pytest.raises(ManifestError, match=rf"field shards\[1\] is missing the field {field!r}"):
         fmt.validate_manifest(m)
 
 
 def test_wrong_types_and_versions_are_refused():
     m = _manifest()
     m["vocab_size"] = "10"
-    with pytest.raises(ManifestError, match="vocab_size.*int"):
+    with pytest.raises(
+        ManifestError, match='field vocab_size: expected an integer >= 1.*found "10"'
+    ):
         fmt.validate_manifest(m)
     m = _manifest()
     m["format_version"] = 2
@@ -127,5 +130,96 @@ def test_wrong_types_and_versions_are_refused():
         fmt.validate_manifest(m)
     m = _manifest()
     m["shards"][0]["tokens"] = True
-    with pytest.raises(ManifestError, match="tokens"):
+    with pytest.raises(ManifestError, match="shards\\[0\\].tokens: expected a non-negative"):
         fmt.validate_manifest(m)
+
+
+# (where in the manifest, a malformed value): wrong types, out of range, overflowing numpy,
+# non-finite; each must be refused with a ManifestError that names the field.
+MALFORMED = [
+    ("vocab_size", 0),
+    ("vocab_size", 2**70),
+    ("vocab_size", 1.5),
+    ("num_temperatures", -1),
+    ("num_temperatures", 10**6),
+    ("num_temperatures", None),
+    ("backend", 7),
+    ("codec", []),
+    ("codec.name", ["topk"]),
+    ("codec.version", "1"),
+    ("codec.configuration", [4]),
+    ("capture", "x"),
+    ("capture.temperatures", 2.0),
+    ("capture.temperatures", [0.0]),
+    ("capture.temperatures", ["2"]),
+    ("teacher", None),
+    ("shards", {}),
+    ("shards[1]", "x"),
+    ("shards[1].documents", -1),
+    ("shards[1].tokens", 2**64),
+    ("shards[1].tokens", "x"),
+    ("shards[1].positions", 8.0),
+    ("shards[1].bytes", None),
+    ("shards[1].sha256", "abc"),
+    ("shards[1].sha256", 0),
+    ("shards[1].files", "x"),
+    ("shards[1].files[0]", ["a"]),
+    ("shards[1].files[0][1]", -5),
+    ("shards[1].files[0][1]", "100"),
+    ("shards[1].files[0][0]", 3),
+    ("shards[1].index", -1),
+    ("shards[1].fidelity", [1]),
+    ("shards[1].fidelity.count", "512"),
+    ("statistics.documents", 1e3),
+    ("statistics.bytes_per_token", "2.5"),
+    ("statistics.fidelity", 1),
+    ("statistics.fidelity.bucket_kl", None),
+    ("statistics.fidelity.top1_agreement", [0.9]),
+    ("compression_level", 99),
+]
+
+
+def _set(data: dict, where: str, value) -> None:
+    keys = [int(k) if k.isdigit() else k for k in re.findall(r"[^.\[\]]+", where)]
+    for key in keys[:-1]:
+        if isinstance(data, dict) and key not in data:
+            data[key] = {}
+        data = data[key]
+    data[keys[-1]] = value
+
+
+@pytest.mark.parametrize(("where", "value"), MALFORMED, ids=[f"{w}={v!r}" for w, v in MALFORMED])
+def test_malformed_fields_are_refused_naming_the_field(where, value):
+    m = _manifest()
+    _set(m, where, value)
+    with pytest.raises(ManifestError) as info:
+        fmt.validate_manifest(json.loads(json.dumps(m)))
+    assert f"manifest.json field {where}" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e999", "-1e400"])
+def test_non_finite_numbers_are_refused_anywhere(text):
+    raw = b'{"teacher": {"note": [1, ' + text.encode() + b"]}}"
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        fmt.loads(raw, "manifest.json")
+
+
+def test_counts_must_agree_and_temperatures_match_their_number():
+    m = _manifest()
+    m["shards"][2]["positions"] += 1
+    with pytest.raises(ManifestError, match=r"shards\[2\].positions: expected tokens - documents"):
+        fmt.validate_manifest(m)
+    m = _manifest()
+    m["capture"]["temperatures"] = [2.0, 3.0]
+    with pytest.raises(ManifestError, match="capture.temperatures: expected num_temperatures = 1"):
+        fmt.validate_manifest(m)
+
+
+def test_declared_sizes_are_bounded_by_the_bytes_on_disk():
+    m = _manifest()  # shard 1: 200 bytes on disk, 11 tokens, 9 positions
+    fmt.check_declared_sizes(m["shards"], 100, 2)
+    m["shards"][1]["tokens"] = 10**6 + 2
+    m["shards"][1]["positions"] = 10**6
+    with pytest.raises(ManifestError, match=r"shards\[1\].positions: expected at most 256 times"):
+        fmt.check_declared_sizes(m["shards"], 100, 2)
