@@ -135,15 +135,37 @@ def hot_forward(hot_ids: tuple[int, ...], vocab_size: int, device: torch.device)
 
 
 def hot_inverse(hot_ids: tuple[int, ...], stored: np.ndarray) -> np.ndarray:
-    """Token ids of stored ids (inverse of :func:`hot_forward`); negative entries pass through."""
+    """Token ids of stored ids (inverse of :func:`hot_forward`); negative entries pass through.
+
+    Every id above the largest hot id is stored as itself, so the work and memory follow the
+    hot list, never the stored ids (a damaged or hostile row may hold huge ones; the reader's
+    value checks refuse ids beyond the vocabulary afterwards).
+    """
     if not hot_ids or stored.size == 0:
         return stored
     hot = np.asarray(hot_ids, dtype=np.int64)
-    size = max(int(stored.max()) + 1, int(hot.max()) + 1)
-    # Token ids of stored ids 0 .. size-1: the hot list, then the other ids ascending.
-    cold = np.ones(size + len(hot), dtype=bool)
+    top = int(hot.max())
+    if top >= 16 * len(hot) + 2**16:  # a sparse list: no table as large as its largest id
+        return _hot_inverse_sparse(hot, stored)
+    # Token ids of stored ids 0 .. top: the hot list, then the other ids ascending.
+    cold = np.ones(top + 1, dtype=bool)
     cold[hot] = False
-    table = np.concatenate([hot, np.flatnonzero(cold)])[:size]
-    if stored.min() >= 0:
-        return table[stored]
-    return np.where(stored >= 0, table[np.maximum(stored, 0)], stored)
+    table = np.concatenate([hot, np.flatnonzero(cold)])
+    out = np.take(table, stored, mode="clip")  # wrong above the table and below 0: fixed here
+    outside = stored > top
+    if stored.min() < 0:
+        outside |= stored < 0
+    np.copyto(out, stored, where=outside)
+    return out
+
+
+def _hot_inverse_sparse(hot: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """:func:`hot_inverse` without a table: the ``r``-th id not in the list (ascending) is
+    ``r`` plus the number of hot ids ``h_i`` (sorted) with ``h_i - i <= r``."""
+    m = len(hot)
+    rank = stored - m
+    ranks_below = np.sort(hot) - np.arange(m)
+    out = rank + np.searchsorted(ranks_below, rank, side="right")
+    is_hot = (stored >= 0) & (stored < m)
+    out[is_hot] = hot[stored[is_hot]]
+    return np.where(stored < 0, stored, out)

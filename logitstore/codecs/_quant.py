@@ -67,8 +67,35 @@ def quantize(d: torch.Tensor, is_top1: torch.Tensor, values: str) -> torch.Tenso
 
 
 def dequantize(codes: np.ndarray, values: str) -> np.ndarray:
-    """Distances (float32) of codes produced by :func:`quantize`."""
-    return grid(values).astype(np.float32)[codes]
+    """Distances (float32) of codes produced by :func:`quantize` (a code beyond the grid, which
+    only a damaged row has, decodes at the last level)."""
+    return np.take(grid(values).astype(np.float32), codes, mode="clip")
+
+
+_FLOAT_ROUNDING = {"float32": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+"""Relative rounding of a stored float distance, with a factor 2 to spare."""
+
+
+def least_ratio(d: np.ndarray, values: str) -> np.ndarray:
+    """``exp(-d_true)`` at its smallest, for decoded distances ``d`` (float32, any shape).
+
+    A quantized level ``j >= 1`` stands for every distance up to the midpoint with level
+    ``j + 1`` (the last level for any distance beyond it, so for probability 0); level 0 is the
+    top-1 alone. A float value was rounded to nearest, so ``d_true <= d (1 + rounding)``.
+    """
+    if values not in GRIDS:
+        return np.exp(-d * (1 + _FLOAT_ROUNDING[values]))
+    levels, a = GRIDS[values]
+    # The grid's inverse, d_j -> j, then each level's far edge.
+    codes = np.rint((levels - 0.5) * -np.expm1(d / -a))
+    np.clip(codes, 0, levels - 1, out=codes)
+    g = grid(values)
+    edges = np.exp(-(g[1:-1] + g[2:]) / 2)  # levels 1 .. L-2
+    table = np.concatenate([[1.0], edges, [0.0]]).astype(np.float32)
+    with np.errstate(invalid="ignore"):  # a NaN distance (a damaged row) stays NaN
+        out = np.take(table, codes.astype(np.intp), mode="clip")
+    out[np.isnan(d)] = np.nan
+    return out
 
 
 def float_store_dtype(values: str) -> str:

@@ -31,6 +31,9 @@ import torch
 from logitstore.codecs import _ids, _scalars
 from logitstore.codecs.base import Codec, FieldSpec, Positions
 from logitstore.codecs.topk import check_size, sort_by_probability
+from logitstore.errors import ConfigError
+
+MAX_DRAWS = 2**16 - 1
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Sampled(Codec):
 
     def __post_init__(self) -> None:
         check_size("n", self.n)
+        if self.n > MAX_DRAWS:
+            raise ConfigError(f"n must be at most {MAX_DRAWS} (uint16 counts), found {self.n}")
 
     @property
     def _count_dtype(self) -> str:

@@ -1,0 +1,148 @@
+"""Value checks on decoded positions: what a store's numbers must satisfy to be used at all.
+
+A store read from the Hub or a bucket is a stranger's bytes; a checksum only says they are the
+bytes the manifest names. Before decoded positions reach a loss they are checked against the
+format's rules, for every position:
+
+* support ids lie in ``[0, V)`` (``-1`` marks padding of sampled codecs);
+* no NaN anywhere; support, label and tail log-probs are ``<= 0`` (up to
+  :data:`LOGPROB_TOLERANCE`), ``+inf`` nowhere; entropy ``>= 0``;
+* draw counts of sampled codecs add up to the number of draws;
+* support mass plus tail mass is at most ``1 + MASS_TOLERANCE``, where each decoded value
+  counts as the least probability it can stand for (``Codec.least_probs``: a quantized value
+  stands for a range of true values), so a store written by our encoders always passes.
+
+The checks are a few vectorised reductions over arrays already in memory. To stay cheap, the
+mass while reading is a lower bound from a few columns (the support is sorted most probable
+first, so entries ``a .. b - 1`` hold at least ``b - a`` times the mass of entry ``b - 1``),
+which catches mass above 1 by a factor up to 2; ``verify`` sums every column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from logitstore.codecs.base import Codec, Positions
+from logitstore.errors import BadValueError
+
+LOGPROB_TOLERANCE = 1e-3
+"""Nats a stored log-prob may lie above 0 (float rounding of a probability of about 1)."""
+
+MASS_TOLERANCE = 1e-3
+"""How far support plus tail mass may exceed 1 (float32 sums, float16 tails: < 2e-4)."""
+
+
+def mass_columns(width: int, exhaustive: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Columns whose least probabilities, times the weights, bound a sorted row's mass below.
+
+    Exhaustive: every column, weight 1 (the mass itself). Otherwise the first four columns
+    alone, then the last column of each segment ``[4, 8), [8, 16), ...`` weighted by the
+    segment's length.
+    """
+    if exhaustive or width <= 4:
+        return np.arange(width), np.ones(width, dtype=np.float32)
+    ends = [1, 2, 3, 4]
+    while ends[-1] < width:
+        ends.append(min(2 * ends[-1], width))
+    cols = np.asarray(ends) - 1
+    return cols, np.diff([0, *ends]).astype(np.float32)
+
+
+def support_mass(codec: Codec, pos: Positions, exhaustive: bool = False) -> np.ndarray:
+    """Float32 ``(P,)`` lower bound on each position's support mass (exact when exhaustive)."""
+    lp = pos.support_logprobs
+    if lp.shape[1] == 0:
+        return np.zeros(lp.shape[0], dtype=np.float32)
+    cols, weights = mass_columns(lp.shape[1], exhaustive)
+    least = codec.least_probs(np.take(lp, cols, axis=1), lp[:, :1])
+    return least @ weights
+
+
+def _ok(pos: Positions, codec: Codec, vocab_size: int, exhaustive: bool) -> bool:
+    """Whether every position passes, in a few whole-array reductions (no per-row work)."""
+    if len(pos) == 0:
+        return True
+    ids, tol = pos.support_ids, LOGPROB_TOLERANCE
+    # A NaN makes max() NaN, and every comparison with NaN is False.
+    ok = ids.size == 0 or (ids.max() < vocab_size and ids.min() >= -1)
+    ok = ok and (pos.support_logprobs.size == 0 or pos.support_logprobs.max() <= tol)
+    ok = ok and pos.label_logprob.max() <= tol and pos.tail_logmass.max() <= tol
+    ok = ok and (pos.tail_logsumexp.size == 0 or pos.tail_logsumexp.max() < np.inf)
+    ok = ok and pos.entropy.min() >= -tol and pos.entropy.max() < np.inf
+    if ok and pos.support_counts is not None:
+        ok = bool((pos.support_counts.sum(axis=1) == pos.support_counts.shape[1]).all())
+    if ok:
+        mass = support_mass(codec, pos, exhaustive) + np.exp(pos.tail_logmass)
+        ok = mass.max() <= 1 + MASS_TOLERANCE
+    return bool(ok)
+
+
+def _problems(pos: Positions, codec: Codec, vocab: int) -> Iterator[tuple[str, Any, str]]:
+    """``(field, bad rows, what is expected)`` for each rule, in the order they are reported."""
+    tol = LOGPROB_TOLERANCE
+    ids, lp = pos.support_ids, pos.support_logprobs
+    padding = (ids == -1) & (lp == -np.inf)
+    bad_ids = ((ids < 0) & ~padding) | (ids >= vocab)
+    yield "support_ids", bad_ids.any(axis=1), f"token ids in [0, {vocab})"
+    yield "support_logprobs", ~(lp <= tol).all(axis=1), "log-probabilities <= 0, not NaN"
+    yield "label_logprob", ~(pos.label_logprob <= tol), "a log-probability <= 0, not NaN"
+    yield "tail_logmass", ~(pos.tail_logmass <= tol), "a log-probability <= 0, not NaN"
+    yield "tail_logsumexp", ~(pos.tail_logsumexp < np.inf).all(axis=1), "finite or -inf"
+    yield "entropy", ~((pos.entropy >= -tol) & (pos.entropy < np.inf)), "a finite entropy >= 0"
+    if pos.support_counts is not None:
+        n = pos.support_counts.shape[1]
+        yield "support_counts", pos.support_counts.sum(axis=1) != n, f"draw counts summing to {n}"
+    with np.errstate(invalid="ignore", over="ignore"):
+        mass = support_mass(codec, pos, exhaustive=True) + np.exp(pos.tail_logmass)
+    yield "support and tail mass", ~(mass <= 1 + MASS_TOLERANCE), "a total of at most 1"
+
+
+def _found(pos: Positions, codec: Codec, field: str, row: int) -> str:
+    if field == "support and tail mass":
+        one = pos.slice(row, row + 1)
+        return f"{float(support_mass(codec, one, True)[0] + np.exp(one.tail_logmass[0])):.6g}"
+    arr: Any = pos.support_counts if field == "support_counts" else getattr(pos, field)
+    value = arr[row]
+    if value.ndim == 0:
+        return f"{float(value):.6g}"
+    if field == "support_ids":
+        return f"{value.min()} .. {value.max()}"
+    if field == "support_counts":
+        return f"a sum of {int(value.sum())}"
+    finite = np.isnan(value) | (value > LOGPROB_TOLERANCE)
+    return f"{value[finite][0] if finite.any() else value.max():.6g}"
+
+
+def check_positions(
+    codec: Codec, pos: Positions, vocab_size: int, *, exhaustive: bool = False
+) -> None:
+    """Raise :class:`BadValueError` for the first position whose values the format forbids.
+
+    Args:
+        codec: the codec that decoded ``pos`` (it says how exact its values are).
+        pos: decoded positions.
+        vocab_size: the store's vocabulary size ``V``.
+        exhaustive: sum every support column for the mass check (``verify``); otherwise a
+            lower bound from a few columns (reading, training).
+
+    Raises:
+        BadValueError: with ``row`` (position index in ``pos``) and ``field``; the message
+            says what was expected and what was found.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        if _ok(pos, codec, vocab_size, exhaustive):
+            return
+        first: tuple[int, str, str] | None = None
+        for field, bad, expected in _problems(pos, codec, vocab_size):
+            rows = np.flatnonzero(bad)
+            if rows.size and (first is None or rows[0] < first[0]):
+                first = (int(rows[0]), field, expected)
+    if first is None:  # only the cheap bound failed; the exact sums pass
+        return
+    row, field, expected = first
+    raise BadValueError(
+        f"{field}: expected {expected}, found {_found(pos, codec, field, row)}", row, field
+    )
