@@ -18,7 +18,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except LogitstoreError as exc:
-            click.echo(f"error: {exc}", err=True)
+            # One line, whatever the message holds (it may quote a stranger's store).
+            click.echo(f"error: {' '.join(str(exc).split())}", err=True)
             sys.exit(2)
 
 

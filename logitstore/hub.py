@@ -117,7 +117,7 @@ def view_table(store: LogitStore, j: int, max_support: int | None = None) -> pa.
         One row per document.
     """
     arrays = store.read_shard_arrays(j)
-    positions = store.codec.decode(arrays.fields)
+    positions = store.decode_shard(j, arrays)
     temps = [float(t) for t in store.manifest["capture"].get("temperatures", [])]
     k = positions.support_ids.shape[1]
     cols: dict[str, np.ndarray] = {

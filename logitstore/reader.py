@@ -20,9 +20,11 @@ import numpy as np
 
 from logitstore import format as fmt
 from logitstore.codecs import codec_from_json
-from logitstore.codecs.base import Codec, FieldSpec
+from logitstore.codecs._checks import check_positions
+from logitstore.codecs.base import Codec, FieldSpec, Positions
 from logitstore.document import Document
 from logitstore.errors import (
+    BadValueError,
     ConfigError,
     CorruptShardError,
     LogitstoreError,
@@ -31,6 +33,7 @@ from logitstore.errors import (
     UnsafePathError,
 )
 from logitstore.storage import BACKENDS, Backend, ShardArrays, _fs
+from logitstore.storage.base import token_dtype
 
 
 def _read_local(path: str) -> bytes | BaseException:
@@ -89,17 +92,19 @@ class LogitStore:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.fs, self.root = _fs.url_to_fs(self.url, storage_options)
         self.manifest = self._load_manifest()
-        self.codec: Codec = codec_from_json(self.manifest["codec"])
-        self.backend: Backend = BACKENDS[self.manifest["backend"]]
         try:
+            self.codec: Codec = codec_from_json(self.manifest["codec"])
             self.specs: dict[str, FieldSpec] = self.codec.fields(
                 self.vocab_size, self.manifest["num_temperatures"]
             )
         except ConfigError as exc:
-            raise ManifestError(
-                f"{fmt.MANIFEST_NAME}: codec does not fit the store: {exc}"
-            ) from None
+            raise ManifestError(f"{fmt.MANIFEST_NAME} field codec.configuration: {exc}") from None
+        self.backend: Backend = BACKENDS[self.manifest["backend"]]
         shards = self.manifest["shards"]
+        row_bytes = sum(
+            np.dtype(spec.dtype).itemsize * int(np.prod(spec.shape)) for spec in self.specs.values()
+        )
+        fmt.check_declared_sizes(shards, row_bytes + 1, token_dtype(self.vocab_size).itemsize)
         paths = [s["path"] for s in shards]
         if len(set(paths)) != len(paths):
             raise ManifestError(f"{fmt.MANIFEST_NAME}: shard paths repeat")
@@ -110,6 +115,7 @@ class LogitStore:
         self._doc_starts = np.zeros(len(shards) + 1, dtype=np.int64)
         np.cumsum([s["documents"] for s in shards], out=self._doc_starts[1:])
         self._cache: tuple[int, list[Document]] | None = None
+        self._check_values = True  # decoded values are checked; off only to time the checks
         self._reset_prefetch()
 
     def _reset_prefetch(self) -> None:
@@ -341,15 +347,7 @@ class LogitStore:
         if self._cache is not None and self._cache[0] == j:
             return list(self._cache[1])
         arrays = self.read_shard_arrays(j)
-        try:
-            positions = self.codec.decode(arrays.fields)
-        except LogitstoreError:
-            raise
-        except Exception as exc:  # the checksum matched, so this is a writer/codec mismatch
-            raise CorruptShardError(
-                f"shard {self.manifest['shards'][j]['path']}: codec cannot decode it "
-                f"({type(exc).__name__}: {exc})"
-            ) from None
+        positions = self.decode_shard(j, arrays)
         off, pos = arrays.offsets, arrays.position_offsets()
         docs = [
             Document(
@@ -362,6 +360,40 @@ class LogitStore:
         ]
         self._cache = (j, docs)
         return list(docs)
+
+    def decode_shard(self, j: int, arrays: ShardArrays, *, exhaustive: bool = False) -> Positions:
+        """Shard ``j``'s positions from its arrays (:meth:`read_shard_arrays`), decoded and
+        checked (``codecs/_checks.py``: ids, NaN, signs, mass), as one block.
+
+        Raises:
+            BadValueError: naming the shard, document, position and field of the first bad
+                value; ``exhaustive`` sums every support column for the mass check.
+            CorruptShardError: the codec cannot decode the arrays.
+        """
+        where = self.manifest["shards"][j]["path"]
+        try:
+            positions = self.codec.decode(arrays.fields)
+        except LogitstoreError:
+            raise
+        except Exception as exc:  # the checksum matched, so this is a writer/codec mismatch
+            raise CorruptShardError(
+                f"shard {where}: codec cannot decode it ({type(exc).__name__}: {exc})"
+            ) from None
+        if self._check_values or exhaustive:
+            try:
+                check_positions(self.codec, positions, self.vocab_size, exhaustive=exhaustive)
+            except BadValueError as exc:
+                starts = arrays.position_offsets()
+                d = int(np.searchsorted(starts, exc.row, side="right")) - 1
+                doc = repr(arrays.doc_ids[d])
+                doc = doc if len(doc) <= 60 else doc[:57] + "..."
+                raise BadValueError(
+                    f"shard {where}: document {d} ({doc}), position {exc.row - int(starts[d])}: "
+                    f"{exc}",
+                    exc.row,
+                    exc.field,
+                ) from None
+        return positions
 
     def __getitem__(self, i: int) -> Document:
         """Document ``i`` in store order (negative indices count from the end)."""
@@ -406,7 +438,8 @@ class LogitStore:
     # -- checking ----------------------------------------------------------------------------
 
     def verify(self) -> list[str]:
-        """Every problem found: manifest totals, then each shard's files, checksum and shapes.
+        """Every problem found: manifest totals, then each shard's files, checksum, shapes and
+        values (for every position; the first bad one of each shard is named).
 
         Returns:
             One message per problem, each naming the shard or field; empty when all is well.
@@ -427,8 +460,8 @@ class LogitStore:
         for j, entry in enumerate(shards):
             if sum(size for _, size in entry["files"]) != entry["bytes"]:
                 problems.append(f"shard {entry['path']}: file sizes do not add up to its bytes")
-            try:
-                self.read_shard(j)  # checksum, shapes and counts, then the codec's decode
+            try:  # checksum, shapes and counts, then decoding, then every value
+                self.decode_shard(j, self.read_shard_arrays(j), exhaustive=True)
             except LogitstoreError as exc:
                 problems.append(str(exc))
         return problems

@@ -88,8 +88,9 @@ def test_verify_reports_inconsistent_totals(tmp_path):
     build(str(tmp_path / "s"))
     path = tmp_path / "s" / "manifest.json"
     m = json.loads(path.read_text())
-    m["statistics"]["tokens"] += 1
-    m["shards"][1]["documents"] += 1
+    m["statistics"]["tokens"] += 2
+    m["shards"][1]["documents"] += 1  # positions = tokens - documents still holds
+    m["shards"][1]["tokens"] += 1
     path.write_text(json.dumps(m))
     problems = open_store(str(tmp_path / "s")).verify()
     assert any("statistics.tokens" in p for p in problems)
