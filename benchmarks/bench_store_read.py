@@ -4,12 +4,15 @@ Builds a store of synthetic teacher distributions at a real vocabulary size (491
 SmolLM2) with the default ``topk`` codec, then times, per shard and in the same run:
 
 * ``floor``: ``codec.decode`` of the arrays already in memory (what any reader must pay);
-* ``read_shard``: fetch + size and SHA-256 checks + backend decode + ``codec.decode`` + slicing.
+* ``read_shard``: fetch + size and SHA-256 checks + backend decode + ``codec.decode`` + value
+  checks + slicing;
+* ``read_shard`` without the value checks (ids, NaN, signs, mass; ``codecs/_checks.py``),
+  timed alternately with the above, and the cost of the checks as a ratio (aim: <= 5 %).
 
 and prints tokens/s and the ratio ``read_shard / floor`` for each backend. Not a test: it
 prints figures. The loader's aim is >= 1M tokens/s per core.
 
-    python -m benchmarks.bench_store_read [--tokens 131072] [--backend zarr parquet]
+    python -m benchmarks.bench_store_read [--tokens 131072] [--k 128] [--backend zarr parquet]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from logitstore import EncodedDocument, StoreWriter, open_store
 from logitstore.codecs import get_codec
+from logitstore.codecs._checks import check_positions
 
 VOCAB = 49152
 DOC_TOKENS = 512
@@ -43,6 +47,10 @@ def synthetic_documents(codec, tokens: int, seed: int = 0) -> list[EncodedDocume
     return docs
 
 
+def checked(codec, fields) -> None:
+    check_positions(codec, codec.decode(fields), VOCAB)
+
+
 def best_of(fn, repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
@@ -56,20 +64,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=131072, help="tokens per shard")
     parser.add_argument("--backend", nargs="+", default=["zarr", "parquet"])
+    parser.add_argument("--k", type=int, default=128, help="topk support size")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per figure (best)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    codec = get_codec("topk")
+    codec = get_codec("topk", k=args.k)
     docs = synthetic_documents(codec, args.tokens)
     tokens = sum(len(d.input_ids) for d in docs)
     fields = {k: np.concatenate([d.fields[k] for d in docs]) for k in docs[0].fields}
-    floor = best_of(lambda: codec.decode(fields))
+    decoded = codec.decode(fields)
+    # Alternated, so a drift of the machine's speed hits both alike.
+    pairs = [
+        (best_of(lambda: codec.decode(fields), 1), best_of(lambda: checked(codec, fields), 1))
+        for _ in range(args.repeats)
+    ]
+    floor, with_checks = min(p[0] for p in pairs), min(p[1] for p in pairs)
+    check_alone = best_of(lambda: check_positions(codec, decoded, VOCAB), args.repeats)
     print(f"codec {codec.to_json()['configuration']}, vocab {VOCAB}, {tokens} tokens per shard")
     print(f"floor (codec.decode in memory): {tokens / floor / 1e6:.2f} M tokens/s")
+    print(
+        f"floor + value checks: {tokens / with_checks / 1e6:.2f} M tokens/s, "
+        f"x{floor / with_checks:.3f} ({100 * (with_checks / floor - 1):+.1f} % time; the "
+        f"checks alone {1e3 * check_alone:.2f} ms per shard, {100 * check_alone / floor:.1f} % "
+        "of the floor)"
+    )
     for backend in args.backend:
-        time_backend(backend, codec, docs, floor)
+        time_backend(backend, codec, docs, floor, args.repeats)
 
 
-def time_backend(backend: str, codec, docs: list[EncodedDocument], floor: float) -> None:
+def time_backend(
+    backend: str, codec, docs: list[EncodedDocument], floor: float, repeats: int
+) -> None:
     """Write one shard in ``backend``, then print its read and write throughput."""
     tokens = sum(len(d.input_ids) for d in docs)
     meta = {"teacher": {}, "tokenizer": {}, "capture": {"temperatures": []}, "source": {}}
@@ -81,18 +106,28 @@ def time_backend(backend: str, codec, docs: list[EncodedDocument], floor: float)
         w.finalize(1)
         store = open_store(tmp + "/s")
 
-        def read() -> None:
+        def read(checks: bool) -> float:
             store._cache = None  # time a cold decode, not the one-shard cache
+            store._check_values = checks
+            t0 = time.perf_counter()
             store.read_shard(0)
+            return time.perf_counter() - t0
 
-        total = best_of(read)
-        arrays = best_of(lambda: store.read_shard_arrays(0))
+        # Alternated, so a drift of the machine's speed hits both alike.
+        pairs = [(read(True), read(False)) for _ in range(repeats)]
+        total, unchecked = min(p[0] for p in pairs), min(p[1] for p in pairs)
+        arrays = best_of(lambda: store.read_shard_arrays(0), repeats)
         bpt = store.manifest["statistics"]["bytes_per_token"]
         print(
             f"{backend:8s} read_shard {tokens / total / 1e6:.2f} M tokens/s "
             f"(x{floor / total:.2f} of floor; fetch+verify+backend decode alone "
             f"{tokens / arrays / 1e6:.2f} M tokens/s), write {tokens / write / 1e3:.0f} k tokens/s, "
             f"{bpt:.1f} bytes/token"
+        )
+        print(
+            f"{backend:8s} value checks: read_shard {tokens / unchecked / 1e6:.2f} M tokens/s "
+            f"without, {tokens / total / 1e6:.2f} with: x{unchecked / total:.3f} "
+            f"({100 * (total / unchecked - 1):+.1f} % time)"
         )
 
 
