@@ -130,8 +130,11 @@ class StoreBatches:
                 raise DataError(f"rank {data.rank} has no documents in epoch {data.epoch}")
             data.set_epoch(data.epoch + 1)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> Any:
         return self.dataset.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.dataset.load_state_dict(state)
 
 
 # ---- the fused forward -----------------------------------------------------------------------
@@ -298,8 +301,10 @@ class KDTrainer(Trainer):
         model: the student, a ``transformers`` causal LM (or a PEFT model of one) whose head
             has the store's vocabulary size.
         args: the user's ``TrainingArguments``; ``max_steps`` must be set (> 0).
-        train_dataset: a store URL, an opened store (``logitstore.open_store``) or a
-            :class:`StoreDataset` (its ``rank`` and ``world_size`` must be the run's).
+        train_dataset: a store URL, an opened store (``logitstore.open_store``), a
+            :class:`StoreDataset` (its ``rank`` and ``world_size`` must be the run's), or a
+            :class:`StoreBatches` (any endless source of collated batches with the same
+            interface).
         divergence: objective name (``DIVERGENCES``), or a ready :class:`DistillationLoss`.
         divergence_params: the objective's parameters (and its schedule's settings).
         temperature, approximate_tail, tau_squared, use_counts, ce_weight, chunk_size: see
@@ -344,9 +349,14 @@ class KDTrainer(Trainer):
                 "KDTrainer needs TrainingArguments with max_steps > 0: a store's length in "
                 f"batches is not known before reading it; found max_steps={args.max_steps}"
             )
-        dataset = self._dataset(
-            train_dataset, args, tokens_per_batch, shuffle_window, storage_options
-        )
+        if isinstance(train_dataset, StoreBatches):
+            batches = train_dataset
+        else:
+            dataset = self._dataset(
+                train_dataset, args, tokens_per_batch, shuffle_window, storage_options
+            )
+            batches = StoreBatches(dataset, num_workers)
+        dataset = batches.dataset
         manifest = dataset.store.manifest
         if isinstance(divergence, DistillationLoss):
             loss = divergence
@@ -382,10 +392,15 @@ class KDTrainer(Trainer):
         args.ignore_data_skip = True
         kwargs.setdefault("data_collator", KDCollator())
         super().__init__(model=model, args=args, train_dataset=dataset, **kwargs)
+        if args.fsdp and self.accelerator.distributed_type == "MULTI_CPU":
+            raise ConfigError(
+                "FSDP through Trainer needs accelerators: accelerate runs CPU processes with "
+                "DDP; drop --fsdp on CPU (or apply torch's fully_shard yourself)"
+            )
         self.loss_is_scaled_for_ga = True
         self.kd_loss = loss
         self.kd_dataset = dataset
-        self.kd_batches = StoreBatches(dataset, num_workers)
+        self.kd_batches = batches
         self.run_info = dict(run_info or {})
         self.kd_tokens = 0
         self._resume: dict[str, Any] | None = None
@@ -435,7 +450,7 @@ class KDTrainer(Trainer):
                     f"checkpoint was written by {state['world_size']} processes; this run has "
                     f"{world}"
                 )
-            self.kd_dataset.load_state_dict(state["loader"][int(self.args.process_index)])
+            self.kd_batches.load_state_dict(state["loader"][int(self.args.process_index)])
             self.kd_loss.load_state_dict(state["loss_schedule"])
             self.kd_tokens = int(state["tokens"])
         return self.kd_batches

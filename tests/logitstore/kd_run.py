@@ -1,0 +1,99 @@
+"""A KDTrainer run as a user writes one, for the multi-process tests in ``test_hf.py``.
+
+``python kd_run.py STORE STUDENT OUT MODE STEPS ACCUMULATION [--kill-at N] [--resume]``, under
+``torchrun`` or alone. MODE: ``ddp`` (data parallel under torchrun), ``one`` (one process),
+``interleave`` (one process reading the two streams a
+2-process run reads, one micro-batch of each per step: the same tokens per step). Writes
+``seen-RANK.json`` (data epoch, documents, tokens of every micro-batch), and on rank 0
+``final.safetensors`` (full weights) and ``logs.json``.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+
+from logitstore import open_store
+from logitstore.dataset import StoreDataset
+from logitstore.hf import KDTrainer, StoreBatches
+
+store, student, out, mode = sys.argv[1:5]
+steps, accumulation = int(sys.argv[5]), int(sys.argv[6])
+kill_at = int(sys.argv[sys.argv.index("--kill-at") + 1]) if "--kill-at" in sys.argv else None
+torch.set_num_threads(1)
+args = TrainingArguments(
+    out,
+    max_steps=steps,
+    learning_rate=1e-2,
+    warmup_steps=0,
+    logging_steps=1,
+    save_strategy="steps",
+    save_steps=2,
+    report_to="none",
+    use_cpu=True,
+    disable_tqdm=True,
+    seed=0,
+    gradient_accumulation_steps=accumulation,
+)
+seen = []
+
+
+class Recording(KDTrainer):
+    def compute_loss(self, model, inputs, *rest, **kw):
+        seen.append([int(inputs["epoch"]), list(inputs["doc_ids"]), int(inputs["num_tokens"])])
+        rank = self.args.process_index
+        Path(out, f"seen-{rank}.json").write_text(json.dumps({"batches": seen}))
+        return super().compute_loss(model, inputs, *rest, **kw)
+
+
+class Interleaved(StoreBatches):
+    """The batches of ranks 0 and 1 of a 2-process run, alternately, in one process."""
+
+    def __init__(self, opened):
+        streams = [StoreDataset(opened, tokens_per_batch=256, rank=r, world_size=2) for r in (0, 1)]
+        super().__init__(streams[0])
+        self.streams = [StoreBatches(d) for d in streams]
+
+    def __iter__(self):
+        for pair in zip(*self.streams):
+            yield from pair
+
+    def state_dict(self):
+        return [s.state_dict() for s in self.streams]
+
+
+class Kill(TrainerCallback):
+    def on_save(self, args, state, control, **kw):
+        if kill_at is not None and state.global_step >= kill_at:
+            os._exit(9)  # no clean-up of any kind, as with SIGKILL
+
+
+data = Interleaved(open_store(store)) if mode == "interleave" else store
+model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+trainer = Recording(
+    model=model,
+    args=args,
+    train_dataset=data,
+    divergence="fkl",
+    tokens_per_batch=256,
+    callbacks=[Kill()],
+)
+trainer.train(resume_from_checkpoint=True if "--resume" in sys.argv else None)
+rank = trainer.args.process_index
+if trainer.accelerator.num_processes > 1:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(trainer.model, options=options)
+else:
+    weights = trainer.model.state_dict()
+logs = [h for h in trainer.state.log_history if "teacher_kl" in h]
+Path(out, f"seen-{rank}.json").write_text(json.dumps({"batches": seen}))
+if rank == 0:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(out, "final.safetensors")))
+    Path(out, "logs.json").write_text(json.dumps(logs))

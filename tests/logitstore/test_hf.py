@@ -1,0 +1,320 @@
+"""KDTrainer: distillation inside Hugging Face Trainer, on one process and under torchrun.
+
+The multi-process runs use ``torchrun`` with gloo on CPU; the reference for DDP and FSDP is a
+one-process run that reads the same two streams (one micro-batch of each per optimizer step),
+so every step sees the same tokens and the gradients must match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from logitstore import open_store
+from logitstore.dataset import collate_documents
+from logitstore.divergences import DistillationLoss, fused_sparse_loss
+from logitstore.errors import ConfigError, TokenizerMismatchError
+from logitstore.hf import STATE_NAME, KDTrainer, latest_checkpoint, patch_for_distillation
+from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).with_name("kd_run.py")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_teacher_dir, text_jsonl) -> str:
+    """2 texts cut into about 25 windows (documents), 4 to a shard: an odd number of shards,
+    more than the 2 ranks."""
+    out = tmp_path_factory.mktemp("kd") / "store"
+    run_teacher_pass(
+        TeacherPassConfig(
+            teacher=str(tiny_teacher_dir),
+            data=str(text_jsonl),
+            out=str(out),
+            k=16,
+            values="float32",
+            max_length=64,
+            limit=2,
+            docs_per_shard=4,
+            progress=False,
+        )
+    )
+    return str(out)
+
+
+def args(out: Path, **kw) -> TrainingArguments:
+    base = dict(
+        max_steps=3,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    base.update(kw)
+    return TrainingArguments(str(out), **base)
+
+
+def run(store, student, out: Path, mode: str, steps: int, accumulation: int, *extra, procs=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    head = [sys.executable]
+    if procs > 1:
+        head += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
+    cmd = [*head, str(SCRIPT), store, str(student), str(out), mode, str(steps), str(accumulation)]
+    done = subprocess.run(
+        [*cmd, *map(str, extra)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    return done
+
+
+def results(out: Path) -> tuple[list[dict], dict[str, torch.Tensor], list[dict]]:
+    seen = [json.loads(p.read_text()) for p in sorted(out.glob("seen-*.json"))]
+    logs = json.loads((out / "logs.json").read_text())
+    return logs, load_file(out / "final.safetensors"), seen
+
+
+@pytest.mark.integration
+def test_ddp_matches_one_process_on_the_same_tokens(store, tiny_student_dir, tmp_path):
+    steps = 8
+    done = run(store, tiny_student_dir, tmp_path / "one", "interleave", steps, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref_logs, ref_weights, _ = results(tmp_path / "one")
+    documents = {d.doc_id for d in open_store(store)}
+    for mode in ("ddp",):
+        out = tmp_path / mode
+        done = run(store, tiny_student_dir, out, mode, steps, 1, procs=2)
+        assert done.returncode == 0, (mode, done.stderr[-3000:])
+        logs, weights, seen = results(out)
+        # The loss curve: every step's loss is over the same tokens, normalised the same way.
+        assert [r["tokens"] for r in logs] == [r["tokens"] for r in ref_logs]
+        for a, b in zip(logs, ref_logs):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), mode
+        for name, tensor in ref_weights.items():
+            torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6)
+        # Every document of epoch 0 is trained exactly once across the ranks (both ranks got
+        # into epoch 1, so epoch 0 is complete).
+        assert all(rank["batches"][-1][0] >= 1 for rank in seen)
+        first = [d for rank in seen for e, docs, _ in rank["batches"] if e == 0 for d in docs]
+        assert sorted(first) == sorted(documents)
+    assert ref_logs[-1]["teacher_kl"] < ref_logs[0]["teacher_kl"]
+
+
+@pytest.mark.integration
+def test_fused_forward_under_fsdp2_matches_one_process(store, tiny_student_dir, tmp_path):
+    # accelerate applies FSDP on accelerators only (CPU processes get DDP), so on this CPU the
+    # patched forward is run under torch's own fully_shard: the head is a sharded DTensor
+    # outside the forward and is gathered by FSDP for it, and the gradients, reduced by FSDP,
+    # must equal one process's over the same tokens.
+    script = Path(__file__).with_name("fsdp_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    common = [store, str(tiny_student_dir)]
+    one = subprocess.run(
+        [sys.executable, str(script), *common, str(tmp_path / "one"), "4"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), *common, str(tmp_path / "two"), "4"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "losses.json").read_text())
+    b = json.loads((tmp_path / "two" / "losses.json").read_text())
+    assert b == pytest.approx(a, rel=1e-5) and a[-1] < a[0]
+    wa = load_file(tmp_path / "one" / "final.safetensors")
+    wb = load_file(tmp_path / "two" / "final.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
+    heads = {
+        h for r in (0, 1) for h in json.loads((tmp_path / "two" / f"head-{r}.json").read_text())
+    }
+    assert heads == {"DTensor"}
+
+
+@pytest.mark.integration
+def test_killed_and_resumed_run_continues_the_same_data_order(store, tiny_student_dir, tmp_path):
+    done = run(store, tiny_student_dir, tmp_path / "whole", "one", 6, 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "cut"
+    killed = run(store, tiny_student_dir, out, "one", 6, 2, "--kill-at", 4)
+    assert killed.returncode == 9, killed.stderr[-3000:]  # died right after checkpoint-4
+    first = json.loads((out / "seen-0.json").read_text())["batches"]
+    assert latest_checkpoint(out).name == "checkpoint-4"
+    done = run(store, tiny_student_dir, out, "one", 6, 2, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rest = json.loads((out / "seen-0.json").read_text())["batches"]
+    whole = json.loads((tmp_path / "whole" / "seen-0.json").read_text())["batches"]
+    assert first + rest == whole  # the same micro-batches, in the same order, none twice
+    a, b = load_file(tmp_path / "whole" / "final.safetensors"), load_file(out / "final.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_loss_runs_in_the_forward_and_equals_the_functional_loss(store, tiny_student_dir):
+    # The patched forward is the model's own: whatever wraps the model (DDP, FSDP, PEFT) calls
+    # it, and it must give the fused loss of the hidden states and the head.
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    loss = DistillationLoss.create("drkl", {"gamma": 0.3})
+    patch_for_distillation(model, loss)
+    batch = collate_documents(open_store(store).read_shard(0))
+    from logitstore.hf import TEACHER_FIELDS, TeacherBatch
+
+    kd = TeacherBatch(batch["position_mask"], {k: batch[k] for k in TEACHER_FIELDS}, True)
+    out = model(batch["input_ids"], batch["attention_mask"], kd_batch=kd, num_items_in_batch=7.0)
+    hidden = model.model(batch["input_ids"], batch["attention_mask"]).last_hidden_state
+    hidden = hidden[:, :-1][batch["position_mask"]]
+    fields = [batch[k] for k in TEACHER_FIELDS[1:5]]
+    expected = fused_sparse_loss(
+        "drkl", hidden, model.lm_head.weight, *fields, batch["labels"], num_items=7.0, gamma=0.3
+    )
+    assert float(out.loss) == pytest.approx(float(expected), rel=1e-6)
+    fkl = fused_sparse_loss("fkl", hidden, model.lm_head.weight, *fields, batch["labels"])
+    assert float(out.teacher_kl_sum) == pytest.approx(float(fkl) * batch["num_tokens"], rel=1e-5)
+    # Without a teacher batch the forward is the original one (generation, evaluation).
+    plain = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert plain.logits.shape == (*batch["input_ids"].shape, model.config.vocab_size)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(store, tiny_student_dir):
+    batch = collate_documents(open_store(store).read_shard(1))
+    from logitstore.hf import TEACHER_FIELDS, TeacherBatch
+
+    def grads(checkpointing: bool) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+        patch_for_distillation(model, DistillationLoss.create("rkl"))
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        kd = TeacherBatch(batch["position_mask"], {k: batch[k] for k in TEACHER_FIELDS}, False)
+        model(batch["input_ids"], batch["attention_mask"], kd_batch=kd).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_lora_student_trains_saves_its_adapter_and_loads_again(store, tiny_student_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    from logitstore.hf import TEACHER_FIELDS, TeacherBatch
+
+    batch = collate_documents(open_store(store).read_shard(0))
+    kd = TeacherBatch(batch["position_mask"], {k: batch[k] for k in TEACHER_FIELDS}, True)
+
+    def teacher_kl(model) -> float:
+        with torch.no_grad():
+            out = model(batch["input_ids"], attention_mask=batch["attention_mask"], kd_batch=kd)
+        return float(out.teacher_kl_sum) / batch["num_tokens"]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    trainer = KDTrainer(
+        model=model,
+        args=args(tmp_path / "run", max_steps=6, learning_rate=5e-2),
+        train_dataset=store,
+        divergence="fkl",
+        peft_config=config,
+        tokens_per_batch=256,
+    )
+    before = teacher_kl(trainer.model)  # LoRA starts as the identity: the base student's
+    trainer.train()
+    trainer.model.eval()
+    assert teacher_kl(trainer.model) < before
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    # The base weights did not move; the adapter did, and loads back onto a fresh base.
+    base = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    trained = trainer.model.get_base_model()
+    assert torch.equal(
+        trained.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight
+    )
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trainer.model(ids).logits)
+        assert not torch.allclose(
+            loaded(ids).logits, AutoModelForCausalLM.from_pretrained(tiny_student_dir)(ids).logits
+        )
+
+
+def test_checkpoints_hold_the_read_position_and_bf16_runs(store, tiny_student_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    trainer = KDTrainer(
+        model=model,
+        args=args(tmp_path / "run", save_strategy="steps", save_steps=2, bf16=True, max_steps=4),
+        train_dataset=open_store(store),
+        divergence="taid",
+        tokens_per_batch=256,
+    )
+    trainer.train()
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / STATE_NAME).read_text())
+    assert state["step"] == 4 and state["loss_schedule"]["step"] == 4
+    assert state["loader"][0]["samples_consumed"][0] > 0
+    assert (tmp_path / "run" / "checkpoint-2" / STATE_NAME).exists()
+    logs = [r for r in trainer.state.log_history if "teacher_kl" in r]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logs)
+    assert logs[-1]["taid_t"] > logs[0]["taid_t"]
+
+
+def test_refusals(store, tiny_student_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    with pytest.raises(ConfigError, match="max_steps"):
+        KDTrainer(model=model, args=args(tmp_path, max_steps=-1), train_dataset=store)
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        KDTrainer(model=model, args=args(tmp_path), train_dataset=store).train(True)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    with pytest.raises(TokenizerMismatchError, match="100 rows"):
+        KDTrainer(model=small, args=args(tmp_path), train_dataset=store)
+
+
+def test_deepspeed_zero3(store, tiny_student_dir, tmp_path):
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as exc:  # not installable on a machine without a CUDA toolchain
+        pytest.skip(f"deepspeed does not import on this machine: {exc!r}")
+    zero3 = {
+        "zero_optimization": {"stage": 3},
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+    }
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    trainer = KDTrainer(
+        model=model,
+        args=args(tmp_path / "run", deepspeed=zero3, use_cpu=False),
+        train_dataset=store,
+        tokens_per_batch=256,
+    )
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "teacher_kl" in r]
+    assert logs[-1]["teacher_kl"] < logs[0]["teacher_kl"]
