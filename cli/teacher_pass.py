@@ -39,6 +39,27 @@ def _temperatures(ctx: click.Context, param: click.Parameter, value: str | None)
 )
 @click.option("--device", help="Torch device, e.g. cuda:0 or cpu. [default: cuda if available]")
 @click.option(
+    "--device-map",
+    help="Place the teacher across this process's devices with accelerate: auto, balanced, "
+    "balanced_low_0, sequential, or a JSON file of module name to device (a GPU index, cpu or "
+    "disk). Instead of --device.",
+)
+@click.option(
+    "--max-memory",
+    help="Per-device budget for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB; what does not "
+    "fit goes to the next device, then the CPU, then the disk.",
+)
+@click.option(
+    "--offload-folder",
+    help="Folder for weights a device map sends to disk. [default: a temporary folder]",
+)
+@click.option(
+    "--tensor-parallel",
+    type=click.IntRange(min=1),
+    help="Under torchrun: ranks that share one teacher, sharded by transformers' tensor "
+    "parallelism; groups of this many ranks split the shards. [default: 1]",
+)
+@click.option(
     "--trust-remote-code", is_flag=True, default=None, help="Allow the teacher's own code to run."
 )
 @click.option(
@@ -111,6 +132,10 @@ def command(config_file: str | None, **options: Any) -> None:
           --data chats.jsonl --messages-field messages --out store/ --max-length 1024
       torchrun --nproc-per-node 4 -m pipelines.teacher_pass --teacher TEACHER --data DATA \\
           --out s3://bucket/store --resume
+      logitstore teacher-pass --teacher meta-llama/Llama-3.1-70B-Instruct --data DATA \\
+          --out store/ --device-map auto --max-memory 0=60GiB,1=60GiB,2=60GiB
+      torchrun --nproc-per-node 8 -m pipelines.teacher_pass --teacher TEACHER --data DATA \\
+          --out store/ --tensor-parallel 4
     """
     given = {k: v for k, v in options.items() if v is not None}
     if config_file:

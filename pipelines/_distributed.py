@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from logitstore.errors import LogitstoreError
+from logitstore.errors import ConfigError, LogitstoreError
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -83,3 +83,20 @@ def agree(error: BaseException | None, world: int, what: str) -> None:
             raise LogitstoreError(f"another rank failed during {what}; see its error")
     if error is not None:
         raise error
+
+
+def tensor_parallel_groups(rank: int, world: int, size: int) -> tuple[int, int, int]:
+    """This rank's tensor-parallel group, the number of groups, and its rank inside the group.
+
+    A group is ``size`` consecutive ranks (with torchrun's numbering, GPUs of one node); the
+    ranks of a group hold one copy of the model between them.
+
+    Raises:
+        ConfigError: ``size`` < 1 or ``world`` not a multiple of ``size``.
+    """
+    if size < 1 or world % size:
+        raise ConfigError(
+            f"tensor parallelism over {size} ranks needs torchrun with a multiple of {size} "
+            f"processes, found {world}"
+        )
+    return rank // size, world // size, rank % size

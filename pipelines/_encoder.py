@@ -72,10 +72,9 @@ class Worker:
         *,
         temperatures: Sequence[float],
         seed: int,
-        device: torch.device,
         depth: int = 1,
     ) -> None:
-        self.writer, self.codec, self.device = writer, codec, device
+        self.writer, self.codec = writer, codec
         self.temperatures, self.seed = list(temperatures), seed
         self.records: list[dict[str, Any]] = []
         self.error: BaseException | None = None
@@ -103,9 +102,10 @@ class Worker:
         logits: torch.Tensor,
         ids: torch.Tensor,
     ) -> None:
+        device = logits.device  # encoded where the forward left them (a device map's head)
         for b, rows, labels in window_logits(logits, ids, windows):
             w = windows[b]
-            gen = torch.Generator(device=self.device).manual_seed(digest_int(self.seed, w.doc_id))
+            gen = torch.Generator(device=device).manual_seed(digest_int(self.seed, w.doc_id))
             encoded = self.codec.encode(rows, labels, temperatures=self.temperatures, generator=gen)
             fields = {name: t.cpu().numpy() for name, t in encoded.items()}
             j = shard.slot[id(w)]
@@ -113,7 +113,7 @@ class Worker:
             if j in shard.sample:
                 sample = shard.sample[j]
                 decoded = self.codec.decode({k: v[sample] for k, v in fields.items()})
-                picked = torch.from_numpy(sample).to(self.device)
+                picked = torch.from_numpy(sample).to(device)
                 dense = rows[picked].log_softmax(dim=-1)
                 shard.fidelity.append(fidelity_sums(dense, decoded, labels[picked]))
 

@@ -2,7 +2,9 @@
 
 The metadata returned here goes into the store's settings, which a resumed run must match byte
 for byte, so it holds nothing machine-specific: a local directory is named by its base name and
-identified by a hash of its weight files, a Hub model by its id and commit.
+identified by a hash of its weight files, a Hub model by its id and commit. Where the weights
+live (one device, an accelerate device map, tensor-parallel ranks) is a :class:`Placement`:
+run information, never a setting.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 
 from logitstore.codecs import Codec
 from logitstore.errors import ConfigError, NonFiniteTeacherError
+from pipelines._placement import Placement, load_device_map, load_tensor_parallel, output_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -33,9 +36,11 @@ class Teacher:
         model: the causal LM, in eval mode on ``device``.
         tokenizer: its tokenizer.
         vocab_size: true vocabulary size, the model's output dimension.
-        device: where the forward runs.
+        device: where the inputs go and the logits come out (with a device map: the output
+            head's execution device; accelerate moves the inputs to the first layer).
         dtype: the model's parameter dtype.
         metadata: the store's ``teacher`` section.
+        placement: where the weights live (run information, not in ``metadata``).
     """
 
     model: Any
@@ -44,6 +49,7 @@ class Teacher:
     device: torch.device
     dtype: torch.dtype
     metadata: dict[str, Any]
+    placement: Placement = field(default_factory=Placement)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -152,6 +158,7 @@ def load_teacher(
     device: str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    placement: Placement | None = None,
 ) -> Teacher:
     """Load a teacher the way users name it: Hub id, local directory, or GGUF file.
 
@@ -160,12 +167,21 @@ def load_teacher(
             is its name and the directory is its parent).
         gguf_file: GGUF file name inside ``teacher`` (dequantised by ``transformers``).
         dtype: ``float32``, ``bfloat16`` or ``float16``; default bf16 on CUDA, else float32.
-        device: torch device; default CUDA when available.
+        device: torch device; default CUDA when available. With a device map or tensor
+            parallelism, the device of this rank (or ``None``).
         trust_remote_code: allow the model's own code to run (off by default).
         revision: Hub revision (branch, tag or commit).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        placement: a device map or tensor parallelism; by default the whole model on
+            ``device``. Tensor parallelism needs the process group to be initialised.
 
+    Raises:
+        ConfigError: an unknown dtype, ``--gguf-file`` naming another file than
+            ``--teacher``, or tensor parallelism for a model type without a plan for it
+            (raised before any weight is loaded).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    placement = placement or Placement()
     path = Path(teacher)
     if path.is_file() and path.suffix == ".gguf":
         if gguf_file is not None and gguf_file != path.name:
@@ -178,9 +194,18 @@ def load_teacher(
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(teacher, **kwargs)
-    model: Any = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch_dtype, **kwargs)
-    model = model.to(dev).eval()
-    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    model: Any
+    if placement.tensor_parallel > 1:
+        config = AutoConfig.from_pretrained(teacher, **kwargs)
+        model = load_tensor_parallel(teacher, config, torch_dtype, dev, placement, kwargs)
+    elif placement.device_map is not None:
+        model = load_device_map(teacher, torch_dtype, placement, kwargs)
+        dev = output_device(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch_dtype, **kwargs)
+        model = model.to(dev)
+    model.eval()
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])  # global shape, also TP
     metadata: dict[str, Any] = {
         "dtype": str(torch_dtype).removeprefix("torch."),
         "gguf_file": gguf_file,
@@ -192,7 +217,7 @@ def load_teacher(
     else:
         commit = hub_commit(teacher, gguf_file or "config.json", revision)
         metadata.update(id=teacher, revision=commit or revision, weights=None)
-    return Teacher(model, tokenizer, vocab_size, dev, torch_dtype, metadata)
+    return Teacher(model, tokenizer, vocab_size, dev, torch_dtype, metadata, placement)
 
 
 def forward_batch(
@@ -222,7 +247,8 @@ def forward_batch(
         ids[b, : lengths[b]] = torch.from_numpy(w.input_ids)
         mask[b, : lengths[b]] = 1
     ids, mask = ids.to(device), mask.to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    # No KV cache: one forward per window, and a 70B teacher's cache is gigabytes per batch.
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     # One host sync per batch: the positions that predict a real next token must be finite.
     # NaN and Inf survive a float32 sum over the vocabulary (finite logits cannot overflow it),
     # which costs one read of the logits instead of a (B, T, V) boolean tensor.

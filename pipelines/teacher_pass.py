@@ -24,6 +24,14 @@ store, the others join it, each writes its own shards, and rank 0 writes the man
 every rank succeeded. Run as ``python -m pipelines.teacher_pass`` with the options of
 ``logitstore teacher-pass``.
 
+Placement (``pipelines/_placement.py``): by default each process holds the whole teacher on its
+device. ``device_map`` lets accelerate spread one process's teacher over its devices, the CPU and
+the disk. ``tensor_parallel = N`` groups the ranks by N consecutive ranks; a group holds one
+teacher sharded by transformers' tensor parallelism, every rank of it runs the same forwards
+(they exchange activations), and only the group's first rank encodes and commits. Groups take
+the place of ranks in the shard policy (shard ``i`` to group ``i % groups``), so a store is the
+same however the ranks are grouped. Placement is not a setting: a resume may use another.
+
 The worker lives in ``pipelines/_encoder.py``; ranks and collectives in
 ``pipelines/_distributed.py``.
 """
@@ -47,8 +55,9 @@ from logitstore.codecs import Codec, codec_from_json, get_codec
 from logitstore.errors import ConfigError, LogitstoreError
 from logitstore.writer import StoreWriter, stored_settings
 from pipelines._data import ISOLATION, WINDOWING_POLICY, Window, build_windows, load_rows
-from pipelines._distributed import agree, init_processes, pick_device
+from pipelines._distributed import agree, init_processes, pick_device, tensor_parallel_groups
 from pipelines._encoder import ShardBuffer, Worker
+from pipelines._placement import Placement
 from pipelines._teacher import (
     Teacher,
     fit_codec,
@@ -64,7 +73,11 @@ class TeacherPassConfig:
 
     Settings that change the stored values (codec, max_length, windowing, temperatures, seed,
     docs_per_shard, compression_level, data fields, dtype) are recorded in the store; a resumed
-    run must match them. ``batch_size``, ``device`` and ``progress`` are not recorded.
+    run must match them. ``batch_size``, ``device``, the placement (``device_map``,
+    ``max_memory``, ``offload_folder``, ``tensor_parallel``) and ``progress`` are not recorded.
+    ``device_map`` is an accelerate strategy (``auto``, ``balanced``, ``balanced_low_0``,
+    ``sequential``), a JSON file of module name to device, or a mapping; ``max_memory`` is
+    ``"0=20GiB,cpu=60GiB"`` or a mapping.
     """
 
     teacher: str
@@ -74,6 +87,10 @@ class TeacherPassConfig:
     revision: str | None = None
     dtype: str | None = None
     device: str | None = None
+    device_map: str | dict[str, int | str] | None = None
+    max_memory: str | dict[Any, Any] | None = None
+    offload_folder: str | None = None
+    tensor_parallel: int = 1
     trust_remote_code: bool = False
     split: str = "train"
     text_field: str = "text"
@@ -110,6 +127,17 @@ class TeacherPassConfig:
         if missing:
             raise ConfigError(f"teacher-pass settings {missing} are required, found none")
         return cls(**data)
+
+    def placement(self) -> Placement:
+        """The teacher's placement, validated (a device-map file is read here)."""
+        if self.device and self.device_map is not None:
+            raise ConfigError(
+                f"device ({self.device}) and device_map ({self.device_map}) are exclusive: "
+                "a device map places the teacher across devices itself"
+            )
+        return Placement.resolve(
+            self.device_map, self.max_memory, self.offload_folder, self.tensor_parallel
+        )
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TeacherPassConfig:
@@ -166,15 +194,20 @@ def _fitted_codec(
     shards: Sequence[Sequence[Window]],
     rank: int,
     world: int,
+    group: int = 0,
 ) -> tuple[Codec, tuple[torch.Tensor, torch.Tensor] | None]:
     """Rank 0 fits the codec on shard 0's first batch; every other rank takes rank 0's.
+
+    Under tensor parallelism every rank of rank 0's group (``group == 0``) runs the same fit,
+    since a forward needs the whole group; they reach the same decision (fit or reuse the
+    stored codec) from the same inputs, and rank 0's result is the one broadcast.
 
     Returns the codec and, where this rank ran the first batch to fit on, that batch's
     ``forward_batch`` output, which the loop reuses instead of running the batch again.
     """
     error: BaseException | None = None
     forwarded = None
-    if rank == 0:
+    if group == 0:
         try:
             stored = stored_settings(cfg.out, cfg.storage_options) if cfg.resume else None
             first = [shards[0][j] for j in plan_batches(shards[0], cfg.batch_size)[0]]
@@ -225,16 +258,19 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
 
     Args:
         cfg: the settings.
-        teacher: an already loaded teacher (benchmarks reuse one); by default it is loaded
-            from ``cfg``'s teacher settings.
+        teacher: an already loaded teacher (benchmarks reuse one, with its placement); by
+            default it is loaded from ``cfg``'s teacher and placement settings.
 
     Returns:
         ``{"rank", "world_size", "shards", "shards_written", "documents", "tokens", "seconds",
-        "manifest"}``; ``manifest`` is ``None`` on ranks other than 0.
+        "placement", "manifest"}``; ``manifest`` is ``None`` on ranks other than 0;
+        ``placement`` is :meth:`Placement.describe` with the device the logits came out on.
+        Under tensor parallelism a group's other ranks write, and count, nothing.
 
     Raises:
-        ConfigError: invalid settings, e.g. ``k`` larger than the vocabulary (before any data
-            is read or anything is written).
+        ConfigError: invalid settings, e.g. ``k`` larger than the vocabulary, or tensor
+            parallelism for a model type without a plan (before any data is read or anything
+            is written).
         DataError: an empty data source or unusable rows.
         SettingsMismatchError: ``--resume`` into a store made with different settings.
         NonFiniteTeacherError: NaN or Inf in the teacher's logits, naming the document.
@@ -242,15 +278,19 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
     # ---- setup
     codec = cfg.build_codec()
     temps = cfg.extra_temperatures()
+    placement = teacher.placement if teacher else cfg.placement()
     device = teacher.device if teacher else pick_device(cfg.device)
     rank, world = init_processes(device)
+    # A tensor-parallel group works as one rank did: it owns shards, its first rank commits them.
+    group, groups, group_rank = tensor_parallel_groups(rank, world, placement.tensor_parallel)
     teacher = teacher or load_teacher(
         cfg.teacher,
         gguf_file=cfg.gguf_file,
         dtype=cfg.dtype,
-        device=str(device),
+        device=None if placement.device_map is not None else str(device),
         trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision,
+        placement=placement,
     )
     codec.fields(teacher.vocab_size, len(temps))  # k > V and friends fail here, before any work
     source = load_rows(cfg.data, split=cfg.split, limit=cfg.limit)
@@ -263,7 +303,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
         windowing=cfg.windowing,
     )
     shards = plan_shards(windows, cfg.docs_per_shard)
-    codec, first_batch = _fitted_codec(codec, cfg, teacher, shards, rank, world)
+    codec, first_batch = _fitted_codec(codec, cfg, teacher, shards, rank, world, group)
     open_args: dict[str, Any] = {
         "codec": codec,
         "backend": cfg.backend,
@@ -287,11 +327,13 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
             error = exc
     agree(error, world, "joining the store")
     assert writer is not None
+    # Only this group's first rank commits this group's shards, and not before a forward that
+    # needs every rank of the group: all of them read the same committed set here.
     committed = writer.committed_shards()
     state: dict[str, Any] = {
         "shards": len(shards),
         "committed": sorted(committed),
-        "todo": [i for i in range(len(shards)) if i % world == rank and i not in committed],
+        "todo": [i for i in range(len(shards)) if i % groups == group and i not in committed],
         "written": [],
         "documents": 0,
         "tokens": 0,
@@ -301,7 +343,8 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
     show = cfg.progress and rank == 0 and sys.stderr.isatty()
     total_docs = sum(len(shards[i]) for i in state["todo"])
     progress = tqdm(total=total_docs, unit="doc", disable=not show, dynamic_ncols=True)
-    worker = Worker(writer, codec, temperatures=temps, seed=cfg.seed, device=teacher.device)
+    # The group's other ranks only take part in the forwards.
+    worker = Worker(writer, codec, temperatures=temps, seed=cfg.seed) if group_rank == 0 else None
     start = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -315,19 +358,24 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
                         (logits, ids), first_batch = first_batch, None
                     else:
                         logits, ids = forward_batch(teacher.model, windows, teacher.device)
+                    if worker is None:
+                        continue
                     worker.submit(shard, windows, logits, ids)
                     state["tokens"] += sum(w.num_tokens for w in windows)
                     rate = state["tokens"] / max(time.perf_counter() - start, 1e-9)
                     progress.update(len(windows))
                     progress.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-                worker.submit(shard)
-                state["written"].append(i)
-                state["documents"] += len(shard.windows)
-        worker.close()
+                if worker is not None:
+                    worker.submit(shard)
+                    state["written"].append(i)
+                    state["documents"] += len(shard.windows)
+        if worker is not None:
+            worker.close()
     except BaseException as exc:
         # Shards whose commit was queued are still committed; the failing one never is.
         with contextlib.suppress(BaseException):  # the first error is the one to report
-            worker.close()
+            if worker is not None:
+                worker.close()
         error = exc
     finally:
         progress.close()
@@ -347,6 +395,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
         "documents": state["documents"],
         "tokens": state["tokens"],
         "seconds": time.perf_counter() - start,
+        "placement": {**placement.describe(), "logits_device": str(teacher.device)},
         "manifest": manifest,
     }
 
@@ -358,6 +407,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"({summary['documents']} documents, {summary['tokens']:,} tokens) in "
         f"{summary['seconds']:.1f} s ({summary['tokens'] / max(summary['seconds'], 1e-9):,.0f} tok/s)"
     ]
+    placed = summary.get("placement") or {}
+    if placed.get("device_map") is not None or placed.get("tensor_parallel", 1) > 1:
+        lines.append(
+            f"teacher placement: device map {placed['device_map']}, tensor parallel "
+            f"{placed['tensor_parallel']}, logits on {placed['logits_device']}"
+        )
     manifest = summary.get("manifest")
     if manifest:
         stats = manifest["statistics"]
