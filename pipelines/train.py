@@ -188,6 +188,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         callbacks=[_RunCallback(metrics_path, config.stop_after)],
         run_info={"config": dataclasses.asdict(config)},
     )
+    if not config.progress:  # metrics go to metrics.jsonl; stdout keeps the summary alone
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.accelerator.wait_for_everyone()
     path = newest(args.output_dir)
