@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -55,8 +54,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import ModelOutput
 
 from logitstore.dataset import StoreDataset, collate_documents
-from logitstore.divergences import DIVERGENCES, DistillationLoss
-from logitstore.divergences._fused import fused_bucket_loss
+from logitstore.divergences import DistillationLoss, MetricTotals, batch_metrics
 from logitstore.errors import ConfigError, DataError, TokenizerMismatchError
 
 __all__ = [
@@ -142,10 +140,10 @@ class StoreBatches:
 
 @dataclass
 class KDOutput(ModelOutput):
-    """What the patched forward returns: the loss, and the summed teacher KL when asked."""
+    """What the patched forward returns: the loss, and the batch's metric sums when asked."""
 
     loss: torch.Tensor | None = None
-    teacher_kl_sum: torch.Tensor | None = None
+    metrics: MetricTotals | None = None
 
 
 class TeacherBatch:
@@ -191,31 +189,13 @@ def _kd_forward(
     weight = self.get_output_embeddings().weight
     with _gathered(weight):
         loss = loss_fn(hidden, weight, kd_batch.fields, num_items_in_batch)
-        kl = None
-        if kd_batch.metrics:
-            kl = teacher_kl_sum(hidden.detach(), weight.detach(), kd_batch.fields, loss_fn)
-    return KDOutput(loss=loss, teacher_kl_sum=kl)
-
-
-@torch.no_grad()
-def teacher_kl_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, fields: dict[str, Any], loss_fn: DistillationLoss
-) -> torch.Tensor:
-    """Summed bucket FKL(teacher || student) over the batch's trained tokens (temperature 1)."""
-    fkl = DIVERGENCES["fkl"]
-    return fused_bucket_loss(
-        fkl,
-        fkl.resolve({}),
-        hidden,
-        weight,
-        fields["support_ids"],
-        fields["support_logprobs"],
-        fields["tail_logmass"],
-        fields["label_logprob"],
-        fields["labels"],
-        num_items=1.0,
-        chunk_size=loss_fn.chunk_size,
-    )
+        totals = None
+        if kd_batch.metrics:  # the same measurements as evaluation, on this batch
+            found = batch_metrics(
+                hidden.detach(), weight.detach(), kd_batch.fields, chunk_size=loss_fn.chunk_size
+            )
+            totals = MetricTotals(hidden.device).add(found)
+    return KDOutput(loss=loss, metrics=totals)
 
 
 def causal_lm(model: Any) -> Any:
@@ -404,7 +384,8 @@ class KDTrainer(Trainer):
         self.run_info = dict(run_info or {})
         self.kd_tokens = 0
         self._resume: dict[str, Any] | None = None
-        self._since_log = {"loss": 0.0, "kl": 0.0, "kl_tokens": 0.0, "tokens": 0.0}
+        self._since_log = {"tokens": 0.0}
+        self._metrics = MetricTotals(self.args.device)
         self._step_loss = 0.0
         self._log_clock = time.perf_counter()
         self.add_callback(_StepEnd(self))
@@ -495,9 +476,8 @@ class KDTrainer(Trainer):
         if training:
             value = float(loss.detach())
             self._step_loss += value
-            if outputs.get("teacher_kl_sum") is not None:
-                self._since_log["kl"] += float(outputs["teacher_kl_sum"])
-                self._since_log["kl_tokens"] += float(inputs["num_tokens"])
+            if outputs.get("metrics") is not None:
+                self._metrics.merge(outputs["metrics"])
             # DDP, FSDP and DeepSpeed average gradients over ranks; the loss is already divided
             # by the global token count.
             loss = loss * self.accelerator.num_processes
@@ -517,14 +497,19 @@ class KDTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and "learning_rate" in logs:  # a training step's log, on every rank
-            kl, kl_tokens = self._all_sum([self._since_log["kl"], self._since_log["kl_tokens"]])
+            if self.accelerator.num_processes > 1:
+                self._metrics.values = self.accelerator.reduce(self._metrics.values, "sum")
+            found = self._metrics.summary()
+            self._metrics = MetricTotals(self.args.device)
             now = time.perf_counter()
-            logs["teacher_kl"] = kl / kl_tokens if kl_tokens else math.nan
+            logs["teacher_kl"] = found["fkl"]
+            for key in ("rkl", "top1_agreement", "student_top1_prob", "student_entropy"):
+                logs[f"teacher_{key}" if key == "rkl" else key] = found[key]
             logs["tokens"] = self.kd_tokens
             logs["tokens_per_s"] = self._since_log["tokens"] / max(now - self._log_clock, 1e-9)
             logs["data_epoch"] = self.kd_dataset.epoch
             logs.update(self.kd_loss.log_values())
-            self._since_log = dict.fromkeys(self._since_log, 0.0)
+            self._since_log["tokens"] = 0.0
             self._log_clock = now
         super().log(logs, start_time)
 
