@@ -26,9 +26,8 @@ def test_first_lines_are_the_two_setup_commands_and_ci_runs_the_test_one():
 
 
 def test_python_example_runs(tmp_path, tiny_teacher_dir, tiny_student_dir, text_jsonl, monkeypatch):
-    example = re.search(r"## Python API\n\n```python\n(.*?)```", README, re.S)
-    assert example is not None
-    code = example.group(1)
+    section = README[README.index("## Python API") : README.index("## The divergences")]
+    trainer_code, loop_code = re.findall(r"```python\n(.*?)```", section, re.S)
     store = tmp_path / "store"
     run_teacher_pass(
         TeacherPassConfig(
@@ -44,7 +43,14 @@ def test_python_example_runs(tmp_path, tiny_teacher_dir, tiny_student_dir, text_
     (tmp_path / "student").symlink_to(tiny_student_dir, target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(trainer_code, "README.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 2
+    logs = [r for r in trainer.state.log_history if "teacher_kl" in r]
+    assert len(logs) == 2 and all(r["teacher_kl"] > 0 for r in logs)
+    assert (tmp_path / "run" / "checkpoint-2" / "logitstore_state.json").exists()
+    namespace = {}
+    exec(compile(loop_code, "README.md", "exec"), namespace)
     loss, student = namespace["loss"], namespace["student"]
     assert torch.isfinite(loss) and loss.item() > 0
     # one optimizer step moved the head: the loss reached it through the fused path
