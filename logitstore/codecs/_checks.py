@@ -13,9 +13,10 @@ format's rules, for every position:
   stands for a range of true values), so a store written by our encoders always passes.
 
 The checks are a few vectorised reductions over arrays already in memory. To stay cheap, the
-mass while reading is a lower bound from a few columns (the support is sorted most probable
-first, so entries ``a .. b - 1`` hold at least ``b - a`` times the mass of entry ``b - 1``),
-which catches mass above 1 by a factor up to 2; ``verify`` sums every column.
+mass while reading is a lower bound from ``log4(K) + 1`` columns (the support is sorted most
+probable first, so entries ``a .. b - 1`` hold at least ``b - a`` times the mass of entry
+``b - 1``); it misses mass above 1 only where the support falls steeply within the segments
+``[1, 4), [4, 16), ...``. ``verify`` sums every column.
 """
 
 from __future__ import annotations
@@ -38,17 +39,16 @@ MASS_TOLERANCE = 1e-3
 def mass_columns(width: int, exhaustive: bool) -> tuple[np.ndarray, np.ndarray]:
     """Columns whose least probabilities, times the weights, bound a sorted row's mass below.
 
-    Exhaustive: every column, weight 1 (the mass itself). Otherwise the first four columns
-    alone, then the last column of each segment ``[4, 8), [8, 16), ...`` weighted by the
-    segment's length.
+    Exhaustive: every column, weight 1 (the mass itself). Otherwise the last column of each
+    segment ``[0, 1), [1, 4), [4, 16), [16, 64), ...``, weighted by the segment's length: each
+    entry of a segment holds at least the segment's last entry's probability.
     """
-    if exhaustive or width <= 4:
+    if exhaustive:
         return np.arange(width), np.ones(width, dtype=np.float32)
-    ends = [1, 2, 3, 4]
+    ends = [1]
     while ends[-1] < width:
-        ends.append(min(2 * ends[-1], width))
-    cols = np.asarray(ends) - 1
-    return cols, np.diff([0, *ends]).astype(np.float32)
+        ends.append(min(4 * ends[-1], width))
+    return np.asarray(ends) - 1, np.diff([0, *ends]).astype(np.float32)
 
 
 def support_mass(codec: Codec, pos: Positions, exhaustive: bool = False) -> np.ndarray:
@@ -57,8 +57,15 @@ def support_mass(codec: Codec, pos: Positions, exhaustive: bool = False) -> np.n
     if lp.shape[1] == 0:
         return np.zeros(lp.shape[0], dtype=np.float32)
     cols, weights = mass_columns(lp.shape[1], exhaustive)
-    least = codec.least_probs(np.take(lp, cols, axis=1), lp[:, :1])
-    return least @ weights
+    first = lp[:, 0]
+    if exhaustive:
+        return codec.least_probs(lp, first[:, None]) @ weights
+    # Column by column: (P,) vectors that stay in cache, and no (P, columns) copy.
+    total = np.zeros_like(first)
+    for col, weight in zip(cols, weights):
+        least = codec.least_probs(lp[:, col], first)
+        total += least if weight == 1 else weight * least
+    return total
 
 
 def _ok(pos: Positions, codec: Codec, vocab_size: int, exhaustive: bool) -> bool:
@@ -66,8 +73,9 @@ def _ok(pos: Positions, codec: Codec, vocab_size: int, exhaustive: bool) -> bool
     if len(pos) == 0:
         return True
     ids, tol = pos.support_ids, LOGPROB_TOLERANCE
-    # A NaN makes max() NaN, and every comparison with NaN is False.
-    ok = ids.size == 0 or (ids.max() < vocab_size and ids.min() >= -1)
+    # A NaN makes max() NaN, and every comparison with NaN is False. Decoders never give ids
+    # below -1 (gaps are non-negative), so only the largest id is compared here.
+    ok = ids.size == 0 or ids.max() < vocab_size
     ok = ok and (pos.support_logprobs.size == 0 or pos.support_logprobs.max() <= tol)
     ok = ok and pos.label_logprob.max() <= tol and pos.tail_logmass.max() <= tol
     ok = ok and (pos.tail_logsumexp.size == 0 or pos.tail_logsumexp.max() < np.inf)

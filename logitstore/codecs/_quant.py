@@ -76,26 +76,37 @@ _FLOAT_ROUNDING = {"float32": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 """Relative rounding of a stored float distance, with a factor 2 to spare."""
 
 
-def least_ratio(d: np.ndarray, values: str) -> np.ndarray:
-    """``exp(-d_true)`` at its smallest, for decoded distances ``d`` (float32, any shape).
+def least_probs(logprobs: np.ndarray, first: np.ndarray, values: str) -> np.ndarray:
+    """The least true probability each decoded log-prob can stand for (float32).
 
-    A quantized level ``j >= 1`` stands for every distance up to the midpoint with level
-    ``j + 1`` (the last level for any distance beyond it, so for probability 0); level 0 is the
-    top-1 alone. A float value was rounded to nearest, so ``d_true <= d (1 + rounding)``.
+    Args:
+        logprobs: float32 decoded log-probs ``top1 - d``, ``(P, m)`` or one column ``(P,)``.
+        first: float32 each row's top-1 log-prob (its first decoded entry), broadcastable
+            against ``logprobs``: ``(P, 1)``, or ``(P,)`` for one column.
+        values: the value option that decoded them.
+
+    A quantized level ``d_j`` stands for every distance up to the midpoint
+    ``u_j = (d_j + d_{j+1}) / 2`` (beyond the last level: probability 0). On the grid,
+    ``exp(-d_j / a) = 1 - j / (L - 1/2)``, so ``exp(top1 - u_j) = (s (s - c))^(a / 2)`` with
+    ``s = exp(logp / a)`` and ``c = exp(top1 / a) / (L - 1/2)``: one ``exp`` per value and no
+    table (the top-1's own level gets slightly less than its probability: a lower bound
+    still). A float value was rounded to nearest, so ``d_true <= d (1 + rounding)``.
     """
+    f = first
     if values not in GRIDS:
-        return np.exp(-d * (1 + _FLOAT_ROUNDING[values]))
+        eps = _FLOAT_ROUNDING[values]
+        x = np.multiply(logprobs, 1 + eps, dtype=np.float32)
+        x -= eps * f
+        return np.exp(x, out=x)
     levels, a = GRIDS[values]
-    # The grid's inverse, d_j -> j, then each level's far edge.
-    codes = np.rint((levels - 0.5) * -np.expm1(d / -a))
-    np.clip(codes, 0, levels - 1, out=codes)
-    g = grid(values)
-    edges = np.exp(-(g[1:-1] + g[2:]) / 2)  # levels 1 .. L-2
-    table = np.concatenate([[1.0], edges, [0.0]]).astype(np.float32)
-    with np.errstate(invalid="ignore"):  # a NaN distance (a damaged row) stays NaN
-        out = np.take(table, codes.astype(np.intp), mode="clip")
-    out[np.isnan(d)] = np.nan
-    return out
+    s = np.multiply(logprobs, 1 / a, dtype=np.float32)
+    np.exp(s, out=s)
+    x = s - np.exp(f / a) / (levels - 0.5)
+    np.maximum(x, 0.0, out=x)
+    x *= s
+    if a == 4.0:
+        return np.square(x, out=x)
+    return np.power(x, a / 2, out=x)
 
 
 def float_store_dtype(values: str) -> str:

@@ -110,18 +110,20 @@ class Codec(ABC):
     def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
         """Decode arrays shaped as ``fields`` declares (concatenations allowed)."""
 
-    def least_probs(self, logprobs: np.ndarray, top1: np.ndarray) -> np.ndarray:
+    def least_probs(self, logprobs: np.ndarray, first: np.ndarray) -> np.ndarray:
         """The least true probability each decoded log-prob can stand for (float32).
 
         A store's mass check (``_checks.py``) counts every decoded value at this, so that
-        rounding up by quantization never makes a store written by ``encode`` look wrong.
+        rounding by quantization never makes a store written by ``encode`` look wrong.
 
         Args:
-            logprobs: float32 ``(P, m)``, some columns of the decoded support log-probs.
-            top1: float32 ``(P, 1)``, each position's first (most probable) decoded log-prob.
+            logprobs: float32 ``(P, m)``, some columns of the decoded support log-probs, or
+                one column ``(P,)``.
+            first: float32, each position's first (most probable) decoded log-prob, shaped
+                to broadcast against ``logprobs``: ``(P, 1)``, or ``(P,)`` for one column.
 
         Returns:
-            float32 ``(P, m)``; ``exp(logprobs)`` for codecs whose values are exact.
+            float32, ``logprobs``' shape; ``exp(logprobs)`` for codecs whose values are exact.
         """
         return np.exp(logprobs)
 

@@ -75,8 +75,8 @@ class Dense(Codec):
 
         return _scalars.by_rows(scan, logits, labels)
 
-    def least_probs(self, logprobs: np.ndarray, top1: np.ndarray) -> np.ndarray:
-        return np.exp(top1) * _quant.least_ratio(top1 - logprobs, self._values)
+    def least_probs(self, logprobs: np.ndarray, first: np.ndarray) -> np.ndarray:
+        return _quant.least_probs(logprobs, first, self._values)
 
     def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
         codes = np.asarray(fields["values"], dtype=np.uint8)

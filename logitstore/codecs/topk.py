@@ -187,10 +187,10 @@ class TopK(Codec):
             out["values"] = _quant.encode_float(d.gather(1, order), order == 0, self.values)
         return out
 
-    def least_probs(self, logprobs: np.ndarray, top1: np.ndarray) -> np.ndarray:
+    def least_probs(self, logprobs: np.ndarray, first: np.ndarray) -> np.ndarray:
         if self.values == "float32":
             return np.exp(logprobs)
-        return np.exp(top1) * _quant.least_ratio(top1 - logprobs, self.values)
+        return _quant.least_probs(logprobs, first, self.values)
 
     def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
         top1 = np.asarray(fields["top1"], dtype=np.float32)
