@@ -46,8 +46,17 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
     type=int,
     help="Stop at this step (the schedule still spans --max-steps); resume later.",
 )
-@click.option("--tokens-per-step", type=int, help="Trained tokens per optimizer step, all ranks.")
-@click.option("--tokens-per-batch", type=int, help="Padded tokens per micro-batch.")
+@click.option(
+    "--tokens-per-step",
+    type=int,
+    help="Padded tokens per optimizer step, all ranks: the step accumulates "
+    "ceil(this / (ranks x --tokens-per-batch)) micro-batches. [default: 16384]",
+)
+@click.option(
+    "--tokens-per-batch",
+    type=int,
+    help="Padded tokens per micro-batch (whole documents). [default: 8192]",
+)
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--warmup-steps", type=int, help="Linear warm-up steps before cosine decay.")
 @click.option("--seed", type=int, help="Seed for data order and random initialisation.")

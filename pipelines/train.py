@@ -63,7 +63,7 @@ class TrainConfig:
     student_dtype: str = "auto"  # the student's own dtype; float32 for a config file
     max_steps: int = 100
     stop_after: int | None = None  # stop early (e.g. a time slot); the schedule keeps max_steps
-    tokens_per_step: int = 16384  # micro-batches per step: ceil(this / (ranks * batch))
+    tokens_per_step: int = 16384  # padded; micro-batches per step: ceil(this / (ranks * batch))
     tokens_per_batch: int = 8192
     lr: float = 3e-4
     min_lr_ratio: float = 0.1

@@ -113,6 +113,34 @@ def test_train_then_eval(store, tiny_student_dir, tmp_path):
     assert metrics == pytest.approx(direct)
 
 
+def test_lora_bf16_checkpointing_and_a_tracker_from_the_command_line(
+    store, tiny_student_dir, tmp_path
+):
+    pytest.importorskip("peft")
+    out = tmp_path / "run"
+    args = ["train", "--store", store, "--student", str(tiny_student_dir), "--out", str(out),
+            "--max-steps", "2", "--tokens-per-step", "200", "--lr", "5e-2", "--device", "cpu",
+            "--lora-r", "4", "--lora-targets", "q_proj,v_proj", "--precision", "bf16",
+            "--gradient-checkpointing", "--report-to", "tensorboard", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{") :])
+    checkpoint = Path(summary["checkpoint"])
+    # A LoRA run saves its adapter (PEFT's files), not the whole student.
+    assert (checkpoint / "adapter_model.safetensors").exists()
+    assert not (checkpoint / "model.safetensors").exists()
+    config = json.loads((checkpoint / STATE_NAME).read_text())["run"]["config"]
+    assert config["precision"] == "bf16" and config["gradient_checkpointing"] is True
+    # The tracker got the distillation metrics, read back with tensorboard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(out.rglob("events.out.tfevents.*"))
+    assert events, sorted(p.name for p in out.rglob("*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert len(acc.Scalars("train/teacher_kl")) == 2
+
+
 def test_errors_become_messages(store, tiny_student_dir, tmp_path):
     result = CliRunner().invoke(
         main,
