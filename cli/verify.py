@@ -1,4 +1,4 @@
-"""``logitstore verify``: check every checksum, size and shape of a store."""
+"""``logitstore verify``: check every checksum, size, shape and value of a store."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from cli._options import storage_options as _storage_options
 def command(store: str, storage_options: dict | None) -> None:
     """Check STORE's manifest and every shard; name each problem, exit 1 if any.
 
-    Reads every shard in full (checksums, file sizes, array shapes, counts, decoding).
-    An unreadable manifest is an error (exit 2).
+    Reads every shard in full (checksums, file sizes, array shapes, counts, decoding) and
+    checks every position's values (ids in the vocabulary, no NaN, log-probs <= 0, support
+    plus tail mass <= 1), naming the first bad position of each shard. An unreadable or
+    malformed manifest is an error (exit 2).
 
     \b
     Examples:
