@@ -18,9 +18,21 @@ from cli._options import storage_options as _storage_options
     "store itself stays complete); useful for dense stores.",
 )
 @click.option("--repo-id", default=None, help="ORG/NAME the dataset card's examples use.")
+@click.option(
+    "--license",
+    "license_id",
+    default=None,
+    help="License of the dataset card, a Hub license identifier (apache-2.0, mit, cc-by-4.0, "
+    "other, ...); `logitstore push` needs one, here or there.",
+)
 @_storage_options()
 def command(
-    store: str, out: str, max_support: int | None, repo_id: str | None, storage_options: dict | None
+    store: str,
+    out: str,
+    max_support: int | None,
+    repo_id: str | None,
+    license_id: str | None,
+    storage_options: dict | None,
 ) -> None:
     """Export STORE to OUT: a parquet store plus a decoded view and a dataset card.
 
@@ -29,7 +41,7 @@ def command(
 
     \b
     Examples:
-      logitstore export store/ export/ --repo-id my-org/smollm2-logits
+      logitstore export store/ export/ --repo-id my-org/smollm2-logits --license mit
       logitstore export s3://bucket/store export/ --max-support 64
     """
     from tqdm import tqdm
@@ -47,6 +59,7 @@ def command(
             storage_options=storage_options,
             out_storage_options={},
             on_shard=lambda _: bar.update(1),
+            license=license_id,
         )
     stats = manifest["statistics"]
     click.echo(

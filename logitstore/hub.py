@@ -33,6 +33,7 @@ support (the store itself stays complete), e.g. for ``dense`` stores.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -44,13 +45,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from logitstore import format as fmt
+from logitstore._hub_card import VIEW_DIR, dataset_card
 from logitstore.errors import ConfigError, HubAuthError
 from logitstore.reader import LogitStore, open_store
 from logitstore.storage import _fs
 from logitstore.storage.convert import convert_store
 
 CARD_NAME = "README.md"
-VIEW_DIR = "data"
 VIEW_ROW_GROUP_BYTES = 32 << 20
 """Uncompressed bytes per row group of the view; the Hub's viewer reads row groups whole."""
 
@@ -171,6 +172,18 @@ def _write_view(fs: Any, path: str, table: pa.Table, compression_level: int) -> 
 # -- export ----------------------------------------------------------------------------------
 
 
+_LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+
+
+def check_license(license: str | None) -> None:
+    """Refuse a license that is not shaped like a Hub license identifier (None passes)."""
+    if license is not None and not _LICENSE_ID.fullmatch(str(license)):
+        raise ConfigError(
+            "license must be a Hub license identifier such as apache-2.0, mit, cc-by-4.0 or "
+            f"other; found {license!r}"
+        )
+
+
 def export_store(
     store: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -181,6 +194,7 @@ def export_store(
     storage_options: Mapping[str, Any] | None = None,
     out_storage_options: Mapping[str, Any] | None = None,
     on_shard: Callable[[int], None] | None = None,
+    license: str | None = None,
 ) -> dict[str, Any]:
     """Write a Hub-ready folder: a parquet store, its decoded view and a dataset card.
 
@@ -196,16 +210,19 @@ def export_store(
         storage_options: fsspec options of ``store``.
         out_storage_options: fsspec options of ``out`` (default: ``storage_options``).
         on_shard: called with each shard index once its view is written (progress).
+        license: the card's license, a Hub license identifier (``apache-2.0``, ``mit``,
+            ``cc-by-4.0``, ``other``, ...); without one, :func:`push_store` asks for it.
 
     Returns:
         The exported store's manifest.
 
     Raises:
-        ConfigError: ``max_support < 1``.
+        ConfigError: ``max_support < 1``, or a malformed license identifier.
         StoreExistsError: ``out`` is not empty.
     """
     if max_support is not None and max_support < 1:
         raise ConfigError(f"max_support must be >= 1 or None, found {max_support}")
+    check_license(license)
     out_opts = storage_options if out_storage_options is None else out_storage_options
     manifest = convert_store(
         str(store),
@@ -230,9 +247,14 @@ def export_store(
             on_shard(j)
     assert schema is not None  # a finalized store has at least one shard
     card = dataset_card(
-        manifest, schema, repo_id=repo_id, max_support=max_support, num_bytes=view_bytes
+        manifest,
+        schema,
+        repo_id=repo_id,
+        max_support=max_support,
+        num_bytes=view_bytes,
+        license=license,
     )
-    _fs.write_bytes_atomic(fs, _fs.join(root, CARD_NAME), card.encode())
+    _fs.write_bytes_atomic(fs, _fs.join(root, CARD_NAME), str(card).encode())
     return manifest
 
 
@@ -244,193 +266,112 @@ def is_export(path: str | os.PathLike[str]) -> bool:
     )
 
 
-# -- the dataset card ------------------------------------------------------------------------
+# -- push ------------------------------------------------------------------------------------
 
 
-def _features_yaml(schema: pa.Schema) -> list[dict[str, Any]]:
-    import datasets
+def _card_license(folder: str) -> str | None:
+    """The license in an export's card, or None."""
+    from huggingface_hub import DatasetCard
 
-    info = datasets.DatasetInfo(features=datasets.Features.from_arrow_schema(schema))
-    return list(info._to_yaml_dict()["features"])
-
-
-def _front_matter(manifest: Mapping[str, Any], schema: pa.Schema, num_bytes: int) -> str:
-    import yaml
-
-    documents = int(manifest["statistics"]["documents"])
-    meta = {
-        "configs": [
-            {
-                "config_name": "default",
-                "data_files": [{"split": "train", "path": f"{VIEW_DIR}/*.parquet"}],
-                "default": True,
-            },
-            {
-                "config_name": "encoded",
-                "data_files": [{"split": "train", "path": f"{fmt.SHARDS_DIR}/*.parquet"}],
-            },
-        ],
-        "dataset_info": [
-            {
-                "config_name": "default",
-                "features": _features_yaml(schema),
-                "splits": [{"name": "train", "num_bytes": num_bytes, "num_examples": documents}],
-                "dataset_size": num_bytes,
-            }
-        ],
-        "tags": ["knowledge-distillation", "teacher-logits", "logitstore"],
-    }
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False, width=100) + "---\n"
+    license = DatasetCard.load(Path(folder) / CARD_NAME).data.license
+    return str(license) if license else None
 
 
-def _row(key: str, value: Any) -> str:
-    return f"| {key} | {value} |"
+def _set_card_license(folder: str, license: str) -> None:
+    """Write ``license`` into an export's card, keeping the rest of the card."""
+    from huggingface_hub import DatasetCard
+
+    path = Path(folder) / CARD_NAME
+    card = DatasetCard.load(path)
+    if card.data.license != license:
+        card.data.license = license
+        card.save(path)
 
 
-def dataset_card(
-    manifest: Mapping[str, Any],
-    schema: pa.Schema,
-    *,
-    repo_id: str | None = None,
-    max_support: int | None = None,
-    num_bytes: int = 0,
+def upload_resumable(
+    api: Any, repo_id: str, folder: str, revision: str | None, commit_message: str | None = None
 ) -> str:
-    """The export's ``README.md``: YAML front matter (configs, features) and a description.
+    """Upload ``folder`` to the dataset ``repo_id`` so that an interrupted upload resumes.
 
-    Args:
-        manifest: the exported store's manifest.
-        schema: the decoded view's Arrow schema (for ``dataset_info.features``).
-        repo_id: ``ORG/NAME`` for the examples; a placeholder when ``None``.
-        max_support: the view's support truncation, if any (stated in the card).
-        num_bytes: the view's size in memory (Arrow bytes), for ``dataset_info.splits``.
+    ``huggingface_hub`` before 2.0 offers this as ``HfApi.upload_large_folder`` (many commits,
+    resume state kept in ``folder/.cache/huggingface``; it takes no commit message). From 2.0
+    on that method is gone and ``upload_folder`` itself uploads in several commits and resumes
+    when run again (with ``hf_xet``, a dependency of ``huggingface_hub``). Either way, running
+    the same push again skips what the Hub already holds.
 
     Returns:
-        The card's text.
+        The URL of the last commit, or of the revision's file tree.
     """
-    repo = repo_id or "ORG/NAME"
-    stats = manifest["statistics"]
-    teacher, tokenizer = manifest["teacher"], manifest["tokenizer"]
-    codec = manifest["codec"]
-    params = ", ".join(f"{k}={v}" for k, v in sorted(codec.get("configuration", {}).items()))
-    model = teacher.get("model") or teacher.get("id") or teacher.get("name") or "unknown"
-    rows = [
-        _row("teacher", ", ".join(f"`{k}={v}`" for k, v in sorted(teacher.items()))),
-        _row(
-            "tokenizer",
-            ", ".join(
-                f"`{k}={v}`"
-                for k, v in sorted(tokenizer.items())
-                if not isinstance(v, (dict, list))
-            ),
-        ),
-        _row("vocabulary", manifest["vocab_size"]),
-        _row("codec", f"`{codec['name']}` v{codec['version']} ({params})"),
-        _row("capture", ", ".join(f"`{k}={v}`" for k, v in sorted(manifest["capture"].items()))),
-        _row("documents", stats["documents"]),
-        _row("tokens", stats["tokens"]),
-        _row("shards", len(manifest["shards"])),
-        _row("store bytes", stats["bytes"]),
-        _row("bytes/token", f"{stats['bytes_per_token']:.2f}"),
-    ]
-    fidelity = stats.get("fidelity") or {}
-    rows += [_row(f"fidelity: {k}", f"{v:.6g}") for k, v in sorted(fidelity.items())]
-    if not fidelity:
-        rows.append(_row("fidelity", "not measured at capture"))
-    mixture = teacher.get("mixture")
-    note = ""
-    if isinstance(mixture, dict):
-        note = (
-            "\n## Mixture of teachers\n\n"
-            f"{mixture.get('approximation', '')}\n\nWeights: `{mixture.get('weights')}`; "
-            f"teachers: `{[t.get('teacher', {}).get('model') for t in mixture.get('stores', [])]}`.\n"
-        )
-    view_support = (
-        f"the {max_support} most probable entries (the rest folded into `tail_logmass`)"
-        if max_support
-        else "the full stored support"
+    tree = f"{getattr(api, 'endpoint', 'https://huggingface.co')}/datasets/{repo_id}/tree/"
+    tree += revision or "main"
+    large = getattr(api, "upload_large_folder", None)
+    if large is not None:
+        large(repo_id=repo_id, folder_path=folder, repo_type="dataset", revision=revision)
+        return tree
+    info = api.upload_folder(
+        repo_id=repo_id,
+        repo_type="dataset",
+        folder_path=folder,
+        revision=revision,
+        commit_message=commit_message or "Upload logit store",
     )
-    body = f"""
-# Teacher logits of `{model}`
-
-A cache of a teacher's next-token distributions for offline knowledge distillation, written
-by logitstore (format version {manifest["format_version"]}). Precompute once, train many
-students: the teacher never runs again.
-
-| | |
-|---|---|
-{chr(10).join(rows)}
-
-Fidelity is measured at capture time against the dense teacher on sampled positions
-(`mass_captured`: teacher mass inside the stored support; `bucket_kl`: KL from the true to the
-stored distribution on the bucket model; `top1_agreement`: stored argmax equals the true one).
-{note}
-## Train a student from it (one command)
-
-```bash
-logitstore train --store hf://datasets/{repo} --student STUDENT --divergence fkl --out run/
-```
-
-The student must use the teacher's tokenizer (checked against `tokenizer` above).
-
-## Files
-
-- `manifest.json`, `shards/*.parquet`: the logit store itself (parquet backend, codec-encoded
-  columns, lossless). `logitstore.open_store("hf://datasets/{repo}")` streams it shard by
-  shard; `logitstore verify` checks every checksum.
-- `data/*.parquet`: a decoded, human-readable view, one row per document: `doc_id`,
-  `source_row` and `window` (join with the source text by `source_row`), `input_ids`,
-  `loss_mask`, `support_ids` and `support_logprobs` ({view_support}, most probable first,
-  padding `-1` / `-inf`), `tail_logmass` (log of the teacher mass outside the support),
-  `label_logprob`, `entropy`. Position `t` predicts `input_ids[t + 1]`.
-
-```python
-from datasets import load_dataset
-rows = load_dataset("{repo}", split="train")           # the decoded view
-from logitstore import open_store
-store = open_store("hf://datasets/{repo}")             # the store
-```
-"""
-    return _front_matter(manifest, schema, num_bytes) + body
-
-
-# -- push ------------------------------------------------------------------------------------
+    return str(getattr(info, "commit_url", None) or tree)
 
 
 def push_store(
     store: str | os.PathLike[str],
     repo_id: str,
     *,
+    license: str | None = None,
     private: bool = False,
     revision: str | None = None,
     token: str | None = None,
     max_support: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    on_status: Callable[[str], None] | None = None,
     commit_message: str | None = None,
 ) -> str:
     """Upload a store to the Hub as a dataset repository (exporting it first if needed).
 
-    A local folder that already is an export (see :func:`is_export`) is uploaded as it is;
-    any other store is exported into a temporary folder first.
+    A local folder that already is an export (see :func:`is_export`) is uploaded as it is
+    (its card gets ``license`` if one is given); any other store is exported into a temporary
+    folder first. The upload is resumable (:func:`upload_resumable`): for a big store, export
+    it once and push the export folder; if the upload is interrupted, the same push continues.
 
     Args:
         store: an export folder, or any store URL.
         repo_id: ``ORG/NAME`` of the dataset repository (created if missing).
+        license: the card's license, a Hub license identifier (``apache-2.0``, ``mit``,
+            ``cc-by-4.0``, ``other``, ...); may be omitted only for an export whose card has one.
         private: create the repository private.
         revision: branch to upload to (created if missing); default the main branch.
         token: Hub token; default ``huggingface_hub.get_token()`` (``HF_TOKEN``, or the
             token saved by ``hf auth login``).
         max_support: view truncation when exporting (see :func:`export_store`).
         storage_options: fsspec options of ``store``.
-        commit_message: default ``"Upload logit store"``.
+        on_status: called with a line of progress before each stage (export, upload).
+        commit_message: default ``"Upload logit store"`` (``upload_large_folder``, used with
+            ``huggingface_hub`` before 2.0, names its commits itself).
 
     Returns:
-        The URL of the commit.
+        The URL of the (last) commit, or of the revision's file tree.
 
     Raises:
+        ConfigError: no license given or found in the export's card, or a malformed one.
         HubAuthError: no token given or found.
     """
     import huggingface_hub
 
+    say = on_status or (lambda _line: None)
+    check_license(license)
+    folder = str(store)
+    ready = _fs.is_local(_fs.url_to_fs(folder)[0]) and is_export(folder)
+    license = license or (_card_license(folder) if ready else None)
+    if license is None:
+        raise ConfigError(
+            "pushing needs a license for the dataset card; found none: pass --license "
+            "(a Hub license identifier such as apache-2.0, mit, cc-by-4.0 or other)"
+        )
     token = token or huggingface_hub.get_token()
     if not token:
         raise HubAuthError(
@@ -438,9 +379,11 @@ def push_store(
             "or run `hf auth login`)"
         )
     with tempfile.TemporaryDirectory(prefix="logitstore-export-") as tmp:
-        folder = str(store)
-        if not (_fs.is_local(_fs.url_to_fs(folder)[0]) and is_export(folder)):
+        if ready:
+            _set_card_license(folder, license)
+        else:
             folder = os.path.join(tmp, "export")
+            say(f"exporting {store} into a temporary folder")
             export_store(
                 store,
                 folder,
@@ -448,16 +391,14 @@ def push_store(
                 repo_id=repo_id,
                 storage_options=storage_options,
                 out_storage_options={},
+                license=license,
             )
         api = huggingface_hub.HfApi(token=token)
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         if revision is not None:
             api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            repo_type="dataset",
-            folder_path=folder,
-            revision=revision,
-            commit_message=commit_message or "Upload logit store",
+        say(
+            f"uploading to hf://datasets/{repo_id} in resumable batches; if interrupted, run "
+            "the same push again to continue"
         )
-    return str(getattr(info, "commit_url", info))
+        return upload_resumable(api, repo_id, folder, revision, commit_message)

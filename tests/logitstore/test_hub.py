@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import shutil
 from pathlib import Path
 
@@ -17,17 +19,18 @@ from fsspec.implementations.memory import MemoryFileSystem
 import logitstore.hub as hub
 from cli import main
 from logitstore import open_store
-from logitstore.codecs import get_codec
+from logitstore._hub_card import base_models, size_category, source_datasets
+from logitstore.codecs import fidelity_sums, get_codec, merge_fidelity
 from logitstore.errors import HubAuthError
 from logitstore.writer import EncodedDocument, StoreWriter
 
 V = 300
 TEMPS = (2.0,)
 METADATA = {
-    "teacher": {"model": "tiny/teacher", "dtype": "float32"},
+    "teacher": {"model": "tiny/Teacher-1M", "dtype": "float32"},
     "tokenizer": {"vocab_sha256": "ef" * 8, "vocab_size": V},
     "capture": {"temperatures": list(TEMPS), "max_length": 64},
-    "source": {"path": "docs.jsonl"},
+    "source": {"name": "org/corpus", "kind": "hub", "split": "train"},
 }
 
 
@@ -44,12 +47,14 @@ def make_store(url: str, codec_name: str, params: dict, storage_options=None, ba
         storage_options=storage_options,
     )
     for j in range(3):
-        docs = []
+        docs, sums = [], []
         for d in range(3):
             t = int(torch.randint(2, 30, (1,), generator=g))
             ids = torch.randint(0, V, (t,), generator=g)
             lp = torch.log_softmax(3.0 * torch.randn(t - 1, V, generator=g), dim=-1)
             enc = codec.encode(lp, ids[1:], temperatures=TEMPS, generator=g)
+            decoded = codec.decode({k: v.numpy() for k, v in enc.items()})
+            sums.append(fidelity_sums(lp, decoded, ids[1:]))
             docs.append(
                 EncodedDocument(
                     f"docs.jsonl:{3 * j + d}/w0/{j:08x}{d:08x}",
@@ -58,7 +63,7 @@ def make_store(url: str, codec_name: str, params: dict, storage_options=None, ba
                     {k: v.numpy() for k, v in enc.items()},
                 )
             )
-        w.write_shard(j, docs)
+        w.write_shard(j, docs, fidelity=merge_fidelity(sums))
     w.finalize(3)
     return url
 
@@ -108,11 +113,11 @@ def test_export_is_a_store_with_a_card(exported):
     paths = {c["config_name"]: c["data_files"][0]["path"] for c in meta["configs"]}
     assert paths == {"default": "data/*.parquet", "encoded": "shards/*.parquet"}
     view = pq.read_schema(out / "data" / "000000.parquet")
-    assert [f["name"] for f in meta["dataset_info"][0]["features"]] == view.names
-    assert meta["dataset_info"][0]["splits"][0]["num_examples"] == again.num_documents
+    assert [f["name"] for f in meta["dataset_info"]["features"]] == view.names
+    assert meta["dataset_info"]["splits"][0]["num_examples"] == again.num_documents
     stats = again.manifest["statistics"]
     for needle in (
-        "tiny/teacher",
+        "tiny/Teacher-1M",
         "ef" * 8,
         again.manifest["codec"]["name"],
         f"| documents | {stats['documents']} |",
@@ -141,18 +146,76 @@ def test_view_truncation_moves_mass_into_the_tail(tmp_path, monkeypatch):
         np.testing.assert_allclose(np.asarray(row["tail_logsumexp"])[:, 0], tls, rtol=1e-6)
 
 
-def test_push_without_token_is_a_clear_error(tmp_path, monkeypatch):
+def test_card_metadata_through_huggingface_hub(tmp_path):
+    from huggingface_hub import DatasetCard
+
+    hot = tuple(range(V - 1, -1, -1))  # a fitted id table: V numbers in the manifest
+    src = make_store(str(tmp_path / "src"), "topk", {"k": 16, "values": "q6", "hot_ids": hot})
+    hub.export_store(src, str(tmp_path / "out"), repo_id="org/name", license="apache-2.0")
+    card = DatasetCard.load(tmp_path / "out" / "README.md")
+    meta = card.data.to_dict()
+    assert meta["license"] == "apache-2.0"
+    assert meta["pretty_name"] == "Teacher-1M teacher logits on corpus"
+    assert meta["task_categories"] == ["text-generation"]
+    assert meta["size_categories"] == ["n<1K"]  # 9 documents
+    assert meta["source_datasets"] == ["org/corpus"]
+    assert meta["base_model"] == ["tiny/Teacher-1M"]
+    assert meta["configs"][0]["config_name"] == "default"
+    manifest = open_store(str(tmp_path / "out")).manifest
+    assert manifest["codec"]["configuration"]["hot_ids"] == list(hot)  # the table is kept ...
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert not re.search(r"\d+(\s*,\s*\d+){15}", text)  # ... but never printed in the card
+    assert f"{V:,} entries" in card.text and "6-bit codes" in card.text
+    assert "`k=16`" in card.text and "`values=q6`" in card.text
+    stats = manifest["statistics"]
+    assert f"| bytes/token | {stats['bytes_per_token']:.2f} |" in card.text
+    assert re.search(r"\| fidelity: mass_captured \| [0-9.e-]+ \|", card.text)
+
+
+def test_card_names_only_hub_repositories():
+    assert [size_category(n) for n in (0, 999, 1000, 9999, 10**4, 10**12 - 1, 10**12)] == [
+        "n<1K",
+        "n<1K",
+        "1K<n<10K",
+        "1K<n<10K",
+        "10K<n<100K",
+        "100B<n<1T",
+        "n>1T",
+    ]
+    local = {"id": "my-teacher", "weights": {"kind": "full", "sha256": "ab" * 32}}
+    hub_teacher = {"id": "HuggingFaceTB/SmolLM2-135M", "revision": "c0ffee", "weights": None}
+    assert base_models(local) == [] and base_models(hub_teacher) == [hub_teacher["id"]]
+    mixture = {"mixture": {"stores": [{"teacher": hub_teacher}, {"teacher": local}]}}
+    assert base_models(mixture) == [hub_teacher["id"]]
+    assert source_datasets({"name": "HuggingFaceTB/smoltalk", "kind": "hub"}) == [
+        "HuggingFaceTB/smoltalk"
+    ]
+    assert source_datasets({"name": "docs.jsonl", "kind": "files"}) == []
+
+
+def test_push_without_license_or_token_is_a_clear_error(tmp_path, monkeypatch):
     import huggingface_hub
 
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_secret")
+    src = make_store(str(tmp_path / "src"), "topk", {"k": 8})
+    result = CliRunner().invoke(main, ["push", src, "org/name"])
+    assert result.exit_code == 2 and "--license" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and FakeApi.calls == []
+    result = CliRunner().invoke(main, ["push", src, "org/name", "--license", "Apache 2"])
+    assert result.exit_code == 2 and "license identifier" in result.output
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(HubAuthError, match="HF_TOKEN"):
-        hub.push_store(str(tmp_path), "org/name")
-    result = CliRunner().invoke(main, ["push", str(tmp_path), "org/name"])
+        hub.push_store(src, "org/name", license="mit")
+    result = CliRunner().invoke(main, ["push", src, "org/name", "--license", "mit"])
     assert result.exit_code == 2 and "token" in result.output
+    assert not (tmp_path / "src" / "README.md").exists() and FakeApi.calls == []
 
 
 class FakeApi:
-    """Stands in for ``huggingface_hub.HfApi`` at the network boundary; records the calls."""
+    """Stands in for ``huggingface_hub.HfApi`` (2.x: ``upload_folder`` is the resumable
+    upload) at the network boundary; records the calls and keeps a copy of what was sent."""
 
     calls: list = []
     snapshot: Path | None = None
@@ -167,35 +230,83 @@ class FakeApi:
         FakeApi.calls.append(("create_branch", repo_id, kw))
 
     def upload_folder(self, *, folder_path, **kw):
-        FakeApi.calls.append(("upload_folder", kw))
+        FakeApi.calls.append(("upload_folder", {"folder_path": folder_path, **kw}))
         shutil.copytree(folder_path, FakeApi.snapshot)
         return "https://hub.example/commit/1"
 
 
-def test_push_exports_then_uploads(tmp_path, monkeypatch):
+class FakeLargeApi(FakeApi):
+    """``HfApi`` of ``huggingface_hub`` before 2.0, which has ``upload_large_folder``."""
+
+    def upload_large_folder(self, repo_id, folder_path, **kw):
+        FakeApi.calls.append(
+            ("upload_large_folder", {"repo_id": repo_id, "folder_path": folder_path, **kw})
+        )
+        shutil.copytree(folder_path, FakeApi.snapshot)
+
+
+def _binds_to_installed_hfapi(kind: str, kwargs: dict) -> None:
+    """The arguments push passed are accepted by the installed ``HfApi`` method, if it has it."""
+    import huggingface_hub
+
+    method = getattr(huggingface_hub.HfApi, kind, None)
+    if method is not None:
+        inspect.signature(method).bind(None, **kwargs)
+
+
+@pytest.mark.parametrize("api", [FakeApi, FakeLargeApi], ids=["upload_folder", "large_folder"])
+def test_push_exports_then_uploads_resumably(tmp_path, monkeypatch, api):
     import huggingface_hub
 
     src = make_store(str(tmp_path / "src"), "topk", {"k": 8})
     FakeApi.calls, FakeApi.snapshot = [], tmp_path / "uploaded"
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "HfApi", api)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_secret")
-    result = CliRunner().invoke(main, ["push", src, "org/name", "--private", "--revision", "v1"])
+    args = ["push", src, "org/name", "--private", "--revision", "v1", "--license", "mit"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
+    assert "resumable" in result.output and "run the same push again" in result.output
+    upload = "upload_folder" if api is FakeApi else "upload_large_folder"
     kinds = [c[0] for c in FakeApi.calls]
-    assert kinds == ["init", "create_repo", "create_branch", "upload_folder"]
+    assert kinds == ["init", "create_repo", "create_branch", upload]
     assert FakeApi.calls[0][1] == "hf_secret"
     assert FakeApi.calls[1][2] == {"repo_type": "dataset", "private": True, "exist_ok": True}
     assert FakeApi.calls[2][2]["branch"] == "v1"
-    assert FakeApi.calls[3][1]["revision"] == "v1" and FakeApi.calls[3][1]["repo_type"] == "dataset"
+    sent = FakeApi.calls[3][1]
+    assert sent["revision"] == "v1" and sent["repo_type"] == "dataset"
+    _binds_to_installed_hfapi(upload, sent)
     uploaded = open_store(str(FakeApi.snapshot))
     assert uploaded.verify() == [] and len(uploaded) == len(open_store(src))
-    assert "hf://datasets/org/name" in (FakeApi.snapshot / "README.md").read_text()
-    # an existing export is uploaded as it is
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(FakeApi.snapshot / "README.md")
+    assert card.data.license == "mit" and "hf://datasets/org/name" in card.text
+    # an existing export is uploaded as it is; its card's license serves without --license
     FakeApi.calls, FakeApi.snapshot = [], tmp_path / "uploaded2"
     hub.push_store(str(tmp_path / "uploaded"), "org/name")
+    assert FakeApi.calls[-1][1]["folder_path"] == str(tmp_path / "uploaded")
     assert sorted(p.name for p in FakeApi.snapshot.iterdir()) == sorted(
         p.name for p in (tmp_path / "uploaded").iterdir()
     )
+
+
+def test_push_sets_the_license_of_an_export_without_one(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import DatasetCard
+
+    src = make_store(str(tmp_path / "src"), "topk", {"k": 8})
+    hub.export_store(src, str(tmp_path / "export"))
+    before = DatasetCard.load(tmp_path / "export" / "README.md")
+    assert before.data.license is None
+    FakeApi.calls, FakeApi.snapshot = [], tmp_path / "uploaded"
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_secret")
+    with pytest.raises(hub.ConfigError, match="--license"):
+        hub.push_store(str(tmp_path / "export"), "org/name")
+    hub.push_store(str(tmp_path / "export"), "org/name", license="cc-by-4.0")
+    after = DatasetCard.load(FakeApi.snapshot / "README.md")
+    assert after.data.license == "cc-by-4.0" and after.text == before.text
+    assert after.data.to_dict()["dataset_info"] == before.data.to_dict()["dataset_info"]
 
 
 # -- remote reading --------------------------------------------------------------------------
@@ -292,8 +403,14 @@ def test_fsspec_cache_chaining_reads_the_same(tmp_path):
 
 def test_export_cli(tmp_path):
     src = make_store(str(tmp_path / "src"), "dense", {"bits": 8})
-    result = CliRunner().invoke(main, ["export", src, str(tmp_path / "out"), "--max-support", "4"])
+    out = str(tmp_path / "out")
+    result = CliRunner().invoke(
+        main, ["export", src, out, "--max-support", "4", "--license", "mit"]
+    )
     assert result.exit_code == 0, result.output
+    from huggingface_hub import DatasetCard
+
+    assert DatasetCard.load(tmp_path / "out" / "README.md").data.license == "mit"
     view = pq.read_table(tmp_path / "out" / "data" / "000001.parquet")
     assert view.schema.field("support_ids").type.value_type.list_size == 4
     assert open_store(str(tmp_path / "out")).num_documents == 9
