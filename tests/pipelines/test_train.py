@@ -346,3 +346,26 @@ def test_loader_feeds_the_trainer_whole_documents(store):
         b["num_tokens"] for b in StoreDataset(opened, tokens_per_batch=300, rank=0, world_size=1)
     )
     assert seen == sum(int(d.loss_mask.sum()) for d in opened)
+
+
+def test_checkpoints_keep_the_students_own_dtype(store, tiny_student_dir, tmp_path):
+    from safetensors import safe_open
+
+    student = tmp_path / "bf16-student"
+    AutoModelForCausalLM.from_pretrained(tiny_student_dir, dtype=torch.bfloat16).save_pretrained(
+        student
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_student_dir / name).exists():
+            shutil.copy(tiny_student_dir / name, student / name)
+
+    def dtypes(summary) -> set:
+        with safe_open(Path(summary["checkpoint"]) / "model.safetensors", "pt") as f:
+            return {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+
+    own = train(config(store, student, tmp_path / "own", max_steps=1))
+    assert dtypes(own) == {torch.bfloat16}
+    wide = train(config(store, student, tmp_path / "wide", max_steps=1, student_dtype="float32"))
+    assert dtypes(wide) == {torch.float32}
+    with pytest.raises(ConfigError, match="dtype"):
+        train(config(store, student, tmp_path / "bad", student_dtype="float33"))
