@@ -10,20 +10,35 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import fsspec
+from fsspec.implementations.cached import CachingFileSystem
+from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
+
+from logitstore.errors import ConfigError, ManifestError, StoreReadError, UnsafePathError
+from logitstore.storage import _remote
+from logitstore.storage._limits import MAX_JSON_BYTES, json_problem
 
 TMP_PREFIX = ".tmp-"
 """Prefix of every temporary name; nothing committed ever carries it."""
 
 
 def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
-    """The filesystem and the root path (no trailing slash) of a store URL or local path."""
-    fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+    """The filesystem and the root path (no trailing slash) of a store URL or local path.
+
+    Raises:
+        ConfigError: fsspec cannot make a filesystem of it (an unknown protocol, a missing
+            package, options the filesystem does not take).
+    """
+    try:
+        fs, root = fsspec.core.url_to_fs(str(url), **dict(storage_options or {}))
+    except (ValueError, ImportError, TypeError, KeyError) as exc:
+        raise ConfigError(f"cannot open {str(url)!r}: {_remote.describe(exc)}") from None
     return fs, root.rstrip("/") or root
 
 
@@ -206,3 +221,132 @@ def options_from_json(text: str | None) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise ConfigError(f"--storage-options must be a JSON object, found {type(value).__name__}")
     return value
+
+
+# -- reading a store's files: inside its root, bounded, retried --------------------------------
+
+
+def local_target(fs: Any, path: str) -> str | None:
+    """The local file ``fs`` reads for ``path``, or ``None`` when no local file is behind it.
+
+    Chained URLs wrap a filesystem in another (``simplecache::/data/store``, ``dir::``,
+    ``file://``): the wrappers are unwrapped, so links are checked on every URL form.
+    """
+    for _ in range(16):  # chains are short; a cycle of wrappers is not followed forever
+        if isinstance(fs, LocalFileSystem):
+            return str(fs._strip_protocol(path))
+        if isinstance(fs, DirFileSystem):
+            path, fs = fs._join(path), fs.fs
+        elif isinstance(fs, CachingFileSystem) or isinstance(
+            getattr(fs, "fs", None), fsspec.AbstractFileSystem
+        ):
+            fs = fs.fs  # cache wrappers read the target's own paths
+        else:
+            return None
+    return None
+
+
+def refuse_links_out(fs: Any, root: str, paths: Iterable[str], where: str) -> None:
+    """Refuse files that a symbolic link resolves to outside the store's root, or that are
+    not regular files (a FIFO would block a reader, a device would never end).
+
+    Manifest paths are checked to be plain relative names, but a link inside the store (to
+    ``/etc/...`` or ``../other``) could still lead reads elsewhere, on any URL whose
+    filesystem is local underneath.
+
+    Raises:
+        UnsafePathError: naming the store-relative path.
+    """
+    local_root = local_target(fs, root)
+    if local_root is None:
+        return
+    real_root = os.path.realpath(local_root)
+    for path in paths:
+        local = local_target(fs, path)
+        real = os.path.realpath(local if local is not None else path)
+        rel = path[len(root) + 1 :] if path.startswith(root + "/") else path
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise UnsafePathError(
+                f"{where}: {rel} is a link to {real}, outside the store's root {real_root}; "
+                "expected files inside the store"
+            )
+        try:
+            mode = os.stat(real).st_mode
+        except OSError:
+            continue  # missing: reported as missing by the read
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise UnsafePathError(f"{where}: {rel} is not a regular file")
+
+
+def _read_local(path: str, limit: int) -> bytes | FileNotFoundError:
+    """At most ``limit`` bytes of a local file (a longer file shows as longer than expected
+    without being read whole), or ``FileNotFoundError``."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError as exc:
+        if _remote.is_missing(exc):
+            return FileNotFoundError(path)
+        raise StoreReadError(f"cannot read {path}: {_remote.describe(exc)}") from None
+
+
+def read_files(
+    fs: Any, root: str, sizes: Mapping[str, int], where: str
+) -> dict[str, bytes | FileNotFoundError]:
+    """Store files ``{relative path: expected size}``: their bytes, or ``FileNotFoundError``.
+
+    Local files (on any URL form) are checked not to lead outside the root and are read up to
+    one byte past their expected size; remote ones are fetched together, transient network
+    errors retried (see :mod:`logitstore.storage._remote`).
+
+    Raises:
+        UnsafePathError: a file is a link out of the store, or not a regular file.
+        StoreReadError: a file exists but cannot be read (after retries, if remote).
+    """
+    paths = {join(root, name): name for name in sizes}
+    refuse_links_out(fs, root, paths, where)
+    if is_local(fs):  # fsspec's cat costs more here
+        return {name: _read_local(path, sizes[name] + 1) for path, name in paths.items()}
+    got = _remote.cat(fs, paths)
+    return {name: got[path] for path, name in paths.items()}
+
+
+def read_json(fs: Any, root: str, name: str, max_bytes: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of the store's JSON file ``name`` (the manifest), refused before parsing if
+    larger than ``max_bytes`` or nested deeper than a reader parses.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ManifestError: too large or too deeply nested.
+        UnsafePathError: a link out of the store.
+        StoreReadError: it exists but cannot be read.
+    """
+    path = join(root, name)
+    refuse_links_out(fs, root, [path], name)
+    if is_local(fs):
+        raw = _read_local(path, max_bytes + 1)
+    else:
+        size = _remote_size(fs, path)
+        if size is not None and size > max_bytes:
+            raise ManifestError(
+                f"{name} holds {size} bytes, more than the {max_bytes} a reader accepts"
+            )
+        raw = _remote.cat(fs, [path])[path]
+    if isinstance(raw, FileNotFoundError):
+        raise raw
+    problem = json_problem(raw, max_bytes)
+    if problem is not None:
+        raise ManifestError(f"{name} {problem}")
+    return raw
+
+
+def _remote_size(fs: Any, path: str) -> int | None:
+    """The object's size from a metadata request; ``None`` when that fails or gives none (the
+    read that follows then reports the failure, retried)."""
+    try:
+        size = fs.info(path).get("size")
+    except Exception as exc:
+        if _remote.is_missing(exc):
+            raise FileNotFoundError(path) from None
+        return None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None

@@ -1,0 +1,97 @@
+"""Reading budget: what a store's bytes may make a reader allocate, checked before allocating.
+
+A store from the Hub or a bucket is a stranger's bytes. Every size a reader allocates from is
+first bounded by bytes actually present: JSON files by a size and a nesting depth, a shard's
+arrays by a multiple of its bytes on disk, and every compressed frame by the size of the chunk
+it must decode to. The checks are per file or per frame, never per value, so reading stays as
+fast as it was.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+MAX_JSON_BYTES = 64 * 2**20
+"""Largest JSON file read (the manifest: about 1 KB per shard, plus a codec's id list)."""
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of objects and lists in any JSON file (real files nest fewer than 8)."""
+
+MAX_EXPANSION = 256
+"""A shard's arrays, uncompressed, may be at most this many times its bytes on disk.
+
+The same bound the manifest's declared sizes are held to. Real shards compress 2-4x; the
+bound keeps a small hostile shard (chunks left out as all fill value, a zstd bomb) from
+making a reader allocate gigabytes."""
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_STEP = np.zeros(256, dtype=np.int8)
+_STEP[list(b"[{")] = 1
+_STEP[list(b"]}")] = -1
+
+
+def json_problem(raw: bytes, max_bytes: int = MAX_JSON_BYTES) -> str | None:
+    """Why ``raw`` is refused before parsing (too large or too deeply nested), or ``None``.
+
+    Python's parser recurses once per level (``RecursionError`` at about a thousand), so
+    depth is measured first, on the bytes: brackets inside strings do not count. A few
+    vectorised passes, milliseconds for a large manifest.
+    """
+    if len(raw) > max_bytes:
+        return f"holds {len(raw)} bytes, more than the {max_bytes} a reader accepts"
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return None  # cannot nest deeper than it has brackets: the common small file
+    if b"\\" in raw:  # escaped quotes or backslashes: blank the strings out exactly
+        raw = _STRING.sub(b'""', raw)
+    data = np.frombuffer(raw, dtype=np.uint8)
+    step = _STEP[data]
+    step[(np.cumsum(data == ord('"'), dtype=np.int64) & 1).astype(bool)] = 0  # inside a string
+    depth = int(np.cumsum(step, dtype=np.int64).max(initial=0))
+    if depth > MAX_JSON_DEPTH:
+        return f"nests {depth} levels deep, more than the {MAX_JSON_DEPTH} a reader accepts"
+    return None
+
+
+def zstd_content_size(frame: memoryview | bytes) -> int | None:
+    """The decompressed size a zstd frame declares in its header, or ``None`` if it declares none.
+
+    Frame header (RFC 8878, 3.1.1): magic ``28 B5 2F FD``, a descriptor byte (bits 7-6: size
+    of the content-size field, bit 5: single segment, bits 1-0: size of the dictionary id), an
+    optional window byte, the dictionary id, then the content size (little endian; a 2-byte
+    field stores ``size - 256``).
+    """
+    if len(frame) < 6 or bytes(frame[:4]) != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = frame[4]
+    single = (descriptor >> 5) & 1
+    width = (single, 2, 4, 8)[descriptor >> 6]
+    at = 5 + (1 - single) + (0, 1, 2, 4)[descriptor & 3]
+    if width == 0 or len(frame) < at + width:
+        return None
+    size = int.from_bytes(bytes(frame[at : at + width]), "little")
+    return size + 256 if width == 2 else size
+
+
+def zstd_decode_exact(decoder: object, frame: memoryview | bytes, out: np.ndarray) -> str | None:
+    """Decompress ``frame`` into ``out`` (a contiguous uint8 buffer) when it fills it exactly.
+
+    The first frame must declare exactly ``out.nbytes``; numcodecs then refuses input whose
+    frames add up to more than ``out`` (a trailing frame), and zstd itself refuses a frame
+    whose content differs from its declared size. Nothing larger than ``out`` is allocated,
+    whatever the frame claims.
+
+    Returns:
+        ``None`` on success, else why the frame was refused.
+    """
+    declared = zstd_content_size(frame)
+    if declared is None:
+        return "a zstd frame declares no content size"
+    if declared != out.nbytes:
+        return f"a zstd frame declares {declared} bytes where the chunk holds {out.nbytes}"
+    try:
+        decoder.decode(frame, out=out)  # type: ignore[attr-defined]
+    except (RuntimeError, ValueError) as exc:
+        return f"a zstd frame does not decode ({exc})"
+    return None
