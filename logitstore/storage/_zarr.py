@@ -17,6 +17,7 @@ returned as bytes so the writer controls where and how atomically it lands.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -29,11 +30,14 @@ from zarr.storage import MemoryStore
 
 from logitstore.codecs.base import FieldSpec
 from logitstore.errors import CorruptShardError
-from logitstore.storage.base import Backend, ShardArrays, token_dtype
+from logitstore.storage import _zarr_checks as checks
+from logitstore.storage._limits import json_problem, zstd_decode_exact
+from logitstore.storage._remote import describe
+from logitstore.storage.base import Backend, ShardArrays, check_expansion, token_dtype
 
-CHUNK_ROWS = 4096
+CHUNK_ROWS = checks.CHUNK_ROWS
 SHARD_FORMAT = 1
-_EMPTY = np.uint64(2**64 - 1)  # sharding index marker of a chunk equal to the fill value
+_EMPTY = 2**64 - 1  # sharding index marker of a chunk equal to the fill value
 
 
 def _create(group: Any, name: str, data: np.ndarray, level: int) -> None:
@@ -99,32 +103,33 @@ class ZarrBackend(Backend):
             if not name.startswith(prefix):
                 raise CorruptShardError(f"shard {shard_path}: file {name!r} lies outside it")
             local[name[len(prefix) :]] = data
-        proto = default_buffer_prototype()
-        store_dict = {k: proto.buffer.from_bytes(v) for k, v in local.items()}
+        doc_ids = _doc_ids(local, shard_path)
+        check_expansion(shard_path, files, specs, expected_positions, len(doc_ids), 1)
+        n_docs = len(doc_ids)
+        expected: dict[str, tuple[str | None, tuple[int, ...]]] = {
+            "offsets": ("int64", (n_docs + 1,)),
+            "input_ids": (None, (expected_positions + n_docs,)),
+            "loss_mask": ("bool", (expected_positions,)),
+        }
+        for name, spec in specs.items():
+            expected[name] = (spec.dtype, (expected_positions, *spec.shape))
+        out: dict[str, np.ndarray] = {}
+        group = None
         try:
-            group = zarr.open_group(MemoryStore(store_dict, read_only=True), mode="r")
-            doc_ids = group.attrs.get("doc_ids")
-            if not isinstance(doc_ids, list) or not all(isinstance(d, str) for d in doc_ids):
-                raise CorruptShardError(f"shard {shard_path}: attribute doc_ids is not a str list")
-            n_docs = len(doc_ids)
-            expected: dict[str, tuple[str | None, tuple[int, ...]]] = {
-                "offsets": ("int64", (n_docs + 1,)),
-                "input_ids": (None, (expected_positions + n_docs,)),
-                "loss_mask": ("bool", (expected_positions,)),
-            }
-            for name, spec in specs.items():
-                expected[name] = (spec.dtype, (expected_positions, *spec.shape))
-            out: dict[str, np.ndarray] = {}
             for name, (dtype, shape) in expected.items():
                 fast = _read_canonical(local, name, dtype, shape)
+                if fast is None and group is None:
+                    group = _open_group(local)
                 out[name] = (
-                    fast if fast is not None else self._read(group, name, dtype, shape, shard_path)
+                    fast
+                    if fast is not None
+                    else self._read(group, local, name, dtype, shape, shard_path)
                 )
         except CorruptShardError:
             raise
         except Exception as exc:  # any parse or decompression failure is a corrupt shard
             raise CorruptShardError(
-                f"shard {shard_path}: cannot be read as zarr ({type(exc).__name__}: {exc})"
+                f"shard {shard_path}: cannot be read as zarr ({describe(exc)})"
             ) from None
         return ShardArrays(
             doc_ids=list(doc_ids),
@@ -136,20 +141,79 @@ class ZarrBackend(Backend):
 
     @staticmethod
     def _read(
-        group: Any, name: str, dtype: str | None, shape: tuple[int, ...], where: str
+        group: Any,
+        local: Mapping[str, bytes],
+        name: str,
+        dtype: str | None,
+        shape: tuple[int, ...],
+        where: str,
     ) -> np.ndarray:
-        if name not in group:
+        """One array through zarr-python, once its metadata has passed the checks."""
+        if f"{name}/zarr.json" not in local:
             raise CorruptShardError(f"shard {where}: array {name!r} is missing")
-        arr = group[name]
-        # Check the declared metadata before reading, so nothing unexpected gets allocated.
-        found = np.dtype(str(arr.dtype))
-        ok_dtype = found.kind == "u" if dtype is None else found == np.dtype(dtype)
-        if tuple(arr.shape) != shape or not ok_dtype:
+        # Before zarr-python parses it: what it would allocate is bounded by what is stored.
+        problem = checks.array_problem(_load(local, f"{name}/zarr.json", where), shape)
+        if problem is not None:
+            raise CorruptShardError(f"shard {where}: array {name!r} {problem}")
+        try:
+            with checks.bounded_zstd():
+                arr = group[name]
+                found = np.dtype(str(arr.dtype))
+                ok_dtype = found.kind == "u" if dtype is None else found == np.dtype(dtype)
+                if tuple(arr.shape) == shape and ok_dtype:
+                    return np.asarray(arr[...])
+        except Exception as exc:  # a chunk that does not parse or decompress
             raise CorruptShardError(
-                f"shard {where}: array {name!r} is {found} {tuple(arr.shape)}, "
-                f"expected {dtype or 'unsigned int'} {shape}"
-            )
-        return np.asarray(arr[...])
+                f"shard {where}: array {name!r} cannot be read ({describe(exc)})"
+            ) from None
+        raise CorruptShardError(
+            f"shard {where}: array {name!r} is {found} {tuple(arr.shape)}, "
+            f"expected {dtype or 'unsigned int'} {shape}"
+        )
+
+
+def _doc_ids(local: Mapping[str, bytes], where: str) -> list[str]:
+    """The group's document ids, once every metadata file has passed the checks: Zarr v3
+    only, each ``zarr.json`` within the size and depth limits."""
+    v2 = checks.v2_metadata(local)
+    if v2 is not None:
+        raise CorruptShardError(f"shard {where}: {v2} is Zarr v2 metadata; only Zarr v3 is read")
+    for name, raw in local.items():
+        if name == "zarr.json" or name.endswith("/zarr.json"):
+            problem = json_problem(raw)
+            if problem is not None:
+                raise CorruptShardError(f"shard {where}: {name} {problem}")
+    meta = _load(local, "zarr.json", where)
+    if not isinstance(meta, dict) or meta.get("node_type") != "group":
+        raise CorruptShardError(f"shard {where}: zarr.json is not a zarr group")
+    if meta.get("zarr_format") != 3:
+        raise CorruptShardError(
+            f"shard {where}: zarr.json is Zarr format {meta.get('zarr_format')!r}; "
+            "only Zarr v3 is read"
+        )
+    attrs = meta.get("attributes")
+    doc_ids = attrs.get("doc_ids") if isinstance(attrs, dict) else None
+    if not isinstance(doc_ids, list) or not all(isinstance(d, str) for d in doc_ids):
+        raise CorruptShardError(f"shard {where}: attribute doc_ids is not a str list")
+    return doc_ids
+
+
+def _load(local: Mapping[str, bytes], key: str, where: str) -> Any:
+    """A metadata file of the shard, parsed (its size and depth were checked already)."""
+    raw = local.get(key)
+    if raw is None:
+        raise CorruptShardError(f"shard {where}: {key} is missing")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise CorruptShardError(f"shard {where}: {key} is not valid JSON") from None
+
+
+def _open_group(local: Mapping[str, bytes]) -> Any:
+    """The shard as a read-only zarr group (the fallback for layouts other than ours)."""
+    proto = default_buffer_prototype()
+    store = MemoryStore({k: proto.buffer.from_bytes(v) for k, v in local.items()}, read_only=True)
+    return zarr.open_group(store, mode="r", zarr_format=3, use_consolidated=False)
 
 
 def _is_canonical(codecs: Any, inner: list[int], itemsize: int) -> bool:
@@ -186,8 +250,6 @@ def _read_canonical(
     faster. Anything else (another writer's layout, unexpected metadata) returns ``None``
     and goes through zarr-python. The caller has verified the files' checksum already.
     """
-    import json
-
     try:
         meta = json.loads(files[f"{name}/zarr.json"])
         found = np.dtype(meta["data_type"])
@@ -221,10 +283,13 @@ def _read_canonical(
     index_bytes = 16 * n_chunks
     if len(blob) < index_bytes + 4:
         return None
-    index = np.frombuffer(blob, dtype="<u8", count=2 * n_chunks, offset=len(blob) - index_bytes - 4)
+    end = len(blob) - index_bytes - 4
+    index = np.frombuffer(blob, dtype="<u8", count=2 * n_chunks, offset=end).tolist()
     row_bytes = int(np.prod(inner)) * found.itemsize
+    chunk_bytes = CHUNK_ROWS * row_bytes
     flat = out.reshape(rows, -1).view(np.uint8).reshape(rows, row_bytes) if rows else None
     zstd = Zstd()
+    scratch: np.ndarray | None = None
     for c in range(n_chunks):
         offset, nbytes = index[2 * c], index[2 * c + 1]
         start = c * CHUNK_ROWS
@@ -233,41 +298,19 @@ def _read_canonical(
             if flat is not None:
                 flat[start:stop] = 0  # a chunk of fill values is not stored
             continue
-        if start >= rows or flat is None or offset + nbytes > len(blob) - index_bytes - 4:
+        if start >= rows or flat is None or offset > end or nbytes > end - offset:
             return None
-        frame = memoryview(blob)[int(offset) : int(offset + nbytes)]
-        try:
-            if stop - start == CHUNK_ROWS:  # a full chunk decompresses straight into place
-                # ... when its frame says it holds exactly the chunk (decoding into a larger
-                # buffer would leave the rest unwritten)
-                if frame_content_size(frame) != CHUNK_ROWS * row_bytes:
-                    return None
-                zstd.decode(frame, out=flat[start:stop])
-                continue
-            chunk = np.frombuffer(zstd.decode(frame), dtype=np.uint8)
-        except (RuntimeError, ValueError):
-            return None  # size or frame mismatch: let zarr-python report it
-        if chunk.size != CHUNK_ROWS * row_bytes:
+        frame = memoryview(blob)[offset : offset + nbytes]
+        # Every frame must declare exactly one chunk (zarr pads the last) and is decoded into
+        # a buffer of that size, in place when the chunk is whole: nothing larger is ever
+        # allocated, whatever a frame claims, and no row is left unwritten.
+        if stop - start == CHUNK_ROWS:
+            if zstd_decode_exact(zstd, frame, flat[start:stop]) is not None:
+                return None  # let zarr-python (bounded the same way) report it
+            continue
+        if scratch is None:
+            scratch = np.empty(chunk_bytes, dtype=np.uint8)
+        if zstd_decode_exact(zstd, frame, scratch) is not None:
             return None
-        flat[start:stop] = chunk.reshape(CHUNK_ROWS, row_bytes)[: stop - start]
+        flat[start:stop] = scratch.reshape(CHUNK_ROWS, row_bytes)[: stop - start]
     return out
-
-
-def frame_content_size(frame: memoryview | bytes) -> int | None:
-    """The decompressed size a zstd frame declares in its header, or ``None`` if it declares none.
-
-    Frame header (RFC 8878, 3.1.1): magic ``28 B5 2F FD``, a descriptor byte (bits 7-6: size
-    of the content-size field, bit 5: single segment, bits 1-0: size of the dictionary id), an
-    optional window byte, the dictionary id, then the content size (little endian; a 2-byte
-    field stores ``size - 256``).
-    """
-    if len(frame) < 6 or bytes(frame[:4]) != b"\x28\xb5\x2f\xfd":
-        return None
-    descriptor = frame[4]
-    single = (descriptor >> 5) & 1
-    width = (single, 2, 4, 8)[descriptor >> 6]
-    at = 5 + (1 - single) + (0, 1, 2, 4)[descriptor & 3]
-    if width == 0 or len(frame) < at + width:
-        return None
-    size = int.from_bytes(bytes(frame[at : at + width]), "little")
-    return size + 256 if width == 2 else size

@@ -16,6 +16,7 @@ import numpy as np
 
 from logitstore.codecs.base import FieldSpec
 from logitstore.errors import CorruptShardError
+from logitstore.storage._limits import MAX_EXPANSION
 
 RESERVED_NAMES = frozenset({"doc_id", "doc_ids", "input_ids", "loss_mask", "offsets"})
 """Array and column names a backend uses itself; codec fields may not take them."""
@@ -28,6 +29,39 @@ def token_dtype(vocab_size: int) -> np.dtype:
     if vocab_size <= 1 << 16:
         return np.dtype("uint16")
     return np.dtype("uint32")
+
+
+def check_expansion(
+    where: str,
+    files: Mapping[str, bytes],
+    specs: Mapping[str, FieldSpec],
+    positions: int,
+    documents: int,
+    token_bytes: int,
+) -> None:
+    """Refuse a shard whose arrays, uncompressed, would exceed :data:`MAX_EXPANSION` times
+    its bytes on disk; a backend calls this before allocating any array.
+
+    Chunks equal to the fill value are not stored and zstd shrinks runs of a byte to almost
+    nothing, so without this bound a shard of a few KB could declare millions of positions
+    and make a reader allocate gigabytes of zeros.
+
+    Raises:
+        CorruptShardError: naming the shard, the counts and both sizes.
+    """
+    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 0:
+        raise CorruptShardError(
+            f"shard {where}: expected a count of positions, found {positions!r}"
+        )
+    row = 1 + sum(np.dtype(s.dtype).itemsize * int(np.prod(s.shape)) for s in specs.values())
+    arrays = positions * row + (positions + documents) * token_bytes + 8 * (documents + 1)
+    stored = sum(len(data) for data in files.values())
+    if arrays > MAX_EXPANSION * stored:
+        raise CorruptShardError(
+            f"shard {where}: {positions} positions in {documents} documents make "
+            f"{arrays} bytes of arrays, expected at most {MAX_EXPANSION} times the "
+            f"{stored} bytes stored"
+        )
 
 
 @dataclass
