@@ -24,9 +24,22 @@ import pyarrow.parquet as pq
 
 from logitstore.codecs.base import FieldSpec
 from logitstore.errors import CorruptShardError
-from logitstore.storage.base import Backend, ShardArrays, token_dtype
+from logitstore.storage._limits import MAX_EXPANSION
+from logitstore.storage._parquet_pages import PageError, walk
+from logitstore.storage._remote import describe
+from logitstore.storage.base import Backend, ShardArrays, check_expansion, token_dtype
 
 ROW_GROUP_POSITIONS = 16384
+MAX_ROW_GROUPS = 1 << 16
+_DOC_IDS = pa.dictionary(pa.int32(), pa.string())
+_FOOTER_LIMITS = {
+    # The footer is parsed before anything is checked; thrift allocates a list's declared
+    # length up front, so lists and strings are bounded far below pyarrow's defaults
+    # (1M items, 100 MB). Our footers hold a few dozen items per row group.
+    "thrift_container_size_limit": 1 << 16,
+    "thrift_string_size_limit": 16 << 20,
+    "schema_depth_limit": 16,
+}
 
 
 def _nested_type(dtype: str, shape: tuple[int, ...]) -> pa.DataType:
@@ -136,28 +149,33 @@ class ParquetBackend(Backend):
                 f"shard {shard_path}: expected the single file {shard_path!r}, "
                 f"found {sorted(files)}"
             )
-        try:
-            # One thread: loaders read shards in parallel workers, one core each.
-            table = pq.read_table(pa.BufferReader(files[shard_path]), use_threads=False)
-        except Exception as exc:  # any parse or decompression failure is a corrupt shard
-            raise CorruptShardError(
-                f"shard {shard_path}: cannot be read as parquet ({type(exc).__name__}: {exc})"
-            ) from None
+        pf = _open(files[shard_path], shard_path)
         tok_type = (
-            table.schema.field("input_ids").type if "input_ids" in table.schema.names else None
+            pf.schema_arrow.field("input_ids").type
+            if "input_ids" in pf.schema_arrow.names
+            else None
         )
-        tok = np.dtype(tok_type.value_type.to_pandas_dtype()) if tok_type is not None else None
+        tok = _value_dtype(tok_type)
         if tok is None or tok.kind != "u":
             raise CorruptShardError(f"shard {shard_path}: input_ids must be list<unsigned int>")
         expected = self.schema(specs, tok)
-        if not table.schema.remove_metadata().equals(expected):
+        # doc_id is read as a dictionary: rows that repeat a long id share one string
+        expected = expected.set(0, pa.field("doc_id", _DOC_IDS, nullable=False))
+        if not pf.schema_arrow.remove_metadata().equals(expected):
             raise CorruptShardError(
-                f"shard {shard_path}: schema {table.schema.remove_metadata()} "
+                f"shard {shard_path}: schema {pf.schema_arrow.remove_metadata()} "
                 f"differs from the expected {expected}"
             )
+        _check_footer(pf, files, specs, expected_positions, tok.itemsize, shard_path)
+        try:
+            # One thread: loaders read shards in parallel workers, one core each.
+            table = pf.read(use_threads=False)
+        except Exception as exc:  # any parse or decompression failure is a corrupt shard
+            raise CorruptShardError(
+                f"shard {shard_path}: cannot be read as parquet ({describe(exc)})"
+            ) from None
         input_ids, tok_len = _flatten(table, "input_ids", (), shard_path)
-        if table.column("doc_id").null_count:
-            raise CorruptShardError(f"shard {shard_path}: doc_id has nulls")
+        doc_ids = _doc_ids(table.column("doc_id"), shard_path)
         offsets = np.zeros(len(tok_len) + 1, dtype=np.int64)
         np.cumsum(tok_len, out=offsets[1:])
         pos_len = np.maximum(tok_len - 1, 0)
@@ -177,9 +195,98 @@ class ParquetBackend(Backend):
                     f"shard {shard_path}: column {name!r} row lengths differ from input_ids - 1"
                 )
         return ShardArrays(
-            doc_ids=[str(d) for d in table.column("doc_id").to_pylist()],
+            doc_ids=doc_ids,
             offsets=offsets,
             input_ids=input_ids.astype(np.int64),
             loss_mask=loss_mask.astype(np.bool_),
             fields=fields,
         )
+
+
+def _open(blob: bytes, where: str) -> pq.ParquetFile:
+    """The file's footer parsed (nothing else is read yet), within bounded thrift limits.
+
+    ``pre_buffer=False``: the bytes are in memory already, and pre-buffering would start
+    pyarrow's I/O thread pool for nothing.
+    """
+    try:
+        return pq.ParquetFile(
+            pa.BufferReader(blob), pre_buffer=False, arrow_extensions_enabled=False,
+            read_dictionary=["doc_id"], **_FOOTER_LIMITS,
+        )  # fmt: skip
+    except Exception as exc:  # not parquet, or a footer beyond the limits
+        raise CorruptShardError(
+            f"shard {where}: cannot be read as parquet ({describe(exc)})"
+        ) from None
+
+
+def _value_dtype(typ: pa.DataType | None) -> np.dtype | None:
+    try:
+        return np.dtype(typ.value_type.to_pandas_dtype())  # type: ignore[union-attr]
+    except (AttributeError, TypeError, NotImplementedError, pa.ArrowException):
+        return None
+
+
+def _check_footer(
+    pf: pq.ParquetFile,
+    files: Mapping[str, bytes],
+    specs: Mapping[str, FieldSpec],
+    positions: int,
+    token_bytes: int,
+    where: str,
+) -> None:
+    """Refuse, before any column is read, a file whose columns would decode to more than the
+    manifest's counts allow: too many rows or row groups, a column whose footer or page
+    headers declare more values than its rows can hold, or pages declaring more bytes
+    uncompressed than :data:`MAX_EXPANSION` times the file. What the footer and the page
+    headers declare is what pyarrow allocates from."""
+    meta = pf.metadata
+    rows, groups = meta.num_rows, meta.num_row_groups
+    check_expansion(where, files, specs, positions, rows, token_bytes)
+    if groups > min(MAX_ROW_GROUPS, rows + 1):
+        raise CorruptShardError(f"shard {where}: {groups} row groups for {rows} rows")
+    # Leaf values a column may hold: one per item, and one level entry per empty list.
+    items = {"doc_id": 0, "input_ids": positions + rows, "loss_mask": positions}
+    items.update({n: positions * int(np.prod(s.shape)) for n, s in specs.items()})
+    limit = {n: count + rows for n, count in items.items()}
+    declared = dict.fromkeys(limit, 0)
+    uncompressed = 0
+    blob = files[where]
+    for g in range(groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            name = column.path_in_schema.split(".")[0]
+            start = column.data_page_offset
+            if column.has_dictionary_page and column.dictionary_page_offset is not None:
+                start = min(start, column.dictionary_page_offset)
+            try:
+                pages = walk(blob, start, column.total_compressed_size)
+            except PageError as exc:
+                raise CorruptShardError(f"shard {where}: column {name!r}: {exc}") from None
+            values = max(pages.values, column.num_values)
+            declared[name] = declared.get(name, 0) + values
+            uncompressed += max(pages.uncompressed, column.total_uncompressed_size)
+    for name, count in declared.items():
+        if count > limit.get(name, 0):
+            raise CorruptShardError(
+                f"shard {where}: column {name!r} declares {count} values, expected at most "
+                f"{limit.get(name, 0)} for {positions} positions in {rows} rows"
+            )
+    stored = len(files[where])
+    if uncompressed > MAX_EXPANSION * stored:
+        raise CorruptShardError(
+            f"shard {where}: pages declare {uncompressed} bytes uncompressed, expected at "
+            f"most {MAX_EXPANSION} times the file's {stored} bytes"
+        )
+
+
+def _doc_ids(column: pa.ChunkedArray, where: str) -> list[str]:
+    """Document ids from the dictionary-encoded column: each distinct id is one string."""
+    out: list[str] = []
+    for chunk in column.chunks:
+        if chunk.null_count:
+            raise CorruptShardError(f"shard {where}: doc_id has nulls")
+        values = chunk.dictionary.to_pylist()
+        out += [values[i] for i in chunk.indices.to_numpy(zero_copy_only=False).tolist()]
+    return out
