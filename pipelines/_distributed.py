@@ -100,3 +100,27 @@ def tensor_parallel_groups(rank: int, world: int, size: int) -> tuple[int, int, 
             f"processes, found {world}"
         )
     return rank // size, world // size, rank % size
+
+
+def tensor_parallel_group(size: int) -> Any:
+    """This rank's group of ``size`` consecutive ranks, as a process group (``None`` if 1).
+
+    Collective: every rank creates every group, in the same order.
+    """
+    if size <= 1 or not is_distributed():
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = None
+    for start in range(0, world, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= rank < start + size:
+            mine = group
+    return mine
+
+
+def any_failed(failed: bool, group: Any, device: torch.device) -> bool:
+    """Collective over ``group``: whether any of its ranks failed (NCCL reduces GPU tensors)."""
+    on = device if dist.get_backend(group) == "nccl" else None
+    flag = torch.tensor([int(failed)], device=on)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())

@@ -55,7 +55,14 @@ from logitstore.codecs import Codec, codec_from_json, get_codec
 from logitstore.errors import ConfigError, LogitstoreError
 from logitstore.writer import StoreWriter, stored_settings
 from pipelines._data import ISOLATION, WINDOWING_POLICY, Window, build_windows, load_rows
-from pipelines._distributed import agree, init_processes, pick_device, tensor_parallel_groups
+from pipelines._distributed import (
+    agree,
+    any_failed,
+    init_processes,
+    pick_device,
+    tensor_parallel_group,
+    tensor_parallel_groups,
+)
 from pipelines._encoder import ShardBuffer, Worker
 from pipelines._placement import Placement
 from pipelines._teacher import (
@@ -222,6 +229,26 @@ def _fitted_codec(
     return codec, forwarded
 
 
+def _submit(worker: Worker | None, tp_group: Any, device: torch.device, *job: Any) -> None:
+    """Hand a job to the worker; in a tensor-parallel group, every rank learns of its failure.
+
+    Only the group's first rank has a worker, so only it can fail here, and the others would
+    meet it in mismatched collectives (the next forward's, and the error check's). Every rank of
+    the group calls this once per batch and once per shard, after the forward, so a failure
+    takes the whole group out of the loop at the same point.
+    """
+    failure: BaseException | None = None
+    if worker is not None:
+        try:
+            worker.submit(*job)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the group knows
+            failure = exc
+    if tp_group is not None and any_failed(failure is not None, tp_group, device):
+        failure = failure or LogitstoreError("the first rank of this tensor-parallel group failed")
+    if failure is not None:
+        raise failure
+
+
 # -- the pass ----------------------------------------------------------------------------------
 
 
@@ -345,6 +372,8 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
     progress = tqdm(total=total_docs, unit="doc", disable=not show, dynamic_ncols=True)
     # The group's other ranks only take part in the forwards.
     worker = Worker(writer, codec, temperatures=temps, seed=cfg.seed) if group_rank == 0 else None
+    tp_group = tensor_parallel_group(placement.tensor_parallel)
+
     start = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -358,15 +387,15 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
                         (logits, ids), first_batch = first_batch, None
                     else:
                         logits, ids = forward_batch(teacher.model, windows, teacher.device)
+                    _submit(worker, tp_group, teacher.device, shard, windows, logits, ids)
                     if worker is None:
                         continue
-                    worker.submit(shard, windows, logits, ids)
                     state["tokens"] += sum(w.num_tokens for w in windows)
                     rate = state["tokens"] / max(time.perf_counter() - start, 1e-9)
                     progress.update(len(windows))
                     progress.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+                _submit(worker, tp_group, teacher.device, shard)
                 if worker is not None:
-                    worker.submit(shard)
                     state["written"].append(i)
                     state["documents"] += len(shard.windows)
         if worker is not None:

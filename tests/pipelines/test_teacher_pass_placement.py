@@ -7,6 +7,7 @@ rounding while its documents, their order and its shards are the same.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -305,3 +306,40 @@ def test_tensor_parallel_killed_and_resumed_gives_the_same_store(
     store = logitstore.open_store(str(out))
     assert f"wrote {store.num_shards - committed} of {store.num_shards} shards" in result.stdout
     assert tree(out) == tree(tp_store)  # byte-identical to the uninterrupted run
+
+
+@pytest.mark.integration
+def test_a_commit_failure_stops_the_whole_tensor_parallel_group(
+    tmp_path, tp_store, tiny_teacher_dir, text_jsonl
+):
+    """The leader fails alone (its shard is committed meanwhile); the group stops together.
+
+    Without the group's check after each batch, the leader would meet the other rank in
+    mismatched collectives (one in the next forward, one in the world's error check): an abort
+    that loses the error message under gloo, a wait until the collective timeout under NCCL.
+    """
+    from logitstore import format as fmt
+
+    out = tmp_path / "store"
+    # A shard in the middle: its commit fails in the leader's worker, and the leader learns of it
+    # at its next batch, while the other rank is about to enter that batch's forward.
+    middle = logitstore.open_store(str(tp_store)).num_shards // 2
+    args = [*cli_args(tiny_teacher_dir, text_jsonl, out, **TP_SETTINGS), "--tensor-parallel", "2"]
+    proc = subprocess.Popen(
+        torchrun(2, *args), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not committed_records(out / "records"):
+        assert proc.poll() is None and time.monotonic() < deadline, "no shard committed in time"
+        time.sleep(0.002)
+    (out / fmt.record_name(middle)).write_text("{}")  # as if another writer committed it
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert f"shard {middle} is already committed" in stderr
+    assert not (out / "manifest.json").exists()
