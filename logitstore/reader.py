@@ -30,19 +30,9 @@ from logitstore.errors import (
     LogitstoreError,
     ManifestError,
     StoreNotFoundError,
-    UnsafePathError,
 )
 from logitstore.storage import BACKENDS, Backend, ShardArrays, _fs
 from logitstore.storage.base import token_dtype
-
-
-def _read_local(path: str) -> bytes | BaseException:
-    """A local file's bytes, or the error (``fs.cat(..., on_error="return")`` semantics)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        return exc
 
 
 class LogitStore:
@@ -139,7 +129,7 @@ class LogitStore:
 
     def _load_manifest(self) -> dict[str, Any]:
         try:
-            raw = _fs.read_bytes(self.fs, _fs.join(self.root, fmt.MANIFEST_NAME))
+            raw = _fs.read_json(self.fs, self.root, fmt.MANIFEST_NAME)
         except FileNotFoundError:
             if self.fs.exists(_fs.join(self.root, fmt.SETTINGS_NAME)):
                 raise StoreNotFoundError(
@@ -282,15 +272,11 @@ class LogitStore:
 
     def _fetch_remote(self, entry: Mapping[str, Any]) -> dict[str, bytes]:
         where = entry["path"]
-        paths = {_fs.join(self.root, name): name for name, _ in entry["files"]}
-        if _fs.is_local(self.fs):
-            self._refuse_links_out(where, paths)
-            got = {path: _read_local(path) for path in paths}  # fsspec's cat costs more here
-        else:
-            got = self.fs.cat(list(paths), on_error="return") if paths else {}
+        # Inside the root on every URL form, retried if remote (_fs.read_files).
+        got = _fs.read_files(self.fs, self.root, dict(entry["files"]), f"shard {where}")
         files: dict[str, bytes] = {}
         for name, size in entry["files"]:
-            data = got.get(_fs.join(self.root, name), FileNotFoundError())
+            data = got[name]
             if isinstance(data, BaseException):
                 raise CorruptShardError(f"shard {where}: file {name} is missing")
             if len(data) != size:
@@ -305,21 +291,6 @@ class LogitStore:
                 f"the manifest says {entry['sha256'][:16]}...)"
             )
         return files
-
-    def _refuse_links_out(self, where: str, paths: Iterable[str]) -> None:
-        """Refuse shard files that a symbolic link resolves to outside the store's root.
-
-        Manifest paths are checked to be plain relative names, but a link inside the store
-        (to ``/etc/...`` or ``../other``) could still lead reads elsewhere.
-        """
-        root = os.path.realpath(self.root)
-        for path in paths:
-            real = os.path.realpath(path)
-            if os.path.commonpath([root, real]) != root:
-                raise UnsafePathError(
-                    f"shard {where}: {path[len(self.root) + 1 :]} is a link to {real}, outside "
-                    f"the store's root {root}; expected files inside the store"
-                )
 
     def read_shard_arrays(self, j: int) -> ShardArrays:
         """Shard ``j``'s encoded arrays, verified (checksum, shapes, counts), not decoded."""
