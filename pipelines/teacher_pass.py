@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -137,10 +138,16 @@ class TeacherPassConfig:
 
     def placement(self) -> Placement:
         """The teacher's placement, validated (a device-map file is read here)."""
-        if self.device and self.device_map is not None:
+        if self.device_map is not None and self.device:
             raise ConfigError(
                 f"device ({self.device}) and device_map ({self.device_map}) are exclusive: "
                 "a device map places the teacher across devices itself"
+            )
+        if self.device_map is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                f"device_map spreads one process's teacher over every device of its machine, "
+                f"found {os.environ['LOCAL_WORLD_SIZE']} processes on this one; run one per "
+                "machine (torchrun --nproc-per-node 1) or use --tensor-parallel"
             )
         return Placement.resolve(
             self.device_map, self.max_memory, self.offload_folder, self.tensor_parallel

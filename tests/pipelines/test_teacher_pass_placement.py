@@ -129,6 +129,14 @@ def test_placement_options_are_parsed_and_checked(tmp_path):
         cfg.placement()
 
 
+def test_a_device_map_is_one_process_per_machine(monkeypatch):
+    cfg = TeacherPassConfig(teacher="t", data="d", out="o", device_map="auto")
+    assert cfg.placement().device_map == "auto"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 sets it
+    with pytest.raises(ConfigError, match="found 2 processes on this one"):
+        cfg.placement()
+
+
 def test_tensor_parallel_groups_are_consecutive_ranks():
     assert [tensor_parallel_groups(r, 4, 2) for r in range(4)] == [
         (0, 2, 0), (0, 2, 1), (1, 2, 0), (1, 2, 1)
