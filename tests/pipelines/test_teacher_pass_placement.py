@@ -351,3 +351,19 @@ def test_a_commit_failure_stops_the_whole_tensor_parallel_group(
     assert proc.returncode != 0
     assert f"shard {middle} is already committed" in stderr
     assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.integration
+def test_two_tensor_parallel_groups_split_the_shards_into_the_same_store(
+    tmp_path, tp_store, tiny_teacher_dir, text_jsonl
+):
+    out = tmp_path / "groups"
+    cmd = torchrun(4, *cli_args(tiny_teacher_dir, text_jsonl, out, **TP_SETTINGS),
+                   "--tensor-parallel", "2")  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shards = logitstore.open_store(str(out)).num_shards
+    written = sorted(int(n) for n in re.findall(r"wrote (\d+) of \d+ shards", result.stdout))
+    # Ranks 0 and 2 lead the two groups: shards 0, 2, 4, ... and 1, 3, 5, ...
+    assert written == [0, 0, shards // 2, shards - shards // 2]
+    assert tree(out) == tree(tp_store)  # the same computation per group: the same bytes
