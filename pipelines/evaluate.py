@@ -1,7 +1,7 @@
 """Evaluate a student against the teacher recorded in a (held-out) logit store.
 
 Per trained token, averaged over the store: teacher forward and reverse KL on the bucket model
-(spec/divergences.md, section 1: exact for a full-vocabulary support, a lower bound
+(docs/divergences.md, section 5: exact for a full-vocabulary support, a lower bound
 otherwise), top-1 agreement with the teacher, the student's and the teacher's mean top-1
 probability (over-confidence shows as a student value above the teacher's), expected
 calibration error against the labels (15 equal-width confidence bins) for both, accuracy

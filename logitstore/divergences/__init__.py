@@ -1,6 +1,6 @@
 """Distillation objectives, dense and sparse, and the fused memory-efficient loss.
 
-Every objective of spec/divergences.md is registered in :data:`DIVERGENCES` and evaluated on the
+Every objective of docs/divergences.md is registered in :data:`DIVERGENCES` and evaluated on the
 bucket model: the teacher's stored support, the label, and one tail bucket. :func:`dense_loss`
 is the reference on full distributions, :func:`sparse_loss` works on materialised student
 logits, and :func:`fused_sparse_loss` goes from hidden states to the loss without ever holding

@@ -1,6 +1,6 @@
 """The bucket model: a sparse teacher and the student, both seen on ``S' = S ∪ {y}`` plus a tail.
 
-Every objective is evaluated on ``B = K + 2`` buckets per token (spec/divergences.md, section 1):
+Every objective is evaluated on ``B = K + 2`` buckets per token (docs/divergences.md, section 3):
 
 - columns ``0 .. K-1``: the stored support ``S`` (padding id ``-1`` makes a column absent);
 - column ``K``: the label ``y`` when it is not in ``S`` (absent otherwise);
@@ -32,7 +32,7 @@ from logitstore.errors import (
 
 #: Log-probability given to absent buckets: finite (no NaN in gradients), exp() is exactly 0.
 NEG = -1.0e4
-#: Floor on tail-bucket probabilities (spec section 1), representable in float32.
+#: Floor on tail-bucket probabilities (docs/divergences.md, section 3), representable in float32.
 FLOOR = 1.0e-12
 LOG_FLOOR = math.log(FLOOR)
 IGNORE_INDEX = -100

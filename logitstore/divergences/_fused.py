@@ -2,7 +2,7 @@
 
 Why it chunks: the student's logits for a batch are ``N x V`` floats (8192 x 128256 float32 is
 4 GiB, twice that with their gradient), yet every bucket objective needs from them only the
-log-sum-exp and the ``K + 1`` logits on ``S'`` (spec section 1, "generic gradient"). So the
+log-sum-exp and the ``K + 1`` logits on ``S'`` (docs/divergences.md, sections 3 and 8). So the
 tokens are processed ``chunk_size`` at a time: compute the chunk's float32 logits, take the
 log-sum-exp and the gathered logits, evaluate the objective on ``[chunk, K + 2]`` buckets with
 plain autograd, and turn its two small gradients into the chunk's logit gradient
@@ -92,8 +92,8 @@ class _FusedLinearBucketLoss(torch.autograd.Function):
         chunk_size: int,
         want: tuple[bool, bool],
     ) -> Tensor:
-        # Logits in float32 even under autocast (spec section 0): autocast would run the matmul
-        # in bf16 here.
+        # Logits in float32 even under autocast (docs/divergences.md, section 1): autocast would
+        # run the matmul in bf16 here.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             grad_h, grad_w, total = _FusedLinearBucketLoss._run(
                 hidden, weight, objective, params, teacher, target, tau, scale, chunk_size, want

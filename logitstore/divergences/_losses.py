@@ -135,7 +135,8 @@ def dense_loss(
             detached.
         labels: ``(N,)`` int64 next-token labels, ``-100`` for ignored positions.
         temperature: ``tau``; both distributions are ``softmax(. / tau)``.
-        tau_squared: multiply by ``tau^2`` (Hinton-style); off by default (spec section 0).
+        tau_squared: multiply by ``tau^2`` (Hinton-style); off by default
+            (docs/divergences.md, section 1).
         **params: the objective's parameters (see ``DIVERGENCES[name].defaults``).
 
     Returns:
@@ -177,9 +178,10 @@ def sparse_loss(
     tau_squared: bool = False,
     **params: Any,
 ) -> Tensor:
-    """Per-token divergence against a sparse teacher, on the bucket model (spec section 1).
+    """Per-token divergence against a sparse teacher, on the bucket model.
 
-    Buckets are the support ``S``, the label ``y`` when outside ``S``, and one tail bucket.
+    Buckets are the support ``S``, the label ``y`` when outside ``S``, and one tail bucket
+    (docs/divergences.md, section 3).
 
     Args:
         name: a name in ``DIVERGENCES``.

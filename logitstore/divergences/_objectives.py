@@ -4,7 +4,7 @@ Each function takes a :class:`~logitstore.divergences._buckets.Buckets` (student
 log-probabilities ``(N, B)`` on ``B`` buckets, the present-bucket mask, the token mask and the
 label's bucket ``(N,)``) plus its own parameters, and returns the per-token value ``(N,)``.
 Dense mode passes the whole vocabulary as buckets. Formulas, defaults and what is detached follow
-spec/divergences.md, section 2; the comments name the subsection. Nothing here reduces over
+docs/divergences.md, section 2; the comments name the subsection. Nothing here reduces over
 tokens or scales by ``tau^2``: the callers do that.
 """
 
@@ -53,9 +53,10 @@ def log_mix(w: float, loga: Tensor, logb: Tensor) -> Tensor:
 def ab_divergence(
     loga: Tensor, logb: Tensor, alpha: float, beta: float, valid: Tensor | None
 ) -> Tensor:
-    """Alpha-beta divergence ``D_AB(a || b)`` (spec 2.6) with its closed-form limit cases.
+    """Alpha-beta divergence ``D_AB(a || b)`` with its closed-form limit cases.
 
-    Powers are taken in the log domain: ``a^alpha = exp(alpha log a)``.
+    Defined in docs/divergences.md, 2.6. Powers are taken in the log domain:
+    ``a^alpha = exp(alpha log a)``.
 
     Args:
         loga: ``(N, B)`` log-probabilities of the first argument.

@@ -101,7 +101,7 @@ class Objective:
     Attributes:
         name: the registry name.
         fn: ``fn(buckets, **params) -> (N,)`` per-token values.
-        defaults: every parameter with its default (spec/divergences.md, section 2).
+        defaults: every parameter with its default (docs/divergences.md, section 2).
         check: validates and normalises a full parameter dict; raises ``ConfigError``.
         summary: one line for listings.
         schedule: ``schedule(settings, total_steps)`` builds the object that drives a parameter

@@ -6,7 +6,7 @@ ever holding more than ``chunk_size x V`` logits, :func:`distillation_metrics` g
 token (label not ``-100``):
 
 - bucket forward KL(p || q) and reverse KL(q || p), the registered ``fkl`` and ``rkl`` on the
-  bucket model (spec/divergences.md, section 1): exact when the support is the whole
+  bucket model (docs/divergences.md, sections 3 and 5): exact when the support is the whole
   vocabulary, a lower bound on the full divergence otherwise;
 - the student's top-1 id and probability, and its entropy over the full vocabulary;
 - the teacher's top-1 id and probability (below), and its entropy as the store recorded it;

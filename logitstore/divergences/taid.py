@@ -1,4 +1,4 @@
-"""TAID's adaptive interpolation schedule (Shing et al., ICLR 2025; spec 2.7).
+"""TAID's adaptive interpolation schedule (Shing et al., ICLR 2025; docs/divergences.md, 6).
 
 The trainer calls :meth:`TAIDSchedule.update` once per optimizer step with the detached loss and
 passes :attr:`TAIDSchedule.t` to the ``taid`` objective (``t=``). The state belongs in the
