@@ -94,11 +94,13 @@ def pretty_name(manifest: Mapping[str, Any]) -> str:
     teacher = manifest["teacher"]
     mixture = teacher.get("mixture")
     if isinstance(mixture, Mapping):
-        who = f"Mixture of {len(mixture.get('stores', []))} teachers"
+        what = f"Mixed logits of {len(mixture.get('stores', []))} teachers"
     else:
-        who = _short(str(teacher.get("model") or teacher.get("id") or "teacher"))
+        what = (
+            _short(str(teacher.get("model") or teacher.get("id") or "teacher")) + " teacher logits"
+        )
     source = manifest.get("source", {}).get("name")
-    return f"{who} teacher logits" + (f" on {_short(str(source))}" if source else "")
+    return what + (f" on {_short(str(source))}" if source else "")
 
 
 def card_data(

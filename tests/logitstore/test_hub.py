@@ -446,3 +446,21 @@ def test_store_with_readahead_pickles_for_workers(tmp_path):
     store.prefetch([0, 1])
     copy = pickle.loads(pickle.dumps(store))
     assert [d.doc_id for d in copy] == [d.doc_id for d in store]
+
+
+def test_card_of_a_mixture_counts_its_teachers_tables(tmp_path):
+    from huggingface_hub import DatasetCard
+
+    from logitstore.mixture import mix_stores
+
+    hot = tuple(range(V - 1, -1, -1))
+    a = make_store(str(tmp_path / "a"), "topk", {"k": 16, "hot_ids": hot})
+    b = make_store(str(tmp_path / "b"), "topk", {"k": 8})
+    mix_stores([a, b], str(tmp_path / "mix"), weights=[0.5, 0.5])
+    hub.export_store(str(tmp_path / "mix"), str(tmp_path / "out"), license="other")
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert not re.search(r"\d+(\s*,\s*\d+){15}", text)  # no store's hot_ids printed
+    card = DatasetCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == ["tiny/Teacher-1M"]  # both teachers, named once
+    assert card.data.pretty_name == "Mixed logits of 2 teachers on corpus"
+    assert "## Mixture of teachers" in card.text
