@@ -60,11 +60,15 @@ def support_mass(codec: Codec, pos: Positions, exhaustive: bool = False) -> np.n
     first = lp[:, 0]
     if exhaustive:
         return codec.least_probs(lp, first[:, None]) @ weights
-    # Column by column: (P,) vectors that stay in cache, and no (P, columns) copy.
-    total = np.zeros_like(first)
-    for col, weight in zip(cols, weights):
+    # Column by column: (P,) vectors that stay in cache, and no (P, columns) copy. The first
+    # column is the first entry itself: its least probability is a fixed share of exp(first).
+    zero = np.zeros(1, dtype=np.float32)
+    total = np.exp(first)
+    total *= codec.least_probs(zero, zero)[0]
+    for col, weight in zip(cols[1:], weights[1:]):
         least = codec.least_probs(lp[:, col], first)
-        total += least if weight == 1 else weight * least
+        least *= weight
+        total += least
     return total
 
 
@@ -72,19 +76,21 @@ def _ok(pos: Positions, codec: Codec, vocab_size: int, exhaustive: bool) -> bool
     """Whether every position passes, in a few whole-array reductions (no per-row work)."""
     if len(pos) == 0:
         return True
-    ids, tol = pos.support_ids, LOGPROB_TOLERANCE
-    # A NaN makes max() NaN, and every comparison with NaN is False. Decoders never give ids
-    # below -1 (gaps are non-negative), so only the largest id is compared here.
-    ok = ids.size == 0 or ids.max() < vocab_size
-    ok = ok and (pos.support_logprobs.size == 0 or pos.support_logprobs.max() <= tol)
+    tol, lp = LOGPROB_TOLERANCE, pos.support_logprobs
+    # A NaN makes max() NaN, and every comparison with NaN is False. The log-probs (decoded
+    # last, so still in cache) are read before the ids.
+    ok = lp.size == 0 or (lp[:, 0] if codec.first_is_max else lp).max() <= tol
     ok = ok and pos.label_logprob.max() <= tol and pos.tail_logmass.max() <= tol
     ok = ok and (pos.tail_logsumexp.size == 0 or pos.tail_logsumexp.max() < np.inf)
     ok = ok and pos.entropy.min() >= -tol and pos.entropy.max() < np.inf
-    if ok and pos.support_counts is not None:
-        ok = bool((pos.support_counts.sum(axis=1) == pos.support_counts.shape[1]).all())
     if ok:
         mass = support_mass(codec, pos, exhaustive) + np.exp(pos.tail_logmass)
         ok = mass.max() <= 1 + MASS_TOLERANCE
+    if ok and pos.support_counts is not None:
+        ok = bool((pos.support_counts.sum(axis=1) == pos.support_counts.shape[1]).all())
+    # Decoders never give ids below -1 (gaps are non-negative): only the largest is compared.
+    ids = pos.support_ids
+    ok = ok and (ids.size == 0 or ids.max() < vocab_size)
     return bool(ok)
 
 

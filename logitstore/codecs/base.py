@@ -110,6 +110,13 @@ class Codec(ABC):
     def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
         """Decode arrays shaped as ``fields`` declares (concatenations allowed)."""
 
+    @property
+    def first_is_max(self) -> bool:
+        """Whether each position's first decoded log-prob is its largest by construction, and
+        NaN wherever another one is (values decoded below an exact top-1 from a finite grid):
+        then the value checks read that column alone for the sign and NaN of the support."""
+        return False
+
     def least_probs(self, logprobs: np.ndarray, first: np.ndarray) -> np.ndarray:
         """The least true probability each decoded log-prob can stand for (float32).
 
@@ -124,6 +131,7 @@ class Codec(ABC):
 
         Returns:
             float32, ``logprobs``' shape; ``exp(logprobs)`` for codecs whose values are exact.
+            It depends on ``logprobs - first`` alone, times ``exp(first)``.
         """
         return np.exp(logprobs)
 

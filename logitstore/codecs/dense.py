@@ -75,6 +75,10 @@ class Dense(Codec):
 
         return _scalars.by_rows(scan, logits, labels)
 
+    @property
+    def first_is_max(self) -> bool:
+        return True  # logp = top1 - grid[code], grid finite and >= 0, sorted
+
     def least_probs(self, logprobs: np.ndarray, first: np.ndarray) -> np.ndarray:
         return _quant.least_probs(logprobs, first, self._values)
 

@@ -187,6 +187,10 @@ class TopK(Codec):
             out["values"] = _quant.encode_float(d.gather(1, order), order == 0, self.values)
         return out
 
+    @property
+    def first_is_max(self) -> bool:
+        return self.values in _quant.GRIDS  # logp = top1 - grid[code], grid finite and >= 0
+
     def least_probs(self, logprobs: np.ndarray, first: np.ndarray) -> np.ndarray:
         if self.values == "float32":
             return np.exp(logprobs)
