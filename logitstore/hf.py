@@ -26,8 +26,9 @@ How it fits the engine:
   average gradients: the gradient equals a single-process run over the same tokens.
 - **The loss runs in the model's own forward.** The causal LM's ``forward`` is replaced (as
   fused-loss libraries do) by one that runs the body, then the fused loss on the final hidden
-  states and the head weight, without ``[batch, seq, vocab]`` logits. Because it runs inside
-  the forward, FSDP has gathered the head (a ZeRO-3 head is gathered explicitly).
+  states and the head weight, without ``[batch, seq, vocab]`` logits. The loss runs as the
+  head module's own forward, so FSDP and DeepSpeed ZeRO-3 gather a sharded head for it, and
+  reduce its gradient, in their own hooks.
 - **Checkpoints.** Trainer's own checkpoint, plus ``logitstore_state.json`` (every rank's
   read position, the objective's schedule, trained tokens), written last: a checkpoint
   directory without it was cut short and is never resumed from. ``save_total_limit`` counts
@@ -37,7 +38,6 @@ How it fits the engine:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -160,14 +160,18 @@ class TeacherBatch:
         self.metrics = metrics
 
 
-def _gathered(weight: torch.Tensor) -> Any:
-    """A context in which ``weight`` is whole: DeepSpeed ZeRO-3 partitions it outside its own
-    module's forward, so it is gathered here; anything else is already whole."""
-    if hasattr(weight, "ds_id"):
-        import deepspeed  # type: ignore[import-not-found]
+def _run_as_forward(module: torch.nn.Module, fn: Any, *args: Any) -> Any:
+    """Call ``fn(*args)`` as ``module``'s forward, through ``module.__call__``.
 
-        return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
-    return contextlib.nullcontext()
+    Engines gather a module's sharded parameters in hooks around its forward and backward
+    (DeepSpeed ZeRO-3, FSDP with the head as its own unit), so the head weight is whole inside
+    ``fn`` and the gradient it returns is reduced the engine's way.
+    """
+    module.forward = fn  # type: ignore[method-assign]
+    try:
+        return module(*args)
+    finally:
+        del module.forward
 
 
 def _kd_forward(
@@ -186,16 +190,20 @@ def _kd_forward(
     loss_fn: DistillationLoss = self._logitstore_loss
     out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.last_hidden_state[:, :-1][kd_batch.position_mask]
-    weight = self.get_output_embeddings().weight
-    with _gathered(weight):
-        loss = loss_fn(hidden, weight, kd_batch.fields, num_items_in_batch)
-        totals = None
+    head = self.get_output_embeddings()
+    measured: list[MetricTotals] = []
+
+    def head_loss(h: torch.Tensor) -> torch.Tensor:
+        weight = head.weight
         if kd_batch.metrics:  # the same measurements as evaluation, on this batch
             found = batch_metrics(
-                hidden.detach(), weight.detach(), kd_batch.fields, chunk_size=loss_fn.chunk_size
+                h.detach(), weight.detach(), kd_batch.fields, chunk_size=loss_fn.chunk_size
             )
-            totals = MetricTotals(hidden.device).add(found)
-    return KDOutput(loss=loss, metrics=totals)
+            measured.append(MetricTotals(h.device).add(found))
+        return loss_fn(h, weight, kd_batch.fields, num_items_in_batch)
+
+    loss = _run_as_forward(head, head_loss, hidden)
+    return KDOutput(loss=loss, metrics=measured[0] if measured else None)
 
 
 def causal_lm(model: Any) -> Any:
@@ -358,7 +366,8 @@ class KDTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         vocab = int(manifest["vocab_size"])
-        rows = int(causal_lm(model).get_output_embeddings().weight.shape[0])
+        head = causal_lm(model).get_output_embeddings().weight
+        rows = int(getattr(head, "ds_shape", head.shape)[0])  # ZeRO-3 partitions at load
         if rows != vocab:
             raise TokenizerMismatchError(
                 f"the store's teacher has vocabulary size {vocab}; the student's head has "

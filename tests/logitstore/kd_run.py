@@ -1,8 +1,8 @@
 """A KDTrainer run as a user writes one, for the multi-process tests in ``test_hf.py``.
 
 ``python kd_run.py STORE STUDENT OUT MODE STEPS ACCUMULATION [--kill-at N] [--resume]``, under
-``torchrun`` or alone. MODE: ``ddp`` (data parallel under torchrun), ``one`` (one process),
-``interleave`` (one process reading the two streams a
+``torchrun`` or alone. MODE: ``ddp`` (data parallel under torchrun), ``zero3`` (DeepSpeed
+ZeRO-3 under torchrun, every parameter partitioned), ``one`` (one process), ``interleave`` (one process reading the two streams a
 2-process run reads, one micro-batch of each per step: the same tokens per step). Writes
 ``seen-RANK.json`` (data epoch, documents, tokens of every micro-batch), and on rank 0
 ``final.safetensors`` (full weights) and ``logs.json``.
@@ -24,27 +24,48 @@ store, student, out, mode = sys.argv[1:5]
 steps, accumulation = int(sys.argv[5]), int(sys.argv[6])
 kill_at = int(sys.argv[sys.argv.index("--kill-at") + 1]) if "--kill-at" in sys.argv else None
 torch.set_num_threads(1)
+extra = {}
+if mode == "zero3":  # every parameter partitioned, none kept whole for being small
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": True}  # fmt: skip
+    extra = {
+        "deepspeed": {
+            "zero_optimization": zero,
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+        }
+    }
 args = TrainingArguments(
     out,
     max_steps=steps,
     learning_rate=1e-2,
     warmup_steps=0,
     logging_steps=1,
-    save_strategy="steps",
+    # accelerate sees a DeepSpeed run on CPU as one process: every rank would write.
+    save_strategy="no" if mode == "zero3" else "steps",
     save_steps=2,
     report_to="none",
-    use_cpu=True,
+    use_cpu=mode != "zero3",
     disable_tqdm=True,
     seed=0,
     gradient_accumulation_steps=accumulation,
+    **extra,
 )
 seen = []
+
+
+def real_rank() -> int:
+    # The process group's rank: under DeepSpeed on CPU accelerate reports every rank as 0.
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 class Recording(KDTrainer):
     def compute_loss(self, model, inputs, *rest, **kw):
         seen.append([int(inputs["epoch"]), list(inputs["doc_ids"]), int(inputs["num_tokens"])])
-        rank = self.args.process_index
+        rank = real_rank()
         Path(out, f"seen-{rank}.json").write_text(json.dumps({"batches": seen}))
         return super().compute_loss(model, inputs, *rest, **kw)
 
@@ -82,8 +103,10 @@ trainer = Recording(
     callbacks=[Kill()],
 )
 trainer.train(resume_from_checkpoint=True if "--resume" in sys.argv else None)
-rank = trainer.args.process_index
-if trainer.accelerator.num_processes > 1:
+rank = real_rank()
+if mode == "zero3":
+    weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+elif trainer.accelerator.num_processes > 1:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
