@@ -209,7 +209,7 @@ def test_other_zarr_layouts_go_through_zarr_python():
 def test_frame_content_size_reads_every_header_width():
     from numcodecs import Zstd
 
-    from logitstore.storage._zarr import frame_content_size
+    from logitstore.storage._limits import zstd_content_size as frame_content_size
 
     rng = np.random.default_rng(0)
     # 1-, 2-, 4- and 8-byte size fields (zstd picks the width from the size).
