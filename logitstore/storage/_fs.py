@@ -283,7 +283,9 @@ def _read_local(path: str, limit: int) -> bytes | FileNotFoundError:
     without being read whole), or ``FileNotFoundError``."""
     try:
         with open(path, "rb") as f:
-            return f.read(limit)
+            # read(n) allocates n bytes first: never more than the file holds, whatever the
+            # manifest declares
+            return f.read(min(limit, os.fstat(f.fileno()).st_size + 1))
     except OSError as exc:
         if _remote.is_missing(exc):
             return FileNotFoundError(path)

@@ -97,6 +97,16 @@ def zarr_store(tmp_path) -> Path:
     return build(tmp_path / "store", "zarr")
 
 
+def test_a_file_size_declared_far_beyond_the_file_is_not_allocated(store):
+    data = manifest(store)
+    entry = data["shards"][0]
+    entry["files"][0][1] = 2**39  # 512 GiB: within what the manifest's schema allows
+    entry["bytes"] = sum(size for _, size in entry["files"])
+    data["statistics"]["bytes"] = sum(s["bytes"] for s in data["shards"])
+    (store / "manifest.json").write_text(json.dumps(data))
+    refused(run_verify(store), entry["files"][0][0], str(2**39))
+
+
 # -- zstd frames that claim gigabytes --------------------------------------------------------
 
 
