@@ -210,10 +210,12 @@ def _open(blob: bytes, where: str) -> pq.ParquetFile:
     pyarrow's I/O thread pool for nothing.
     """
     try:
-        return pq.ParquetFile(
+        pf = pq.ParquetFile(
             pa.BufferReader(blob), pre_buffer=False, arrow_extensions_enabled=False,
             read_dictionary=["doc_id"], **_FOOTER_LIMITS,
         )  # fmt: skip
+        pf.schema_arrow  # noqa: B018  (converted from the footer here, where errors are caught)
+        return pf
     except Exception as exc:  # not parquet, or a footer beyond the limits
         raise CorruptShardError(
             f"shard {where}: cannot be read as parquet ({describe(exc)})"
@@ -249,24 +251,12 @@ def _check_footer(
     items = {"doc_id": 0, "input_ids": positions + rows, "loss_mask": positions}
     items.update({n: positions * int(np.prod(s.shape)) for n, s in specs.items()})
     limit = {n: count + rows for n, count in items.items()}
-    declared = dict.fromkeys(limit, 0)
-    uncompressed = 0
-    blob = files[where]
-    for g in range(groups):
-        group = meta.row_group(g)
-        for c in range(group.num_columns):
-            column = group.column(c)
-            name = column.path_in_schema.split(".")[0]
-            start = column.data_page_offset
-            if column.has_dictionary_page and column.dictionary_page_offset is not None:
-                start = min(start, column.dictionary_page_offset)
-            try:
-                pages = walk(blob, start, column.total_compressed_size)
-            except PageError as exc:
-                raise CorruptShardError(f"shard {where}: column {name!r}: {exc}") from None
-            values = max(pages.values, column.num_values)
-            declared[name] = declared.get(name, 0) + values
-            uncompressed += max(pages.uncompressed, column.total_uncompressed_size)
+    try:
+        declared, uncompressed = _declared(meta, files[where], dict.fromkeys(limit, 0))
+    except PageError as exc:
+        raise CorruptShardError(f"shard {where}: {exc}") from None
+    except (UnicodeDecodeError, ValueError, pa.ArrowException) as exc:
+        raise CorruptShardError(f"shard {where}: unreadable footer ({describe(exc)})") from None
     for name, count in declared.items():
         if count > limit.get(name, 0):
             raise CorruptShardError(
@@ -281,12 +271,36 @@ def _check_footer(
         )
 
 
+def _declared(meta: Any, blob: bytes, declared: dict[str, int]) -> tuple[dict[str, int], int]:
+    """Values per top-level column and uncompressed bytes in all, as the larger of what the
+    footer and the page headers declare."""
+    uncompressed = 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            name = column.path_in_schema.split(".")[0]
+            start = column.data_page_offset
+            if column.has_dictionary_page and column.dictionary_page_offset is not None:
+                start = min(start, column.dictionary_page_offset)
+            try:
+                pages = walk(blob, start, column.total_compressed_size)
+            except PageError as exc:
+                raise PageError(f"column {name!r}: {exc}") from None
+            declared[name] = declared.get(name, 0) + max(pages.values, column.num_values)
+            uncompressed += max(pages.uncompressed, column.total_uncompressed_size)
+    return declared, uncompressed
+
+
 def _doc_ids(column: pa.ChunkedArray, where: str) -> list[str]:
     """Document ids from the dictionary-encoded column: each distinct id is one string."""
     out: list[str] = []
     for chunk in column.chunks:
         if chunk.null_count:
             raise CorruptShardError(f"shard {where}: doc_id has nulls")
-        values = chunk.dictionary.to_pylist()
+        try:  # pyarrow does not validate UTF-8 when it reads a page
+            values = chunk.dictionary.to_pylist()
+        except UnicodeDecodeError:
+            raise CorruptShardError(f"shard {where}: doc_id is not valid UTF-8") from None
         out += [values[i] for i in chunk.indices.to_numpy(zero_copy_only=False).tolist()]
     return out
