@@ -330,9 +330,11 @@ class KDTrainer(Trainer):
     ) -> None:
         from transformers import TrainingArguments
 
-        if args is None:
-            raise ConfigError("KDTrainer needs TrainingArguments with max_steps > 0")
-        if not isinstance(args, TrainingArguments) or args.max_steps <= 0:
+        if not isinstance(args, TrainingArguments):
+            raise ConfigError(
+                f"KDTrainer needs TrainingArguments with max_steps > 0; found {type(args).__name__}"
+            )
+        if args.max_steps <= 0:
             raise ConfigError(
                 "KDTrainer needs TrainingArguments with max_steps > 0: a store's length in "
                 f"batches is not known before reading it; found max_steps={args.max_steps}"

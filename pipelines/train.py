@@ -128,7 +128,6 @@ def check_writable(out: Path) -> None:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train ``config.student`` on ``config.store``; return a summary of the run."""
     from logitstore import open_store
-    from logitstore.divergences import DistillationLoss
     from logitstore.hf import KDTrainer
     from logitstore.hf import latest_checkpoint as newest
 
@@ -136,34 +135,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     check_writable(out)  # before any loading
     _check(config)
     args = training_arguments(config)
-    DistillationLoss.create(  # unknown names and bad values fail before any loading
-        config.divergence,
-        config.params,
-        temperature=config.temperature,
-        capture_temperatures=None,
-        approximate_tail=True,
-        use_counts=config.use_counts,
-        ce_weight=config.ce_weight,
-        chunk_size=config.chunk_size,
-        total_steps=config.max_steps,
-    )
+    _loss(config, None)  # unknown names and bad values fail before any loading
     store = open_store(
         config.store,
         storage_options=config.storage_options,
         readahead=config.readahead,
         cache_dir=config.cache_dir,
     )
-    loss = DistillationLoss.create(
-        config.divergence,
-        config.params,
-        temperature=config.temperature,
-        capture_temperatures=store.manifest.get("capture", {}).get("temperatures", []),
-        approximate_tail=config.approximate_tail,
-        use_counts=config.use_counts,
-        ce_weight=config.ce_weight,
-        chunk_size=config.chunk_size,
-        total_steps=config.max_steps,
-    )
+    loss = _loss(config, store.manifest.get("capture", {}).get("temperatures", []))
     notes = list(loss.notes)
     lm, tokenizer = _load_student(config)
     notes += check_vocabulary(store.manifest, lm, tokenizer)
@@ -229,6 +208,24 @@ def _check(config: TrainConfig) -> None:
         raise ConfigError("choose one of fsdp and deepspeed, not both")
     if config.lora_r < 0:
         raise ConfigError(f"lora_r must be >= 0; found {config.lora_r}")
+
+
+def _loss(config: TrainConfig, capture_temperatures: list[float] | None) -> Any:
+    """The run's objective, bound once; without the store's capture temperatures (``None``)
+    only names and values are checked."""
+    from logitstore.divergences import DistillationLoss
+
+    return DistillationLoss.create(
+        config.divergence,
+        config.params,
+        temperature=config.temperature,
+        capture_temperatures=capture_temperatures,
+        approximate_tail=config.approximate_tail or capture_temperatures is None,
+        use_counts=config.use_counts,
+        ce_weight=config.ce_weight,
+        chunk_size=config.chunk_size,
+        total_steps=config.max_steps,
+    )
 
 
 def training_arguments(config: TrainConfig) -> Any:
