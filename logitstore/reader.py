@@ -342,28 +342,33 @@ class LogitStore:
             CorruptShardError: the codec cannot decode the arrays.
         """
         where = self.manifest["shards"][j]["path"]
+        check = self._check_values or exhaustive
         try:
-            positions = self.codec.decode(arrays.fields)
+            positions = self.codec.decode(arrays.fields, self.vocab_size if check else None)
+            if check:
+                check_positions(
+                    self.codec,
+                    positions,
+                    self.vocab_size,
+                    exhaustive=exhaustive,
+                    ids_checked=self.codec.checks_ids,
+                )
+        except BadValueError as exc:
+            starts = arrays.position_offsets()
+            d = int(np.searchsorted(starts, exc.row, side="right")) - 1
+            doc = repr(arrays.doc_ids[d])
+            doc = doc if len(doc) <= 60 else doc[:57] + "..."
+            raise BadValueError(
+                f"shard {where}: document {d} ({doc}), position {exc.row - int(starts[d])}: {exc}",
+                exc.row,
+                exc.field,
+            ) from None
         except LogitstoreError:
             raise
         except Exception as exc:  # the checksum matched, so this is a writer/codec mismatch
             raise CorruptShardError(
                 f"shard {where}: codec cannot decode it ({type(exc).__name__}: {exc})"
             ) from None
-        if self._check_values or exhaustive:
-            try:
-                check_positions(self.codec, positions, self.vocab_size, exhaustive=exhaustive)
-            except BadValueError as exc:
-                starts = arrays.position_offsets()
-                d = int(np.searchsorted(starts, exc.row, side="right")) - 1
-                doc = repr(arrays.doc_ids[d])
-                doc = doc if len(doc) <= 60 else doc[:57] + "..."
-                raise BadValueError(
-                    f"shard {where}: document {d} ({doc}), position {exc.row - int(starts[d])}: "
-                    f"{exc}",
-                    exc.row,
-                    exc.field,
-                ) from None
         return positions
 
     def __getitem__(self, i: int) -> Document:

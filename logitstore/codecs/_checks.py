@@ -72,7 +72,7 @@ def support_mass(codec: Codec, pos: Positions, exhaustive: bool = False) -> np.n
     return total
 
 
-def _ok(pos: Positions, codec: Codec, vocab_size: int, exhaustive: bool) -> bool:
+def _ok(pos: Positions, codec: Codec, vocab_size: int, exhaustive: bool, ids_checked: bool) -> bool:
     """Whether every position passes, in a few whole-array reductions (no per-row work)."""
     if len(pos) == 0:
         return True
@@ -90,7 +90,7 @@ def _ok(pos: Positions, codec: Codec, vocab_size: int, exhaustive: bool) -> bool
         ok = bool((pos.support_counts.sum(axis=1) == pos.support_counts.shape[1]).all())
     # Decoders never give ids below -1 (gaps are non-negative): only the largest is compared.
     ids = pos.support_ids
-    ok = ok and (ids.size == 0 or ids.max() < vocab_size)
+    ok = ok and (ids_checked or ids.size == 0 or ids.max() < vocab_size)
     return bool(ok)
 
 
@@ -131,23 +131,31 @@ def _found(pos: Positions, codec: Codec, field: str, row: int) -> str:
 
 
 def check_positions(
-    codec: Codec, pos: Positions, vocab_size: int, *, exhaustive: bool = False
+    codec: Codec,
+    pos: Positions,
+    vocab_size: int,
+    *,
+    exhaustive: bool = False,
+    ids_checked: bool = False,
 ) -> None:
     """Raise :class:`BadValueError` for the first position whose values the format forbids.
 
     Args:
         codec: the codec that decoded ``pos`` (it says how exact its values are).
-        pos: decoded positions.
+        pos: positions as ``codec.decode`` returned them (the checks rely on how decoders
+            lay them out: sorted most probable first, ids never below -1).
         vocab_size: the store's vocabulary size ``V``.
         exhaustive: sum every support column for the mass check (``verify``); otherwise a
             lower bound from a few columns (reading, training).
+        ids_checked: the decoder has compared every id with ``vocab_size`` already
+            (``codec.decode(fields, vocab_size)`` with ``codec.checks_ids``).
 
     Raises:
         BadValueError: with ``row`` (position index in ``pos``) and ``field``; the message
             says what was expected and what was found.
     """
     with np.errstate(invalid="ignore", over="ignore"):
-        if _ok(pos, codec, vocab_size, exhaustive):
+        if _ok(pos, codec, vocab_size, exhaustive, ids_checked):
             return
         first: tuple[int, str, str] | None = None
         for field, bad, expected in _problems(pos, codec, vocab_size):

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from logitstore.errors import BadValueError
+
 
 def n_planes(vocab_size: int) -> int:
     """Bytes needed for a gap below ``vocab_size``."""
@@ -62,7 +64,10 @@ BLOCK_ENTRIES = 2**18
 
 
 def decode_sorted_ids(
-    fields: Mapping[str, np.ndarray], prefix: str, starts: np.ndarray | None = None
+    fields: Mapping[str, np.ndarray],
+    prefix: str,
+    starts: np.ndarray | None = None,
+    limit: int | None = None,
 ) -> np.ndarray:
     """Int64 ``(P, K)`` ids from the planes written by :func:`encode_sorted_ids`.
 
@@ -70,6 +75,10 @@ def decode_sorted_ids(
         fields: the stored arrays (planes ``prefix0``, ``prefix1``, ... uint8 ``(P, K)``).
         prefix: field name prefix.
         starts: bool ``(P, K)`` run starts (column 0 must be True), or ``None``: one run per row.
+        limit: if given, every id must be below it (checked block by block, in cache).
+
+    Raises:
+        BadValueError: an id at or beyond ``limit``, with the first such row.
     """
     planes: list[np.ndarray] = []
     while f"{prefix}{len(planes)}" in fields:
@@ -85,6 +94,14 @@ def decode_sorted_ids(
         b = min(shape[0], a + rows)
         block_starts = None if starts is None else starts[a:b]
         _decode_block([plane[a:b] for plane in planes], block_starts, out[a:b])
+        if limit is not None and out[a:b].max() >= limit:
+            bad = out[a:b].max(axis=1) >= limit
+            row = int(np.argmax(bad))
+            raise BadValueError(
+                f"support_ids: expected token ids in [0, {limit}), found {out[a + row].max()}",
+                a + row,
+                "support_ids",
+            )
     return out
 
 

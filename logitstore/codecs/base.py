@@ -106,9 +106,22 @@ class Codec(ABC):
             generator: randomness for sampled codecs (seeded by the caller for determinism).
         """
 
+    checks_ids: ClassVar[bool] = False
+    """Whether ``decode(fields, vocab_size=V)`` refuses ids at or beyond ``V`` itself."""
+
     @abstractmethod
-    def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
-        """Decode arrays shaped as ``fields`` declares (concatenations allowed)."""
+    def decode(self, fields: Mapping[str, np.ndarray], vocab_size: int | None = None) -> Positions:
+        """Decode arrays shaped as ``fields`` declares (concatenations allowed).
+
+        Args:
+            fields: the stored arrays.
+            vocab_size: if given, a codec whose ``checks_ids`` is true refuses support ids at
+                or beyond it while it decodes them, block by block in cache (cheaper than a
+                pass afterwards); ``codecs/_checks.py`` checks every other value.
+
+        Raises:
+            BadValueError: an id beyond the vocabulary (only with ``vocab_size``).
+        """
 
     @property
     def first_is_max(self) -> bool:

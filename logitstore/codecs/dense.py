@@ -82,7 +82,7 @@ class Dense(Codec):
     def least_probs(self, logprobs: np.ndarray, first: np.ndarray) -> np.ndarray:
         return _quant.least_probs(logprobs, first, self._values)
 
-    def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
+    def decode(self, fields: Mapping[str, np.ndarray], vocab_size: int | None = None) -> Positions:
         codes = np.asarray(fields["values"], dtype=np.uint8)
         top1 = np.asarray(fields["top1"], dtype=np.float32)
         ids = np.broadcast_to(np.arange(codes.shape[1], dtype=np.int64), codes.shape)

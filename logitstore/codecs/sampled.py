@@ -107,7 +107,7 @@ class Sampled(Codec):
         out.update(_scalars.encode_scalars(lp, labels, ids, temperatures, valid)[0])
         return out
 
-    def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
+    def decode(self, fields: Mapping[str, np.ndarray], vocab_size: int | None = None) -> Positions:
         counts = np.asarray(fields["counts"]).astype(np.int32)
         valid = counts > 0
         ids = np.where(valid, _ids.decode_sorted_ids(fields, "ids"), -1)

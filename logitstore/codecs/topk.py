@@ -196,13 +196,16 @@ class TopK(Codec):
             return np.exp(logprobs)
         return _quant.least_probs(logprobs, first, self.values)
 
-    def decode(self, fields: Mapping[str, np.ndarray]) -> Positions:
+    checks_ids: ClassVar[bool] = True
+
+    def decode(self, fields: Mapping[str, np.ndarray], vocab_size: int | None = None) -> Positions:
         top1 = np.asarray(fields["top1"], dtype=np.float32)
         values = np.asarray(fields["values"])
         if self.values in _quant.GRIDS:
             starts = values != 0
             starts[:, :1] = True
-            ids = _ids.decode_sorted_ids(fields, "ids", starts)
+            # (stored ids < V exactly when token ids are: the hot order is a permutation of V)
+            ids = _ids.decode_sorted_ids(fields, "ids", starts, limit=vocab_size)
             d = np.empty(values.shape, dtype=np.float32)
             table = _quant.grid(self.values).astype(np.float32)
             rows = max(1, _ids.BLOCK_ENTRIES // max(values.shape[1], 1))
@@ -211,7 +214,7 @@ class TopK(Codec):
                 codes = row_cumsum(values[a : a + rows])
                 np.take(table, codes, out=d[a : a + rows], mode="clip")
         else:
-            ids = _ids.decode_sorted_ids(fields, "ids")
+            ids = _ids.decode_sorted_ids(fields, "ids", limit=vocab_size)
             d, ids = sort_by_probability(_quant.decode_float(values, self.values), ids)
         ids = _ids.hot_inverse(self.hot_ids, ids)
         return Positions(

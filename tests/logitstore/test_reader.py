@@ -58,9 +58,9 @@ def test_read_shard_decodes_once_per_shard(tmp_path, monkeypatch):
     calls = []
     real = type(store.codec).decode
 
-    def counting(self, fields):
+    def counting(self, fields, vocab_size=None):
         calls.append(len(next(iter(fields.values()))))
-        return real(self, fields)
+        return real(self, fields, vocab_size)
 
     monkeypatch.setattr(type(store.codec), "decode", counting)
     docs = store.read_shard(1)

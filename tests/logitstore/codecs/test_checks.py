@@ -169,3 +169,21 @@ def test_hot_inverse_never_builds_a_table_from_stored_ids():
     inv[fwd] = np.arange(len(fwd))  # the forward map inverted by brute force
     assert _ids.hot_inverse(sparse, stored[:-1]).tolist() == inv[stored[:-1]].tolist()
     assert _ids.hot_inverse(sparse, stored)[-1] == -1
+
+
+@pytest.mark.parametrize("values", ["q8", "float16"])
+def test_topk_refuses_ids_beyond_the_vocabulary_while_decoding(lp, values):
+    codec = TopK(k=8, values=values, hot_ids=(3, 1))
+    y = torch.zeros(lp.shape[0], dtype=torch.int64)
+    fields = {k: v.numpy() for k, v in codec.encode(lp, y).items()}
+    assert codec.checks_ids
+    codec.decode(fields, vocab_size=V)  # what the encoder wrote passes
+    fields["ids1"] = np.zeros((lp.shape[0], 8), np.uint8)  # V = 300 has two planes
+    fields["ids1"][11, 5] = 1  # one gap grows by 256
+    ids = codec.decode(fields).support_ids
+    assert ids[11].max() >= V and (ids[:11] < V).all()
+    with pytest.raises(
+        BadValueError, match=r"support_ids: expected token ids in \[0, 300\)"
+    ) as info:
+        codec.decode(fields, vocab_size=V)
+    assert (info.value.row, info.value.field) == (11, "support_ids")
