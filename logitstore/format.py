@@ -346,7 +346,8 @@ def validate_manifest(data: Mapping[str, Any]) -> None:
         FormatVersionError: unknown format version (checked first: a future manifest may
             legitimately lack today's fields).
         ManifestError: a field missing, of the wrong type or out of its range; the message
-            names the field (``shards[3].tokens``).
+            names the field (``shards[3].tokens``). Counts that disagree with each other or
+            with the shard's arrays are a ``CorruptShardError`` when the shard is read.
         UnsafePathError: a shard or file path that could escape the store's root.
     """
     check_format_version(data, MANIFEST_NAME)
@@ -356,13 +357,6 @@ def validate_manifest(data: Mapping[str, Any]) -> None:
         check_relative_path(shard["path"], f"{where}.path")
         for i, (name, _) in enumerate(shard["files"]):
             check_relative_path(name, f"{where}.files[{i}]")
-        documents, tokens = shard["documents"], shard["tokens"]
-        if tokens < documents or shard["positions"] != tokens - documents:
-            raise ManifestError(
-                f"{where}.positions: expected tokens - documents = {tokens - documents} "
-                f"(every document has at least one token), found {shard['positions']} "
-                f"positions for {tokens} tokens in {documents} documents"
-            )
     temperatures = data["capture"].get("temperatures")
     if temperatures is not None and len(temperatures) != data["num_temperatures"]:
         raise ManifestError(

@@ -104,7 +104,9 @@ def test_build_manifest_totals():
 def test_every_required_field_is_checked(field):
     m = _manifest()
     m.pop(field)
-    with pytest.raises(ManifestError, match=rf"manifest.json is missing the field {field!r}") as info:
+    with pytest.raises(
+        ManifestError, match=rf"manifest.json is missing the field {field!r}"
+    ) as info:
         fmt.validate_manifest(m)
     assert not isinstance(info.value, FormatVersionError)  # missing is not "unknown version"
 
@@ -205,11 +207,7 @@ def test_non_finite_numbers_are_refused_anywhere(text):
         fmt.loads(raw, "manifest.json")
 
 
-def test_counts_must_agree_and_temperatures_match_their_number():
-    m = _manifest()
-    m["shards"][2]["positions"] += 1
-    with pytest.raises(ManifestError, match=r"shards\[2\].positions: expected tokens - documents"):
-        fmt.validate_manifest(m)
+def test_temperatures_must_match_their_number():
     m = _manifest()
     m["capture"]["temperatures"] = [2.0, 3.0]
     with pytest.raises(ManifestError, match="capture.temperatures: expected num_temperatures = 1"):
