@@ -64,9 +64,30 @@ def _temperatures(ctx: click.Context, param: click.Parameter, value: str | None)
 )
 @click.option(
     "--data",
-    help="A .txt/.jsonl/.parquet file or directory, a save_to_disk directory, or a Hub dataset id.",
+    help="A Hub dataset id; a local file (.json, .jsonl, .jsonl.gz, .csv, .tsv, .parquet, "
+    ".arrow, .txt; a .txt file is one document); a folder of them, with its split files and "
+    "README.md configs read as on the Hub; or a save_to_disk folder.",
 )
-@click.option("--split", help="Split of a Hub or saved dataset. [default: train]")
+@click.option(
+    "--split",
+    help="Split of a folder, Hub or saved dataset (a file is one split). [default: train]",
+)
+@click.option("--subset", help="Subset (config name) of a Hub dataset or of a folder's README.md.")
+@click.option("--data-revision", help="Hub revision (branch, tag or commit) of the dataset.")
+@click.option(
+    "--streaming",
+    is_flag=True,
+    default=None,
+    help="Stream a Hub dataset instead of downloading and preparing it first (not cached).",
+)
+@click.option(
+    "--num-proc", type=click.IntRange(min=1), help="Processes preparing and tokenizing the data."
+)
+@click.option(
+    "--cache-dir",
+    help="datasets cache for the prepared data and its tokenized windows, which a resumed run "
+    "and the other torchrun ranks reuse. [default: HF_DATASETS_CACHE]",
+)
 @click.option("--text-field", help="Field holding plain text. [default: text]")
 @click.option(
     "--messages-field",
@@ -128,6 +149,11 @@ def command(config_file: str | None, **options: Any) -> None:
     Examples:
       logitstore teacher-pass --teacher HuggingFaceTB/SmolLM2-135M-Instruct \\
           --data corpus.jsonl --out store/ --codec topk --k 128 --values q6
+      logitstore teacher-pass --teacher TEACHER --data HuggingFaceFW/fineweb-edu \\
+          --subset sample-10BT --split train --streaming --limit 20000 --out store/
+      logitstore teacher-pass --teacher TEACHER --data ./my-dataset --split test \\
+          --num-proc 8 --out store/          # a local clone of a Hub dataset
+      logitstore teacher-pass --teacher TEACHER --data docs.jsonl.gz --out store/
       logitstore teacher-pass --teacher models/ --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \\
           --data chats.jsonl --messages-field messages --out store/ --max-length 1024
       torchrun --nproc-per-node 4 -m pipelines.teacher_pass --teacher TEACHER --data DATA \\

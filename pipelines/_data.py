@@ -1,8 +1,6 @@
-"""Data for the teacher pass: load rows, tokenize them, split them into windows, key them.
+"""Data for the teacher pass: tokenize rows, split them into windows, key them.
 
-Sources (``load_rows``): a local ``.txt`` file or directory of them (one document per file), a
-``.jsonl`` or ``.parquet`` file or directory of them, a dataset saved with
-``datasets.Dataset.save_to_disk``, or a Hub dataset id with a split.
+Rows come from :func:`pipelines._sources.load_rows` (every source ``datasets`` reads).
 
 Windowing policy (``make_windows``): a document of ``n <= max_length`` tokens is one window. A
 longer one is cut into windows of ``max_length`` tokens that start every ``max_length - 1``
@@ -14,15 +12,19 @@ window's tokens (context restarts at each window). With windowing off, a documen
 next-token position and are skipped.
 
 Document ids are keyed by content: ``{row_id}/w{window}/{hash}``, where ``row_id`` names the
-source row (``file:line`` or the dataset row index), and ``hash`` is the first 16 hex digits of
+source row (see :class:`pipelines._sources.RowIds`), and ``hash`` is the first 16 hex digits of
 the SHA-256 of the window's token ids as little-endian int64.
+
+Tokenizing and windowing run in ``datasets.Dataset.map`` (``num_proc`` processes), whose result
+is cached under a fingerprint of everything that changes the tokens (:func:`windows_fingerprint`):
+a resumed run, or another rank of the same run, reads the cache instead of tokenizing again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,14 +32,16 @@ from typing import Any
 import numpy as np
 
 from logitstore.errors import ConfigError, DataError
+from pipelines._sources import RowIds, Source
+from pipelines._sources import load_rows as load_rows  # re-exported: the data API in one place
 
 WINDOWING_POLICY = (
     "windows of max_length tokens with stride max_length-1 (one shared token), each next-token "
     "position in exactly one window; documents shorter than 2 tokens skipped"
 )
 ISOLATION = "one window per sequence, right padding with an attention mask"
-
-_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# Bumped whenever tokenizing or windowing changes, so old cached windows are not reused.
+_WINDOWS_VERSION = 1
 
 
 @dataclass
@@ -57,120 +61,6 @@ class Window:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
-
-
-@dataclass
-class Source:
-    """Rows loaded from ``--data`` and the metadata describing where they came from.
-
-    Attributes:
-        rows: list of ``(row_id, record)`` in a stable order.
-        metadata: ``{"name", "kind", "fingerprint", "split"}``; nothing machine-specific.
-    """
-
-    rows: list[tuple[str, Mapping[str, Any]]]
-    metadata: dict[str, Any]
-
-
-def _hash_files(root: Path, files: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(root) if f != root else f.name).encode() + b"\0")
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _read_file(path: Path, row_prefix: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    if path.suffix == ".txt":
-        yield row_prefix, {"text": path.read_text(encoding="utf-8")}
-    elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{row_prefix}:{lineno} is not valid JSON: {exc}") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{row_prefix}:{lineno}: expected a JSON object per line")
-                yield f"{row_prefix}:{lineno}", record
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, record in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{row_prefix}:{i}", record
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and (
-        (path / "dataset_info.json").exists()
-        or (path / "state.json").exists()
-        or (path / "dataset_dict.json").exists()
-    )
-
-
-def _load_saved_or_hub(data: str, split: str, local: bool) -> Source:
-    import datasets
-
-    if local:
-        ds: Any = datasets.load_from_disk(data)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(f"{data} has splits {sorted(ds)}, not {split!r}")
-            ds = ds[split]
-        name, kind = Path(data).name, "saved_dataset"
-    else:
-        try:
-            ds = datasets.load_dataset(data, split=split)
-        except FileNotFoundError as exc:
-            raise DataError(f"no local path or Hub dataset {data!r}: {exc}") from None
-        name, kind = data, "hub"
-    rows = [(str(i), record) for i, record in enumerate(ds)]
-    meta = {"name": name, "kind": kind, "fingerprint": ds._fingerprint, "split": split}
-    return Source(rows=rows, metadata=meta)
-
-
-def load_rows(data: str, *, split: str = "train", limit: int | None = None) -> Source:
-    """Load every row of a data source in a stable order.
-
-    Args:
-        data: local file or directory, a ``save_to_disk`` directory, or a Hub dataset id.
-        split: split of a Hub dataset or a saved ``DatasetDict``.
-        limit: keep only the first ``limit`` rows.
-
-    Raises:
-        DataError: no rows, an unsupported file type, or malformed rows.
-    """
-    path = Path(data)
-    if path.exists() and not _is_saved_dataset(path):
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _SUFFIXES)
-            root = path
-        else:
-            files, root = [path], path
-        if not files or any(f.suffix not in _SUFFIXES for f in files):
-            raise DataError(f"{data}: expected {', '.join(_SUFFIXES)} files, found none usable")
-        rows: list[tuple[str, Mapping[str, Any]]] = []
-        for f in files:
-            prefix = f.name if root == f else str(f.relative_to(root).as_posix())
-            rows.extend(_read_file(f, prefix))
-        meta = {
-            "name": path.name,
-            "kind": "files",
-            "fingerprint": _hash_files(root, files),
-            "split": None,
-        }
-        source = Source(rows=rows, metadata=meta)
-    else:
-        source = _load_saved_or_hub(data, split, local=path.exists())
-    if limit is not None:
-        source.rows = source.rows[:limit]
-    if not source.rows:
-        raise DataError(f"{data}: the data source is empty (expected at least one row)")
-    return source
 
 
 def tokenize_text(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -290,6 +180,92 @@ def make_windows(
     return windows
 
 
+# -- windows through datasets.map --------------------------------------------------------------
+
+
+def tokenizer_key(tokenizer: Any) -> str:
+    """A hash of everything in ``tokenizer`` that changes token ids or the chat rendering."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: let datasets hash the whole object
+        from datasets.fingerprint import Hasher
+
+        return str(Hasher.hash(tokenizer))
+    parts = {
+        "class": type(tokenizer).__name__,
+        "backend": backend.to_str(),  # vocabulary, normalizer, pre- and post-processing
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        "added": sorted(tokenizer.get_added_vocab().items()),
+        "bos_eos": [getattr(tokenizer, k, None) for k in ("add_bos_token", "add_eos_token")],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def windows_fingerprint(source: Source, tokenizer: Any, **settings: Any) -> str:
+    """The cache key of a source's windows: the rows, their ids, the tokenizer, the settings."""
+    key = {
+        "version": _WINDOWS_VERSION,
+        "rows": getattr(source.dataset, "_fingerprint", None),
+        "source": source.metadata,
+        "row_ids": hashlib.sha256(repr(source.row_ids).encode()).hexdigest(),
+        "tokenizer": tokenizer_key(tokenizer),
+        **settings,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _tokenize_row(tokenizer: Any, row_id: str, field: str, value: Any, chat: bool) -> tuple:
+    if value is None:
+        raise DataError(f"row {row_id!r} has no field {field!r} (missing or null)")
+    if chat:
+        if not isinstance(value, list):
+            raise DataError(f"row {row_id!r}: {field!r} must be a list of messages")
+        return tokenize_chat(tokenizer, value)
+    if not isinstance(value, str):
+        raise DataError(f"row {row_id!r}: {field!r} must be a string")
+    return tokenize_text(tokenizer, value)
+
+
+def _windows_batch(
+    batch: Mapping[str, list[Any]],
+    indices: list[int],
+    *,
+    tokenizer: Any,
+    field: str,
+    chat: bool,
+    row_ids: RowIds,
+    max_length: int,
+    windowing: bool,
+) -> dict[str, list[Any]]:
+    """``datasets.map`` function: rows in, their windows out (one row per window)."""
+    out: dict[str, list[Any]] = {"doc_id": [], "input_ids": [], "loss_mask": []}
+    if field not in batch:
+        raise DataError(f"the rows have no field {field!r}; found {sorted(batch)}")
+    for value, index in zip(batch[field], indices):
+        row_id = row_ids(index)
+        ids, trained = _tokenize_row(tokenizer, row_id, field, value, chat)
+        for w in make_windows(row_id, ids, trained, max_length=max_length, windowing=windowing):
+            out["doc_id"].append(w.doc_id)
+            out["input_ids"].append(w.input_ids)
+            out["loss_mask"].append(w.loss_mask)
+    return out
+
+
+def _from_table(table: Any) -> Iterable[Window]:
+    """Windows from an Arrow table of the map's output, one copy of each record batch."""
+    for batch in table.to_batches():
+        ids, mask = batch.column("input_ids"), batch.column("loss_mask")
+        id_values = np.array(ids.values.to_numpy(zero_copy_only=False), dtype=np.int64)
+        mask_values = np.array(mask.values.to_numpy(zero_copy_only=False), dtype=bool)
+        id_offsets, mask_offsets = ids.offsets.to_numpy(), mask.offsets.to_numpy()
+        for k, key in enumerate(batch.column("doc_id").to_pylist()):
+            yield Window(
+                doc_id=key,
+                input_ids=id_values[id_offsets[k] : id_offsets[k + 1]],
+                loss_mask=mask_values[mask_offsets[k] : mask_offsets[k + 1]],
+            )
+
+
 def build_windows(
     source: Source,
     tokenizer: Any,
@@ -298,34 +274,63 @@ def build_windows(
     text_field: str | None = "text",
     messages_field: str | None = None,
     windowing: bool = True,
+    num_proc: int | None = None,
+    cache_dir: str | None = None,
 ) -> list[Window]:
     """Tokenize every row of ``source`` and split it into windows, in source order.
 
+    Runs as a cached ``datasets.map`` (``num_proc`` processes): the windows are written to
+    ``{cache_dir}/logitstore-windows/{fingerprint}.arrow`` and read back from there by any later
+    call with the same rows, tokenizer and settings. A streamed source is not cached.
+
     Raises:
-        ConfigError: ``max_length < 2``.
-        DataError: a row lacks the field, or no row yields a window.
+        ConfigError: ``max_length < 2``, or no field named.
+        DataError: the rows lack the field, or no row yields a window.
     """
+    import datasets
+
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, found {max_length}")
     field = messages_field or text_field
     if not field:
         raise ConfigError("name a --text-field or a --messages-field")
-    windows: list[Window] = []
-    for row_id, record in source.rows:
-        if field not in record:
-            raise DataError(f"row {row_id!r} has no field {field!r}; found {sorted(record)}")
-        value = record[field]
-        if messages_field:
-            if not isinstance(value, list):
-                raise DataError(f"row {row_id!r}: {field!r} must be a list of messages")
-            ids, trained = tokenize_chat(tokenizer, value)
-        else:
-            if not isinstance(value, str):
-                raise DataError(f"row {row_id!r}: {field!r} must be a string")
-            ids, trained = tokenize_text(tokenizer, value)
-        windows.extend(
-            make_windows(row_id, ids, trained, max_length=max_length, windowing=windowing)
+    ds = source.dataset
+    columns = ds.column_names
+    if columns is not None and field not in columns:
+        raise DataError(
+            f"{source.metadata.get('name')}: no field {field!r}; found {sorted(columns)}"
         )
+    settings = {"max_length": max_length, "windowing": windowing, "field": field,
+                "chat": bool(messages_field)}  # fmt: skip
+    features = datasets.Features(
+        doc_id=datasets.Value("string"),
+        input_ids=datasets.Sequence(datasets.Value("int64")),
+        loss_mask=datasets.Sequence(datasets.Value("bool")),
+    )
+    args: dict[str, Any] = {
+        "batched": True,
+        "with_indices": True,
+        "remove_columns": columns,
+        "features": features,
+        "fn_kwargs": {"tokenizer": tokenizer, "row_ids": source.row_ids, **settings},
+    }
+    if isinstance(ds, datasets.IterableDataset):
+        windows = [
+            Window(
+                r["doc_id"], np.asarray(r["input_ids"], np.int64), np.asarray(r["loss_mask"], bool)
+            )
+            for r in ds.map(_windows_batch, **args)
+        ]
+    else:
+        fingerprint = windows_fingerprint(source, tokenizer, **settings)
+        folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "logitstore-windows"
+        folder.mkdir(parents=True, exist_ok=True)
+        mapped = ds.map(
+            _windows_batch, **args, num_proc=num_proc, new_fingerprint=fingerprint,
+            cache_file_name=str(folder / f"{fingerprint}.arrow"), load_from_cache_file=True,
+            desc="tokenizing",
+        )  # fmt: skip
+        windows = list(_from_table(mapped.with_format("arrow")[:]))
     if not windows:
         raise DataError("no document has two or more tokens; nothing to compute")
     return windows

@@ -19,9 +19,10 @@ length (longest first, ties in source order) and batched, to waste little paddin
 stores them in source order. Sampled codecs draw from a generator seeded by ``(seed, doc_id)``,
 so the stored bytes do not depend on batching, ranks or restarts.
 
-Multi-process: launched by ``torchrun`` (``WORLD_SIZE > 1``), rank 0 creates or resumes the
-store, the others join it, each writes its own shards, and rank 0 writes the manifest after
-every rank succeeded. Run as ``python -m pipelines.teacher_pass`` with the options of
+Multi-process: launched by ``torchrun`` (``WORLD_SIZE > 1``), rank 0 reads and tokenizes the
+data first and the others then read its windows from the ``datasets`` cache; rank 0 creates or
+resumes the store, the others join it, each writes its own shards, and rank 0 writes the
+manifest after every rank succeeded. Run as ``python -m pipelines.teacher_pass`` with the options of
 ``logitstore teacher-pass``.
 
 Placement (``pipelines/_placement.py``): by default each process holds the whole teacher on its
@@ -81,8 +82,10 @@ class TeacherPassConfig:
 
     Settings that change the stored values (codec, max_length, windowing, temperatures, seed,
     docs_per_shard, compression_level, data fields, dtype) are recorded in the store; a resumed
-    run must match them. ``batch_size``, ``device``, the placement (``device_map``,
-    ``max_memory``, ``offload_folder``, ``tensor_parallel``) and ``progress`` are not recorded.
+    run must match them; so are the data source's ``split``, ``subset`` and ``data_revision``.
+    ``batch_size``, ``device``, the placement (``device_map``, ``max_memory``,
+    ``offload_folder``, ``tensor_parallel``), ``streaming``, ``num_proc``, ``cache_dir`` (the
+    ``datasets`` cache of the loaded rows and their windows) and ``progress`` are not recorded.
     ``device_map`` is an accelerate strategy (``auto``, ``balanced``, ``balanced_low_0``,
     ``sequential``), a JSON file of module name to device, or a mapping; ``max_memory`` is
     ``"0=20GiB,cpu=60GiB"`` or a mapping.
@@ -101,6 +104,11 @@ class TeacherPassConfig:
     tensor_parallel: int = 1
     trust_remote_code: bool = False
     split: str = "train"
+    subset: str | None = None
+    data_revision: str | None = None
+    streaming: bool = False
+    num_proc: int | None = None
+    cache_dir: str | None = None
     text_field: str = "text"
     messages_field: str | None = None
     limit: int | None = None
@@ -236,6 +244,42 @@ def _fitted_codec(
     return codec, forwarded
 
 
+def _read_data(
+    cfg: TeacherPassConfig, tokenizer: Any, rank: int, world: int
+) -> tuple[dict[str, Any], list[Window]]:
+    """Load, tokenize and window the data: rank 0 first, the others from its cache.
+
+    Rank 0 downloads and prepares the dataset and writes its windows into ``datasets``' cache;
+    the other ranks wait, then find both there (on a machine that does not share rank 0's
+    cache, they compute them again, with the same result).
+    """
+
+    def read() -> tuple[dict[str, Any], list[Window]]:
+        source = load_rows(
+            cfg.data, split=cfg.split, subset=cfg.subset, revision=cfg.data_revision,
+            streaming=cfg.streaming, limit=cfg.limit, cache_dir=cfg.cache_dir,
+            num_proc=cfg.num_proc,
+        )  # fmt: skip
+        windows = build_windows(
+            source, tokenizer, max_length=cfg.max_length, text_field=cfg.text_field,
+            messages_field=cfg.messages_field, windowing=cfg.windowing, num_proc=cfg.num_proc,
+            cache_dir=cfg.cache_dir,
+        )  # fmt: skip
+        return source.metadata, windows
+
+    result: tuple[dict[str, Any], list[Window]] | None = None
+    error: BaseException | None = None
+    for turn in (True, False):  # rank 0's turn, then everyone else's
+        if (rank == 0) == turn:
+            try:
+                result = read()
+            except LogitstoreError as exc:
+                error = exc
+        agree(error, world, "reading the data")
+    assert result is not None
+    return result
+
+
 def _submit(worker: Worker | None, tp_group: Any, device: torch.device, *job: Any) -> None:
     """Hand a job to the worker; in a tensor-parallel group, every rank learns of its failure.
 
@@ -327,21 +371,13 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
         placement=placement,
     )
     codec.fields(teacher.vocab_size, len(temps))  # k > V and friends fail here, before any work
-    source = load_rows(cfg.data, split=cfg.split, limit=cfg.limit)
-    windows = build_windows(
-        source,
-        teacher.tokenizer,
-        max_length=cfg.max_length,
-        text_field=cfg.text_field,
-        messages_field=cfg.messages_field,
-        windowing=cfg.windowing,
-    )
+    source_meta, windows = _read_data(cfg, teacher.tokenizer, rank, world)
     shards = plan_shards(windows, cfg.docs_per_shard)
     codec, first_batch = _fitted_codec(codec, cfg, teacher, shards, rank, world, group)
     open_args: dict[str, Any] = {
         "codec": codec,
         "backend": cfg.backend,
-        "metadata": build_metadata(cfg, teacher, source.metadata),
+        "metadata": build_metadata(cfg, teacher, source_meta),
         "vocab_size": teacher.vocab_size,
         "storage_options": cfg.storage_options,
         "compression_level": cfg.compression_level,

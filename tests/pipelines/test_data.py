@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,27 @@ from pipelines._data import (
 )
 
 TEXTS = ["First document.\nIt has two lines.", "Second one.", "Third: unicode é ü 漢字."]
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """A cache of this test's own: ``datasets`` keys its cache by folder name."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    return tmp_path / "hf-cache"
+
+
+def counting_tokenizer_calls(monkeypatch) -> list[str]:
+    """Every text ``build_windows`` tokenizes from now on (a cache hit tokenizes none)."""
+    import pipelines._data
+
+    calls: list[str] = []
+    real = pipelines._data.tokenize_text
+    monkeypatch.setattr(
+        pipelines._data, "tokenize_text", lambda tok, text: calls.append(text) or real(tok, text)
+    )
+    return calls
 
 
 @pytest.mark.parametrize("n", [2, 3, 9, 10, 11, 17, 40])
@@ -156,3 +178,59 @@ def test_chat_rows_through_build_windows(tmp_path, tiny_tokenizer):
     assert len(windows) == -(-(len(ids) - 1) // 15)
     mask = np.concatenate([w.loss_mask for w in windows])
     np.testing.assert_array_equal(mask, trained[1:])
+
+
+def test_windows_are_cached_under_everything_that_changes_the_tokens(
+    tmp_path, tiny_tokenizer, tiny_teacher_dir, datasets_cache, monkeypatch
+):
+    from pydoc_data.topics import topics
+
+    from transformers import AutoTokenizer
+
+    texts = [topics[k][:800] for k in sorted(topics)[:4]]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "title": t[:20]}) + "\n" for t in texts))
+    calls = counting_tokenizer_calls(monkeypatch)
+
+    def windows(tokenizer=tiny_tokenizer, **kw):
+        return build_windows(load_rows(str(path)), tokenizer, **{"max_length": 32, **kw})
+
+    first = windows()
+    assert calls == texts  # each row tokenized once, in order
+    again = windows()
+    assert len(calls) == 4  # read from the cache, not tokenized again
+    assert [w.doc_id for w in again] == [w.doc_id for w in first]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+    other_template = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    other_template.chat_template = "{{ messages }}"
+    more_tokens = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    more_tokens.add_tokens(["<|extra|>"])
+    for change in ({"max_length": 33}, {"windowing": False, "max_length": 4096},
+                   {"text_field": "title"}, {"tokenizer": other_template},
+                   {"tokenizer": more_tokens}):  # fmt: skip
+        before = len(calls)
+        windows(**change)
+        assert len(calls) == before + 4, change
+    assert len(calls) == 24
+    windows(tokenizer=AutoTokenizer.from_pretrained(tiny_teacher_dir))  # same tokenizer, reloaded
+    assert len(calls) == 24
+    path.write_text(path.read_text().replace("the", "a"))  # new content, same file name
+    windows()
+    assert len(calls) == 28
+    shutil.rmtree(datasets_cache / "logitstore-windows")
+    windows()
+    assert len(calls) == 32  # the count would not move if nothing were read from the cache
+
+
+def test_parallel_tokenization_gives_the_same_windows(tmp_path, tiny_tokenizer):
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": topics[k][:500]}) + "\n" for k in sorted(topics)[:8])
+    )
+    one = build_windows(load_rows(str(path)), tiny_tokenizer, max_length=40)
+    two = build_windows(load_rows(str(path), num_proc=2), tiny_tokenizer, max_length=40, num_proc=2)
+    assert [w.doc_id for w in one] == [w.doc_id for w in two] and len(one) > 8

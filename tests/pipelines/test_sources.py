@@ -1,0 +1,215 @@
+"""Data sources read through ``datasets``: every format, Hub-layout folders, splits, subsets.
+
+Texts are real (Python's own topic documentation). Each format is checked against the JSON
+lines file of the same rows, and split and subset selection against files read back with
+pyarrow, not with ``datasets``. No test touches the network: the Hub code path is run on a
+local folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from pydoc_data.topics import topics
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from logitstore.errors import ConfigError, DataError
+from pipelines._data import build_windows
+from pipelines._sources import _load_hub, load_rows
+
+TEXTS = [topics[k][:600] for k in sorted(topics)[:6]]
+README = """---
+configs:
+{configs}
+---
+# A dataset card with configs, as the Hub writes it
+"""
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    """A cache of this test's own: ``datasets`` keys its cache by folder name."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
+def _formats(root):
+    """The same rows (``TEXTS``, field ``text``, plus a number) in every format we read."""
+    root.mkdir()
+    rows = [{"text": t, "n": i} for i, t in enumerate(TEXTS)]
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    made = {"jsonl": root / "docs.jsonl", "json": root / "docs.json", "gz": root / "docs.jsonl.gz",
+            "csv": root / "docs.csv", "parquet": root / "docs.parquet", "txt": root / "txt",
+            "saved": root / "saved", "tsv": root / "docs.tsv"}  # fmt: skip
+    made["jsonl"].write_text(lines)
+    made["json"].write_text(json.dumps(rows))  # one JSON array, not JSON lines
+    made["gz"].write_bytes(gzip.compress(lines.encode()))
+    for key, sep in (("csv", ","), ("tsv", "\t")):
+        with made[key].open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "n"], delimiter=sep)
+            writer.writeheader()
+            writer.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), made["parquet"])
+    made["txt"].mkdir()
+    for i, text in enumerate(TEXTS):  # one document per file, named in sorted order
+        (made["txt"] / f"doc{i}.txt").write_text(text)
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(made["saved"])
+    return made
+
+
+def test_every_format_gives_the_documents_of_the_jsonl(tmp_path, tiny_tokenizer):
+    made = _formats(tmp_path / "data")
+    expected = build_windows(load_rows(str(made["jsonl"])), tiny_tokenizer, max_length=64)
+    assert len(expected) > len(TEXTS)  # several windows per document
+    for kind, path in made.items():
+        source = load_rows(str(path))
+        assert [r["text"] for _, r in source.rows] == TEXTS, kind
+        assert str(tmp_path) not in json.dumps(source.metadata), kind  # nothing machine-specific
+        windows = build_windows(source, tiny_tokenizer, max_length=64)
+        assert len(windows) == len(expected), kind
+        for got, want in zip(windows, expected):
+            np.testing.assert_array_equal(got.input_ids, want.input_ids)
+            np.testing.assert_array_equal(got.loss_mask, want.loss_mask)
+            # Same tokens, same content hash; the row part names the row in its own source.
+            assert got.doc_id.rsplit("/", 2)[1:] == want.doc_id.rsplit("/", 2)[1:], kind
+    ids = {kind: [row for row, _ in load_rows(str(p)).rows] for kind, p in made.items()}
+    assert ids["jsonl"] == ids["gz"][:0] + [f"docs.jsonl:{i}" for i in range(1, 7)]
+    assert ids["gz"] == [f"docs.jsonl.gz:{i}" for i in range(1, 7)]
+    assert ids["parquet"] == [f"docs.parquet:{i}" for i in range(6)]
+    assert ids["txt"] == [f"doc{i}.txt" for i in range(6)]
+    assert ids["saved"] == [str(i) for i in range(6)]
+
+
+def test_json_lines_ids_count_blank_lines_as_before(tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(f"\n{json.dumps({'text': 'a'})}\n\n{json.dumps({'text': 'b'})}\n\n")
+    assert [row for row, _ in load_rows(str(path)).rows] == ["gaps.jsonl:2", "gaps.jsonl:4"]
+
+
+def _parquet(path, texts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": texts}), path)
+    return texts
+
+
+def _hub_folder(root, readme: bool):
+    """A local clone of a Hub dataset: train and test parquet files, with or without a card."""
+    train = _parquet(root / "data" / "train-00000-of-00001.parquet", TEXTS[:4])
+    test = _parquet(root / "data" / "test-00000-of-00001.parquet", TEXTS[4:])
+    if readme:
+        (root / "README.md").write_text(
+            README.format(
+                configs="""- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+  - split: test
+    path: data/test-*"""
+            )
+        )
+    return train, test
+
+
+@pytest.mark.parametrize("readme", [True, False])
+def test_hub_layout_folder_reads_only_the_requested_split(tmp_path, readme):
+    folder = tmp_path / "clone"
+    _hub_folder(folder, readme)
+    for split in ("train", "test"):
+        source = load_rows(str(folder), split=split)
+        want = pq.read_table(folder / "data" / f"{split}-00000-of-00001.parquet")["text"]
+        assert [r["text"] for _, r in source.rows] == want.to_pylist()
+        assert source.rows[0][0] == f"data/{split}-00000-of-00001.parquet:0"
+        assert source.metadata["split"] == split
+    with pytest.raises(DataError, match=r"has splits \['test', 'train'\], not 'validation'"):
+        load_rows(str(folder), split="validation")
+
+
+def _two_configs(root):
+    en = _parquet(root / "en" / "train.parquet", TEXTS[:2])
+    fr = _parquet(root / "fr" / "train.parquet", TEXTS[2:5])
+    (root / "README.md").write_text(
+        README.format(
+            configs="""- config_name: en
+  data_files: en/*.parquet
+  default: true
+- config_name: fr
+  data_files: fr/*.parquet"""
+        )
+    )
+    return en, fr
+
+
+def test_subset_selects_a_config_of_a_folder(tmp_path):
+    en, fr = _two_configs(tmp_path / "multi")
+    assert [r["text"] for _, r in load_rows(str(tmp_path / "multi")).rows] == en
+    source = load_rows(str(tmp_path / "multi"), subset="fr")
+    assert [r["text"] for _, r in source.rows] == fr
+    assert source.metadata["subset"] == "fr" and source.rows[0][0] == "fr/train.parquet:0"
+    with pytest.raises(ConfigError, match="no subset 'de'"):
+        load_rows(str(tmp_path / "multi"), subset="de")
+
+
+def test_hub_code_path_passes_subset_split_and_streaming(tmp_path, tiny_tokenizer):
+    _, fr = _two_configs(tmp_path / "multi")
+    name = str(tmp_path / "multi")
+    prepared = _load_hub(name, "train", "fr", None, False, {})
+    streamed = _load_hub(name, "train", "fr", None, True, {})
+    assert [r["text"] for _, r in prepared.rows] == [r["text"] for _, r in streamed.rows] == fr
+    assert prepared.metadata["subset"] == "fr" and prepared.metadata["kind"] == "hub"
+    assert [row for row, _ in prepared.rows] == ["0", "1", "2"]  # Hub rows: index in the split
+    with pytest.raises(DataError, match="not 'test'"):
+        _load_hub(name, "test", "fr", None, False, {})
+    a, b = (build_windows(s, tiny_tokenizer, max_length=48) for s in (prepared, streamed))
+    assert [w.doc_id for w in a] == [w.doc_id for w in b]
+
+
+def test_streaming_a_local_folder_gives_the_same_windows(tmp_path, tiny_tokenizer):
+    _hub_folder(tmp_path / "clone", readme=True)
+    prepared = load_rows(str(tmp_path / "clone"), split="test", limit=1)
+    streamed = load_rows(str(tmp_path / "clone"), split="test", streaming=True, limit=1)
+    a, b = (build_windows(s, tiny_tokenizer, max_length=48) for s in (prepared, streamed))
+    assert len(a) > 1 and [w.doc_id for w in a] == [w.doc_id for w in b]
+    assert {w.doc_id.rsplit("/", 2)[0] for w in a} == {"data/test-00000-of-00001.parquet:0"}
+
+
+def test_unusable_sources_are_refused_clearly(tmp_path, tiny_tokenizer):
+    notes = tmp_path / "notes.xml"
+    notes.write_text("<a>text</a>")
+    with pytest.raises(DataError, match="found none usable.*notes.xml"):
+        load_rows(str(notes))
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"body": "no text field here"}) + "\n")
+    with pytest.raises(DataError, match=r"no field 'text'; found \['body'\]"):
+        build_windows(load_rows(str(docs)), tiny_tokenizer, max_length=16)
+    with pytest.raises(DataError, match="no field 'messages'"):
+        build_windows(
+            load_rows(str(docs)), tiny_tokenizer, max_length=16, messages_field="messages"
+        )
+    with pytest.raises(ConfigError, match="--subset"):
+        load_rows(str(docs), subset="en")
+    with pytest.raises(ConfigError, match="--data-revision applies to Hub datasets"):
+        load_rows(str(docs), revision="main")
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS})}).save_to_disk(saved)
+    with pytest.raises(DataError, match=r"has splits \['train'\], not 'test'"):
+        load_rows(str(saved), split="test")
+
+
+def test_unknown_hub_id_offline_is_a_data_error(monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="no-such-org/no-such-dataset"):
+        load_rows("no-such-org/no-such-dataset")

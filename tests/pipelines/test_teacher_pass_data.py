@@ -1,0 +1,91 @@
+"""The teacher pass's data: a resumed run reads its windows from the cache, new sources work.
+
+Tokenizer calls are counted by wrapping ``pipelines._data.tokenize_text``; a cached run makes
+none. The tiny teacher is the one of ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pydoc_data.topics import topics
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import logitstore
+from pipelines._data import tokenize_text
+from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+
+SETTINGS = {"k": 8, "max_length": 48, "docs_per_shard": 3, "batch_size": 4, "limit": 3}
+
+
+def run(teacher, data, out, **kw):
+    cfg = TeacherPassConfig(teacher=str(teacher), data=str(data), out=str(out), progress=False,
+                            **{**SETTINGS, **kw})  # fmt: skip
+    return run_teacher_pass(cfg)
+
+
+def counting_tokenizer_calls(monkeypatch) -> list[str]:
+    import pipelines._data
+
+    calls: list[str] = []
+    real = pipelines._data.tokenize_text
+    monkeypatch.setattr(
+        pipelines._data, "tokenize_text", lambda tok, text: calls.append(text) or real(tok, text)
+    )
+    return calls
+
+
+def test_a_resumed_run_does_not_tokenize_again(tmp_path, tiny_teacher_dir, text_jsonl, monkeypatch):
+    calls = counting_tokenizer_calls(monkeypatch)
+    cache, out = str(tmp_path / "cache"), tmp_path / "store"
+    first = run(tiny_teacher_dir, text_jsonl, out, cache_dir=cache)
+    assert len(calls) == 3 and first["shards"] > 1
+    before = [d.doc_id for d in logitstore.open_store(str(out)).iter_documents()]
+    # An interrupted run: the last shard was never committed.
+    last = first["shards"] - 1
+    (out / "records" / f"{last:06d}.json").unlink()
+    (out / "manifest.json").unlink()
+    resumed = run(tiny_teacher_dir, text_jsonl, out, cache_dir=cache, resume=True)
+    assert resumed["shards_written"] == [last]
+    assert len(calls) == 3  # the windows came from the cache
+    assert [d.doc_id for d in logitstore.open_store(str(out)).iter_documents()] == before
+    # With a cold cache the same resume tokenizes every row again: the count can move.
+    run(tiny_teacher_dir, text_jsonl, out, cache_dir=str(tmp_path / "cold"), resume=True)
+    assert len(calls) == 6
+
+
+def test_a_split_of_a_hub_layout_folder_goes_into_the_store(
+    tmp_path, tiny_teacher_dir, tiny_tokenizer
+):
+    texts = [topics[k][:300] for k in sorted(topics)[:5]]
+    folder = tmp_path / "clone"
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": texts[:3]}), folder / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"text": texts[3:]}), folder / "data" / "test-00000-of-00001.parquet")
+    out = tmp_path / "store"
+    run(tiny_teacher_dir, folder, out, split="test", limit=None, cache_dir=str(tmp_path / "c"))
+    store = logitstore.open_store(str(out))
+    assert store.manifest["source"]["split"] == "test"
+    rows: dict[str, list[np.ndarray]] = {}
+    for doc in store.iter_documents():
+        rows.setdefault(doc.doc_id.rsplit("/", 2)[0], []).append(doc.input_ids)
+    assert list(rows) == [f"data/test-00000-of-00001.parquet:{i}" for i in range(2)]
+    for text, parts in zip(texts[3:], rows.values()):  # only the test rows, whole and in order
+        joined = np.concatenate([parts[0], *[p[1:] for p in parts[1:]]])
+        np.testing.assert_array_equal(joined, tokenize_text(tiny_tokenizer, text)[0])
+
+
+def test_existing_stores_keep_their_source_and_ids(tmp_path, tiny_teacher_dir, text_jsonl):
+    """A JSON lines store made before datasets read the data keeps the same section and ids."""
+    out = tmp_path / "store"
+    run(tiny_teacher_dir, text_jsonl, out, cache_dir=str(tmp_path / "c"))
+    source = logitstore.open_store(str(out)).manifest["source"]
+    digest = hashlib.sha256(b"docs.jsonl\0" + text_jsonl.read_bytes()).hexdigest()
+    assert {k: source[k] for k in ("name", "kind", "fingerprint", "split")} == {
+        "name": "docs.jsonl", "kind": "files", "fingerprint": digest, "split": None}  # fmt: skip
+    assert "subset" not in source and "revision" not in source
+    ids = [d.doc_id for d in logitstore.open_store(str(out)).iter_documents()]
+    # Rows named by their line in the file, as the old reader named them.
+    assert {i.split("/")[0] for i in ids} == {"docs.jsonl:1", "docs.jsonl:2", "docs.jsonl:3"}
