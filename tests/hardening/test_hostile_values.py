@@ -185,8 +185,8 @@ def _copy(base: Path, root: Path, change: Callable[[dict], Any], text: str | Non
 
 @pytest.fixture(scope="module")
 def manifest_reports(base, tmp_path_factory) -> dict[str, dict[str, Any]]:
-    """Every malformed-manifest store, read by inspect, verify, convert, export or train in
-    turn (one child process); the report of each, by case id."""
+    """Every malformed-manifest store, read by inspect, verify, convert, export, train or mix
+    in turn (one child process); the report of each, by case id."""
     tmp = tmp_path_factory.mktemp("manifests")
     student = tmp / "student.json"
     student.write_text(json.dumps(STUDENT))
@@ -215,24 +215,17 @@ def manifest_reports(base, tmp_path_factory) -> dict[str, dict[str, Any]]:
         lambda s, i: ["verify", s],
         lambda s, i: ["convert", s, "--backend", "parquet", tmp / f"out{i}"],
         lambda s, i: ["export", s, tmp / f"exp{i}"],
-        lambda s, i: [
-            "train",
-            "--store",
-            s,
-            "--student",
-            student,
-            "--out",
-            tmp / f"run{i}",
-            *TRAIN,
-        ],
-    ]
+        lambda s, i: ["train", "--store", s, "--student", student, "--out", tmp / f"run{i}",
+                      *TRAIN],
+        lambda s, i: ["mix", s, base, "--out", tmp / f"mix{i}"],
+    ]  # fmt: skip
     commands = {case: readers[i % len(readers)](s, i) for i, (case, s) in enumerate(cases.items())}
     for case, s in cases.items():  # inspect prints fidelity: it must refuse, not crash
         if "fidelity" in case:
             commands[f"inspect {case}"] = ["inspect", s]
     reports = dict(zip(commands, run_children(list(commands.values()))))
     for i in range(len(cases)):  # nothing written by a refused command
-        for name in ("out", "exp", "run"):
+        for name in ("out", "exp", "run", "mix"):
             assert not (tmp / f"{name}{i}").exists() or not any((tmp / f"{name}{i}").rglob("*"))
     return reports
 
