@@ -72,7 +72,14 @@ def support_mass(codec: Codec, pos: Positions, exhaustive: bool = False) -> np.n
     return total
 
 
-def _ok(pos: Positions, codec: Codec, vocab_size: int, exhaustive: bool, ids_checked: bool) -> bool:
+def _ok(
+    pos: Positions,
+    codec: Codec,
+    vocab_size: int,
+    exhaustive: bool,
+    ids_checked: bool,
+    support: np.ndarray | None,
+) -> bool:
     """Whether every position passes, in a few whole-array reductions (no per-row work)."""
     if len(pos) == 0:
         return True
@@ -84,7 +91,9 @@ def _ok(pos: Positions, codec: Codec, vocab_size: int, exhaustive: bool, ids_che
     ok = ok and (pos.tail_logsumexp.size == 0 or pos.tail_logsumexp.max() < np.inf)
     ok = ok and pos.entropy.min() >= -tol and pos.entropy.max() < np.inf
     if ok:
-        mass = support_mass(codec, pos, exhaustive) + np.exp(pos.tail_logmass)
+        if support is None or exhaustive:
+            support = support_mass(codec, pos, exhaustive)
+        mass = support + np.exp(pos.tail_logmass)
         ok = mass.max() <= 1 + MASS_TOLERANCE
     if ok and pos.support_counts is not None:
         ok = bool((pos.support_counts.sum(axis=1) == pos.support_counts.shape[1]).all())
@@ -137,6 +146,7 @@ def check_positions(
     *,
     exhaustive: bool = False,
     ids_checked: bool = False,
+    support_mass: np.ndarray | None = None,
 ) -> None:
     """Raise :class:`BadValueError` for the first position whose values the format forbids.
 
@@ -147,15 +157,16 @@ def check_positions(
         vocab_size: the store's vocabulary size ``V``.
         exhaustive: sum every support column for the mass check (``verify``); otherwise a
             lower bound from a few columns (reading, training).
-        ids_checked: the decoder has compared every id with ``vocab_size`` already
-            (``codec.decode(fields, vocab_size)`` with ``codec.checks_ids``).
+        ids_checked: the decoder has compared every id with ``vocab_size`` already.
+        support_mass: float32 ``(P,)``, a lower bound of each position's support mass the
+            decoder computed (from its codes, in cache), used instead of :func:`support_mass`.
 
     Raises:
         BadValueError: with ``row`` (position index in ``pos``) and ``field``; the message
             says what was expected and what was found.
     """
     with np.errstate(invalid="ignore", over="ignore"):
-        if _ok(pos, codec, vocab_size, exhaustive, ids_checked):
+        if _ok(pos, codec, vocab_size, exhaustive, ids_checked, support_mass):
             return
         first: tuple[int, str, str] | None = None
         for field, bad, expected in _problems(pos, codec, vocab_size):

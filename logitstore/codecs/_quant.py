@@ -109,6 +109,14 @@ def least_probs(logprobs: np.ndarray, first: np.ndarray, values: str) -> np.ndar
     return np.power(x, a / 2, out=x)
 
 
+def least_table(values: str) -> np.ndarray:
+    """Float32 ``(L,)``: the least ``exp(-d_true)`` each code of a grid stands for: 1 for the
+    top-1's code 0, ``exp(-(d_j + d_{j+1}) / 2)`` for a level ``j``, 0 for the last level."""
+    g = grid(values)
+    edges = np.exp(-(g[1:-1] + g[2:]) / 2)
+    return np.concatenate([[1.0], edges, [0.0]]).astype(np.float32)
+
+
 def float_store_dtype(values: str) -> str:
     return {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}[values]
 

@@ -106,21 +106,17 @@ class Codec(ABC):
             generator: randomness for sampled codecs (seeded by the caller for determinism).
         """
 
-    checks_ids: ClassVar[bool] = False
-    """Whether ``decode(fields, vocab_size=V)`` refuses ids at or beyond ``V`` itself."""
-
     @abstractmethod
     def decode(self, fields: Mapping[str, np.ndarray], vocab_size: int | None = None) -> Positions:
         """Decode arrays shaped as ``fields`` declares (concatenations allowed).
 
         Args:
             fields: the stored arrays.
-            vocab_size: if given, a codec whose ``checks_ids`` is true refuses support ids at
-                or beyond it while it decodes them, block by block in cache (cheaper than a
-                pass afterwards); ``codecs/_checks.py`` checks every other value.
+            vocab_size: if given (a reader does), every decoded value is checked against the
+                format's rules (``codecs/_checks.py``), partly while decoding, in cache.
 
         Raises:
-            BadValueError: an id beyond the vocabulary (only with ``vocab_size``).
+            BadValueError: only with ``vocab_size``: the first bad position and field.
         """
 
     @property

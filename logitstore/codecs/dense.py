@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from logitstore.codecs import _quant, _scalars
+from logitstore.codecs import _checks, _quant, _scalars
 from logitstore.codecs.base import Codec, FieldSpec, Positions
 from logitstore.codecs.topk import sort_by_probability
 from logitstore.errors import ConfigError
@@ -88,8 +88,11 @@ class Dense(Codec):
         ids = np.broadcast_to(np.arange(codes.shape[1], dtype=np.int64), codes.shape)
         codes, ids = sort_by_probability(codes, ids)
         d = _quant.dequantize(codes, self._values)
-        return Positions(
+        pos = Positions(
             support_ids=np.ascontiguousarray(ids),
             support_logprobs=(top1[:, None] - d).astype(np.float32),
             **_scalars.decode_scalars(fields, codes.shape[0]),
         )
+        if vocab_size is not None:
+            _checks.check_positions(self, pos, vocab_size)
+        return pos

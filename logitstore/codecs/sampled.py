@@ -28,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from logitstore.codecs import _ids, _scalars
+from logitstore.codecs import _checks, _ids, _scalars
 from logitstore.codecs.base import Codec, FieldSpec, Positions
 from logitstore.codecs.topk import check_size, sort_by_probability
 from logitstore.errors import ConfigError
@@ -113,9 +113,12 @@ class Sampled(Codec):
         ids = np.where(valid, _ids.decode_sorted_ids(fields, "ids"), -1)
         logprobs = np.where(valid, np.asarray(fields["logprobs"], dtype=np.float32), -np.inf)
         _, ids, logprobs, counts = sort_by_probability(-logprobs, ids, logprobs, counts)
-        return Positions(
+        pos = Positions(
             support_ids=ids,
             support_logprobs=logprobs.astype(np.float32),
             support_counts=counts,
             **_scalars.decode_scalars(fields, ids.shape[0]),
         )
+        if vocab_size is not None:
+            _checks.check_positions(self, pos, vocab_size)
+        return pos

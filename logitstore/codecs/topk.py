@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from logitstore.codecs import _ids, _quant, _scalars, _select
+from logitstore.codecs import _checks, _ids, _quant, _scalars, _select
 from logitstore.codecs.base import Codec, FieldSpec, Positions
 from logitstore.errors import ConfigError
 
@@ -196,11 +196,10 @@ class TopK(Codec):
             return np.exp(logprobs)
         return _quant.least_probs(logprobs, first, self.values)
 
-    checks_ids: ClassVar[bool] = True
-
     def decode(self, fields: Mapping[str, np.ndarray], vocab_size: int | None = None) -> Positions:
         top1 = np.asarray(fields["top1"], dtype=np.float32)
         values = np.asarray(fields["values"])
+        mass = None  # with vocab_size: the checks' support mass bound, from the codes in cache
         if self.values in _quant.GRIDS:
             starts = values != 0
             starts[:, :1] = True
@@ -208,17 +207,28 @@ class TopK(Codec):
             ids = _ids.decode_sorted_ids(fields, "ids", starts, limit=vocab_size)
             d = np.empty(values.shape, dtype=np.float32)
             table = _quant.grid(self.values).astype(np.float32)
+            if vocab_size is not None:
+                cols, weights = _checks.mass_columns(values.shape[1], exhaustive=False)
+                least, mass = _quant.least_table(self.values), np.empty_like(top1)
             rows = max(1, _ids.BLOCK_ENTRIES // max(values.shape[1], 1))
             for a in range(0, values.shape[0], rows):  # blocks stay in cache, as for the ids
                 # (a corrupt code beyond the grid decodes to its last level)
                 codes = row_cumsum(values[a : a + rows])
                 np.take(table, codes, out=d[a : a + rows], mode="clip")
+                if mass is not None:
+                    at = np.take(least, codes[:, cols], mode="clip")
+                    np.matmul(at, weights, out=mass[a : a + rows])
+            if mass is not None:
+                mass *= np.exp(top1)
         else:
             ids = _ids.decode_sorted_ids(fields, "ids", limit=vocab_size)
             d, ids = sort_by_probability(_quant.decode_float(values, self.values), ids)
         ids = _ids.hot_inverse(self.hot_ids, ids)
-        return Positions(
+        pos = Positions(
             support_ids=ids,
             support_logprobs=np.subtract(top1[:, None], d, out=d),  # d is a fresh float32 array
             **_scalars.decode_scalars(fields, ids.shape[0]),
         )
+        if vocab_size is not None:
+            _checks.check_positions(self, pos, vocab_size, ids_checked=True, support_mass=mass)
+        return pos
