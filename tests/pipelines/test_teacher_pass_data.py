@@ -7,16 +7,22 @@ none. The tiny teacher is the one of ``tests/conftest.py``.
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 from pydoc_data.topics import topics
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 import logitstore
 from pipelines._data import tokenize_text
 from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
+ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {"k": 8, "max_length": 48, "docs_per_shard": 3, "batch_size": 4, "limit": 3}
 
 
@@ -89,3 +95,49 @@ def test_existing_stores_keep_their_source_and_ids(tmp_path, tiny_teacher_dir, t
     ids = [d.doc_id for d in logitstore.open_store(str(out)).iter_documents()]
     # Rows named by their line in the file, as the old reader named them.
     assert {i.split("/")[0] for i in ids} == {"docs.jsonl:1", "docs.jsonl:2", "docs.jsonl:3"}
+
+
+COUNTING_LAUNCHER = """
+import os, sys, time
+import pipelines._data as data
+
+real = data.tokenize_text
+
+
+def counted(tokenizer, text):
+    if os.environ["RANK"] == "0":  # a slow rank 0: without it first, rank 1 would tokenize too
+        time.sleep(0.5)
+    with open(os.path.join(os.environ["CALLS_DIR"], "calls-" + os.environ["RANK"]), "a") as f:
+        f.write("1\\n")
+    return real(tokenizer, text)
+
+
+data.tokenize_text = counted
+import cli
+
+cli.main(["teacher-pass", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.integration
+def test_under_torchrun_only_rank_0_tokenizes(tmp_path, tiny_teacher_dir, text_jsonl):
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(COUNTING_LAUNCHER)
+    out, calls = tmp_path / "store", tmp_path / "calls"
+    calls.mkdir()
+    args = ["--teacher", tiny_teacher_dir, "--data", text_jsonl, "--out", out, "--no-progress",
+            "--cache-dir", tmp_path / "cache", "--k", 8, "--max-length", 48, "--limit", 4,
+            "--docs-per-shard", 3]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(launcher), *map(str, args)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CALLS_DIR": str(calls),
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Rank 0 tokenized every row once; rank 1 read rank 0's windows from the cache.
+    assert (calls / "calls-0").read_text().count("1") == 4
+    assert not (calls / "calls-1").exists()
+    store = logitstore.open_store(str(out))
+    assert {d.doc_id.split("/")[0] for d in store.iter_documents()} == {
+        f"docs.jsonl:{i}" for i in range(1, 5)
+    }
