@@ -40,7 +40,8 @@ class RowIds:
     Rows of local files are named by file (relative to ``--data``): ``{file}:{line}`` (1-based,
     blank lines counted) for JSON lines, ``{file}`` for a text file (one document), and
     ``{file}:{index}`` (0-based, within the file) for the other formats. Rows of a saved or Hub
-    dataset are named by their index in the split.
+    dataset, and of a folder of several CSV or JSON (not JSON lines) files, whose per-file row
+    counts would need a second parse, are named by their index in the split.
 
     Attributes:
         files: file names, in the order ``datasets`` reads them (empty: name rows by index).

@@ -267,15 +267,24 @@ def _read_data(
         )  # fmt: skip
         return source.metadata, windows
 
+    import datasets
+
     result: tuple[dict[str, Any], list[Window]] | None = None
     error: BaseException | None = None
-    for turn in (True, False):  # rank 0's turn, then everyone else's
-        if (rank == 0) == turn:
-            try:
-                result = read()
-            except LogitstoreError as exc:
-                error = exc
-        agree(error, world, "reading the data")
+    hide, shown = not (cfg.progress and rank == 0), datasets.is_progress_bar_enabled()
+    if hide:
+        datasets.disable_progress_bars()  # datasets' own bars: preparing, tokenizing
+    try:
+        for turn in (True, False):  # rank 0's turn, then everyone else's
+            if (rank == 0) == turn:
+                try:
+                    result = read()
+                except LogitstoreError as exc:
+                    error = exc
+            agree(error, world, "reading the data")
+    finally:
+        if hide and shown:
+            datasets.enable_progress_bars()
     assert result is not None
     return result
 
