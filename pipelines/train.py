@@ -128,11 +128,12 @@ def check_writable(out: Path) -> None:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train ``config.student`` on ``config.store``; return a summary of the run."""
     from logitstore import open_store
-    from logitstore.hf import KDTrainer
     from logitstore.hf import latest_checkpoint as newest
 
     out = Path(config.out)
     check_writable(out)  # before any loading
+    checkpoints = out / "checkpoints"  # Trainer's output_dir, made when it starts
+    existed = checkpoints.exists()
     _check(config)
     args = training_arguments(config)
     _loss(config, None)  # unknown names and bad values fail before any loading
@@ -154,6 +155,38 @@ def train(config: TrainConfig) -> dict[str, Any]:
         truncate_metrics(metrics_path, _step_of(resume_from))
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
+    try:
+        trainer = _run(config, args, lm, tokenizer, store, loss, metrics_path, resume_from)
+    except BaseException:
+        # A run refused before its first step (a damaged store) leaves no empty run folder.
+        if not existed and checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()
+        raise
+    trainer.accelerator.wait_for_everyone()
+    path = newest(args.output_dir)
+    last = _last_row(metrics_path) if rank0 else {}
+    return {
+        "step": trainer.state.global_step,
+        "tokens": trainer.kd_tokens,
+        "checkpoint": str(path),
+        "last": last,
+        "notes": notes,
+    }
+
+
+def _run(
+    config: TrainConfig,
+    args: Any,
+    lm: Any,
+    tokenizer: Any,
+    store: Any,
+    loss: Any,
+    metrics_path: Path,
+    resume_from: Path | None,
+) -> Any:
+    """Build the ``KDTrainer`` of the run and train; the trainer when done."""
+    from logitstore.hf import KDTrainer
+
     trainer = KDTrainer(
         model=lm,
         args=args,
@@ -172,16 +205,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
         trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    trainer.accelerator.wait_for_everyone()
-    path = newest(args.output_dir)
-    last = _last_row(metrics_path) if rank0 else {}
-    return {
-        "step": trainer.state.global_step,
-        "tokens": trainer.kd_tokens,
-        "checkpoint": str(path),
-        "last": last,
-        "notes": notes,
-    }
+    return trainer
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
