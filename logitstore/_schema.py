@@ -36,10 +36,12 @@ class _Items(int):
 def _show(value: Any) -> str:
     if isinstance(value, _Items):
         return f"{int(value)} items"
+    if isinstance(value, (list, dict)) and len(value) > 8:
+        return f"{type(value).__name__} of {len(value)} items"
     try:
         text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
+    except (TypeError, ValueError, RecursionError):  # (too deep a value: named by its type)
+        text = type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
 
 
