@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +243,8 @@ def _load_files(
     path: Path, data: str, split: str, subset: str | None, streaming: bool, opts: dict[str, Any]
 ) -> Source:
     """A local file or folder of files, through ``datasets``' builder for its format."""
+    # datasets names the files by absolute path; the user may have given a relative one.
+    path = Path(os.path.abspath(path))
     num_proc = opts.pop("num_proc", None)
     if path.is_file():
         fmt, _ = _suffixes(path)

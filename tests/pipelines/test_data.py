@@ -116,6 +116,18 @@ def test_every_local_source_kind_yields_the_same_rows(tmp_path):
     assert len(load_rows(str(sources["parquet"]), limit=2).rows) == 2
 
 
+def test_relative_paths_read_as_absolute_ones(tmp_path, monkeypatch):
+    # datasets names files by absolute path; a path given relative to the working directory
+    # (as `make demo` does) must give the same rows, row ids and fingerprint.
+    sources = _write_sources(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for kind, path in sources.items():
+        absolute = load_rows(str(path))
+        relative = load_rows(str(path.relative_to(tmp_path)))
+        assert relative.rows == absolute.rows, kind
+        assert relative.metadata == absolute.metadata, kind
+
+
 def test_source_fingerprint_follows_the_content(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "a"}) + "\n")
