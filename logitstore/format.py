@@ -115,7 +115,7 @@ MANIFEST_SCHEMA = Obj(
             optional={"fidelity": _FIDELITY},
         ),
     },
-    optional={"compression_level": Int(-7, 22)},
+    optional={"compression_level": Int(-7, 22), "run": Obj()},
 )
 
 
@@ -399,6 +399,7 @@ def build_manifest(
     records: Sequence[Mapping[str, Any]],
     num_temperatures: int,
     fidelity: Mapping[str, Any] | None,
+    run: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the manifest from the settings and the shard records, in shard order.
 
@@ -408,6 +409,8 @@ def build_manifest(
         num_temperatures: number of extra capture temperatures (trailing size of the
             tail log-sum-exp field).
         fidelity: store-wide fidelity summary, or ``None`` when no shard measured any.
+        run: how the store was written (e.g. the teacher's placement): information, never a
+            setting a resume must match, and nothing a reader needs; ``None`` for none.
     """
     shards = [
         {key: rec[key] for key in (*SHARD_FIELDS, "index", "fidelity") if key in rec}
@@ -434,4 +437,6 @@ def build_manifest(
         shards=shards,
         statistics=statistics,
     )
+    if run:
+        manifest["run"] = dict(run)
     return normalize(manifest)

@@ -386,8 +386,11 @@ class StoreWriter:
 
     # -- finishing ---------------------------------------------------------------------------
 
-    def finalize(self, num_shards: int) -> dict[str, Any]:
+    def finalize(self, num_shards: int, run: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Assemble and atomically write the manifest from the records of shards ``0..N-1``.
+
+        ``run`` is information on how the store was written (the manifest's ``run``), e.g. the
+        teacher's placement; stores that differ only there hold the same data.
 
         Returns:
             The manifest.
@@ -419,7 +422,9 @@ class StoreWriter:
         temps = {int(r["num_temperatures"]) for r in records}
         if len(temps) != 1:
             raise DataError(f"shards disagree on the number of temperatures: {sorted(temps)}")
-        manifest = fmt.build_manifest(self.settings, records, temps.pop(), _fidelity(records))
+        manifest = fmt.build_manifest(
+            self.settings, records, temps.pop(), _fidelity(records), run
+        )
         fmt.validate_manifest(manifest)
         _fs.remove(self.fs, self._path(fmt.CLAIMS_DIR))
         self._remove_temporaries()

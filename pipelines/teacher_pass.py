@@ -465,7 +465,8 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
     # ---- save
     if world > 1:
         torch.distributed.barrier()
-    manifest = writer.finalize(len(shards)) if rank == 0 else None
+    run = {"placement": placement.describe()}  # information, not a setting of the store
+    manifest = writer.finalize(len(shards), run) if rank == 0 else None
     if world > 1:
         torch.distributed.barrier()  # nobody reports success before the manifest exists
     return {

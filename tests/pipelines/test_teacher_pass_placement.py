@@ -52,6 +52,15 @@ def tree(root: Path) -> dict[str, bytes]:
     }
 
 
+def data_tree(root: Path) -> tuple[dict[str, bytes], dict]:
+    """Every file's bytes but the manifest's, and the manifest without its ``run`` section
+    (how the store was written: the placement differs, the data may not); and that ``run``."""
+    files = tree(root)
+    manifest = json.loads(files.pop("manifest.json"))
+    run = manifest.pop("run")
+    return {**files, "manifest.json": json.dumps(manifest, sort_keys=True).encode()}, run
+
+
 def cli_args(teacher: Path, data: Path, out: Path, **settings) -> list[str]:
     args = ["--teacher", str(teacher), "--data", str(data), "--out", str(out), "--no-progress"]
     for key, value in settings.items():
@@ -182,7 +191,11 @@ def test_device_map_with_disk_offload_writes_the_plain_store(
     assert {d for n, d in where.items() if n.startswith("model.layers.1.")} == {"meta"}
 
     assert verify(placed).split(":")[1] == verify(plain).split(":")[1]
-    got, want = tree(placed), tree(plain)
+    (got, placed_run), (want, plain_run) = data_tree(placed), data_tree(plain)
+    # The manifest records the placement as run information, not as a setting of the store.
+    assert placed_run["placement"]["device_map"]["file"] == "map.json"
+    assert "disk" in placed_run["placement"]["device_map"]["devices"]
+    assert plain_run["placement"] == {"device_map": None, "max_memory": None, "tensor_parallel": 1}
     assert sorted(got) == sorted(want)
     for name in want:
         if name.endswith(".json"):  # no times in a store; compared as JSON too, for a clear diff
@@ -207,7 +220,9 @@ def test_device_map_strategy_with_a_memory_budget_offloads_and_matches(
     assert summary["placement"]["device_map"] == "sequential"
     assert summary["placement"]["max_memory"] == {"cpu": "200KB"}
     reference(plain, tiny_teacher_dir, text_jsonl, dtype="float32", **SETTINGS)
-    assert tree(placed) == tree(plain)
+    (got, run), (want, _) = data_tree(placed), data_tree(plain)
+    assert got == want
+    assert run["placement"]["device_map"] == "sequential"
 
 
 # -- tensor parallelism under torchrun ----------------------------------------------------------
@@ -267,6 +282,8 @@ def test_tensor_parallel_matches_the_single_process_store(
     # under the other placement.
     assert (tp_store / "settings.json").read_bytes() == (ref / "settings.json").read_bytes()
     assert_same_documents(tp_store, ref, atol=1e-5)
+    run = json.loads((tp_store / "manifest.json").read_text())["run"]
+    assert run["placement"]["tensor_parallel"] == 2
 
 
 @pytest.mark.integration
