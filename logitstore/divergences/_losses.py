@@ -20,7 +20,7 @@ from logitstore.divergences._buckets import (
     student_buckets,
     teacher_buckets,
 )
-from logitstore.divergences._registry import Objective, resolve
+from logitstore.divergences._registry import DIVERGENCES, Objective, resolve
 from logitstore.errors import ConfigError, DataError
 
 
@@ -67,7 +67,7 @@ def prepare_teacher(
     """Teacher buckets and label buckets ``(n,)`` for the valid ``rows`` (see ``sparse_loss``)."""
     check_sparse_shapes(support_ids, support_logprobs, tail_logmass, label_logprob, labels)
     if support_counts is not None:
-        if name != "fkl":
+        if not DIVERGENCES[name].counts:
             raise ConfigError(
                 f"support_counts (RS-KD count estimator) is defined for 'fkl' only; found {name!r}"
             )

@@ -108,6 +108,7 @@ class Objective:
             over training (TAID's ``t``), used when that parameter is not fixed by the user.
         schedule_params: the names of ``settings`` (accepted besides ``defaults``), and
             ``scheduled``: the parameter the schedule drives.
+        counts: has the RS-KD count estimator (a sampled store's draw counts as the teacher).
     """
 
     name: str
@@ -118,6 +119,7 @@ class Objective:
     schedule: Callable[[dict, int], Any] | None = None
     schedule_params: tuple[str, ...] = ()
     scheduled: str | None = None
+    counts: bool = False
 
     def split(self, params: Mapping[str, Any], total_steps: int | None) -> tuple[Any, dict]:
         """The schedule (or None) and the remaining objective parameters.
@@ -158,7 +160,7 @@ class Objective:
 DIVERGENCES: Registry[Objective] = Registry(
     "divergence",
     {
-        "fkl": Objective("fkl", obj.fkl, summary="forward KL(p || q)"),
+        "fkl": Objective("fkl", obj.fkl, summary="forward KL(p || q)", counts=True),
         "rkl": Objective("rkl", obj.rkl, summary="reverse KL(q || p)"),
         "jsd": Objective("jsd", obj.jsd, {"beta": 0.5}, _check_jsd, "generalised JSD(beta)"),
         "tvd": Objective("tvd", obj.tvd, summary="total variation distance"),

@@ -112,7 +112,7 @@ class DistillationLoss:
             )
         resolved = objective.resolve(rest)
         tau = check_temperature(temperature)
-        if use_counts and divergence != "fkl":
+        if use_counts and not objective.counts:
             raise ConfigError(f"use_counts (RS-KD) is defined for fkl only; found {divergence!r}")
         ce = float(ce_weight)
         if not (math.isfinite(ce) and ce >= 0):
