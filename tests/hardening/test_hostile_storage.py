@@ -410,6 +410,7 @@ assert sum(1 for _ in store.iter_documents()) == len(store)
 """
 
 
+@pytest.mark.slow  # 30 processes, about 45 s on two cores: make test-all
 def test_parquet_reading_processes_all_exit_cleanly(tmp_path):
     # pq.read_table's thread pool used to release a reader (and the bytes it wraps) at
     # interpreter exit, after the GIL was gone: about one run in ten aborted with

@@ -370,6 +370,7 @@ def test_a_commit_failure_stops_the_whole_tensor_parallel_group(
     assert not (out / "manifest.json").exists()
 
 
+@pytest.mark.slow  # four ranks, about 20 s on two cores: make test-all
 @pytest.mark.integration
 def test_two_tensor_parallel_groups_split_the_shards_into_the_same_store(
     tmp_path, tp_store, tiny_teacher_dir, text_jsonl
