@@ -40,33 +40,36 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import time
-import types
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.utils import ModelOutput
 
+from logitstore._kd_checkpoints import STATE_NAME, latest_checkpoint, rotate, write_json_atomic
+from logitstore._kd_forward import (
+    KDOutput,
+    TeacherBatch,
+    causal_lm,
+    patch_for_distillation,
+)
 from logitstore.dataset import StoreDataset, collate_documents
-from logitstore.divergences import DistillationLoss, MetricTotals, batch_metrics
+from logitstore.divergences import DistillationLoss, MetricTotals
 from logitstore.errors import ConfigError, DataError, TokenizerMismatchError
 
 __all__ = [
     "KDCollator",
+    "KDOutput",
     "KDTrainer",
     "STATE_NAME",
     "StoreBatches",
+    "TeacherBatch",
     "latest_checkpoint",
     "patch_for_distillation",
 ]
 
-STATE_NAME = "logitstore_state.json"
 TEACHER_FIELDS = (
     "labels",
     "support_ids",
@@ -77,7 +80,6 @@ TEACHER_FIELDS = (
     "entropy",
     "support_counts",
 )
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -133,140 +135,6 @@ class StoreBatches:
 
     def load_state_dict(self, state: Any) -> None:
         self.dataset.load_state_dict(state)
-
-
-# ---- the fused forward -----------------------------------------------------------------------
-
-
-@dataclass
-class KDOutput(ModelOutput):
-    """What the patched forward returns: the loss, and the batch's metric sums when asked."""
-
-    loss: torch.Tensor | None = None
-    metrics: MetricTotals | None = None
-
-
-class TeacherBatch:
-    """The teacher's side of a batch, handed to the forward in one plain object.
-
-    Not a dict or dataclass on purpose: engines that cast floating inputs of a forward (FSDP's
-    mixed precision casts them to bf16) leave it alone, so the teacher's log-probs keep their
-    float32 precision.
-    """
-
-    def __init__(self, position_mask: torch.Tensor, fields: dict[str, Any], metrics: bool):
-        self.position_mask = position_mask
-        self.fields = fields
-        self.metrics = metrics
-
-
-def _run_as_forward(module: torch.nn.Module, fn: Any, *args: Any) -> Any:
-    """Call ``fn(*args)`` as ``module``'s forward, through ``module.__call__``.
-
-    Engines gather a module's sharded parameters in hooks around its forward and backward
-    (DeepSpeed ZeRO-3, FSDP with the head as its own unit), so the head weight is whole inside
-    ``fn`` and the gradient it returns is reduced the engine's way.
-    """
-    module.forward = fn  # type: ignore[method-assign]
-    try:
-        return module(*args)
-    finally:
-        del module.forward
-
-
-def _kd_forward(
-    self: Any,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    kd_batch: TeacherBatch | None = None,
-    num_items_in_batch: float | torch.Tensor | None = None,
-    **kwargs: Any,
-) -> Any:
-    """The causal LM's forward with the distillation loss (``kd_batch`` given) or as before."""
-    if kd_batch is None:
-        return self._logitstore_forward(
-            input_ids=input_ids, attention_mask=attention_mask, **kwargs
-        )
-    loss_fn: DistillationLoss = self._logitstore_loss
-    out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out.last_hidden_state[:, :-1][kd_batch.position_mask]
-    head = self.get_output_embeddings()
-    measured: list[MetricTotals] = []
-
-    def head_loss(h: torch.Tensor) -> torch.Tensor:
-        weight = head.weight
-        if kd_batch.metrics:  # the same measurements as evaluation, on this batch
-            found = batch_metrics(
-                h.detach(), weight.detach(), kd_batch.fields, chunk_size=loss_fn.chunk_size
-            )
-            measured.append(MetricTotals(h.device).add(found))
-        return loss_fn(h, weight, kd_batch.fields, num_items_in_batch)
-
-    loss = _run_as_forward(head, head_loss, hidden)
-    return KDOutput(loss=loss, metrics=measured[0] if measured else None)
-
-
-def causal_lm(model: Any) -> Any:
-    """The ``transformers`` causal LM inside ``model`` (itself, or the base of a PEFT model)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not hasattr(inner, "get_decoder") or inner.get_output_embeddings() is None:
-        raise ConfigError(
-            f"{type(inner).__name__} is not a causal LM with a decoder and an output head"
-        )
-    return inner
-
-
-def patch_for_distillation(model: Any, loss: DistillationLoss) -> Any:
-    """Make ``model``'s causal LM compute ``loss`` in its forward when given ``kd_batch``.
-
-    Without ``kd_batch`` the forward is the original one (generation, evaluation). Patching
-    twice replaces the loss. Returns ``model``.
-    """
-    lm = causal_lm(model)
-    if "_logitstore_forward" not in vars(lm):
-        lm._logitstore_forward = lm.forward
-        lm.forward = types.MethodType(_kd_forward, lm)
-    lm._logitstore_loss = loss
-    return model
-
-
-# ---- checkpoints -----------------------------------------------------------------------------
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (one holding ``logitstore_state.json``), or None."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    done = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _CHECKPOINT.match(p.name)) and (p / STATE_NAME).is_file()
-    ]
-    return max(done)[1] if done else None
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _rotate(root: Path, keep: int | None) -> None:
-    """Keep the ``keep`` newest complete checkpoints; drop torn ones older than the newest."""
-    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT.match(p.name)))
-    complete = [(s, p) for s, p in found if (p / STATE_NAME).is_file()]
-    if not complete:
-        return
-    newest = complete[-1][0]
-    kept = {p for _, p in complete[-keep:]} if keep else {p for _, p in complete}
-    for step, path in found:
-        torn = not (path / STATE_NAME).is_file()
-        if (torn and step < newest) or (not torn and path not in kept):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 # ---- the trainer -----------------------------------------------------------------------------
@@ -563,8 +431,8 @@ class KDTrainer(Trainer):
             "objective": {"name": self.kd_loss.name, "params": self.kd_loss.params},
             "run": self.run_info,
         }
-        _write_json_atomic(folder / STATE_NAME, state)
-        _rotate(run_dir, self._keep)
+        write_json_atomic(folder / STATE_NAME, state)
+        rotate(run_dir, self._keep)
 
     def _gather(self, obj: Any) -> list[Any]:
         if self.accelerator.num_processes <= 1:

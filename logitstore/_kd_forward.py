@@ -1,0 +1,111 @@
+"""The fused forward of ``logitstore.hf``: the causal LM's forward with the distillation loss.
+
+Fused-loss libraries patch a causal LM's ``forward`` so that the loss is computed from the
+final hidden states and the head weight without ``[batch, seq, vocab]`` logits; this module
+does the same for the sparse teacher. The loss runs as the output head module's own forward,
+so engines that shard the head (FSDP, DeepSpeed ZeRO-3) gather it in their hooks.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.utils import ModelOutput
+
+from logitstore.divergences import DistillationLoss, MetricTotals, batch_metrics
+from logitstore.errors import ConfigError
+
+
+@dataclass
+class KDOutput(ModelOutput):
+    """What the patched forward returns: the loss, and the batch's metric sums when asked."""
+
+    loss: torch.Tensor | None = None
+    metrics: MetricTotals | None = None
+
+
+class TeacherBatch:
+    """The teacher's side of a batch, handed to the forward in one plain object.
+
+    Not a dict or dataclass on purpose: engines that cast floating inputs of a forward (FSDP's
+    mixed precision casts them to bf16) leave it alone, so the teacher's log-probs keep their
+    float32 precision.
+    """
+
+    def __init__(self, position_mask: torch.Tensor, fields: dict[str, Any], metrics: bool):
+        self.position_mask = position_mask
+        self.fields = fields
+        self.metrics = metrics
+
+
+def _run_as_forward(module: torch.nn.Module, fn: Any, *args: Any) -> Any:
+    """Call ``fn(*args)`` as ``module``'s forward, through ``module.__call__``.
+
+    Engines gather a module's sharded parameters in hooks around its forward and backward
+    (DeepSpeed ZeRO-3, FSDP with the head as its own unit), so the head weight is whole inside
+    ``fn`` and the gradient it returns is reduced the engine's way.
+    """
+    module.forward = fn  # type: ignore[method-assign]
+    try:
+        return module(*args)
+    finally:
+        del module.forward
+
+
+def _kd_forward(
+    self: Any,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    kd_batch: TeacherBatch | None = None,
+    num_items_in_batch: float | torch.Tensor | None = None,
+    **kwargs: Any,
+) -> Any:
+    """The causal LM's forward with the distillation loss (``kd_batch`` given) or as before."""
+    if kd_batch is None:
+        return self._logitstore_forward(
+            input_ids=input_ids, attention_mask=attention_mask, **kwargs
+        )
+    loss_fn: DistillationLoss = self._logitstore_loss
+    out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out.last_hidden_state[:, :-1][kd_batch.position_mask]
+    head = self.get_output_embeddings()
+    measured: list[MetricTotals] = []
+
+    def head_loss(h: torch.Tensor) -> torch.Tensor:
+        weight = head.weight
+        if kd_batch.metrics:  # the same measurements as evaluation, on this batch
+            found = batch_metrics(
+                h.detach(), weight.detach(), kd_batch.fields, chunk_size=loss_fn.chunk_size
+            )
+            measured.append(MetricTotals(h.device).add(found))
+        return loss_fn(h, weight, kd_batch.fields, num_items_in_batch)
+
+    loss = _run_as_forward(head, head_loss, hidden)
+    return KDOutput(loss=loss, metrics=measured[0] if measured else None)
+
+
+def causal_lm(model: Any) -> Any:
+    """The ``transformers`` causal LM inside ``model`` (itself, or the base of a PEFT model)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(inner, "get_decoder") or inner.get_output_embeddings() is None:
+        raise ConfigError(
+            f"{type(inner).__name__} is not a causal LM with a decoder and an output head"
+        )
+    return inner
+
+
+def patch_for_distillation(model: Any, loss: DistillationLoss) -> Any:
+    """Make ``model``'s causal LM compute ``loss`` in its forward when given ``kd_batch``.
+
+    Without ``kd_batch`` the forward is the original one (generation, evaluation). Patching
+    twice replaces the loss. Returns ``model``.
+    """
+    lm = causal_lm(model)
+    if "_logitstore_forward" not in vars(lm):
+        lm._logitstore_forward = lm.forward
+        lm.forward = types.MethodType(_kd_forward, lm)
+    lm._logitstore_loss = loss
+    return model
