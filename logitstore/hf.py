@@ -263,7 +263,7 @@ class KDTrainer(Trainer):
         self.run_info = dict(run_info or {})
         self.kd_tokens = 0
         self._resume: dict[str, Any] | None = None
-        self._since_log = {"tokens": 0.0}
+        self._tokens_since_log = 0.0
         self._metrics = MetricTotals(self.args.device)
         self._step_loss = 0.0
         self._log_clock = time.perf_counter()
@@ -323,7 +323,7 @@ class KDTrainer(Trainer):
             total = self.accelerator.reduce(total, reduction="sum")
         count = float(total)
         self.kd_tokens += int(count)
-        self._since_log["tokens"] += count
+        self._tokens_since_log += count
         return max(count, 1.0)
 
     def _logs_this_step(self) -> bool:
@@ -385,10 +385,10 @@ class KDTrainer(Trainer):
             for key in ("rkl", "top1_agreement", "student_top1_prob", "student_entropy"):
                 logs[f"teacher_{key}" if key == "rkl" else key] = found[key]
             logs["tokens"] = self.kd_tokens
-            logs["tokens_per_s"] = self._since_log["tokens"] / max(now - self._log_clock, 1e-9)
+            logs["tokens_per_s"] = self._tokens_since_log / max(now - self._log_clock, 1e-9)
             logs["data_epoch"] = self.kd_dataset.epoch
             logs.update(self.kd_loss.log_values())
-            self._since_log["tokens"] = 0.0
+            self._tokens_since_log = 0.0
             self._log_clock = now
         super().log(logs, start_time)
 
