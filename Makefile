@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m pipelines.demo
+	$(BIN)/python -m logitstore.pipelines.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check logitstore pipelines cli tests benchmarks
@@ -31,7 +31,7 @@ test-all: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m ''
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python -m logitstore.benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) demo_out runs

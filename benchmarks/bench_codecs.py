@@ -18,7 +18,7 @@ Text: ``--text heldout`` (default) takes every other topic, in reverse order, st
 second; the codec grids were tuned on the others (``--text tune``).
 
 Usage:
-    python -m benchmarks.bench_codecs --tokens 4000
+    python -m logitstore.benchmarks.bench_codecs --tokens 4000
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ the same information would cost, in the same run:
 The last lines add the cheapest measured set, the values and the rest, and compare the sum with
 the aim. Not a test: it prints figures.
 
-    python -m benchmarks.bench_id_bounds [--tokens 4000] [--kl 9e-4]
+    python -m logitstore.benchmarks.bench_id_bounds [--tokens 4000] [--kl 9e-4]
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.bench_codecs import find_gguf, store_bytes, teacher_positions, token_dtype
+from logitstore.benchmarks.bench_codecs import (
+    find_gguf,
+    store_bytes,
+    teacher_positions,
+    token_dtype,
+)
 from logitstore.codecs import Positions, TopK, fidelity_sums, summarize_fidelity
 from logitstore.codecs._ids import hot_forward
 

@@ -10,7 +10,7 @@ SmolLM2) with the ``topk`` codec (k = 64, 8-bit values), then, in the same run, 
 For each: tokens per wall second, and tokens per CPU second of the whole process (all its
 threads), which is the per-core figure. The aim is >= 1M tokens/s per core. Not a test.
 
-    python -m benchmarks.bench_loader [--tokens 65536] [--backend zarr]
+    python -m logitstore.benchmarks.bench_loader [--tokens 65536] [--backend zarr]
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ run. On a shared machine the ratios move by about 10 % from run to run.
 figures and ratios only.
 
 Usage:
-    python -m benchmarks.bench_select                 # V=49152, k=64,128, P=10 and 256
-    python -m benchmarks.bench_select --vocab 151936 --k 128 --repeats 7
+    python -m logitstore.benchmarks.bench_select                 # V=49152, k=64,128, P=10 and 256
+    python -m logitstore.benchmarks.bench_select --vocab 151936 --k 128 --repeats 7
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ SmolLM2) with the default ``topk`` codec, then times, per shard and in the same 
 and prints tokens/s and the ratio ``read_shard / floor`` for each backend. Not a test: it
 prints figures. The loader's aim is >= 1M tokens/s per core.
 
-    python -m benchmarks.bench_store_read [--tokens 131072] [--k 128] [--backend zarr parquet]
+    python -m logitstore.benchmarks.bench_store_read [--tokens 131072] [--k 128] [--backend zarr parquet]
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ alternating with the plain pass, each again between two bare runs.
 Fixed costs (loading the data, fitting the codec on the first batch, the manifest) are part of
 the pass's time; ``--tokens`` (default 12000) sets how much text they are spread over.
 
-    python -m benchmarks.bench_teacher_pass [--tokens 12000] [--device cpu] [--repeats 4]
+    python -m logitstore.benchmarks.bench_teacher_pass [--tokens 12000] [--device cpu] [--repeats 4]
 """
 
 from __future__ import annotations
@@ -50,9 +50,14 @@ from pathlib import Path
 import torch
 
 import logitstore.codecs.topk as topk_module
-from pipelines._data import build_windows, load_rows
-from pipelines._teacher import load_teacher
-from pipelines.teacher_pass import TeacherPassConfig, plan_batches, plan_shards, run_teacher_pass
+from logitstore.pipelines._data import build_windows, load_rows
+from logitstore.pipelines._teacher import load_teacher
+from logitstore.pipelines.teacher_pass import (
+    TeacherPassConfig,
+    plan_batches,
+    plan_shards,
+    run_teacher_pass,
+)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -17,7 +17,7 @@ Prints the median step time of each and the ratios; the aims are ``kd / ce <= 1.
 ``trainer / loop <= 1.05``. On CUDA the bare steps run under bf16 autocast and the trainer
 with ``bf16=True``. Not a test.
 
-    python -m benchmarks.bench_train_step [--hidden 256 --layers 4 --vocab 49152 --tokens 2048]
+    python -m logitstore.benchmarks.bench_train_step [--hidden 256 --layers 4 --vocab 49152 --tokens 2048]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The student stage on one GPU: fused-loss memory, a bf16 FSDP run and ZeRO-3 if installed.
 
-One command, a few minutes on one GPU (``python -m benchmarks.gpu_student``):
+One command, a few minutes on one GPU (``python -m logitstore.benchmarks.gpu_student``):
 
 1. ``bench_fused_loss`` on CUDA at a 128k vocabulary in bf16: the fused loss's extra peak
    memory and time against materialised logits (forward + backward).
@@ -118,7 +118,7 @@ def main() -> None:
         return
     print(f"device: {torch.cuda.get_device_name()}")
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_fused_loss", "--device", "cuda",
+        [sys.executable, "-m", "logitstore.benchmarks.bench_fused_loss", "--device", "cuda",
          "--vocab", "128256", "--dtype", "bfloat16"],
         cwd=ROOT,
         check=False,

@@ -16,7 +16,7 @@ ratios is the figure to read (aim: >= 0.97x). Prints tokens/s of each and one
 One command, a few minutes on one GPU (SmolLM2-135M by default; ``--teacher`` takes any local
 model directory or GGUF file):
 
-    python -m benchmarks.gpu_teacher_pass [--teacher PATH] [--max-memory 0=40GiB,cpu=60GiB]
+    python -m logitstore.benchmarks.gpu_teacher_pass [--teacher PATH] [--max-memory 0=40GiB,cpu=60GiB]
         [--tokens 60000] [--repeats 3] [--batch-size 16]
 """
 
@@ -32,11 +32,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_teacher_pass import default_gguf, sandwich, timed, write_texts
-from pipelines._data import build_windows, load_rows
-from pipelines._placement import Placement
-from pipelines._teacher import load_teacher
-from pipelines.teacher_pass import TeacherPassConfig, plan_batches, plan_shards, run_teacher_pass
+from logitstore.benchmarks.bench_teacher_pass import default_gguf, sandwich, timed, write_texts
+from logitstore.pipelines._data import build_windows, load_rows
+from logitstore.pipelines._placement import Placement
+from logitstore.pipelines._teacher import load_teacher
+from logitstore.pipelines.teacher_pass import (
+    TeacherPassConfig,
+    plan_batches,
+    plan_shards,
+    run_teacher_pass,
+)
 
 
 def bare_forward(teacher, shards, batch_size: int) -> None:

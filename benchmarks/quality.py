@@ -14,10 +14,10 @@ Only the store or the objective changes between rows:
    dropped (``droptail``: support log-probs renormalised over the support, ``tail_logmass =
    -inf``), written as its own store with the same codec, so the divergences are unchanged.
 
-Held-out metrics come from ``pipelines.evaluate`` against a top-k store of the held-out
+Held-out metrics come from ``logitstore.pipelines.evaluate`` against a top-k store of the held-out
 documents (bucket model: teacher KL there is a lower bound of the full-vocabulary KL).
 
-    python -m benchmarks.quality [--steps 30] [--train-docs 8] [--student-layers 4]
+    python -m logitstore.benchmarks.quality [--steps 30] [--train-docs 8] [--student-layers 4]
 
 Prints a markdown table and writes it into ``BENCHMARKS.md`` ("Distillation quality").
 """
@@ -237,17 +237,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; known: {list(RUNS)}")
 
-    from pipelines._teacher import load_teacher
-    from pipelines.demo import (
+    from logitstore.pipelines._teacher import load_teacher
+    from logitstore.pipelines.demo import (
         find_gguf_teacher,
         save_plain_copy,
         spread,
         student_config,
         write_corpus,
     )
-    from pipelines.evaluate import evaluate
-    from pipelines.teacher_pass import TeacherPassConfig, format_summary, run_teacher_pass
-    from pipelines.train import TrainConfig, latest_checkpoint, train
+    from logitstore.pipelines.evaluate import evaluate
+    from logitstore.pipelines.teacher_pass import (
+        TeacherPassConfig,
+        format_summary,
+        run_teacher_pass,
+    )
+    from logitstore.pipelines.train import TrainConfig, latest_checkpoint, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,12 +335,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         rows[name].update(metrics)
         stamp(f"student {name}: held-out teacher KL {metrics['fkl']:.4f}")
 
-    command = "python -m benchmarks.quality " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m logitstore.benchmarks.quality " + shlex.join(sys.argv[1:] if argv is None else argv)
     body = report_body(rows, args, command.strip(), time.perf_counter() - start)
     print("\n" + body)
     (out / "results.json").write_text(json.dumps(rows, indent=1, default=float))
     if args.report:
-        from benchmarks.run_all import update_section
+        from logitstore.benchmarks.run_all import update_section
 
         update_section(Path(args.report), SECTION, body)
         stamp(f"updated {args.report}")

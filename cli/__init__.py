@@ -42,34 +42,34 @@ def main() -> None:
 #   from cli import inspect as _inspect  # noqa: E402
 #   main.add_command(_inspect.command)
 # --- subcommands (keep sorted) ---
-from cli import bench as _bench  # noqa: E402
+from logitstore.cli import bench as _bench  # noqa: E402
 
 main.add_command(_bench.command)
-from cli import convert as _convert  # noqa: E402
+from logitstore.cli import convert as _convert  # noqa: E402
 
 main.add_command(_convert.command)
-from cli import eval as _eval  # noqa: E402
+from logitstore.cli import eval as _eval  # noqa: E402
 
 main.add_command(_eval.command)
-from cli import export as _export  # noqa: E402
+from logitstore.cli import export as _export  # noqa: E402
 
 main.add_command(_export.command)
-from cli import inspect as _inspect  # noqa: E402
+from logitstore.cli import inspect as _inspect  # noqa: E402
 
 main.add_command(_inspect.command)
-from cli import mix as _mix  # noqa: E402
+from logitstore.cli import mix as _mix  # noqa: E402
 
 main.add_command(_mix.command)
-from cli import push as _push  # noqa: E402
+from logitstore.cli import push as _push  # noqa: E402
 
 main.add_command(_push.command)
-from cli import teacher_pass as _teacher_pass  # noqa: E402
+from logitstore.cli import teacher_pass as _teacher_pass  # noqa: E402
 
 main.add_command(_teacher_pass.command)  # type: ignore[has-type]  # mypy loses the long decorator chain
-from cli import train as _train  # noqa: E402
+from logitstore.cli import train as _train  # noqa: E402
 
 main.add_command(_train.command)
-from cli import verify as _verify  # noqa: E402
+from logitstore.cli import verify as _verify  # noqa: E402
 
 main.add_command(_verify.command)
 # --- end subcommands ---

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import click
 
-from logitstore.errors import ConfigError
-
 
 @click.command("bench")
 @click.option("--quick", is_flag=True, help="Small sizes: a smoke run of every script.")
@@ -32,16 +30,7 @@ def command(quick: bool, out: str, only: str, timeout: float) -> None:
       logitstore bench --quick
       logitstore bench --out BENCHMARKS.md
     """
-    # The benchmark scripts live in the source tree next to this package, not in the wheel.
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "run_all.py").exists():
-        raise ConfigError(
-            f"expected the benchmark scripts in {root / 'benchmarks'} (a source checkout), "
-            "found none"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.run_all import run_all
+    from logitstore.benchmarks.run_all import run_all
 
     results = run_all(Path(out), quick=quick, only=only, timeout=timeout)
     failed = [r.section.key for r in results if r.returncode != 0]

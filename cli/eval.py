@@ -47,7 +47,7 @@ def command(
       logitstore eval --student run/checkpoints/step-00001000 --store heldout/
       logitstore eval --student run/final --store heldout/ --prompts prompts.txt --json
     """
-    from pipelines.evaluate import evaluate
+    from logitstore.pipelines.evaluate import evaluate
 
     result = evaluate(
         student,

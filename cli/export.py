@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli._options import storage_options as _storage_options
+from logitstore.cli._options import storage_options as _storage_options
 
 
 @click.command("export")

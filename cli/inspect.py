@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli._options import storage_options as _storage_options
+from logitstore.cli._options import storage_options as _storage_options
 
 
 def _short(value: object) -> str:

@@ -6,9 +6,9 @@ from typing import Any
 
 import click
 
-from cli._options import storage_options as _storage_options
+from logitstore.cli._options import storage_options as _storage_options
 from logitstore.errors import ConfigError
-from pipelines.teacher_pass import TeacherPassConfig, format_summary, run_teacher_pass
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, format_summary, run_teacher_pass
 
 
 def _temperatures(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
@@ -156,11 +156,11 @@ def command(config_file: str | None, **options: Any) -> None:
       logitstore teacher-pass --teacher TEACHER --data docs.jsonl.gz --out store/
       logitstore teacher-pass --teacher models/ --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \\
           --data chats.jsonl --messages-field messages --out store/ --max-length 1024
-      torchrun --nproc-per-node 4 -m pipelines.teacher_pass --teacher TEACHER --data DATA \\
+      torchrun --nproc-per-node 4 -m logitstore.pipelines.teacher_pass --teacher TEACHER --data DATA \\
           --out s3://bucket/store --resume
       logitstore teacher-pass --teacher meta-llama/Llama-3.1-70B-Instruct --data DATA \\
           --out store/ --device-map auto --max-memory 0=60GiB,1=60GiB,2=60GiB
-      torchrun --nproc-per-node 8 -m pipelines.teacher_pass --teacher TEACHER --data DATA \\
+      torchrun --nproc-per-node 8 -m logitstore.pipelines.teacher_pass --teacher TEACHER --data DATA \\
           --out store/ --tensor-parallel 4
     """
     given = {k: v for k, v in options.items() if v is not None}

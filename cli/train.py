@@ -7,7 +7,7 @@ import json
 import click
 import yaml
 
-from cli._options import storage_options as _storage_options
+from logitstore.cli._options import storage_options as _storage_options
 from logitstore.errors import ConfigError
 
 
@@ -148,7 +148,7 @@ def command(config_file, params, keep_layers, betas, lora_targets, no_progress, 
       logitstore train --store hf://datasets/ORG/NAME --student config.json --out run/ \\
           --cache-dir ~/.cache/logitstore
     """
-    from pipelines.train import TrainConfig, train
+    from logitstore.pipelines.train import TrainConfig, train
 
     overrides = dict(options)
     if params:

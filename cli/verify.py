@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cli._options import storage_options as _storage_options
+from logitstore.cli._options import storage_options as _storage_options
 
 
 @click.command("verify")

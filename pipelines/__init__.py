@@ -1,6 +1,6 @@
 """The two stages: the teacher pass (stage one) and student training (stage two).
 
-The public names are imported on first use, so ``python -m pipelines.teacher_pass`` (the
+The public names are imported on first use, so ``python -m logitstore.pipelines.teacher_pass`` (the
 ``torchrun`` entry point) does not import its own module twice. The functions named like their
 module, ``train`` and ``evaluate``, are imported from the module itself.
 """
@@ -11,9 +11,9 @@ import importlib
 from typing import Any
 
 _PUBLIC = {
-    "TeacherPassConfig": "pipelines.teacher_pass",
-    "run_teacher_pass": "pipelines.teacher_pass",
-    "TrainConfig": "pipelines.train",
+    "TeacherPassConfig": "logitstore.pipelines.teacher_pass",
+    "run_teacher_pass": "logitstore.pipelines.teacher_pass",
+    "TrainConfig": "logitstore.pipelines.train",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -1,6 +1,6 @@
 """Data for the teacher pass: tokenize rows, split them into windows, key them.
 
-Rows come from :func:`pipelines._sources.load_rows` (every source ``datasets`` reads).
+Rows come from :func:`logitstore.pipelines._sources.load_rows` (every source ``datasets`` reads).
 
 Windowing policy (``make_windows``): a document of ``n <= max_length`` tokens is one window. A
 longer one is cut into windows of ``max_length`` tokens that start every ``max_length - 1``
@@ -12,7 +12,7 @@ window's tokens (context restarts at each window). With windowing off, a documen
 next-token position and are skipped.
 
 Document ids are keyed by content: ``{row_id}/w{window}/{hash}``, where ``row_id`` names the
-source row (see :class:`pipelines._sources.RowIds`), and ``hash`` is the first 16 hex digits of
+source row (see :class:`logitstore.pipelines._sources.RowIds`), and ``hash`` is the first 16 hex digits of
 the SHA-256 of the window's token ids as little-endian int64.
 
 Tokenizing and windowing run in ``datasets.Dataset.map`` (``num_proc`` processes), whose result
@@ -32,8 +32,10 @@ from typing import Any
 import numpy as np
 
 from logitstore.errors import ConfigError, DataError
-from pipelines._sources import RowIds, Source
-from pipelines._sources import load_rows as load_rows  # re-exported: the data API in one place
+from logitstore.pipelines._sources import RowIds, Source
+from logitstore.pipelines._sources import (
+    load_rows as load_rows,  # re-exported: the data API in one place
+)
 
 WINDOWING_POLICY = (
     "windows of max_length tokens with stride max_length-1 (one shared token), each next-token "

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from logitstore.codecs import Codec, fidelity_sums, merge_fidelity
+from logitstore.pipelines._data import Window
+from logitstore.pipelines._teacher import window_logits
 from logitstore.writer import EncodedDocument, StoreWriter
-from pipelines._data import Window
-from pipelines._teacher import window_logits
 
 
 def digest_int(*parts: object) -> int:

@@ -144,7 +144,7 @@ def check_vocabulary(manifest: Mapping[str, Any], model: Any, tokenizer: Any | N
     if tokenizer is None:
         return ["no student tokenizer given: only the vocabulary size was checked"]
     # The teacher pass wrote the manifest's section with this function: compare like for like.
-    from pipelines._teacher import tokenizer_fingerprint
+    from logitstore.pipelines._teacher import tokenizer_fingerprint
 
     expected = dict(manifest.get("tokenizer") or {})
     found = tokenizer_fingerprint(tokenizer, vocab)

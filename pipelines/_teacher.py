@@ -20,7 +20,12 @@ import torch
 
 from logitstore.codecs import Codec
 from logitstore.errors import ConfigError, NonFiniteTeacherError
-from pipelines._placement import Placement, load_device_map, load_tensor_parallel, output_device
+from logitstore.pipelines._placement import (
+    Placement,
+    load_device_map,
+    load_tensor_parallel,
+    output_device,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")

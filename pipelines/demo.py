@@ -11,7 +11,7 @@
 5. Evaluates every student on the held-out store, prints a comparison table and writes a PNG
    plot of the training curves and the overconfidence gap.
 
-Run ``python -m pipelines.demo --help`` for the knobs; the defaults finish in about 8 minutes on
+Run ``python -m logitstore.pipelines.demo --help`` for the knobs; the defaults finish in about 8 minutes on
 two CPU cores and use the GPU when there is one.
 """
 
@@ -166,10 +166,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from pipelines._teacher import load_teacher
-    from pipelines.evaluate import evaluate
-    from pipelines.teacher_pass import TeacherPassConfig, format_summary, run_teacher_pass
-    from pipelines.train import TrainConfig, latest_checkpoint, train
+    from logitstore.pipelines._teacher import load_teacher
+    from logitstore.pipelines.evaluate import evaluate
+    from logitstore.pipelines.teacher_pass import (
+        TeacherPassConfig,
+        format_summary,
+        run_teacher_pass,
+    )
+    from logitstore.pipelines.train import TrainConfig, latest_checkpoint, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,12 @@ import torch
 
 from logitstore.dataset import StoreDataset
 from logitstore.divergences import MetricTotals, batch_metrics
-from pipelines._student import check_vocabulary, final_hidden, load_student, load_tokenizer
+from logitstore.pipelines._student import (
+    check_vocabulary,
+    final_hidden,
+    load_student,
+    load_tokenizer,
+)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ so the stored bytes do not depend on batching, ranks or restarts.
 Multi-process: launched by ``torchrun`` (``WORLD_SIZE > 1``), rank 0 reads and tokenizes the
 data first and the others then read its windows from the ``datasets`` cache; rank 0 creates or
 resumes the store, the others join it, each writes its own shards, and rank 0 writes the
-manifest after every rank succeeded. Run as ``python -m pipelines.teacher_pass`` with the options of
+manifest after every rank succeeded. Run as ``python -m logitstore.pipelines.teacher_pass`` with the options of
 ``logitstore teacher-pass``.
 
 Placement (``pipelines/_placement.py``): by default each process holds the whole teacher on its
@@ -55,9 +55,8 @@ from tqdm import tqdm
 
 from logitstore.codecs import Codec, codec_from_json, get_codec
 from logitstore.errors import ConfigError, LogitstoreError
-from logitstore.writer import StoreWriter, stored_settings
-from pipelines._data import ISOLATION, WINDOWING_POLICY, Window, build_windows, load_rows
-from pipelines._distributed import (
+from logitstore.pipelines._data import ISOLATION, WINDOWING_POLICY, Window, build_windows, load_rows
+from logitstore.pipelines._distributed import (
     agree,
     any_failed,
     init_processes,
@@ -65,15 +64,16 @@ from pipelines._distributed import (
     tensor_parallel_group,
     tensor_parallel_groups,
 )
-from pipelines._encoder import ShardBuffer, Worker
-from pipelines._placement import Placement
-from pipelines._teacher import (
+from logitstore.pipelines._encoder import ShardBuffer, Worker
+from logitstore.pipelines._placement import Placement
+from logitstore.pipelines._teacher import (
     Teacher,
     fit_codec,
     forward_batch,
     load_teacher,
     tokenizer_fingerprint,
 )
+from logitstore.writer import StoreWriter, stored_settings
 
 
 @dataclass
@@ -512,7 +512,7 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # torchrun -m pipelines.teacher_pass ... takes the CLI's options
+if __name__ == "__main__":  # torchrun -m logitstore.pipelines.teacher_pass ... takes the CLI's options
     import importlib
 
     # Looked up at run time: the CLI imports this module, so no static import back.

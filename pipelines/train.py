@@ -14,7 +14,7 @@ A run directory ``out/`` holds ``metrics.jsonl`` (one JSON row per logged step) 
 plus ``logitstore_state.json`` (read positions, the objective's schedule), written last, so a
 checkpoint cut short by a crash is never resumed from.
 
-Run on several processes with ``torchrun --nproc-per-node N -m pipelines.train CONFIG.yaml``
+Run on several processes with ``torchrun --nproc-per-node N -m logitstore.pipelines.train CONFIG.yaml``
 or ``torchrun ... $(which logitstore) train ...``; gloo on CPU, NCCL on CUDA.
 """
 
@@ -32,8 +32,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from logitstore.errors import ConfigError, OutputNotWritableError
-from pipelines._checkpoint import truncate_metrics
-from pipelines._student import (
+from logitstore.pipelines._checkpoint import truncate_metrics
+from logitstore.pipelines._student import (
     check_vocabulary,
     init_from_teacher,
     is_config_file,
@@ -367,5 +367,5 @@ class _RunCallback(TrainerCallback):
             f.write(json.dumps(row) + "\n")
 
 
-if __name__ == "__main__":  # torchrun --nproc-per-node N -m pipelines.train CONFIG.yaml
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m logitstore.pipelines.train CONFIG.yaml
     print(json.dumps(train(TrainConfig.from_yaml(sys.argv[1])), indent=1, default=str))

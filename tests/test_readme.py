@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-# The benchmark scripts are not part of the installed packages: import them from the tree.
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_teacher_pass import sandwich  # noqa: E402
+from logitstore.benchmarks.bench_teacher_pass import sandwich
 
 
 def test_a_steady_drift_cancels_and_the_control_shows_it():

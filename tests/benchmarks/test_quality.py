@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +9,8 @@ import pytest
 import torch
 
 from logitstore import EncodedDocument, StoreWriter, open_store
+from logitstore.benchmarks.quality import drop_tail_store, findings, format_table
 from logitstore.codecs import get_codec
-
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.quality import drop_tail_store, findings, format_table  # noqa: E402
 
 V = 300
 META = {

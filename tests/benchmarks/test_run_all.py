@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-# The benchmark scripts are not part of the installed packages: import them from the tree.
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import run_all as ra  # noqa: E402
+from logitstore.benchmarks import run_all as ra
 
 FAKE = ra.Section("fake", "Fake benchmark", "fake_bench", note="a fake for the tests")
 
@@ -114,7 +108,7 @@ def test_update_section_replaces_only_its_block(tmp_path):
 
 
 def test_cli_bench_writes_report_keeps_quality_and_reports_failure(tmp_path, monkeypatch):
-    from cli import main
+    from logitstore.cli import main
 
     value = round(random.Random(3).uniform(0.1, 5), 3)
     ok = fake_script(tmp_path, f'print("step ratio {value}x")\n')

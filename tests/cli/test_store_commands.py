@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
 from logitstore import EncodedDocument, StoreWriter, open_store
+from logitstore.cli import main
 from logitstore.codecs import get_codec
 
 V = 256
@@ -128,7 +128,7 @@ def test_interrupted_convert_resumes(store, tmp_path, monkeypatch):
 
 
 def test_inspect_summarises_long_codec_settings():
-    from cli.inspect import _codec
+    from logitstore.cli.inspect import _codec
 
     codec = {"name": "topk", "version": 1, "configuration": {"k": 4, "hot_ids": list(range(900))}}
     line = _codec(codec)

@@ -8,7 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 import logitstore
-from cli import main
+from logitstore.cli import main
 
 
 def invoke(*args: str):

@@ -12,16 +12,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
-from cli.train import parse_params
 from logitstore import open_store
+from logitstore.cli import main
+from logitstore.cli.train import parse_params
 from logitstore.dataset import StoreDataset
 from logitstore.divergences import DistillationLoss
 from logitstore.errors import ConfigError
 from logitstore.hf import STATE_NAME
-from pipelines._student import final_hidden, load_student
-from pipelines.evaluate import evaluate
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines._student import final_hidden, load_student
+from logitstore.pipelines.evaluate import evaluate
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -206,7 +206,7 @@ def test_two_process_torchrun(store, tiny_student_dir, tmp_path):
         "--nproc-per-node",
         "2",
         "-m",
-        "pipelines.train",
+        "logitstore.pipelines.train",
         str(config),
     ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from cli import main
+from logitstore.cli import main
 
 PASS = ["--k", "8", "--max-length", "32", "--limit", "3", "--docs-per-shard", "8",
         "--temperatures", "1.0,2.0", "--no-progress"]  # fmt: skip
@@ -121,7 +121,7 @@ with open("/proc/self/statm") as f:
     used = int(f.read().split()[0]) * resource.getpagesize()
 resource.setrlimit(resource.RLIMIT_AS, (used + int(sys.argv[1]), hard))
 from click.testing import CliRunner
-from cli import main
+from logitstore.cli import main
 result = CliRunner().invoke(main, sys.argv[2:], catch_exceptions=True)
 exc = result.exception
 print(json.dumps({

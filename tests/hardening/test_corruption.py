@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli import main
 from logitstore import open_store
+from logitstore.cli import main
 from logitstore.dataset import StoreDataset
 from logitstore.errors import CorruptShardError
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
-from pipelines.train import TrainConfig, train
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines.train import TrainConfig, train
 
 BACKENDS = ["zarr", "parquet"]
 DAMAGES = ["flip", "truncate", "delete"]

@@ -38,15 +38,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cli import main
 from logitstore import EncodedDocument, StoreWriter, open_store
+from logitstore.cli import main
 from logitstore.codecs import get_codec
 from logitstore.errors import StoreNotFoundError
 from logitstore.format import record_index
 from logitstore.hf import STATE_NAME
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines.train import TrainConfig, train
 from logitstore.storage._fs import TMP_PREFIX, tree_checksum
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
-from pipelines.train import TrainConfig, train
 
 # One torch thread (tests/hardening/conftest.py); the subprocesses run one thread too (see
 # env()), so float rounding matches.

@@ -52,7 +52,7 @@ with open("/proc/self/statm") as f:
     used = int(f.read().split()[0]) * resource.getpagesize()
 resource.setrlimit(resource.RLIMIT_AS, (used + int(sys.argv[1]), hard))
 from click.testing import CliRunner
-from cli import main
+from logitstore.cli import main
 reports = []
 for args in json.loads(sys.argv[2]):
     result = CliRunner().invoke(main, args, catch_exceptions=True)

@@ -294,7 +294,7 @@ def from_pretrained_calls(monkeypatch) -> list[tuple[str, dict]]:
 def test_the_teacher_loads_without_remote_code_unless_asked(
     tiny_teacher_dir, from_pretrained_calls
 ):
-    from pipelines._teacher import load_teacher
+    from logitstore.pipelines._teacher import load_teacher
 
     teacher = load_teacher(str(tiny_teacher_dir), device="cpu")
     assert {name for name, _ in from_pretrained_calls} >= {"AutoModelForCausalLM", "AutoTokenizer"}
@@ -314,7 +314,7 @@ def test_the_cli_passes_trust_remote_code_only_when_given(
 ):
     from click.testing import CliRunner
 
-    from cli import main
+    from logitstore.cli import main
 
     for flag, expected in (([], False), (["--trust-remote-code"], True)):
         from_pretrained_calls.clear()
@@ -329,7 +329,7 @@ def test_the_cli_passes_trust_remote_code_only_when_given(
 
 
 def test_the_student_is_never_loaded_with_remote_code(tiny_student_dir, from_pretrained_calls):
-    from pipelines._student import load_student, load_tokenizer
+    from logitstore.pipelines._student import load_student, load_tokenizer
 
     load_student(str(tiny_student_dir))
     load_tokenizer(str(tiny_student_dir))

@@ -15,7 +15,7 @@ import fsspec.config
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from logitstore.cli import main
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from logitstore.dataset import collate_documents
 from logitstore.divergences import DistillationLoss, fused_sparse_loss
 from logitstore.errors import ConfigError, TokenizerMismatchError
 from logitstore.hf import STATE_NAME, KDTrainer, latest_checkpoint, patch_for_distillation
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("kd_run.py")

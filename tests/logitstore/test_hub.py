@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from fsspec.implementations.memory import MemoryFileSystem
 
 import logitstore.hub as hub
-from cli import main
 from logitstore import open_store
 from logitstore._hub_card import base_models, size_category, source_datasets
+from logitstore.cli import main
 from logitstore.codecs import fidelity_sums, get_codec, merge_fidelity
 from logitstore.errors import HubAuthError
 from logitstore.writer import EncodedDocument, StoreWriter

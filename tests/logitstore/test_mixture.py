@@ -174,7 +174,7 @@ def test_refuses_different_tokenizers_and_documents(tmp_path, corpus):
 def test_mix_cli(tmp_path, corpus):
     from click.testing import CliRunner
 
-    from cli import main
+    from logitstore.cli import main
 
     tokens, lp_a, lp_b = corpus
     codec = get_codec("topk", k=4, values="q8")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from logitstore.errors import DataError
-from pipelines._data import (
+from logitstore.pipelines._data import (
     build_windows,
     doc_id,
     load_rows,
@@ -34,12 +34,12 @@ def datasets_cache(tmp_path, monkeypatch):
 
 def counting_tokenizer_calls(monkeypatch) -> list[str]:
     """Every text ``build_windows`` tokenizes from now on (a cache hit tokenizes none)."""
-    import pipelines._data
+    import logitstore.pipelines._data
 
     calls: list[str] = []
-    real = pipelines._data.tokenize_text
+    real = logitstore.pipelines._data.tokenize_text
     monkeypatch.setattr(
-        pipelines._data, "tokenize_text", lambda tok, text: calls.append(text) or real(tok, text)
+        logitstore.pipelines._data, "tokenize_text", lambda tok, text: calls.append(text) or real(tok, text)
     )
     return calls
 

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from logitstore import open_store
-from pipelines.evaluate import bleu, distinct_n, evaluate, self_bleu
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines.evaluate import bleu, distinct_n, evaluate, self_bleu
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-import pipelines
+import logitstore.pipelines as pipelines
 
 
 def test_public_names_resolve_to_their_modules_objects():

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from logitstore.errors import ConfigError, DataError
-from pipelines._data import build_windows
-from pipelines._sources import _load_hub, load_rows
+from logitstore.pipelines._data import build_windows
+from logitstore.pipelines._sources import _load_hub, load_rows
 
 TEXTS = [topics[k][:600] for k in sorted(topics)[:6]]
 README = """---

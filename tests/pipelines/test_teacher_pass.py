@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import logitstore
 from logitstore.codecs._quant import grid, grid_max
 from logitstore.errors import ConfigError, DataError, NonFiniteTeacherError, SettingsMismatchError
-from pipelines._data import load_rows, tokenize_chat, tokenize_text
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines._data import load_rows, tokenize_chat, tokenize_text
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
 TAIL_RTOL = 2.0**-11  # tails are stored as float16 (the codec's stated precision)
 
@@ -264,7 +264,7 @@ def test_nan_teacher_names_the_document_and_keeps_committed_shards(
 def test_teacher_loading_options_and_fingerprints(tiny_teacher_dir, tiny_tokenizer):
     import hashlib
 
-    from pipelines._teacher import load_teacher, tokenizer_fingerprint
+    from logitstore.pipelines._teacher import load_teacher, tokenizer_fingerprint
 
     teacher = load_teacher(str(tiny_teacher_dir), dtype="bfloat16", device="cpu")
     assert next(teacher.model.parameters()).dtype == torch.bfloat16 and not teacher.model.training
@@ -297,7 +297,7 @@ def test_fsspec_output_url(tiny_teacher_dir, text_jsonl):
 
 
 def test_hub_commit_is_read_from_the_local_cache(tmp_path):
-    from pipelines._teacher import hub_commit
+    from logitstore.pipelines._teacher import hub_commit
 
     sha = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "models--org--tiny"

@@ -1,6 +1,6 @@
 """The teacher pass's data: a resumed run reads its windows from the cache, new sources work.
 
-Tokenizer calls are counted by wrapping ``pipelines._data.tokenize_text``; a cached run makes
+Tokenizer calls are counted by wrapping ``logitstore.pipelines._data.tokenize_text``; a cached run makes
 none. The tiny teacher is the one of ``tests/conftest.py``.
 """
 
@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import logitstore
-from pipelines._data import tokenize_text
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines._data import tokenize_text
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {"k": 8, "max_length": 48, "docs_per_shard": 3, "batch_size": 4, "limit": 3}
@@ -33,12 +33,12 @@ def run(teacher, data, out, **kw):
 
 
 def counting_tokenizer_calls(monkeypatch) -> list[str]:
-    import pipelines._data
+    import logitstore.pipelines._data
 
     calls: list[str] = []
-    real = pipelines._data.tokenize_text
+    real = logitstore.pipelines._data.tokenize_text
     monkeypatch.setattr(
-        pipelines._data, "tokenize_text", lambda tok, text: calls.append(text) or real(tok, text)
+        logitstore.pipelines._data, "tokenize_text", lambda tok, text: calls.append(text) or real(tok, text)
     )
     return calls
 
@@ -99,7 +99,7 @@ def test_existing_stores_keep_their_source_and_ids(tmp_path, tiny_teacher_dir, t
 
 COUNTING_LAUNCHER = """
 import os, sys, time
-import pipelines._data as data
+import logitstore.pipelines._data as data
 
 real = data.tokenize_text
 
@@ -113,7 +113,7 @@ def counted(tokenizer, text):
 
 
 data.tokenize_text = counted
-import cli
+import logitstore.cli as cli
 
 cli.main(["teacher-pass", *sys.argv[1:]])
 """

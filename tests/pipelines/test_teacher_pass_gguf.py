@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import logitstore
 from logitstore.codecs._quant import grid, grid_max
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
 
 @pytest.mark.slow

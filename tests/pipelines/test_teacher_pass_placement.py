@@ -23,12 +23,12 @@ import torch
 from click.testing import CliRunner
 
 import logitstore
-from cli import main as cli_main
+from logitstore.cli import main as cli_main
 from logitstore.errors import ConfigError
-from pipelines._distributed import tensor_parallel_groups
-from pipelines._placement import Placement, parse_max_memory
-from pipelines._teacher import load_teacher
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines._distributed import tensor_parallel_groups
+from logitstore.pipelines._placement import Placement, parse_max_memory
+from logitstore.pipelines._teacher import load_teacher
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = {"k": 8, "max_length": 48, "docs_per_shard": 4, "batch_size": 4, "limit": 6}
@@ -253,7 +253,7 @@ def env() -> dict[str, str]:
 def torchrun(nproc: int, *args: str) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-        str(nproc), "-m", "pipelines.teacher_pass", *args,
+        str(nproc), "-m", "logitstore.pipelines.teacher_pass", *args,
     ]  # fmt: skip
 
 

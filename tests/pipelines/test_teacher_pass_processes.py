@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import logitstore
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def test_sigkill_then_resume_gives_a_byte_identical_store(tmp_path, tiny_teacher
     cmd = [
         sys.executable,
         "-m",
-        "pipelines.teacher_pass",
+        "logitstore.pipelines.teacher_pass",
         *cli_args(tiny_teacher_dir, text_jsonl, out, **SETTINGS),
     ]
     proc = subprocess.Popen(
@@ -103,7 +103,7 @@ def test_torchrun_two_processes_write_one_store(tmp_path, tiny_teacher_dir, text
     out = tmp_path / "ranks"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "pipelines.teacher_pass", *cli_args(tiny_teacher_dir, text_jsonl, out, **settings),
+        "-m", "logitstore.pipelines.teacher_pass", *cli_args(tiny_teacher_dir, text_jsonl, out, **settings),
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -20,9 +20,9 @@ from logitstore.errors import (
     UnknownNameError,
 )
 from logitstore.hf import STATE_NAME
-from pipelines._student import final_hidden, init_from_teacher, load_student
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
-from pipelines.train import TrainConfig, train
+from logitstore.pipelines._student import final_hidden, init_from_teacher, load_student
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines.train import TrainConfig, train
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -136,7 +136,7 @@ def _assert_refused(root: Path, shard: int) -> None:
     # The command line names it too and exits non-zero.
     from click.testing import CliRunner
 
-    from cli import main
+    from logitstore.cli import main
 
     result = CliRunner().invoke(main, ["verify", str(root)])
     assert result.exit_code == 1 and name in result.output
