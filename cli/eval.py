@@ -44,7 +44,7 @@ def command(
 
     \b
     Examples:
-      logitstore eval --student run/checkpoints/step-00001000 --store heldout/
+      logitstore eval --student run/checkpoints/checkpoint-1000 --store heldout/
       logitstore eval --student run/final --store heldout/ --prompts prompts.txt --json
     """
     from logitstore.pipelines.evaluate import evaluate
