@@ -92,7 +92,7 @@ def timed(fn, *args, **kwargs):
 
 
 def bare_forward(teacher, shards, batch_size: int) -> None:
-    """The forward alone over the pass's batches."""
+    """The forward alone over the pass's batches, called as the pass calls it (no KV cache)."""
     with torch.inference_mode():
         for windows in shards:
             for batch in plan_batches(windows, batch_size):
@@ -104,7 +104,9 @@ def bare_forward(teacher, shards, batch_size: int) -> None:
                     ids[b, : w.num_tokens] = torch.from_numpy(w.input_ids)
                     mask[b, : w.num_tokens] = 1
                 _ = teacher.model(
-                    input_ids=ids.to(teacher.device), attention_mask=mask.to(teacher.device)
+                    input_ids=ids.to(teacher.device),
+                    attention_mask=mask.to(teacher.device),
+                    use_cache=False,
                 ).logits
     if teacher.device.type == "cuda":
         torch.cuda.synchronize()
