@@ -122,37 +122,108 @@ with open("/proc/self/statm") as f:
 resource.setrlimit(resource.RLIMIT_AS, (used + int(sys.argv[1]), hard))
 from click.testing import CliRunner
 from logitstore.cli import main
-result = CliRunner().invoke(main, sys.argv[2:], catch_exceptions=True)
-exc = result.exception
-print(json.dumps({
-    "exit_code": result.exit_code,
-    "output": result.output,
-    "exception": None if exc is None or isinstance(exc, SystemExit) else type(exc).__name__,
-    "mro": [] if exc is None else [c.__name__ for c in type(exc).__mro__],
-    "traceback": "" if exc is None or isinstance(exc, SystemExit)
-        else "".join(traceback.format_exception(exc)),
-}))
+out = sys.stdout
+print("READY", file=out, flush=True)
+for line in sys.stdin:  # one command per line, one report per command
+    result = CliRunner().invoke(main, json.loads(line), catch_exceptions=True)
+    exc = result.exception
+    print("REPORT " + json.dumps({
+        "exit_code": result.exit_code,
+        "output": result.output,
+        "exception": None if exc is None or isinstance(exc, SystemExit) else type(exc).__name__,
+        "mro": [] if exc is None else [c.__name__ for c in type(exc).__mro__],
+        "traceback": "" if exc is None or isinstance(exc, SystemExit)
+            else "".join(traceback.format_exception(exc)),
+    }), file=out, flush=True)
 """
+
+
+class _LimitedChild:
+    """One child process under the memory limit that runs ``logitstore`` commands one after
+    another (starting a child costs seconds, mostly importing torch; a command costs far less).
+
+    The limit is on the child's whole address space, so a command that leaked would show in the
+    ones after it as a failure, never as a pass. A child that dies or hangs is replaced.
+    """
+
+    def __init__(self, limit: int) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(limit)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
+        assert self._line(120) == "READY", "the limited child did not start"
+
+    def _line(self, timeout: float) -> str | None:
+        """The child's next protocol line, skipping anything else it printed; None when it
+        died or stayed silent for ``timeout`` seconds."""
+        import select
+        import time
+
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                return None
+            line = self.proc.stdout.readline()
+            if not line:
+                return None
+            if line.startswith(("READY", "REPORT ")):
+                return line.rstrip("\n")
+
+    def run(self, args: list[str], timeout: float) -> dict[str, Any] | str:
+        """The command's report, or why there is none."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(args) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return f"the child had exited ({self.proc.poll()})"
+        line = self._line(timeout)
+        if line is None:
+            self.close()
+            return f"no report within {timeout} s (exit {self.proc.poll()})"
+        return json.loads(line.removeprefix("REPORT "))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+_children: dict[int, _LimitedChild] = {}
 
 
 def run_limited(*args: Any, limit: int = LIMIT_BYTES, timeout: float = 120) -> dict[str, Any]:
     """Run ``logitstore ARGS`` in a child process whose address space may grow by at most
     ``limit`` bytes; return its exit code, output and the class of any uncaught exception.
 
-    A MemoryError (or a kill) in the child shows as a failed refusal, not as a crash of the
-    test run.
+    A MemoryError in the child shows as a failed refusal, a kill or a hang as a failed
+    assertion, never as a crash of the test run.
     """
-    import subprocess
-    import sys
+    child = _children.get(limit)
+    if child is None or not child.alive():
+        child = _children[limit] = _LimitedChild(limit)
+    report = child.run([str(a) for a in args], timeout)
+    assert isinstance(report, dict), report
+    return report
 
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(limit), *[str(a) for a in args]],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_limited_children():
+    yield
+    for child in _children.values():
+        child.close()
 
 
 def refused_limited(report: dict[str, Any], *words: str) -> None:
