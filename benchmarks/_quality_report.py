@@ -1,0 +1,276 @@
+"""The quality experiment's report: per-arm means, paired differences, curves, and the plot.
+
+``results`` is ``{arm: {seed: run}}`` where a run is ``{"curve": [point, ...], "final": point,
+"tokens", "train_s"}`` (or ``{"error": message}``) and a point holds ``step`` and the held-out
+metrics of ``logitstore.pipelines.evaluate`` plus ``gap`` (student minus teacher mean top-1
+probability). Every figure printed here is computed from those runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ._quality_stats import Interval, curve, mean_interval, paired, per_seed
+
+Results = Mapping[str, Mapping[int, Mapping[str, Any]]]
+
+#: Per-arm table columns: metric key, title.
+COLUMNS = [
+    ("fkl", "teacher KL"),
+    ("rkl", "teacher RKL"),
+    ("top1_agreement", "top-1 agree"),
+    ("student_top1_prob", "student p(top1)"),
+    ("gap", "overconf. gap"),
+    ("student_ece", "ECE"),
+    ("student_entropy", "entropy"),
+    ("distinct_2", "distinct-2"),
+    ("self_bleu", "self-BLEU"),
+]
+STORE_LABELS = {
+    "dense": "dense 8-bit",
+    "topk": "top-k + tail bucket",
+    "sampled": "sampled (RS-KD counts)",
+    "droptail": "top-k, tail dropped",
+}
+#: The objective comparisons' metrics: key, title, relative.
+OBJECTIVE_METRICS = [
+    ("fkl", "teacher KL", True),
+    ("gap", "overconf. gap", False),
+    ("student_ece", "ECE", False),
+    ("student_entropy", "entropy", False),
+    ("distinct_2", "distinct-2", False),
+    ("self_bleu", "self-BLEU", False),
+]
+
+
+def comparisons(arms: list[str]) -> list[tuple[str, str, str, list[tuple[str, str, bool]]]]:
+    """``(a, b, question, metrics)``: the paired comparisons whose two arms were both run."""
+    kl = [("fkl", "teacher KL", True), ("gap", "overconf. gap", False)]
+    out = [
+        ("topk", "dense", "top-k + tail bucket vs dense 8-bit", kl),
+        ("sampled", "dense", "sampled (RS-KD) vs dense 8-bit", kl),
+        ("droptail", "topk", "top-k: tail dropped vs tail bucket", kl),
+        ("rkl", "topk", "RKL vs FKL (top-k store)", OBJECTIVE_METRICS),
+    ]
+    drkl = sorted((a for a in arms if a.startswith("drkl-")), key=lambda a: float(a[5:]))
+    out += [(d, "rkl", f"DRKL (gamma {d[5:]}) vs RKL", OBJECTIVE_METRICS) for d in drkl]
+    return [c for c in out if c[0] in arms and c[1] in arms]
+
+
+def _cell(iv: Interval, digits: int = 4) -> str:
+    if iv.n == 0:
+        return "-"
+    if math.isnan(iv.low):
+        return f"{iv.mean:.{digits}f}"
+    return f"{iv.mean:.{digits}f} ± {(iv.high - iv.low) / 2:.{digits}f}"
+
+
+def arms_table(results: Results) -> str:
+    """Mean ± 95 % half-width over seeds of each arm's final held-out metrics."""
+    titles = " | ".join(title for _, title in COLUMNS)
+    lines = [
+        f"| arm | train store | objective | seeds | {titles} |",
+        "|" + "---|" * (len(COLUMNS) + 4),
+    ]
+    for arm, runs in results.items():
+        ok = [r for r in runs.values() if "final" in r]
+        if not ok:
+            lines.append(f"| {arm} | - | - | 0 | failed: {_first_error(runs)} |")
+            continue
+        final = ok[0]["final"]
+        cells = [
+            _cell(mean_interval(per_seed(results, arm, key).values())) if key in final else "-"
+            for key, _ in COLUMNS
+        ]
+        store, objective = ok[0].get("store", "-"), ok[0].get("divergence", "-")
+        lines.append(
+            f"| {arm} | {STORE_LABELS.get(store, store)} | {objective} | {len(ok)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _first_error(runs: Mapping[int, Mapping[str, Any]]) -> str:
+    errors = [r["error"] for r in runs.values() if "error" in r]
+    return (errors[0] if errors else "no run").replace("|", "/")[:80]
+
+
+def paired_table(results: Results) -> tuple[str, dict[tuple[str, str, str], Interval]]:
+    """One row per comparison and metric: the mean paired difference and its 95 % interval
+    (relative for teacher KL: ``a / b - 1``); also the intervals by ``(a, b, metric)``."""
+    lines = [
+        "| comparison (a vs b) | metric | a | b | paired a - b, mean [95 % CI] | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    found: dict[tuple[str, str, str], Interval] = {}
+    for a, b, question, metrics in comparisons(list(results)):
+        for key, title, relative in metrics:
+            xa, xb = per_seed(results, a, key), per_seed(results, b, key)
+            iv = paired(xa, xb, relative=relative)
+            if iv.n == 0:
+                continue
+            found[(a, b, key)] = iv
+            unit = "a / b - 1, " if relative else ""
+            lines.append(
+                f"| {question} | {title} | {mean_interval(xa.values()).mean:.4f} | "
+                f"{mean_interval(xb.values()).mean:.4f} | {unit}{iv.format(percent=relative)} "
+                f"| {iv.n} |"
+            )
+    return "\n".join(lines), found
+
+
+def curve_table(results: Results, metric: str = "fkl") -> str:
+    """Held-out ``metric`` per arm at each evaluated step (mean over seeds), and the paired
+    relative change over the last interval (how flat the curve has become)."""
+    steps = sorted({p["step"] for runs in results.values() for r in runs.values()
+                    for p in r.get("curve", [])})  # fmt: skip
+    lines = [
+        "| arm | " + " | ".join(f"step {s}" for s in steps) + " | last interval, mean [95 % CI] |",
+        "|" + "---|" * (len(steps) + 2),
+    ]
+    for arm in results:
+        arm_steps, means = curve(results, arm, metric)
+        by_step = dict(zip(arm_steps, means))
+        cells = [f"{by_step[s].mean:.4f}" if s in by_step else "-" for s in steps]
+        lines.append(
+            f"| {arm} | " + " | ".join(cells) + f" | {last_change(results, arm, metric)} |"
+        )
+    return "\n".join(lines)
+
+
+def last_change(results: Results, arm: str, metric: str = "fkl") -> str:
+    """Relative change of ``metric`` between the last two evaluations, paired per seed."""
+    changes = []
+    for run in results.get(arm, {}).values():
+        points = [p for p in run.get("curve", []) if metric in p]
+        if len(points) >= 2:
+            changes.append(points[-1][metric] / points[-2][metric] - 1)
+    iv = mean_interval(changes)
+    return iv.format(percent=True) if iv.n > 1 else "-"
+
+
+def findings(results: Results, found: Mapping[tuple[str, str, str], Interval]) -> list[str]:
+    """The answers the experiment was built for, in words, from the measured intervals only."""
+    out = []
+    aim = found.get(("topk", "dense", "fkl"))
+    if aim is not None and aim.n > 1:
+        if aim.high <= 0.02:
+            verdict = "the whole interval is below +2 %: the aim is met"
+        elif aim.low > 0.02:
+            verdict = "the whole interval is above +2 %: the aim is NOT met"
+        else:
+            verdict = "the interval straddles +2 %: these seeds do not settle the aim"
+        out.append(
+            f"- Top-k + tail bucket vs dense 8-bit: held-out teacher KL "
+            f"{aim.format(percent=True)} (paired, {aim.n} seeds); {verdict}."
+        )
+    rkl_gap = mean_interval(per_seed(results, "rkl", "gap").values())
+    if rkl_gap.n > 1:
+        regime = (
+            "over-confident (the whole interval above 0)"
+            if rkl_gap.low > 0
+            else "NOT measurably over-confident"
+        )
+        out.append(
+            f"- Regime: the RKL student's over-confidence gap is {rkl_gap.mean:+.4f} "
+            f"[{rkl_gap.low:+.4f}, {rkl_gap.high:+.4f}] on held-out text: {regime}."
+        )
+    for (a, _b, key), iv in found.items():
+        if not a.startswith("drkl-") or key not in ("gap", "student_ece", "distinct_2", "fkl"):
+            continue
+        if key == "fkl":
+            word = "better" if iv.high < 0 else "worse" if iv.low > 0 else "indistinguishable"
+            out.append(f"- {a} vs RKL, teacher KL {iv.format(percent=True)}: {word}.")
+            continue
+        word = "lower" if iv.high < 0 else "higher" if iv.low > 0 else "no measurable difference"
+        out.append(f"- {a} vs RKL, {key}: {iv.format()} ({word}).")
+    return out
+
+
+def report_body(results: Results, args: Mapping[str, Any], command: str, seconds: float) -> str:
+    """The "Distillation quality" section: setup, tables, findings, command and wall time."""
+    runs = [r for arm in results.values() for r in arm.values() if "final" in r]
+    tokens = max((r.get("tokens", 0) for r in runs), default=0)
+    positions = max((r["final"].get("tokens", 0) for r in runs), default=0)
+    teacher_top1 = runs[0]["final"]["teacher_top1_prob"] if runs else math.nan
+    train_min = sum(r.get("train_s", 0) for r in runs) / 60
+    setup = (
+        f"Teacher SmolLM2-135M-Instruct (GGUF Q4_1); students keep {args['student_layers']} of "
+        f"its 30 layers; {args['train_docs']} training documents (Python documentation text, "
+        f"at most {args['max_chars']} characters, windows of {args['max_length']} tokens), "
+        f"{args['steps']} steps of {args['tokens_per_step']} tokens ({int(tokens)} trained "
+        f"tokens per student), lr {args['lr']}, seeds {list(range(args['seeds']))} (a seed "
+        f"fixes the data order; every arm sees the same order per seed). Top-k store: k = "
+        f"{args['k']}, values {args['values']}; sampled: {args['draws']} draws; dense: "
+        f"{args['dense_bits']}-bit. Evaluated every {args['eval_every']} steps on "
+        f"{args['heldout_docs']} held-out documents ({int(positions)} positions, none of "
+        f"them in a training store) from one top-k store (k = {args['eval_k']}, tail bucket: "
+        f"the KL there is a lower bound); teacher mean top-1 probability there "
+        f"{teacher_top1:.4f}. Gap = student mean top-1 probability minus the teacher's. "
+        f"Diversity: 4 samples of 32 tokens (temperature 1) from the opening words of each "
+        f"held-out document. Device {args['device']}, {args['jobs']} students at a time; "
+        f"wall time {seconds / 60:.1f} min ({train_min:.1f} min of student training summed)."
+    )
+    table, found = paired_table(results)
+    return "\n\n".join(
+        [
+            "## Distillation quality",
+            setup,
+            "Per arm, final checkpoint, mean ± 95 % half-width over seeds:",
+            arms_table(results),
+            "Paired differences (same seed, same data order), mean and 95 % t-interval over "
+            "seeds; teacher KL as a relative difference:",
+            table,
+            "Held-out teacher KL during training (mean over seeds), and its change over the "
+            "last interval:",
+            curve_table(results),
+            "\n".join(findings(results, found)),
+            f"Reproduce: `{command}`",
+        ]
+    )
+
+
+def plot_curves(results: Results, path: Path) -> None:
+    """Held-out teacher KL and over-confidence gap against steps, one line per arm (mean over
+    seeds), the seeds' range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, title in (
+        (axes[0], "fkl", "held-out teacher KL (bucket model)"),
+        (axes[1], "gap", "over-confidence gap (student - teacher p(top1))"),
+    ):
+        for arm in results:
+            by_step: dict[int, list[float]] = {}
+            for run in results[arm].values():
+                for p in run.get("curve", []):
+                    by_step.setdefault(p["step"], []).append(p[metric])
+            if not by_step:
+                continue
+            steps = sorted(by_step)
+            means = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+            (line,) = ax.plot(steps, means, marker="o", markersize=3, label=arm)
+            ax.fill_between(
+                steps,
+                [min(by_step[s]) for s in steps],
+                [max(by_step[s]) for s in steps],
+                color=line.get_color(),
+                alpha=0.15,
+            )
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title)
+    axes[0].set_yscale("log")
+    axes[1].axhline(0.0, color="black", linewidth=0.8)
+    axes[1].legend(fontsize=8, ncol=2)
+    fig.suptitle("Students per arm: mean over seeds, shaded: range over seeds")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

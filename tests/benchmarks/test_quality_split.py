@@ -1,0 +1,119 @@
+"""The quality experiment: held-out documents never reach a training store, and the paired
+intervals and tables it reports are computed as documented."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from logitstore import EncodedDocument, StoreWriter
+from logitstore.benchmarks._quality_report import arms_table, findings, paired_table
+from logitstore.benchmarks._quality_stats import mean_interval, paired
+from logitstore.benchmarks.quality import (
+    PRESETS,
+    check_disjoint,
+    corpus_texts,
+    make_arms,
+    split_documents,
+)
+from logitstore.codecs import get_codec
+
+META = {
+    "teacher": {"model": "tiny"},
+    "tokenizer": {"vocab_hash": "abc"},
+    "capture": {"temperatures": []},
+    "source": {"path": "x.jsonl"},
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS), ids=[f"{p}-preset" for p in PRESETS])
+def test_no_held_out_document_is_a_training_document(preset):
+    settings = PRESETS[preset]
+    texts = corpus_texts(settings["max_chars"])
+    train, heldout = split_documents(texts, settings["train_docs"], settings["heldout_docs"])
+    assert len(train) == settings["train_docs"] and len(heldout) == settings["heldout_docs"]
+    assert not set(train) & set(heldout)
+    # No held-out document shares its opening (its first window) with a training document.
+    assert not {t[:200] for t in train} & {t[:200] for t in heldout}
+
+
+def test_split_refuses_a_corpus_too_small():
+    with pytest.raises(SystemExit, match="need 3 \\+ 2 documents"):
+        split_documents(["a", "b", "c", "d"], 3, 2)
+
+
+def write_store(url, windows):
+    codec = get_codec("topk", k=4, values="q8")
+    writer = StoreWriter(str(url), codec=codec, metadata=META, vocab_size=50)
+    docs = []
+    rng = np.random.default_rng(0)
+    for i, ids in enumerate(windows):
+        ids = np.asarray(ids, dtype=np.int64)
+        lp = np.log(rng.dirichlet(np.ones(50), size=len(ids) - 1)).astype(np.float32)
+        fields = codec.encode(torch.from_numpy(lp), torch.from_numpy(ids[1:]), temperatures=())
+        mask = np.ones(len(ids) - 1, dtype=bool)
+        docs.append(EncodedDocument(f"d{i}", ids, mask, {k: v.numpy() for k, v in fields.items()}))
+    writer.write_shard(0, docs)
+    writer.finalize(1)
+
+
+def test_check_disjoint_refuses_a_training_store_holding_a_held_out_window(tmp_path):
+    held = [[1, 2, 3, 4], [5, 6, 7]]
+    write_store(tmp_path / "held", held)
+    write_store(tmp_path / "train_ok", [[1, 2, 3, 5], [9, 8, 7, 6]])
+    write_store(tmp_path / "train_bad", [[9, 9, 9], [5, 6, 7]])
+    assert check_disjoint(str(tmp_path / "train_ok"), str(tmp_path / "held")) == 2
+    with pytest.raises(SystemExit, match="1 held-out windows are also in the training store"):
+        check_disjoint(str(tmp_path / "train_bad"), str(tmp_path / "held"))
+
+
+def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
+    a = {0: 3.0, 1: 5.0, 2: 7.0, 3: 1.0}  # seed 3 has no partner: left out
+    b = {0: 2.0, 1: 3.0, 2: 4.0}
+    iv = paired(a, b)
+    half = 4.303 * 1.0 / math.sqrt(3)  # differences 1, 2, 3: sd 1, t(0.975, 2) = 4.303
+    assert iv.n == 3 and iv.mean == pytest.approx(2.0)
+    assert (iv.low, iv.high) == pytest.approx((2.0 - half, 2.0 + half), abs=1e-9)
+    rel = paired(a, b, relative=True)
+    assert rel.mean == pytest.approx(np.mean([3 / 2 - 1, 5 / 3 - 1, 7 / 4 - 1]))
+    one = mean_interval([0.5])
+    assert one.mean == 0.5 and math.isnan(one.low) and not one.excludes_zero
+
+
+def fake_results():
+    def run(fkl, gap, store="topk", divergence="fkl"):
+        point = {"step": 10, "fkl": fkl, "gap": gap, "student_top1_prob": 0.5 + gap,
+                 "teacher_top1_prob": 0.5, "tokens": 100}  # fmt: skip
+        return {"final": point, "curve": [dict(point, step=5, fkl=2 * fkl), point],
+                "store": store, "divergence": divergence, "tokens": 1000}  # fmt: skip
+
+    return {
+        "dense": {s: run(2.0 + 0.1 * s, 0.0, "dense") for s in range(3)},
+        "topk": {s: run((2.0 + 0.1 * s) * (1.01 + 0.001 * s), 0.0) for s in range(3)},
+        "rkl": {s: run(3.0, 0.05 + 0.01 * s, divergence="rkl") for s in range(3)},
+        "drkl-0.5": {0: {"error": "RuntimeError: a | b"}},
+    }
+
+
+def test_tables_and_findings_come_from_the_paired_runs():
+    results = fake_results()
+    table, found = paired_table(results)
+    aim = found[("topk", "dense", "fkl")]
+    assert aim.mean == pytest.approx(0.011) and aim.high < 0.02
+    assert "top-k + tail bucket vs dense 8-bit | teacher KL" in table
+    text = "\n".join(findings(results, found))
+    assert "the whole interval is below +2 %: the aim is met" in text
+    assert "over-confident (the whole interval above 0)" in text
+    assert "drkl" not in text  # the DRKL student failed: no comparison is claimed
+    rows = arms_table(results).splitlines()
+    assert rows[2].startswith("| dense | dense 8-bit | fkl | 3 | 2.1000 ± ")
+    assert "failed: RuntimeError: a / b" in rows[-1]
+
+
+def test_every_drkl_gamma_is_an_arm():
+    arms = make_arms([0.25, 0.5, 1.0])
+    assert [a for a in arms if a.startswith("drkl")] == ["drkl-0.25", "drkl-0.5", "drkl-1"]
+    assert arms["drkl-1"].params == {"gamma": 1.0} and arms["sampled"].use_counts
