@@ -8,11 +8,22 @@ themselves without CUDA.
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# The tests' datasets cache (tokenized inputs, the teacher pass's Arrow files) is their own,
+# shared by the child processes they start and removed at the end: never the user's cache.
+if "HF_DATASETS_CACHE" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="logitstore-tests-datasets-")
+    os.environ["HF_DATASETS_CACHE"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 TINY_VOCAB = 384
 CHAT_TEMPLATE = (
