@@ -92,14 +92,22 @@ class Nullable(Spec):
 
 
 class List(Spec):
-    def __init__(self, item: Spec, max_len: int, what: str) -> None:
-        self.item, self.max_len, self.what = item, max_len, what
+    """A JSON list of at most ``max_len`` items; with ``unique``, of distinct (hashable) items."""
+
+    def __init__(self, item: Spec, max_len: int, what: str, unique: bool = False) -> None:
+        self.item, self.max_len, self.what, self.unique = item, max_len, what, unique
 
     def check(self, value: Any, where: str) -> None:
         if not isinstance(value, list) or len(value) > self.max_len:
             self.refuse(value if not isinstance(value, list) else _Items(len(value)), where)
         for i, item in enumerate(value):
             self.item.check(item, f"{where}[{i}]")
+        if self.unique:
+            for i, item in enumerate(value):
+                if item in value[:i]:
+                    raise ManifestError(
+                        f"{where}[{i}]: expected {self.what}, found {_show(item)} a second time"
+                    )
 
 
 class Pair(Spec):

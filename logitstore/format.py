@@ -29,10 +29,13 @@ from logitstore.errors import (
     UnsafePathError,
 )
 
-FORMAT_VERSION = 1
-"""Version of the store layout this code writes and reads; bumped on incompatible changes."""
+FORMAT_VERSION = 2
+"""Version of the store layout this code writes; bumped on incompatible changes.
 
-SUPPORTED_FORMAT_VERSIONS = (1,)
+Version 2 made the extra capture temperatures a format field (``tail_temperatures``); version
+1 kept them in the pipeline's ``capture`` section. :func:`tail_temperatures` reads both."""
+
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
 MANIFEST_NAME = "manifest.json"
 SETTINGS_NAME = "settings.json"
@@ -41,7 +44,11 @@ CLAIMS_DIR = "claims"
 SHARDS_DIR = "shards"
 
 METADATA_KEYS = ("teacher", "tokenizer", "capture", "source")
-"""Sections the teacher pass supplies; copied verbatim into settings and manifest."""
+"""Sections the teacher pass supplies; copied verbatim into settings and manifest. The format
+gives meaning to none of their keys."""
+
+LEGACY_TEMPERATURES_KEY = "temperatures"
+"""Where format version 1 kept the tail temperatures: ``capture.temperatures``."""
 
 # -- the manifest's schema -----------------------------------------------------------------
 # Every field a reader uses, with its type and range, checked once when a store is opened, so
@@ -68,6 +75,12 @@ of positions, which readers would otherwise allocate before finding its chunks e
 
 _COUNT = Int(0, MAX_COUNT)
 _FIDELITY = Nullable(Obj(values=Num()))
+_TEMPERATURES = List(
+    Num(positive=True),
+    MAX_TEMPERATURES,
+    f"a list of at most {MAX_TEMPERATURES} distinct finite numbers > 0",
+    unique=True,
+)
 
 SHARD_SCHEMA = Obj(
     required={
@@ -92,15 +105,10 @@ MANIFEST_SCHEMA = Obj(
         "backend": Str(),
         "vocab_size": Int(1, MAX_VOCAB_SIZE),
         "num_temperatures": Int(0, MAX_TEMPERATURES),
+        "tail_temperatures": _TEMPERATURES,
         "teacher": Obj(),
         "tokenizer": Obj(),
-        "capture": Obj(
-            optional={
-                "temperatures": List(
-                    Num(positive=True), MAX_TEMPERATURES, "a list of positive numbers"
-                )
-            }
-        ),
+        "capture": Obj(),
         "source": Obj(),
         "shards": List(SHARD_SCHEMA, MAX_SHARDS, f"a list of at most {MAX_SHARDS} shards"),
         "statistics": Obj(
@@ -117,6 +125,18 @@ MANIFEST_SCHEMA = Obj(
     },
     optional={"compression_level": Int(-7, 22), "run": Obj()},
 )
+"""The manifest of the current format version."""
+
+MANIFEST_SCHEMA_V1 = Obj(
+    required={
+        **{k: v for k, v in MANIFEST_SCHEMA.required.items() if k != "tail_temperatures"},
+        "capture": Obj(optional={LEGACY_TEMPERATURES_KEY: _TEMPERATURES}),
+    },
+    optional=MANIFEST_SCHEMA.optional,
+)
+"""Format version 1: no ``tail_temperatures``; ``capture.temperatures`` optional."""
+
+_SCHEMAS = {1: MANIFEST_SCHEMA_V1, FORMAT_VERSION: MANIFEST_SCHEMA}
 
 
 MANIFEST_FIELDS = tuple(MANIFEST_SCHEMA.required)
@@ -267,11 +287,23 @@ def build_settings(
     backend: str,
     vocab_size: int,
     metadata: Mapping[str, Any],
+    temperatures: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """The settings every shard of one store shares; written at creation, compared on resume.
 
+    Args:
+        codec_json: the codec's manifest entry.
+        backend: backend name.
+        vocab_size: the teacher's true vocabulary size.
+        metadata: the ``teacher``, ``tokenizer``, ``capture`` and ``source`` sections.
+        temperatures: the extra capture temperatures, one per ``tail_logsumexp`` column, in
+            column order (temperature 1 is always captured and not listed). ``None`` takes them
+            from ``metadata["capture"]["temperatures"]`` where format version 1 kept them
+            (moved out of ``capture``), else none.
+
     Raises:
-        ConfigError: a metadata section is missing or not a dict, or ``vocab_size`` < 1.
+        ConfigError: a metadata section is missing or not a dict, ``vocab_size`` < 1, or bad
+            temperatures (see :func:`check_temperatures`), or two different lists given.
     """
     if not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool):
         raise ConfigError(f"vocab_size must be an int, found {vocab_size!r}")
@@ -283,14 +315,57 @@ def build_settings(
                 f"metadata[{key!r}] must be a dict; expected sections {list(METADATA_KEYS)}, "
                 f"found {sorted(metadata)}"
             )
+    capture = dict(metadata["capture"])
+    legacy = capture.pop(LEGACY_TEMPERATURES_KEY, None)
+    if temperatures is None:
+        temperatures = legacy if legacy is not None else []
+    elif legacy is not None and normalize(legacy) != normalize(list(temperatures)):
+        raise ConfigError(
+            f"temperatures given twice, as {list(temperatures)} and as capture.temperatures "
+            f"{legacy!r}; give them once, as temperatures"
+        )
     settings = {
         "format_version": FORMAT_VERSION,
         "codec": dict(codec_json),
         "backend": backend,
         "vocab_size": int(vocab_size),
+        "tail_temperatures": check_temperatures(temperatures),
         **{key: metadata[key] for key in METADATA_KEYS},
+        "capture": capture,
     }
     return normalize(settings)
+
+
+def check_temperatures(temperatures: Any) -> list[float]:
+    """The extra capture temperatures as floats, validated as the manifest's field is.
+
+    Raises:
+        ConfigError: not a list of at most :data:`MAX_TEMPERATURES` distinct finite numbers
+            > 0 (naming the bad item).
+    """
+    if isinstance(temperatures, tuple):
+        temperatures = list(temperatures)
+    try:
+        _TEMPERATURES.check(temperatures, "temperatures")
+    except ManifestError as exc:
+        raise ConfigError(str(exc)) from None
+    return [float(t) for t in temperatures]
+
+
+def tail_temperatures(manifest: Mapping[str, Any]) -> list[float] | None:
+    """The store's extra capture temperatures: column ``j`` of ``tail_logsumexp`` is at
+    temperature ``tail_temperatures(manifest)[j]``. The one accessor for every reader.
+
+    Reads ``tail_temperatures`` (format 2) or ``capture.temperatures`` (format 1) of a
+    validated manifest (or settings). Returns ``None`` for a format 1 store that stored
+    columns without listing their temperatures (a caller then cannot use them by temperature).
+    """
+    if manifest.get("format_version") != 1:
+        return [float(t) for t in manifest["tail_temperatures"]]
+    listed = manifest.get("capture", {}).get(LEGACY_TEMPERATURES_KEY)
+    if listed is not None:
+        return [float(t) for t in listed]
+    return [] if manifest.get("num_temperatures", 0) == 0 else None
 
 
 def first_difference(expected: Any, found: Any, path: str = "") -> tuple[str, Any, Any] | None:
@@ -351,16 +426,17 @@ def validate_manifest(data: Mapping[str, Any]) -> None:
         UnsafePathError: a shard or file path that could escape the store's root.
     """
     check_format_version(data, MANIFEST_NAME)
-    MANIFEST_SCHEMA.check(data, MANIFEST_NAME)
+    _SCHEMAS[data["format_version"]].check(data, MANIFEST_NAME)
     for j, shard in enumerate(data["shards"]):
         where = f"{MANIFEST_NAME} field shards[{j}]"
         check_relative_path(shard["path"], f"{where}.path")
         for i, (name, _) in enumerate(shard["files"]):
             check_relative_path(name, f"{where}.files[{i}]")
-    temperatures = data["capture"].get("temperatures")
+    temperatures = tail_temperatures(data)
     if temperatures is not None and len(temperatures) != data["num_temperatures"]:
+        field = "tail_temperatures" if data["format_version"] != 1 else "capture.temperatures"
         raise ManifestError(
-            f"{MANIFEST_NAME} field capture.temperatures: expected num_temperatures = "
+            f"{MANIFEST_NAME} field {field}: expected num_temperatures = "
             f"{data['num_temperatures']} temperatures, found {len(temperatures)}"
         )
 

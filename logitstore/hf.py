@@ -58,6 +58,7 @@ from logitstore._kd_forward import (
 from logitstore.dataset import StoreDataset, collate_documents
 from logitstore.divergences import DistillationLoss, MetricTotals
 from logitstore.errors import ConfigError, DataError, TokenizerMismatchError
+from logitstore.format import tail_temperatures
 
 __all__ = [
     "KDCollator",
@@ -223,7 +224,7 @@ class KDTrainer(Trainer):
                 divergence,
                 divergence_params,
                 temperature=temperature,
-                capture_temperatures=manifest.get("capture", {}).get("temperatures", []),
+                capture_temperatures=tail_temperatures(manifest),
                 approximate_tail=approximate_tail,
                 tau_squared=tau_squared,
                 use_counts=use_counts,

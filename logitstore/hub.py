@@ -119,7 +119,7 @@ def view_table(store: LogitStore, j: int, max_support: int | None = None) -> pa.
     """
     arrays = store.read_shard_arrays(j)
     positions = store.decode_shard(j, arrays)
-    temps = [float(t) for t in store.manifest["capture"].get("temperatures", [])]
+    temps = fmt.tail_temperatures(store.manifest) or []
     k = positions.support_ids.shape[1]
     cols: dict[str, np.ndarray] = {
         "support_ids": positions.support_ids,

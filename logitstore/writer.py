@@ -42,7 +42,6 @@ from logitstore.storage import get_backend as _get_backend
 from logitstore.storage.base import RESERVED_NAMES, ShardArrays
 
 MODES = ("create", "resume", "join")
-_MAX_TEMPERATURES = 64
 
 
 @dataclass
@@ -73,6 +72,9 @@ class StoreWriter:
         metadata: ``{"teacher", "tokenizer", "capture", "source"}`` sections (plain JSON),
             copied into the manifest.
         vocab_size: the teacher's true vocabulary size.
+        temperatures: the extra capture temperatures, one per ``tail_logsumexp`` column of
+            every document (the manifest's ``tail_temperatures``); ``None`` reads them from
+            ``metadata["capture"]["temperatures"]`` (format 1's place), else none.
         mode: ``"create"`` (location must be empty), ``"resume"`` (create if empty, else the
             stored settings must match; stale claims and temporary files of a crashed run are
             removed), ``"join"`` (another process created or resumed the store; settings
@@ -95,6 +97,7 @@ class StoreWriter:
         backend: str = "zarr",
         metadata: Mapping[str, Any],
         vocab_size: int,
+        temperatures: Sequence[float] | None = None,
         mode: str = "create",
         storage_options: Mapping[str, Any] | None = None,
         compression_level: int = 9,
@@ -112,13 +115,16 @@ class StoreWriter:
         self.vocab_size = int(vocab_size)
         self.compression_level = compression_level
         settings = fmt.build_settings(
-            codec_json=codec.to_json(), backend=backend, vocab_size=vocab_size, metadata=metadata
+            codec_json=codec.to_json(),
+            backend=backend,
+            vocab_size=vocab_size,
+            metadata=metadata,
+            temperatures=temperatures,
         )
         settings["compression_level"] = compression_level
         self.settings = settings
-        temps = settings["capture"].get("temperatures")
         # The manifest names the tail_logsumexp columns by this list: documents must match it.
-        self._temperature_hint = len(temps) if isinstance(temps, list) else None
+        self.temperatures: list[float] = settings["tail_temperatures"]
         with _writing(f"open the store at {self.url}"):
             {"create": self._create, "resume": self._resume, "join": self._join}[mode]()
 
@@ -199,22 +205,20 @@ class StoreWriter:
         """The exact field specs every document must match, and the number of extra temperatures.
 
         The number of temperatures is the width of the document's ``tail_logsumexp`` (0 without
-        one); when ``capture.temperatures`` lists them, it must be their count, since the
-        manifest names the columns by that list.
+        one); it must be the number of ``temperatures``, which name the columns.
         """
         where = f"document {doc.doc_id!r}"
         lse = doc.fields.get("tail_logsumexp")
         lse_shape = tuple(np.shape(lse)) if lse is not None else ()
         n = int(lse_shape[1]) if len(lse_shape) == 2 else 0
-        hint = self._temperature_hint
-        if hint is not None and n != hint:
+        hint = len(self.temperatures)
+        if n != hint:
             found = "no tail_logsumexp" if lse is None else f"tail_logsumexp of shape {lse_shape}"
             raise DataError(
-                f"{where}: capture.temperatures lists {hint} extra temperature(s), so "
-                f"tail_logsumexp must have {hint} column(s) (none when 0); found {found}"
+                f"{where}: the store's temperatures {self.temperatures} are {hint} extra "
+                f"temperature(s), so tail_logsumexp must have {hint} column(s) (none when 0); "
+                f"found {found}"
             )
-        if n > _MAX_TEMPERATURES:
-            raise DataError(f"{where}: at most {_MAX_TEMPERATURES} extra temperatures, found {n}")
         specs = self.codec.fields(self.vocab_size, n)
         expected = {name: spec.shape for name, spec in specs.items()}
         found_shapes = {name: tuple(np.shape(v))[1:] for name, v in doc.fields.items()}

@@ -320,8 +320,7 @@ def build_metadata(
         "teacher": teacher.metadata,
         "tokenizer": tokenizer_fingerprint(teacher.tokenizer, teacher.vocab_size),
         "capture": {
-            # Columns of tail_logsumexp; temperature 1 is always captured (tail_logmass).
-            "temperatures": cfg.extra_temperatures(),
+            # The extra temperatures are the store's tail_temperatures (a format field).
             "base_temperature": 1.0,
             "max_length": cfg.max_length,
             "windowing": WINDOWING_POLICY if cfg.windowing else "off: longer documents refused",
@@ -388,6 +387,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
         "backend": cfg.backend,
         "metadata": build_metadata(cfg, teacher, source_meta),
         "vocab_size": teacher.vocab_size,
+        "temperatures": temps,
         "storage_options": cfg.storage_options,
         "compression_level": cfg.compression_level,
     }

@@ -32,6 +32,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from logitstore.errors import ConfigError, OutputNotWritableError
+from logitstore.format import tail_temperatures
 from logitstore.pipelines._checkpoint import truncate_metrics
 from logitstore.pipelines._student import (
     check_vocabulary,
@@ -143,7 +144,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         readahead=config.readahead,
         cache_dir=config.cache_dir,
     )
-    loss = _loss(config, store.manifest.get("capture", {}).get("temperatures", []))
+    loss = _loss(config, tail_temperatures(store.manifest))
     notes = list(loss.notes)
     lm, tokenizer = _load_student(config)
     notes += check_vocabulary(store.manifest, lm, tokenizer)

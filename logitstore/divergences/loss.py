@@ -86,8 +86,9 @@ class DistillationLoss:
                 ``t_end``, ``alpha``, ``beta``), and the loss options ``tau_squared`` and
                 ``approximate_tail``.
             temperature: ``tau``; at ``tau != 1`` the store must have captured it (its
-                ``capture.temperatures``) unless ``approximate_tail``.
-            capture_temperatures: the store's extra captured temperatures, in column order.
+                ``tail_temperatures``) unless ``approximate_tail``.
+            capture_temperatures: the store's extra captured temperatures, in column order:
+                ``logitstore.format.tail_temperatures(store.manifest)``.
             use_counts: RS-KD count estimator (needs ``fkl`` and a sampled store).
             ce_weight: weight of cross-entropy with the labels (>= 0).
             chunk_size: tokens per chunk of the fused loss.

@@ -49,6 +49,7 @@ def convert_store(
         backend=backend,
         metadata={key: manifest[key] for key in fmt.METADATA_KEYS},
         vocab_size=store.vocab_size,
+        temperatures=fmt.tail_temperatures(manifest),
         mode="resume" if resume else "create",
         storage_options=storage_options if dst_storage_options is None else dst_storage_options,
         compression_level=int(

@@ -41,7 +41,7 @@ def test_run_prints_a_summary_that_matches_the_store(tmp_path, tiny_teacher_dir,
     store = logitstore.open_store(str(out))
     stats = store.manifest["statistics"]
     assert store.codec.unfit().to_json()["configuration"] == {"k": 12, "values": "q4"}
-    assert store.manifest["capture"]["temperatures"] == [0.5]
+    assert store.manifest["tail_temperatures"] == [0.5]
     assert f"{stats['documents']} documents" in result.output
     assert f"{stats['bytes_per_token']:.1f} bytes/token" in result.output
     assert "top-1 agreement" in result.output

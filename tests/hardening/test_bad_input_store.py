@@ -60,8 +60,8 @@ MANIFESTS = {
     "no codec": (_edit(lambda m: m.pop("codec")), ["missing the field 'codec'"]),
     "no checksum": (_edit(lambda m: m["shards"][0].pop("sha256")), ["shards[0]", "'sha256'"]),
     "mistyped": (_edit(lambda m: m.update(vocab_size="384")), ["vocab_size"]),
-    "future format": (_edit(lambda m: m.update(format_version=2)),
-                      ["format version 2", "supports 1"]),
+    "future format": (_edit(lambda m: m.update(format_version=3)),
+                      ["format version 3", "supports 1, 2"]),
     "future codec": (_edit(lambda m: m["codec"].update(version=9)),
                      ["version 9", "knows version 1"]),
     "unknown codec": (_edit(lambda m: m["codec"].update(name="zip")),
@@ -165,7 +165,7 @@ def test_two_writers_claiming_the_same_shard(
 
 
 def test_writer_requires_the_exact_fields_the_capture_declares(tmp_path):
-    """``capture.temperatures`` names the ``tail_logsumexp`` columns, so a document with another
+    """The store's ``temperatures`` name the ``tail_logsumexp`` columns, so a document with another
     number of columns, or with a field the codec does not produce, is refused and nothing of the
     shard is written."""
     vocab, codec = 50, get_codec("topk", k=4)
@@ -178,15 +178,17 @@ def test_writer_requires_the_exact_fields_the_capture_declares(tmp_path):
         return EncodedDocument("d", ids.numpy(), np.ones(8, bool), {**fields, **extra})
 
     cases = [
-        ([2.0], doc(()), ["lists 1 extra temperature", "no tail_logsumexp"]),
-        ([], doc((2.0,)), ["lists 0 extra temperature", "(8, 1)"]),
-        ([2.0, 4.0], doc((2.0,)), ["lists 2 extra temperature", "(8, 1)"]),
+        ([2.0], doc(()), ["[2.0] are 1 extra temperature", "no tail_logsumexp"]),
+        ([], doc((2.0,)), ["[] are 0 extra temperature", "(8, 1)"]),
+        ([2.0, 4.0], doc((2.0,)), ["are 2 extra temperature", "(8, 1)"]),
         ([2.0], doc((2.0,), bogus=np.zeros(8, np.float32)), ["unexpected ['bogus']"]),
     ]
     for j, (temps, document, words) in enumerate(cases):
         root = tmp_path / f"s{j}"
-        meta = {"teacher": {}, "tokenizer": {}, "capture": {"temperatures": temps}, "source": {}}
-        writer = StoreWriter(str(root), codec=codec, metadata=meta, vocab_size=vocab)
+        meta = {"teacher": {}, "tokenizer": {}, "capture": {}, "source": {}}
+        writer = StoreWriter(
+            str(root), codec=codec, metadata=meta, vocab_size=vocab, temperatures=temps
+        )
         with pytest.raises(DataError) as info:
             writer.write_shard(0, [document])
         for word in words:

@@ -101,7 +101,7 @@ def test_train_refuses_unknown_names(
 def test_training_temperature_the_cache_did_not_capture(
     store, run_dir, tiny_student_dir, tmp_path, kit
 ):
-    captured = json.loads((store / "manifest.json").read_text())["capture"]["temperatures"]
+    captured = json.loads((store / "manifest.json").read_text())["tail_temperatures"]
     assert captured == [2.0]
     before = kit.snapshot(store), kit.snapshot(run_dir)
     result = kit.invoke("train", "--store", store, "--student", tiny_student_dir, "--out", run_dir,

@@ -141,8 +141,10 @@ MANIFEST_FIELDS = [
     ("vocab_size", None), ("num_temperatures", -1), ("num_temperatures", 10**9),
     ("num_temperatures", [1]), ("backend", 1), ("codec", "topk"), ("codec.name", ["topk"]),
     ("codec.version", "1"), ("codec.configuration", [8]), ("teacher", []), ("capture", 3),
-    ("capture.temperatures", "2.0"), ("capture.temperatures", [-2.0]),
-    ("capture.temperatures", [2.0, 3.0]), ("source", None), ("statistics", []),
+    ("tail_temperatures", "2.0"), ("tail_temperatures", [-2.0]), ("tail_temperatures", [0]),
+    ("tail_temperatures", [True]), ("tail_temperatures", ["2"]), ("tail_temperatures", None),
+    ("tail_temperatures", [2.0, 2.0]), ("tail_temperatures", [2.0] + [3.0] * 64),
+    ("tail_temperatures", [2.0, 3.0]), ("source", None), ("statistics", []),
     ("statistics.tokens", "x"), ("statistics.bytes_per_token", "fast"),
     ("statistics.fidelity", "good"), ("statistics.fidelity.top1_agreement", "high"),
     ("statistics.fidelity.bucket_kl", [0.1]), ("shards", {}), ("shards[1]", []),
@@ -155,7 +157,7 @@ MANIFEST_FIELDS = [
 ]  # fmt: skip
 NON_FINITE = [  # (field, JSON text): parsed to a float that is not finite
     ("vocab_size", "NaN"), ("statistics.bytes_per_token", "Infinity"),
-    ("statistics.fidelity.bucket_kl", "-Infinity"), ("capture.temperatures[0]", "1e999"),
+    ("statistics.fidelity.bucket_kl", "-Infinity"), ("tail_temperatures[0]", "1e999"),
     ("teacher.temperature", "NaN"), ("shards[0].fidelity.count", "1e400"),
 ]  # fmt: skip
 HUGE_COUNTS = [  # consistent counts (positions = tokens - documents), far beyond the bytes
@@ -237,8 +239,8 @@ def test_malformed_manifest_fields_are_refused_naming_them(manifest_reports, whe
     report = manifest_reports[f"field {where}={value!r}"]
     if where == "format_version":
         clean_refusal(report, 2, "format version '1'")
-    elif where == "capture.temperatures" and isinstance(value, list) and len(value) == 2:
-        clean_refusal(report, 2, "field capture.temperatures: expected num_temperatures = 1")
+    elif where == "tail_temperatures" and value == [2.0, 3.0]:
+        clean_refusal(report, 2, "field tail_temperatures: expected num_temperatures = 1")
     else:
         clean_refusal(report, 2, f"manifest.json field {where}")
 

@@ -74,6 +74,7 @@ def _manifest() -> dict:
         backend="zarr",
         vocab_size=10,
         metadata={k: {} for k in fmt.METADATA_KEYS},
+        temperatures=[2.0],
     )
     records = [
         {
@@ -127,8 +128,8 @@ def test_wrong_types_and_versions_are_refused():
     ):
         fmt.validate_manifest(m)
     m = _manifest()
-    m["format_version"] = 2
-    with pytest.raises(FormatVersionError, match="format version 2; this reader supports 1"):
+    m["format_version"] = 3
+    with pytest.raises(FormatVersionError, match="format version 3; this reader supports 1, 2"):
         fmt.validate_manifest(m)
     m = _manifest()
     m["shards"][0]["tokens"] = True
@@ -151,9 +152,9 @@ MALFORMED = [
     ("codec.version", "1"),
     ("codec.configuration", [4]),
     ("capture", "x"),
-    ("capture.temperatures", 2.0),
-    ("capture.temperatures", [0.0]),
-    ("capture.temperatures", ["2"]),
+    ("tail_temperatures", 2.0),
+    ("tail_temperatures", [0.0]),
+    ("tail_temperatures", ["2"]),
     ("teacher", None),
     ("shards", {}),
     ("shards[1]", "x"),
@@ -209,8 +210,8 @@ def test_non_finite_numbers_are_refused_anywhere(text):
 
 def test_temperatures_must_match_their_number():
     m = _manifest()
-    m["capture"]["temperatures"] = [2.0, 3.0]
-    with pytest.raises(ManifestError, match="capture.temperatures: expected num_temperatures = 1"):
+    m["tail_temperatures"] = [2.0, 3.0]
+    with pytest.raises(ManifestError, match="tail_temperatures: expected num_temperatures = 1"):
         fmt.validate_manifest(m)
 
 

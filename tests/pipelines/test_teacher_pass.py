@@ -105,7 +105,8 @@ def test_manifest_metadata(float_store, tiny_teacher_dir):
     out, _ = float_store
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["vocab_size"] == 384 and manifest["num_temperatures"] == 1
-    assert manifest["capture"]["temperatures"] == [2.0]  # the tail_logsumexp columns
+    assert manifest["tail_temperatures"] == [2.0]  # the tail_logsumexp columns
+    assert "temperatures" not in manifest["capture"]  # a format field, not pipeline metadata
     assert manifest["capture"]["max_length"] == 96
     assert manifest["teacher"]["weights"]["kind"] == "full"
     assert manifest["tokenizer"]["chat_template_sha256"] is not None

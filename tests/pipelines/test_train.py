@@ -19,6 +19,7 @@ from logitstore.errors import (
     TokenizerMismatchError,
     UnknownNameError,
 )
+from logitstore.format import tail_temperatures
 from logitstore.hf import STATE_NAME
 from logitstore.pipelines._student import final_hidden, init_from_teacher, load_student
 from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
@@ -248,7 +249,7 @@ def test_training_at_a_captured_temperature_uses_its_tail_column(store, tiny_stu
     assert [column(t).temperature_index for t in (1.0, 2.0, 4.0)] == [None, 0, 1]
     opened = open_store(store)
     loss = DistillationLoss.create(
-        temperature=2.0, capture_temperatures=opened.manifest["capture"]["temperatures"]
+        temperature=2.0, capture_temperatures=tail_temperatures(opened.manifest)
     )
     assert loss.temperature_index == 0
     lm = load_student(str(tiny_student_dir))
