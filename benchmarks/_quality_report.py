@@ -153,6 +153,13 @@ def last_change(results: Results, arm: str, metric: str = "fkl") -> str:
     return iv.format(percent=True) if iv.n > 1 else "-"
 
 
+def _verdict(iv: Interval, lower: str = "lower", higher: str = "higher") -> str:
+    """What the interval says about the sign of a difference."""
+    if iv.n < 2:
+        return "one seed: no interval"
+    return lower if iv.high < 0 else higher if iv.low > 0 else "interval includes 0"
+
+
 def findings(results: Results, found: Mapping[tuple[str, str, str], Interval]) -> list[str]:
     """The answers the experiment was built for, in words, from the measured intervals only."""
     out = []
@@ -168,26 +175,46 @@ def findings(results: Results, found: Mapping[tuple[str, str, str], Interval]) -
             f"- Top-k + tail bucket vs dense 8-bit: held-out teacher KL "
             f"{aim.format(percent=True)} (paired, {aim.n} seeds); {verdict}."
         )
-    rkl_gap = mean_interval(per_seed(results, "rkl", "gap").values())
-    if rkl_gap.n > 1:
-        regime = (
-            "over-confident (the whole interval above 0)"
-            if rkl_gap.low > 0
-            else "NOT measurably over-confident"
-        )
+    for a, b, title in (
+        ("sampled", "dense", "Sampled (RS-KD) vs dense 8-bit"),
+        ("droptail", "topk", "Top-k with the tail dropped vs with the tail bucket"),
+    ):
+        iv = found.get((a, b, "fkl"))
+        if iv is not None:
+            word = _verdict(iv, "better", "worse")
+            out.append(f"- {title}: held-out teacher KL {iv.format(percent=True)} ({word}).")
+    moves = {arm: last_change(results, arm) for arm in results}
+    moves = {arm: m for arm, m in moves.items() if m != "-"}
+    if moves:
+        listed = "; ".join(f"{arm} {m}" for arm, m in moves.items())
         out.append(
-            f"- Regime: the RKL student's over-confidence gap is {rkl_gap.mean:+.4f} "
-            f"[{rkl_gap.low:+.4f}, {rkl_gap.high:+.4f}] on held-out text: {regime}."
+            f"- Flattening: change of held-out teacher KL over the last interval, per arm "
+            f"(paired over seeds): {listed}."
         )
-    for (a, _b, key), iv in found.items():
-        if not a.startswith("drkl-") or key not in ("gap", "student_ece", "distinct_2", "fkl"):
-            continue
-        if key == "fkl":
-            word = "better" if iv.high < 0 else "worse" if iv.low > 0 else "indistinguishable"
-            out.append(f"- {a} vs RKL, teacher KL {iv.format(percent=True)}: {word}.")
-            continue
-        word = "lower" if iv.high < 0 else "higher" if iv.low > 0 else "no measurable difference"
-        out.append(f"- {a} vs RKL, {key}: {iv.format()} ({word}).")
+    for arm, name in (("topk", "FKL"), ("rkl", "RKL")):
+        gap = mean_interval(per_seed(results, arm, "gap").values())
+        if gap.n > 1:
+            regime = (
+                "over-confident (the whole interval above 0)"
+                if gap.low > 0
+                else "under-confident (the whole interval below 0)"
+                if gap.high < 0
+                else "not measurably over- or under-confident"
+            )
+            out.append(
+                f"- Regime: the {name} student's over-confidence gap on held-out text is "
+                f"{gap.format()}: {regime}."
+            )
+    drkl = sorted({a for a, _, _ in found if a.startswith("drkl-")}, key=lambda a: float(a[5:]))
+    for arm in drkl:
+        parts = []
+        for key, title in (("fkl", "teacher KL"), ("gap", "gap"), ("student_ece", "ECE"),
+                           ("distinct_2", "distinct-2")):  # fmt: skip
+            iv = found.get((arm, "rkl", key))
+            if iv is not None:
+                text = iv.format(percent=key == "fkl")
+                parts.append(f"{title} {text} ({_verdict(iv)})")
+        out.append(f"- {arm} vs RKL (paired): " + "; ".join(parts) + ".")
     return out
 
 

@@ -17,7 +17,7 @@ Comparisons are paired (same seed, same data order) with a 95 % t-interval over 
 (``_quality_stats``). The held-out documents are split off before any teacher pass and no
 training store holds one of their windows (checked on the stores before training).
 
-    python -m logitstore.benchmarks.quality --preset cpu   # 2 shared CPU cores, about 75 min
+    python -m logitstore.benchmarks.quality --preset cpu   # 2 shared CPU cores, about 60 min
     python -m logitstore.benchmarks.quality --preset gpu   # one GPU (sized for < 8 min; not run)
 
 Writes ``OUT/results.json``, the "Distillation quality" section of ``BENCHMARKS.md`` and the
@@ -90,10 +90,10 @@ def make_arms(gammas: Sequence[float]) -> dict[str, Arm]:
 #: Settings of the two presets; any option given on the command line wins.
 PRESETS: dict[str, dict[str, Any]] = {
     # 2 shared CPU cores, two students at a time: a 4-layer student, 4 documents (about 1,800
-    # tokens, 7 steps an epoch), 60 steps (about 8 epochs); about 75 min wall.
+    # tokens, 14 steps an epoch), 40 steps (about 3 epochs); about 60 min wall.
     "cpu": {
-        "train_docs": 4, "heldout_docs": 6, "max_chars": 2000, "max_length": 512,
-        "student_layers": 4, "steps": 60, "eval_every": 15, "tokens_per_step": 256,
+        "train_docs": 4, "heldout_docs": 3, "max_chars": 2000, "max_length": 512,
+        "student_layers": 4, "steps": 40, "eval_every": 10, "tokens_per_step": 128,
         "lr": 3e-3, "seeds": 3, "gammas": "0.25,0.5,1", "jobs": 2, "device": "cpu",
     },
     # One GPU, four students at a time: 8x the corpus, 8x the tokens per step, 5x the steps.
