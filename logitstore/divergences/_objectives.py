@@ -41,6 +41,12 @@ def kl(loga: Tensor, logb: Tensor, valid: Tensor | None) -> Tensor:
     return _sum(loga.exp() * (loga - logb), valid)
 
 
+#: The largest exponent a power is taken at. With a negative exponent a bucket of probability
+#: near 0 has a power near infinity, so such buckets are floored (see :func:`ab_divergence`);
+#: ``e^60`` (about 1e26) keeps every sum finite in float32.
+MAX_POWER_EXP = 60.0
+
+
 def log_mix(w: float, loga: Tensor, logb: Tensor) -> Tensor:
     """``log(w a + (1 - w) b)``: a mixture in probability space, computed by log-sum-exp."""
     if w <= 0.0:
@@ -70,6 +76,13 @@ def ab_divergence(
     """
     la, lb = _safe(loga, valid), _safe(logb, valid)
     s = alpha + beta
+    # A negative exponent gives a near-zero probability a power near infinity: both arguments'
+    # probabilities are floored so no power exceeds e^MAX_POWER_EXP. The floored arguments are
+    # still positive measures, for which D_AB >= 0 holds; a floored bucket has no gradient.
+    worst = max(-min(alpha, 0.0) - min(beta, 0.0), -min(s, 0.0))
+    if worst > 0.0:
+        floor = -MAX_POWER_EXP / worst
+        la, lb = la.clamp(min=floor), lb.clamp(min=floor)
     # Each power enters as expm1(.) = x^c - 1: the constants cancel exactly in every case, and
     # near the limit cases (small alpha, beta or alpha + beta) no large terms cancel.
     if alpha != 0.0 and beta != 0.0 and s != 0.0:
