@@ -17,6 +17,13 @@ def _parse_storage_options(ctx: click.Context, param: click.Parameter, value: st
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def backend_choice() -> click.Choice:
+    """The registered storage backends (``logitstore.storage.BACKENDS``) as a click choice."""
+    from logitstore.storage import BACKENDS
+
+    return click.Choice(list(BACKENDS))
+
+
 def storage_options(what: str = "the store") -> Callable[[F], F]:
     """``--storage-options JSON``, parsed into a dict (``None`` when not given)."""
     return click.option(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
+from logitstore.cli._options import backend_choice
+
 
 @click.command("convert")
 @click.argument("store")
 @click.argument("out")
-@click.option(
-    "--backend", required=True, type=click.Choice(["parquet", "zarr"]), help="Output backend."
-)
+@click.option("--backend", required=True, type=backend_choice(), help="Output backend.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion into OUT.")
 @click.option(
     "--compression-level", type=int, default=None, help="zstd level (default: the source's)."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from logitstore.cli._options import backend_choice
 from logitstore.errors import ConfigError
 
 
@@ -21,7 +22,7 @@ from logitstore.errors import ConfigError
     default=None,
     help="Output support size. [default: the largest union of the input supports]",
 )
-@click.option("--backend", type=click.Choice(["zarr", "parquet"]), default=None)
+@click.option("--backend", type=backend_choice(), default=None, help="[default: the first store's]")
 def command(
     stores: tuple[str, ...], out: str, weights: str | None, k: int | None, backend: str | None
 ) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import click
 
+from logitstore.cli._options import backend_choice
 from logitstore.cli._options import storage_options as _storage_options
+from logitstore.codecs import CODECS, VALUE_OPTIONS
 from logitstore.errors import ConfigError
 from logitstore.pipelines.teacher_pass import TeacherPassConfig, format_summary, run_teacher_pass
 
@@ -18,6 +21,15 @@ def _temperatures(ctx: click.Context, param: click.Parameter, value: str | None)
         return tuple(float(t) for t in value.split(",") if t.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, found {value!r}") from None
+
+
+def _default(codec: str, parameter: str) -> Any:
+    """The codec class's default for ``parameter``: the one place defaults are set."""
+    return next(f.default for f in dataclasses.fields(CODECS[codec]) if f.name == parameter)
+
+
+def _default_field(name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(TeacherPassConfig) if f.name == name)
 
 
 @click.command("teacher-pass")
@@ -96,14 +108,25 @@ def _temperatures(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--limit", type=int, help="Use only the first N rows.")
 @click.option("--out", help="Output store: local path or fsspec URL (s3://, memory://, ...).")
 @click.option(
-    "--codec", type=click.Choice(["topk", "sampled", "dense"]), help="Codec. [default: topk]"
+    "--codec",
+    type=click.Choice(list(CODECS)),
+    help="Codec; --k, --values, --draws and --bits set its parameters (a --config file may "
+    f"give codec: {{name: topk, k: 128, values: q6}}). [default: {_default_field('codec')}]",
 )
-@click.option("--k", type=int, help="topk: support size. [default: 128]")
-@click.option("--values", help="topk: q6 (default), q8, q4, float32, float16 or bfloat16.")
-@click.option("--draws", type=int, help="sampled: draws per position. [default: 50]")
-@click.option("--bits", type=int, help="dense: 8 or 4. [default: 8]")
+@click.option("--k", type=int, help=f"topk: support size. [default: {_default('topk', 'k')}]")
 @click.option(
-    "--backend", type=click.Choice(["zarr", "parquet"]), help="Store backend. [default: zarr]"
+    "--values",
+    type=click.Choice(VALUE_OPTIONS),
+    help=f"topk: value precision. [default: {_default('topk', 'values')}]",
+)
+@click.option(
+    "--draws", type=int, help=f"sampled: draws per position. [default: {_default('sampled', 'n')}]"
+)
+@click.option("--bits", type=int, help=f"dense: 8 or 4. [default: {_default('dense', 'bits')}]")
+@click.option(
+    "--backend",
+    type=backend_choice(),
+    help=f"Store backend. [default: {_default_field('backend')}]",
 )
 @click.option("--max-length", type=int, help="Most tokens per window. [default: 2048]")
 @click.option(

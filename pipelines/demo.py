@@ -146,6 +146,8 @@ def plot(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from logitstore.codecs import TopK  # the codec's defaults are the demo's
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -155,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--heldout-docs", type=int, default=12)
     parser.add_argument("--max-chars", type=int, default=1500, help="characters kept per document")
     parser.add_argument("--max-length", type=int, default=256, help="teacher window in tokens")
-    parser.add_argument("--k", type=int, default=128, help="top-k support size")
-    parser.add_argument("--values", default="q6", help="top-k value coding")
+    parser.add_argument("--k", type=int, help=f"top-k support size (default: {TopK.k})")
+    parser.add_argument("--values", help=f"top-k value coding (default: {TopK.values})")
     parser.add_argument("--student-layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--tokens-per-step", type=int, default=1024)

@@ -45,7 +45,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 from logitstore.codecs import Codec, codec_from_json, get_codec
 from logitstore.errors import ConfigError, LogitstoreError
+from logitstore.pipelines._codec import CODEC_OPTIONS, nested_codec
 from logitstore.pipelines._data import ISOLATION, WINDOWING_POLICY, Window, build_windows, load_rows
 from logitstore.pipelines._distributed import (
     agree,
@@ -89,6 +90,12 @@ class TeacherPassConfig:
     ``device_map`` is an accelerate strategy (``auto``, ``balanced``, ``balanced_low_0``,
     ``sequential``), a JSON file of module name to device, or a mapping; ``max_memory`` is
     ``"0=20GiB,cpu=60GiB"`` or a mapping.
+
+    ``codec`` is the codec's name and parameters as the codec takes them, e.g.
+    ``{"name": "topk", "k": 128, "values": "q6"}``; parameters left out take the codec class's
+    defaults. A bare name (``"sampled"``) is that codec with its defaults. ``k``, ``values``,
+    ``draws`` and ``bits`` are accepted as short settings (see :data:`CODEC_OPTIONS`) and merged
+    into ``codec``; one the chosen codec does not have is refused.
     """
 
     teacher: str
@@ -112,11 +119,11 @@ class TeacherPassConfig:
     text_field: str = "text"
     messages_field: str | None = None
     limit: int | None = None
-    codec: str = "topk"
-    k: int = 128
-    values: str = "q6"
-    draws: int = 50
-    bits: int = 8
+    codec: dict[str, Any] | str = "topk"  # always the nested dict after __init__
+    k: InitVar[int | None] = None
+    values: InitVar[str | None] = None
+    draws: InitVar[int | None] = None
+    bits: InitVar[int | None] = None
     backend: str = "zarr"
     max_length: int = 2048
     windowing: bool = True
@@ -130,10 +137,16 @@ class TeacherPassConfig:
     storage_options: dict[str, Any] | None = None
     progress: bool = True
 
+    def __post_init__(
+        self, k: int | None, values: str | None, draws: int | None, bits: int | None
+    ) -> None:
+        short = {"k": k, "values": values, "draws": draws, "bits": bits}
+        self.codec = nested_codec(self.codec, {o: v for o, v in short.items() if v is not None})
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TeacherPassConfig:
         """Build from a mapping; unknown keys raise ``ConfigError`` listing the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | set(CODEC_OPTIONS)
         unknown = set(data) - known
         if unknown:
             raise ConfigError(
@@ -171,14 +184,15 @@ class TeacherPassConfig:
             raise ConfigError(
                 f"{path}: expected a mapping of settings, found {type(data).__name__}"
             )
+        codec = data.get("codec")
+        if isinstance(codec, Mapping) and overrides.get("codec") == codec.get("name"):
+            overrides = {k: v for k, v in overrides.items() if k != "codec"}  # keep its params
         return cls.from_dict({**data, **overrides})
 
     def build_codec(self) -> Codec:
-        params: dict[str, dict[str, Any]] = {
-            "topk": {"k": self.k, "values": self.values},
-            "sampled": {"n": self.draws},
-        }
-        return get_codec(self.codec, **params.get(self.codec, {"bits": self.bits}))
+        """The codec ``codec`` describes, validated by the codec class."""
+        params = dict(nested_codec(self.codec, {}))
+        return get_codec(params.pop("name"), **params)
 
     def extra_temperatures(self) -> list[float]:
         """Temperatures besides 1 whose tail log-sum-exp is stored, in column order."""
@@ -516,4 +530,4 @@ if __name__ == "__main__":  # torchrun -m logitstore.pipelines.teacher_pass ... 
     import importlib
 
     # Looked up at run time: the CLI imports this module, so no static import back.
-    importlib.import_module("cli").main(["teacher-pass", *sys.argv[1:]])
+    importlib.import_module("logitstore.cli").main(["teacher-pass", *sys.argv[1:]])

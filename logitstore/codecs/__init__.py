@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from logitstore.codecs._quant import VALUE_OPTIONS
 from logitstore.codecs.base import Codec, FieldSpec, Positions
 from logitstore.codecs.dense import Dense
 from logitstore.codecs.fidelity import (
@@ -60,6 +61,7 @@ __all__ = [
     "Positions",
     "Sampled",
     "TopK",
+    "VALUE_OPTIONS",
     "codec_from_json",
     "fidelity_sums",
     "get_codec",

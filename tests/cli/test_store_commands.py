@@ -50,7 +50,7 @@ def test_inspect_prints_the_manifest_summary(store):
     assert result.exit_code == 0, result.output
     tokens = sum(len(d.input_ids) for d in open_store(str(store)).iter_documents())
     assert f"tokens       {tokens}" in result.output
-    assert "topk v1 (k=8, values=q8)" in result.output
+    assert "topk v1 (k=8, values=q6)" in result.output
     assert "model=tiny-teacher" in result.output
     as_json = json.loads(run("inspect", store, "--json").output)
     assert as_json["documents"] == 6 and as_json["tokens"] == tokens

@@ -33,8 +33,9 @@ PASS_UNKNOWN = [
     (["--codec", "zip"], {}, ["'zip'", "topk"]),
     ([], {"codec": "zip"}, ["unknown codec 'zip'", "dense, sampled, topk"]),
     ([], {"backend": "hdf5"}, ["unknown backend 'hdf5'", "parquet, zarr"]),
-    (["--values", "q7"], {}, ["values must be one of", "'q7'"]),
-    (["--codec", "dense", "--bits", "5"], {}, ["bits must be 8 or 4", "5"]),
+    (["--values", "q7"], {}, ["'q7' is not one of", "'q6'"]),
+    ([], {"codec": {"name": "topk", "values": "q7"}}, ["values must be one of", "'q7'"]),
+    (["--codec", "dense"], {}, ["k applies to codec topk, not to 'dense'"]),  # PASS has --k
     ([], {"batchsize": 4}, ["batchsize", "batch_size"]),
 ]
 
