@@ -13,6 +13,7 @@ The number of planes follows from the vocabulary size; no id width is fixed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import numpy as np
@@ -68,6 +69,7 @@ def decode_sorted_ids(
     prefix: str,
     starts: np.ndarray | None = None,
     limit: int | None = None,
+    table: np.ndarray | None = None,
 ) -> np.ndarray:
     """Int64 ``(P, K)`` ids from the planes written by :func:`encode_sorted_ids`.
 
@@ -76,6 +78,9 @@ def decode_sorted_ids(
         prefix: field name prefix.
         starts: bool ``(P, K)`` run starts (column 0 must be True), or ``None``: one run per row.
         limit: if given, every id must be below it (checked block by block, in cache).
+        table: int64 ``(limit + 1,)`` or ``None``: each decoded id ``i`` becomes
+            ``table[i + 1]``, block by block once its ids are checked (the hot order's
+            :func:`inverse_table`; looked up one past the id, which saves a pass).
 
     Raises:
         BadValueError: an id at or beyond ``limit``, with the first such row.
@@ -85,55 +90,105 @@ def decode_sorted_ids(
         planes.append(np.asarray(fields[f"{prefix}{len(planes)}"]))
     if not planes:
         raise KeyError(f"no id planes named {prefix}0, {prefix}1, ...")
+    if table is not None and (limit is None or len(table) != limit + 1):
+        raise ValueError("an id table needs the limit its ids are checked against")
     shape = planes[0].shape
     if planes[0].size == 0:
         return np.zeros(shape, dtype=np.int64)
     out = np.empty(shape, dtype=np.int64)  # every block is written whole below
     rows = max(1, BLOCK_ENTRIES // max(shape[1], 1))
+    scratch = _Scratch(min(rows, shape[0]) * shape[1])
     for a in range(0, shape[0], rows):
         b = min(shape[0], a + rows)
-        block_starts = None if starts is None else starts[a:b]
-        _decode_block([plane[a:b] for plane in planes], block_starts, out[a:b])
-        if limit is not None and out[a:b].max() >= limit:
-            bad = out[a:b].max(axis=1) >= limit
-            row = int(np.argmax(bad))
+        block = out[a:b]  # each id plus one, first
+        _decode_block(
+            [plane[a:b] for plane in planes],
+            None if starts is None else starts[a:b],
+            block,
+            scratch,
+        )
+        if limit is not None and block.max() > limit:
+            row = int(np.argmax(block.max(axis=1) > limit))
             raise BadValueError(
-                f"support_ids: expected token ids in [0, {limit}), found {out[a + row].max()}",
+                f"support_ids: expected token ids in [0, {limit}), found {out[a + row].max() - 1}",
                 a + row,
                 "support_ids",
             )
+        if table is not None:  # every id is in [0, limit) now
+            np.take(table, block, out=block, mode="clip")
+        else:
+            block -= 1
     return out
 
 
-def _decode_block(planes: list[np.ndarray], starts: np.ndarray | None, out: np.ndarray) -> None:
-    """Decode one block of rows into ``out`` (int64, the planes' shape).
+class _Scratch:
+    """Block-sized temporaries of :func:`_decode_block`, allocated once per decode."""
+
+    def __init__(self, entries: int) -> None:
+        self.step = np.empty(entries, dtype=np.uint32)
+        self.before = np.empty(entries, dtype=np.int64)
+
+
+def _decode_block(
+    planes: list[np.ndarray], starts: np.ndarray | None, out: np.ndarray, scratch: _Scratch
+) -> None:
+    """Decode one block of rows into ``out`` (int64, the planes' shape), each id plus one.
 
     With ``c`` the running sum of ``gap + 1`` over the flattened block, an id is
     ``c - c_before(latest run start) - 1``. The totals before run starts never decrease, so
     zeroing the others and taking a running maximum forward-fills them: a few passes of
     vectorised int64 arithmetic (numpy's int64 maximum.accumulate is several times faster than
-    its int32 one, and than gathering by forward-filled indices).
+    its int32 one, and than gathering by forward-filled indices). Every pass reads and writes
+    one dtype: numpy's cumsum from uint32 into int64 is several times slower than a cast
+    followed by an int64 one.
     """
     shape = planes[0].shape
+    n = out.size
     flat = out.reshape(-1)
-    step = planes[-1].astype(np.uint32)  # most significant plane first, widened in place
+    step = scratch.step[:n].reshape(shape)
+    np.copyto(step, planes[-1])  # most significant plane first, widened in place
     for plane in planes[-2::-1]:
         step <<= 8
         step |= plane
-    step = step.reshape(-1)
     step += 1  # gap + 1
-    np.cumsum(step, dtype=np.int64, out=flat)  # one cumsum over all rows of the block
+    np.copyto(flat, step.reshape(-1))
+    np.cumsum(flat, out=flat)  # one cumsum over all rows of the block
     # The total before each run start (the running total one entry earlier), 0 elsewhere.
-    before = np.empty_like(flat)
+    before = scratch.before[:n]
     before[0] = 0
     if starts is None:  # one run per row
         before[1:] = 0
-        before.reshape(shape)[1:, 0] = flat.reshape(shape)[:-1, -1]
+        before.reshape(shape)[1:, 0] = out[:-1, -1]
     else:
         np.multiply(flat[:-1], starts.reshape(-1)[1:], out=before[1:])
     np.maximum.accumulate(before, out=before)
     flat -= before
-    flat -= 1
+
+
+@functools.lru_cache(maxsize=8)
+def inverse_table(hot_ids: tuple[int, ...], vocab_size: int) -> np.ndarray | None:
+    """Int64 ``(V + 1,)``, read-only: entry ``i + 1`` is the token id of stored id ``i`` in the
+    hot order (entry 0 is unused); ``None`` where :func:`hot_inverse` must do without a table
+    (a hot id outside the vocabulary, or a vocabulary so large its table would outweigh the
+    shards).
+
+    Built once per id order and vocabulary, not per shard or per open: the key is the list
+    itself (a manifest's ``hot_ids``), so every store written with one fitted order shares it.
+    """
+    if not hot_ids or vocab_size > TABLE_LIMIT:
+        return None
+    hot = np.asarray(hot_ids, dtype=np.int64)
+    if hot.min() < 0 or hot.max() >= vocab_size or len(np.unique(hot)) != len(hot):
+        return None
+    cold = np.ones(vocab_size, dtype=bool)
+    cold[hot] = False
+    table = np.concatenate([[-1], hot, np.flatnonzero(cold)])
+    table.flags.writeable = False
+    return table
+
+
+TABLE_LIMIT = 2**20
+"""Largest vocabulary :func:`inverse_table` builds a table for (8 MiB; real ones are < 2^19)."""
 
 
 def hot_forward(hot_ids: tuple[int, ...], vocab_size: int, device: torch.device) -> torch.Tensor:

@@ -30,6 +30,7 @@ support most probable first (ties in stored-id order).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -56,15 +57,22 @@ def sort_by_probability(key: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarra
     return tuple(np.take_along_axis(a, order, axis=1) for a in (key, *arrays))
 
 
-def row_cumsum(deltas: np.ndarray) -> np.ndarray:
-    """Cumulative sums (uint32) along the rows of uint8 ``(P, K)`` deltas."""
+def row_cumsum(deltas: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Cumulative sums (int64) along the rows of uint8 ``(P, K)`` deltas, into ``out`` if given."""
+    if out is None:
+        out = np.empty(deltas.shape, dtype=np.int64)
     if deltas.size == 0:
-        return deltas.astype(np.uint32)
-    # A flattened cumsum is faster than one along short rows, and numpy's uint32 cumsum
-    # several times faster than its uint8 one; wrap-around cancels exactly.
-    total = np.cumsum(deltas.reshape(-1), dtype=np.uint32).reshape(deltas.shape)
-    total -= total[:, :1] - deltas[:, :1]
-    return total
+        return out
+    # One cumsum over the flattened rows is faster than one along each short row: each row's
+    # first entry first loses the previous row's total, so the running sum restarts there.
+    # Cast first: numpy's cumsum from uint8 into a wider type is several times slower than a
+    # cast followed by a cumsum within one type.
+    np.copyto(out, deltas)
+    totals = out.sum(axis=1)
+    out[1:, 0] -= totals[:-1]
+    flat = out.reshape(-1)
+    np.cumsum(flat, out=flat)
+    return out
 
 
 def fit_hot_ids(logits: torch.Tensor, k: int, size: int = 4096) -> tuple[int, ...]:
@@ -86,8 +94,7 @@ class TopK(Codec):
 
     Args:
         k: support size per position.
-        values: ``"q6"`` (the default), ``"q8"``, ``"q4"``, ``"float32"``, ``"float16"`` or
-            ``"bfloat16"``.
+        values: ``"q8"``, ``"q6"``, ``"q4"``, ``"float32"``, ``"float16"`` or ``"bfloat16"``.
         hot_ids: optional id order for storage: these ids are stored as ``0 .. len - 1`` and the
             others after them (see ``_ids.hot_forward``); :meth:`fit` picks the ids the teacher
             ranks in its top-k most often, which shrinks the stored id planes by 10-20 %.
@@ -97,7 +104,7 @@ class TopK(Codec):
     version: ClassVar[int] = 1
 
     k: int = 128
-    values: str = "q6"
+    values: str = "q8"
     hot_ids: tuple[int, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -201,35 +208,65 @@ class TopK(Codec):
         top1 = np.asarray(fields["top1"], dtype=np.float32)
         values = np.asarray(fields["values"])
         mass = None  # with vocab_size: the checks' support mass bound, from the codes in cache
+        # With the vocabulary, checked ids map to token ids through the hot order's table (built
+        # once per order), block by block in cache; without, or without a table, afterwards.
+        table = None
+        if vocab_size is not None and self.hot_ids:
+            table = _ids.inverse_table(self.hot_ids, vocab_size)
         if self.values in _quant.GRIDS:
             starts = values != 0
             starts[:, :1] = True
             # (stored ids < V exactly when token ids are: the hot order is a permutation of V)
-            ids = _ids.decode_sorted_ids(fields, "ids", starts, limit=vocab_size)
-            d = np.empty(values.shape, dtype=np.float32)
-            table = _quant.grid(self.values).astype(np.float32)
+            ids = _ids.decode_sorted_ids(fields, "ids", starts, limit=vocab_size, table=table)
             if vocab_size is not None:
-                cols, weights = _checks.mass_columns(values.shape[1], exhaustive=False)
-                least, mass = _quant.least_table(self.values), np.empty_like(top1)
-            rows = max(1, _ids.BLOCK_ENTRIES // max(values.shape[1], 1))
-            for a in range(0, values.shape[0], rows):  # blocks stay in cache, as for the ids
-                # (a corrupt code beyond the grid decodes to its last level)
-                codes = row_cumsum(values[a : a + rows])
-                np.take(table, codes, out=d[a : a + rows], mode="clip")
-                if mass is not None:
-                    at = np.take(least, codes[:, cols], mode="clip")
-                    np.matmul(at, weights, out=mass[a : a + rows])
-            if mass is not None:
-                mass *= np.exp(top1)
+                mass = np.empty_like(top1)
+            logprobs = self._decode_codes(values, top1, mass)
         else:
-            ids = _ids.decode_sorted_ids(fields, "ids", limit=vocab_size)
+            ids = _ids.decode_sorted_ids(fields, "ids", limit=vocab_size, table=table)
             d, ids = sort_by_probability(_quant.decode_float(values, self.values), ids)
-        ids = _ids.hot_inverse(self.hot_ids, ids)
+            logprobs = np.subtract(top1[:, None], d, out=d)  # d is a fresh float32 array
+        if table is None:
+            ids = _ids.hot_inverse(self.hot_ids, ids)
         pos = Positions(
             support_ids=ids,
-            support_logprobs=np.subtract(top1[:, None], d, out=d),  # d is a fresh float32 array
+            support_logprobs=logprobs,
             **_scalars.decode_scalars(fields, ids.shape[0]),
         )
         if vocab_size is not None:
             _checks.check_positions(self, pos, vocab_size, ids_checked=True, support_mass=mass)
         return pos
+
+    def _decode_codes(
+        self, values: np.ndarray, top1: np.ndarray, mass: np.ndarray | None
+    ) -> np.ndarray:
+        """Float32 ``(P, K)`` log-probs ``top1 - grid[code]`` from the code deltas; with
+        ``mass`` (float32 ``(P,)``), also each position's support mass bound for the checks,
+        from the codes while they are in cache."""
+        logprobs = np.empty(values.shape, dtype=np.float32)
+        grid, least = _grid_tables(self.values)
+        if mass is not None:
+            cols, weights = _checks.mass_columns(values.shape[1], exhaustive=False)
+        rows = max(1, _ids.BLOCK_ENTRIES // max(values.shape[1], 1))
+        scratch = np.empty(min(rows, values.shape[0]) * values.shape[1], dtype=np.int64)
+        for a in range(0, values.shape[0], rows):  # blocks stay in cache, as for the ids
+            block = values[a : a + rows]
+            codes = row_cumsum(block, scratch[: block.size].reshape(block.shape))
+            d = logprobs[a : a + rows]
+            # (a corrupt code beyond the grid decodes to its last level)
+            np.take(grid, codes, out=d, mode="clip")
+            if mass is not None:
+                at = np.take(least, codes[:, cols], mode="clip")
+                np.matmul(at, weights, out=mass[a : a + rows])
+            np.subtract(top1[a : a + rows, None], d, out=d)
+        if mass is not None:
+            mass *= np.exp(top1)
+        return logprobs
+
+
+@functools.cache
+def _grid_tables(values: str) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 level distances and least probabilities of a quantized option (read-only)."""
+    grid = _quant.grid(values).astype(np.float32)
+    least = _quant.least_table(values)
+    grid.flags.writeable = least.flags.writeable = False
+    return grid, least

@@ -45,3 +45,56 @@ def test_row_cumsum_matches_numpy():
     rng = np.random.default_rng(0)
     deltas = rng.integers(0, 4, (100, 60)).astype(np.uint8)  # row sums stay below 256
     np.testing.assert_array_equal(row_cumsum(deltas), np.cumsum(deltas.astype(np.int64), axis=1))
+
+
+def test_row_cumsum_of_wide_rows_with_large_deltas():
+    rng = np.random.default_rng(1)
+    deltas = rng.integers(0, 256, (37, 300)).astype(np.uint8)  # row sums far beyond 2^8
+    np.testing.assert_array_equal(row_cumsum(deltas), np.cumsum(deltas.astype(np.int64), axis=1))
+
+
+@pytest.mark.parametrize("block_rows", [None, 1, 7])
+@pytest.mark.parametrize("vocab", [7, 300, 70000])
+def test_ids_through_the_hot_table_match_the_inverse_map(vocab, block_rows, monkeypatch):
+    """Ids mapped block by block through the cached table equal the forward map inverted by
+    brute force, for every stored id of the vocabulary."""
+    width = min(12, vocab)
+    if block_rows is not None:
+        monkeypatch.setattr(_ids, "BLOCK_ENTRIES", block_rows * width)
+    rng = np.random.default_rng(vocab)
+    hot = tuple(int(i) for i in rng.permutation(vocab)[: vocab // 3])
+    fwd = _ids.hot_forward(hot, vocab, torch.device("cpu")).numpy()
+    inv = np.empty_like(fwd)
+    inv[fwd] = np.arange(vocab)
+    stored = np.stack([np.sort(rng.choice(vocab, width, replace=False)) for _ in range(40)])
+    stored[0, -1] = vocab - 1  # the last id has a table entry too
+    planes = _ids.encode_sorted_ids(torch.from_numpy(stored), None, "ids", vocab)
+    fields = {k: v.numpy() for k, v in planes.items()}
+    table = _ids.inverse_table(hot, vocab)
+    assert table is not None and not table.flags.writeable
+    got = _ids.decode_sorted_ids(fields, "ids", limit=vocab, table=table)
+    np.testing.assert_array_equal(got, inv[stored])
+    np.testing.assert_array_equal(got, _ids.hot_inverse(hot, stored))
+
+
+def test_inverse_table_is_built_once_per_order_and_only_for_a_valid_one():
+    hot = (5, 1, 3)
+    assert _ids.inverse_table(hot, 10) is _ids.inverse_table(tuple(list(hot)), 10)
+    assert _ids.inverse_table(hot, 10).tolist() == [-1, 5, 1, 3, 0, 2, 4, 6, 7, 8, 9]
+    assert _ids.inverse_table((), 10) is None
+    assert _ids.inverse_table((12, 1), 10) is None  # a hot id outside the vocabulary
+    assert _ids.inverse_table((1, 1), 10) is None  # repeats: not a permutation
+    assert _ids.inverse_table((1,), _ids.TABLE_LIMIT + 1) is None  # no table that large
+
+
+def test_ids_beyond_the_limit_are_refused_before_the_table():
+    from logitstore.errors import BadValueError
+
+    vocab = 300
+    stored = np.array([[1, 2, 3], [4, 5, 299], [6, 7, 301]])
+    planes = _ids.encode_sorted_ids(torch.from_numpy(stored), None, "ids", 302)
+    fields = {k: v.numpy() for k, v in planes.items()}
+    table = _ids.inverse_table((2, 1), vocab)
+    with pytest.raises(BadValueError, match=r"in \[0, 300\), found 301") as err:
+        _ids.decode_sorted_ids(fields, "ids", limit=vocab, table=table)
+    assert err.value.row == 2
