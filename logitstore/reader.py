@@ -8,6 +8,8 @@ from the store: JSON and plain numeric arrays only, no pickle, and no path outsi
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
 import threading
@@ -83,10 +85,12 @@ class LogitStore:
         self.fs, self.root = _fs.url_to_fs(self.url, storage_options)
         self.manifest = self._load_manifest()
         try:
-            self.codec: Codec = codec_from_json(self.manifest["codec"])
-            self.specs: dict[str, FieldSpec] = self.codec.fields(
-                self.vocab_size, self.manifest["num_temperatures"]
+            entry = json.dumps(self.manifest["codec"], sort_keys=True)
+            self.codec: Codec
+            self.codec, specs = _codec_and_specs(
+                entry, self.vocab_size, self.manifest["num_temperatures"]
             )
+            self.specs: dict[str, FieldSpec] = dict(specs)
         except ConfigError as exc:
             raise ManifestError(f"{fmt.MANIFEST_NAME} field codec.configuration: {exc}") from None
         self.backend: Backend = BACKENDS[self.manifest["backend"]]
@@ -436,6 +440,19 @@ class LogitStore:
             except LogitstoreError as exc:
                 problems.append(str(exc))
         return problems
+
+
+@functools.lru_cache(maxsize=16)
+def _codec_and_specs(
+    entry: str, vocab_size: int, num_temperatures: int
+) -> tuple[Codec, dict[str, FieldSpec]]:
+    """The codec of a manifest's codec entry (as sorted JSON text) and its field specs.
+
+    Built once per entry and shape, not per open: a fitted id order is thousands of ids to
+    validate, and codecs are frozen, so stores written with one codec share it.
+    """
+    codec = codec_from_json(json.loads(entry))
+    return codec, codec.fields(vocab_size, num_temperatures)
 
 
 def open_store(

@@ -11,7 +11,7 @@ import torch
 
 from logitstore import EncodedDocument, StoreWriter, open_store
 from logitstore.codecs import get_codec
-from logitstore.errors import StoreNotFoundError
+from logitstore.errors import ManifestError, StoreNotFoundError
 
 V = 200
 META = {"teacher": {"model": "t"}, "tokenizer": {}, "capture": {"temperatures": []}, "source": {}}
@@ -110,3 +110,33 @@ def test_reading_never_unpickles(tmp_path, monkeypatch, backend):
     store = open_store(str(tmp_path / "s"))
     assert len(list(store.iter_documents())) == 6
     assert store.verify() == []
+
+
+def test_codec_set_up_happens_once_per_codec_entry(tmp_path, monkeypatch):
+    """Opening stores of one codec entry builds the codec once; a different entry builds anew,
+    and a bad one is still refused on every open."""
+    from logitstore.codecs import Sampled
+
+    build(str(tmp_path / "a"))
+    build(str(tmp_path / "b"), shards=(1,))
+    built = []
+    real = Sampled.__post_init__
+
+    def counted(self):
+        built.append(self.n)
+        real(self)
+
+    monkeypatch.setattr(Sampled, "__post_init__", counted)
+    first = open_store(str(tmp_path / "a"))
+    assert open_store(str(tmp_path / "a")).codec is first.codec
+    assert open_store(str(tmp_path / "b")).codec is first.codec  # same entry, other store
+    assert len(built) <= 1
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest["codec"]["configuration"]["n"] = 13
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    assert open_store(str(tmp_path / "b")).codec.n == 13
+    manifest["codec"]["configuration"]["n"] = 0
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    for _ in range(2):
+        with pytest.raises(ManifestError, match="codec.configuration"):
+            open_store(str(tmp_path / "b"))
