@@ -175,6 +175,16 @@ def _settings(section: Mapping[str, Any], skip: tuple[str, ...] = ()) -> str:
     return ", ".join(f"`{k}={_plain(v)}`" for k, v in sorted(section.items()) if k not in skip)
 
 
+def _temperatures(manifest: Mapping[str, Any]) -> str:
+    """Every temperature the store holds the tail at: 1 always, then the extra ones in order."""
+    from logitstore.format import tail_temperatures
+
+    extra = tail_temperatures(manifest)
+    if extra is None:
+        return "1 and unlisted others (a format 1 store)"
+    return ", ".join(_plain(t) for t in [1.0, *extra])
+
+
 def _codec_words(name: str) -> str:
     """The first line of the codec class's docstring: what the codec keeps, in words."""
     from logitstore.codecs import CODECS
@@ -258,6 +268,7 @@ def card_body(
         _row("vocabulary", manifest["vocab_size"]),
         *codec_rows(manifest),
         _row("capture", _settings(manifest["capture"])),
+        _row("capture temperatures", _temperatures(manifest)),
         _source_row(manifest.get("source", {})),
         _row("documents", stats["documents"]),
         _row("tokens", stats["tokens"]),

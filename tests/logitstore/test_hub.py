@@ -124,6 +124,7 @@ def test_export_is_a_store_with_a_card(exported):
         f"| tokens | {stats['tokens']} |",
         f"{stats['bytes_per_token']:.2f}",
         "logitstore train --store hf://datasets/org/name",
+        "| capture temperatures | " + ", ".join(str(float(t)) for t in (1.0, *TEMPS)) + " |",
     ):
         assert needle in body
 
