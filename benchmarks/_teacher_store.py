@@ -9,17 +9,21 @@ topics in name order until about ``tokens`` tokens. About 36k tokens fit one sha
 
 Each store is kept under ``runs/bench_stores/`` (named by the teacher, the amount of text and
 ``k``), written under a temporary name and renamed once the pass has finished, so a later run
-reuses it and an interrupted one leaves nothing that looks complete.
+reuses it and an interrupted one leaves nothing that looks complete; one the reader cannot
+open (written before a format change) is written again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from logitstore import open_store
+from logitstore.errors import LogitstoreError
 from logitstore.pipelines._teacher import load_teacher
 from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
@@ -54,7 +58,7 @@ def teacher_stores(
     """
     gguf = Path(gguf) if gguf else default_gguf()
     paths = {k: root / f"{gguf.stem}-topics{tokens}-topk{k}" for k in ks}
-    missing = [k for k, path in paths.items() if not (path / "manifest.json").exists()]
+    missing = [k for k, path in paths.items() if not _readable(path)]
     if not missing:
         return paths
     root.mkdir(parents=True, exist_ok=True)
@@ -69,5 +73,18 @@ def teacher_stores(
                 teacher=str(gguf), data=str(data), out=str(out), k=k, progress=False
             )
             run_teacher_pass(cfg, teacher=teacher)
+            shutil.rmtree(paths[k], ignore_errors=True)  # one this reader could not open
             os.replace(out, paths[k])
     return paths
+
+
+def _readable(path: Path) -> bool:
+    """Whether a kept store opens with this version of the reader (a store written before a
+    format change is written again)."""
+    if not (path / "manifest.json").exists():
+        return False
+    try:
+        open_store(str(path))
+    except LogitstoreError:
+        return False
+    return True
