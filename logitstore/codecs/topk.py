@@ -94,7 +94,8 @@ class TopK(Codec):
 
     Args:
         k: support size per position.
-        values: ``"q8"``, ``"q6"``, ``"q4"``, ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        values: ``"q6"`` (the default), ``"q8"``, ``"q4"``, ``"float32"``, ``"float16"`` or
+            ``"bfloat16"``.
         hot_ids: optional id order for storage: these ids are stored as ``0 .. len - 1`` and the
             others after them (see ``_ids.hot_forward``); :meth:`fit` picks the ids the teacher
             ranks in its top-k most often, which shrinks the stored id planes by 10-20 %.
@@ -104,7 +105,7 @@ class TopK(Codec):
     version: ClassVar[int] = 1
 
     k: int = 128
-    values: str = "q8"
+    values: str = "q6"
     hot_ids: tuple[int, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
