@@ -245,7 +245,7 @@ def report_body(results: Results, args: Mapping[str, Any], command: str, seconds
     table, found = paired_table(results)
     return "\n\n".join(
         [
-            "## Distillation quality",
+            f"## {args.get('title', 'Distillation quality')}",
             setup,
             "Per arm, final checkpoint, mean ± 95 % half-width over seeds:",
             arms_table(results),

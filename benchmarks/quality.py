@@ -228,6 +228,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, help="students trained at once (one thread each)")
     p.add_argument("--report", default="BENCHMARKS.md", help="report to update ('' for none)")
     p.add_argument("--plot", default="docs/quality.png", help="curves plot ('' for none)")
+    p.add_argument("--section", default="quality", help="marked section of the report to write")
+    p.add_argument("--title", default="Distillation quality", help="the section's heading")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -308,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.report:
         from .run_all import update_section
 
-        update_section(Path(args.report), "quality", body)
+        update_section(Path(args.report), args.section, body)
         stamp(f"updated {args.report}")
     return results
 
