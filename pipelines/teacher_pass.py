@@ -61,6 +61,7 @@ from logitstore.pipelines._distributed import (
     agree,
     any_failed,
     init_processes,
+    is_distributed,
     pick_device,
     tensor_parallel_group,
     tensor_parallel_groups,
@@ -356,6 +357,10 @@ def build_metadata(
 def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) -> dict[str, Any]:
     """Run the teacher pass described by ``cfg`` and return a summary.
 
+    Under ``torchrun`` the pass joins the process group and, if it was the one to create it,
+    leaves it before returning or raising (a gloo group left to interpreter exit can abort the
+    process after its work is done).
+
     Args:
         cfg: the settings.
         teacher: an already loaded teacher (benchmarks reuse one, with its placement); by
@@ -375,6 +380,16 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
         SettingsMismatchError: ``--resume`` into a store made with different settings.
         NonFiniteTeacherError: NaN or Inf in the teacher's logits, naming the document.
     """
+    joined = not is_distributed()
+    try:
+        return _run_teacher_pass(cfg, teacher)
+    finally:
+        if joined and is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[str, Any]:
+    """:func:`run_teacher_pass`'s work."""
     # ---- setup
     codec = cfg.build_codec()
     temps = cfg.extra_temperatures()
