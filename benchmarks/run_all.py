@@ -368,6 +368,12 @@ def extract_section(text: str, name: str) -> str | None:
     return text[i : j + len(end)] if 0 <= i < j else None
 
 
+def quality_sections(text: str) -> list[str]:
+    """Every marked ``quality`` or ``quality-NAME`` block of ``text``, in order."""
+    names = re.findall(r"<!-- (quality(?:-[\w-]+)?):start -->", text)
+    return [block for name in names if (block := extract_section(text, name))]
+
+
 def update_section(path: Path, name: str, body: str) -> None:
     """Put ``body`` into ``path`` between the markers of ``name`` (appended when absent)."""
     start, end = _markers(name)
@@ -397,7 +403,8 @@ def run_all(
 ) -> list[Result]:
     """Run the benchmarks (all, or the keys in ``only``) and write the report to ``out``.
 
-    The quality section already in ``out`` is kept. Returns the results.
+    The quality sections already in ``out`` (``quality`` and any ``quality-NAME`` a run of
+    ``benchmarks/quality.py --section`` wrote) are kept, in their order. Returns the results.
     """
     keys = [k.strip() for k in only.split(",") if k.strip()]
     known = [s.key for s in SECTIONS]
@@ -411,9 +418,9 @@ def run_all(
         result = run_section(section, quick=quick, timeout=timeout)
         print(f"  {result.status}", flush=True)
         results.append(result)
-    kept = extract_section(out.read_text(), "quality") if out.exists() else None
+    kept = quality_sections(out.read_text()) if out.exists() else []
     report = format_report(results, machine_info(), quick)
-    out.write_text(report + (f"\n{kept}\n" if kept else ""))
+    out.write_text(report + "".join(f"\n{block}\n" for block in kept))
     print(f"wrote {out}")
     return results
 

@@ -128,13 +128,17 @@ def test_cli_bench_writes_report_keeps_quality_and_reports_failure(tmp_path, mon
     monkeypatch.setattr(ra, "run_section", fake_run)
     out = tmp_path / "BENCHMARKS.md"
     ra.update_section(out, "quality", "## Distillation quality\n\n| a | b |")
+    ra.update_section(out, "quality-objectives", "## Objectives\n\n| c | d |")
+    ra.update_section(out, "notquality", "## Other\n\nnot kept")
     result = CliRunner().invoke(main, ["bench", "--out", str(out), "--only", "one,two"])
     assert result.exit_code == 1, result.output
     assert "two" in result.output
     text = out.read_text()
     assert "## First" in text and "## Second" in text and "## Third" not in text
     assert f"| step ratio {value}x | {value:g}x |" in text
-    assert "## Distillation quality\n\n| a | b |" in text  # the quality section survived
+    # Both quality sections survive, in their order; other marked blocks are not kept.
+    assert text.index("## Distillation quality\n\n| a | b |") < text.index("## Objectives\n\n| c | d |")
+    assert "not kept" not in text
     assert "## Machine" in text and "| GPU |" in text
 
     bad_only = CliRunner().invoke(main, ["bench", "--out", str(out), "--only", "nope"])
