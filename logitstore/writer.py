@@ -157,6 +157,14 @@ class StoreWriter:
         return _read_settings(self.fs, self.root, self.url)
 
     def _check_settings(self, stored: Mapping[str, Any]) -> None:
+        version = stored.get("format_version")
+        if version != self.settings.get("format_version"):
+            raise SettingsMismatchError(
+                f"{self.url} was started by a writer of format {version}; this version writes "
+                f"format {fmt.FORMAT_VERSION} and cannot continue it. Write a new store "
+                "(a finished older store still reads, and `logitstore convert` rewrites it in "
+                "this format)"
+            )
         diff = fmt.first_difference(stored, self.settings)
         if diff:
             key, old, new = diff

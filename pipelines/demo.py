@@ -21,6 +21,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
+    from logitstore.errors import SettingsMismatchError
     from logitstore.pipelines._teacher import load_teacher
     from logitstore.pipelines.evaluate import evaluate
     from logitstore.pipelines.teacher_pass import (
@@ -208,7 +210,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             device=device,
             seed=args.seed,
         )
-        summary = run_teacher_pass(cfg, teacher=teacher)
+        try:
+            summary = run_teacher_pass(cfg, teacher=teacher)
+        except SettingsMismatchError as exc:
+            # The demo's own store from an earlier run with other settings or an older format.
+            stamp(f"{exc}\nwriting {cfg.out} again")
+            shutil.rmtree(cfg.out)
+            summary = run_teacher_pass(cfg, teacher=teacher)
         stores[split] = cfg.out
         stamp(f"teacher pass ({split}):\n{format_summary(summary)}")
 

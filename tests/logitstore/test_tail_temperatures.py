@@ -195,3 +195,23 @@ def test_converting_a_format_1_store_writes_format_2(stores, tmp_path):
     manifest = convert_store(stores["v1"], str(tmp_path / "p"), backend="parquet")
     assert manifest["format_version"] == 2 and manifest["tail_temperatures"] == [3.0, 2.0]
     assert "temperatures" not in manifest["capture"]
+
+
+def test_resuming_a_store_an_older_format_writer_started_is_refused_plainly(tmp_path):
+    from logitstore.errors import SettingsMismatchError
+
+    root = tmp_path / "s"
+    writer = _writer(root, temperatures=[2.0])
+    writer.write_shard(0, [_document((2.0,))])
+    settings = json.loads((root / fmt.SETTINGS_NAME).read_text())
+    # As a format 1 writer left it: the temperatures in the capture section.
+    settings["format_version"] = 1
+    settings["capture"]["temperatures"] = settings.pop("tail_temperatures")
+    (root / fmt.SETTINGS_NAME).write_text(json.dumps(settings))
+    before = {p.name: p.stat().st_mtime_ns for p in root.rglob("*")}
+    with pytest.raises(SettingsMismatchError) as info:
+        _writer(root, temperatures=[2.0], mode="resume")
+    message = str(info.value)
+    assert "format 1" in message and f"format {fmt.FORMAT_VERSION}" in message
+    assert "cannot continue" in message
+    assert {p.name: p.stat().st_mtime_ns for p in root.rglob("*")} == before  # nothing touched
