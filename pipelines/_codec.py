@@ -1,6 +1,9 @@
-"""The teacher pass's codec setting: one nested ``{"name", **params}`` from the CLI and YAML to
-the codec's constructor, with the short settings (``--k``, ``--values``, ``--draws``,
-``--bits``) mapped onto the parameters they stand for. Defaults live in the codec classes."""
+"""The teacher pass's codec setting: one nested ``{"name", **params}``, CLI and YAML to codec.
+
+The nested setting goes to the codec's constructor as it is; the short settings (``--k``,
+``--values``, ``--draws``, ``--bits``) are mapped onto the parameters they stand for.
+Defaults live in the codec classes.
+"""
 
 from __future__ import annotations
 
