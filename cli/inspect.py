@@ -18,6 +18,13 @@ def _short(value: object) -> str:
     return str(value)
 
 
+def _temperatures(extra: list[float] | None) -> str:
+    """The capture temperature (1) and those of the extra tail columns, in column order."""
+    if extra is None:
+        return "1, tail columns at unlisted temperatures (format 1)"
+    return "1" + (f", tail columns at {', '.join(f'{t:g}' for t in extra)}" if extra else "")
+
+
 def _codec(codec: dict) -> str:
     config = sorted(codec.get("configuration", {}).items())
     params = ", ".join(f"{k}={_short(v)}" for k, v in config)
@@ -50,6 +57,7 @@ def command(store: str, as_json: bool, storage_options: dict | None) -> None:
         ("format", f"v{summary['format_version']}, backend {summary['backend']}"),
         ("codec", _codec(summary["codec"])),
         ("vocabulary", summary["vocab_size"]),
+        ("temperatures", _temperatures(summary["tail_temperatures"])),
         ("shards", summary["shards"]),
         ("documents", summary["documents"]),
         ("tokens", summary["tokens"]),

@@ -401,6 +401,7 @@ class LogitStore:
             "backend": m["backend"],
             "codec": m["codec"],
             "vocab_size": self.vocab_size,
+            "tail_temperatures": fmt.tail_temperatures(m),
             "shards": self.num_shards,
             "documents": self.num_documents,
             "tokens": self.num_tokens,
