@@ -32,18 +32,6 @@ def datasets_cache(tmp_path, monkeypatch):
     return tmp_path / "hf-cache"
 
 
-def counting_tokenizer_calls(monkeypatch) -> list[str]:
-    """Every text ``build_windows`` tokenizes from now on (a cache hit tokenizes none)."""
-    import logitstore.pipelines._data
-
-    calls: list[str] = []
-    real = logitstore.pipelines._data.tokenize_text
-    monkeypatch.setattr(
-        logitstore.pipelines._data, "tokenize_text", lambda tok, text: calls.append(text) or real(tok, text)
-    )
-    return calls
-
-
 @pytest.mark.parametrize("n", [2, 3, 9, 10, 11, 17, 40])
 @pytest.mark.parametrize("max_length", [2, 5, 10])
 def test_windows_cover_every_position_exactly_once(n, max_length):
@@ -193,7 +181,7 @@ def test_chat_rows_through_build_windows(tmp_path, tiny_tokenizer):
 
 
 def test_windows_are_cached_under_everything_that_changes_the_tokens(
-    tmp_path, tiny_tokenizer, tiny_teacher_dir, datasets_cache, monkeypatch
+    tmp_path, tiny_tokenizer, tiny_teacher_dir, datasets_cache, tokenizer_calls
 ):
     from pydoc_data.topics import topics
 
@@ -202,7 +190,7 @@ def test_windows_are_cached_under_everything_that_changes_the_tokens(
     texts = [topics[k][:800] for k in sorted(topics)[:4]]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t, "title": t[:20]}) + "\n" for t in texts))
-    calls = counting_tokenizer_calls(monkeypatch)
+    calls = tokenizer_calls
 
     def windows(tokenizer=tiny_tokenizer, **kw):
         return build_windows(load_rows(str(path)), tokenizer, **{"max_length": 32, **kw})

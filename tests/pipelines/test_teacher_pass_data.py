@@ -32,19 +32,8 @@ def run(teacher, data, out, **kw):
     return run_teacher_pass(cfg)
 
 
-def counting_tokenizer_calls(monkeypatch) -> list[str]:
-    import logitstore.pipelines._data
-
-    calls: list[str] = []
-    real = logitstore.pipelines._data.tokenize_text
-    monkeypatch.setattr(
-        logitstore.pipelines._data, "tokenize_text", lambda tok, text: calls.append(text) or real(tok, text)
-    )
-    return calls
-
-
-def test_a_resumed_run_does_not_tokenize_again(tmp_path, tiny_teacher_dir, text_jsonl, monkeypatch):
-    calls = counting_tokenizer_calls(monkeypatch)
+def test_a_resumed_run_does_not_tokenize_again(tmp_path, tiny_teacher_dir, text_jsonl, tokenizer_calls):
+    calls = tokenizer_calls
     cache, out = str(tmp_path / "cache"), tmp_path / "store"
     first = run(tiny_teacher_dir, text_jsonl, out, cache_dir=cache)
     assert len(calls) == 3 and first["shards"] > 1
