@@ -4,7 +4,7 @@ By default it reads the stores the real teacher wrote (``_teacher_store.py``: Sm
 Instruct over Python's own documentation, about 36k tokens, one shard, the teacher pass's
 defaults: q6 values and the fitted id order) at k = 64 and k = 128; ``--store PATH``
 (repeatable) reads other stores, ``--synthetic`` adds a store of synthetic distributions
-(labelled as such; see ``bench_loader.py``). For the first shard of each store it times, in
+(labelled as such; see ``_teacher_store.py``). For the first shard of each store it times, in
 the same run, by CPU time (best of ``--repeats``):
 
 * ``floor``: ``codec.decode`` of the shard's arrays already in memory as the reader runs it,
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -37,8 +36,7 @@ from logitstore.codecs._checks import check_positions
 from logitstore.reader import LogitStore
 from logitstore.storage.convert import convert_store
 
-from ._teacher_store import teacher_stores
-from .bench_loader import write_synthetic
+from ._teacher_store import add_store_options, describe, stores_to_read
 
 
 def alternate(i: int, a, b) -> tuple[float, float]:
@@ -116,30 +114,13 @@ def backend_lines(store: LogitStore, floor: float, repeats: int, note: str = "")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", action="append", help="a store to read (repeatable)")
-    parser.add_argument("--k", type=int, nargs="+", default=[64, 128], help="teacher stores' k")
-    parser.add_argument("--tokens", type=int, default=36000, help="text per teacher store")
-    parser.add_argument("--synthetic", action="store_true", help="add a synthetic store")
-    parser.add_argument("--repeats", type=int, default=7, help="timings per figure (best)")
+    add_store_options(parser, repeats_help="timings per figure (best)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.store:
-        stores = [(path, "store") for path in args.store]
-    else:
-        found = teacher_stores(args.k, args.tokens)
-        stores = [(str(found[k]), "real teacher store") for k in args.k]
     with tempfile.TemporaryDirectory() as tmp:
-        if args.synthetic:
-            write_synthetic(str(Path(tmp) / "synthetic"), args.tokens)
-            stores.append((str(Path(tmp) / "synthetic"), "SYNTHETIC store (not a teacher's)"))
-        for n, (url, label) in enumerate(stores):
+        for n, (url, label) in enumerate(stores_to_read(args, tmp)):
             store = open_store(url)
-            config = store.manifest["codec"]["configuration"]
-            print(
-                f"{label} {url}: codec k={config.get('k')} {config.get('values')}, "
-                f"{'fitted id order' if config.get('hot_ids') else 'ids as such'}, vocab "
-                f"{store.vocab_size}, {store.manifest['shards'][0]['positions']} tokens in shard 0"
-            )
+            print(describe(store, f"{label} {url}"))
             floor = floor_lines(store, args.repeats)
             backend_lines(store, floor, args.repeats)
             other = "parquet" if store.manifest["backend"] == "zarr" else "zarr"
@@ -149,7 +130,6 @@ def main() -> None:
             tokens = sum(s["positions"] for s in store.manifest["shards"])
             note = f"; converted at {tokens / seconds / 1e3:.0f} k tokens/s (wall)"
             backend_lines(open_store(f"{tmp}/{other}{n}"), floor, args.repeats, note)
-
 
 if __name__ == "__main__":
     main()
