@@ -172,6 +172,31 @@ def drop_tail_store(source: str, out: str) -> dict[str, Any]:
     return writer.finalize(src.num_shards)
 
 
+def train_codecs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The teacher pass's codec setting of each training store (the tail-dropped store is
+    derived from the top-k one)."""
+    return {
+        "topk": {"codec": "topk", "k": args.k, "values": args.values},
+        "dense": {"codec": "dense", "bits": args.dense_bits},
+        "sampled": {"codec": "sampled", "draws": args.draws},
+    }
+
+
+#: How each codec setting reads in a store's name ('' puts the value alone: ``q6``).
+_LABEL_PREFIXES = {"k": "k", "values": "", "bits": "bits", "draws": "draws"}
+
+
+def store_label(kind: str, args: argparse.Namespace) -> str:
+    """A training store's name: its kind and the codec settings that make it, e.g.
+    ``topk-k128-q6``, ``dense-bits8``, ``sampled-draws50``, ``droptail-k128-q6`` (derived from
+    that top-k store). Stores of different settings, and the students trained on them, live
+    side by side in one work folder, so a sweep over ``--k`` reuses the dense store and its
+    students."""
+    codec = train_codecs(args)["topk" if kind == "droptail" else kind]
+    parts = [f"{_LABEL_PREFIXES[key]}{value}" for key, value in codec.items() if key != "codec"]
+    return "-".join([kind, *parts])
+
+
 def build_stores(args: argparse.Namespace, train_stores: set[str], out: Path) -> dict[str, str]:
     """Split the corpus, run the teacher over each split (once per training window), derive
     the tail-dropped store, save the teacher as plain weights.
@@ -182,7 +207,9 @@ def build_stores(args: argparse.Namespace, train_stores: set[str], out: Path) ->
         out: the work folder; stores already complete there are kept.
 
     Returns:
-        ``{name: url}``: ``heldout``, one per training store, ``teacher_dir`` and ``prompts``.
+        ``{name: url}``: ``heldout``, one per training store (by kind: ``topk`` ...; the
+        folder is ``store_train_`` and its :func:`store_label`), ``teacher_dir`` and
+        ``prompts``.
     """
     from logitstore.pipelines._teacher import load_teacher
     from logitstore.pipelines.demo import find_gguf_teacher, save_plain_copy
@@ -196,18 +223,15 @@ def build_stores(args: argparse.Namespace, train_stores: set[str], out: Path) ->
         data[split] = out / f"{split}.jsonl"
         data[split].write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     needed = (train_stores - {"droptail"}) | ({"topk"} if "droptail" in train_stores else set())
-    codecs = {
-        "topk": {"codec": "topk", "k": args.k, "values": args.values},
-        "dense": {"codec": "dense", "bits": args.dense_bits},
-        "sampled": {"codec": "sampled", "draws": args.draws},
-    }
+    codecs = train_codecs(args)
     passes = [("train", name, codecs[name]) for name in codecs if name in needed]
     passes.append(("heldout", "topk", {"codec": "topk", "k": args.eval_k}))
     urls = {"teacher_dir": str(out / "teacher_hf")}
     gguf = find_gguf_teacher()
     teacher = memo = None
     for split, name, codec in passes:
-        url = out / (f"store_{split}_{name}" if split == "train" else "store_heldout")
+        label = store_label(name, args)
+        url = out / (f"store_{split}_{label}" if split == "train" else "store_heldout")
         urls[name if split == "train" else "heldout"] = str(url)
         if (url / "manifest.json").exists():
             continue
@@ -224,7 +248,7 @@ def build_stores(args: argparse.Namespace, train_stores: set[str], out: Path) ->
         run_teacher_pass(cfg, teacher=memo if split == "train" else teacher)
     del memo  # frees the remembered logits
     if "droptail" in train_stores:
-        target = out / "store_train_droptail"
+        target = out / f"store_train_{store_label('droptail', args)}"
         if not (target / "manifest.json").exists():
             shutil.rmtree(target, ignore_errors=True)
             drop_tail_store(urls["topk"], str(target))

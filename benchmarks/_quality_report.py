@@ -218,9 +218,19 @@ def findings(results: Results, found: Mapping[tuple[str, str, str], Interval]) -
     return out
 
 
-def report_body(results: Results, args: Mapping[str, Any], command: str, seconds: float) -> str:
-    """The "Distillation quality" section: setup, tables, findings, command and wall time."""
+def report_body(
+    results: Results, args: Mapping[str, Any], command: str, seconds: float, reused: int = 0
+) -> str:
+    """The "Distillation quality" section: setup, tables, findings, command and wall time
+    (``seconds`` of the invocation that trained all but ``reused`` of the students)."""
     runs = [r for arm in results.values() for r in arm.values() if "final" in r]
+    students = sum(len(arm) for arm in results.values())
+    wall = f"wall time {seconds / 60:.1f} min"
+    if reused:
+        wall += (
+            f" training {students - reused} of the {students} students (the other {reused} "
+            f"were read from earlier runs with the same settings in the work folder)"
+        )
     tokens = max((r.get("tokens", 0) for r in runs), default=0)
     positions = max((r["final"].get("tokens", 0) for r in runs), default=0)
     teacher_top1 = runs[0]["final"]["teacher_top1_prob"] if runs else math.nan
@@ -240,7 +250,7 @@ def report_body(results: Results, args: Mapping[str, Any], command: str, seconds
         f"{teacher_top1:.4f}. Gap = student mean top-1 probability minus the teacher's. "
         f"Diversity: 4 samples of 32 tokens (temperature 1) from the opening words of each "
         f"held-out document. Device {args['device']}, {args['jobs']} students at a time; "
-        f"wall time {seconds / 60:.1f} min ({train_min:.1f} min of student training summed)."
+        f"{wall} ({train_min:.1f} min of student training summed over all {len(runs)})."
     )
     table, found = paired_table(results)
     return "\n\n".join(

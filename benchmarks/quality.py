@@ -20,8 +20,12 @@ training store holds one of their windows (checked on the stores before training
     python -m logitstore.benchmarks.quality --preset cpu   # 2 shared CPU cores, about 60 min
     python -m logitstore.benchmarks.quality --preset gpu   # one GPU (sized for < 8 min; not run)
 
-Writes ``OUT/results.json``, the "Distillation quality" section of ``BENCHMARKS.md`` and the
-curves plot ``docs/quality.png``.
+Stores and students are kept in ``OUT`` under names that carry their store settings
+(``store_train_topk-k128-q6``, ``student_topk-k128-q6_seed0``), so a sweep such as
+``--arms dense,topk --k 256 --section quality-k256`` in the same ``OUT`` trains only the new
+top-k students and reuses the dense ones. Writes ``OUT/results-SECTION.json``, the marked
+section (``--section``, default "quality") of ``BENCHMARKS.md`` and the curves plot
+``docs/quality.png``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from ._quality_data import (
     corpus_texts,
     drop_tail_store,
     split_documents,
+    store_label,
 )
 from ._quality_report import plot_curves, report_body
 
@@ -58,7 +63,9 @@ __all__ = [
     "drop_tail_store",
     "main",
     "make_arms",
+    "run_label",
     "split_documents",
+    "store_label",
 ]
 
 
@@ -85,6 +92,14 @@ def make_arms(gammas: Sequence[float]) -> dict[str, Arm]:
     for gamma in gammas:
         arms[f"drkl-{gamma:g}"] = Arm("topk", "drkl", {"gamma": gamma}, diversity=True)
     return arms
+
+
+def run_label(name: str, arm: Arm, args: argparse.Namespace) -> str:
+    """A student's folder name (before ``_seed<N>``): its training store's :func:`store_label`,
+    preceded by the arm's name when the arm is an objective on that store
+    (``rkl-topk-k128-q6``). Students whose store settings did not change keep their folder."""
+    store = store_label(arm.store, args)
+    return store if name == arm.store else f"{name}-{store}"
 
 
 #: Settings of the two presets; any option given on the command line wins.
@@ -133,6 +148,10 @@ def run_student(job: dict[str, Any]) -> dict[str, Any]:
         tokens_per_batch=job["tokens_per_step"], lr=job["lr"],
         warmup_steps=max(1, job["steps"] // 10), seed=job["seed"], save_every=job["eval_every"],
         keep_checkpoints=0, resume=True, device=job["device"], progress=False,
+        # Training-batch metrics only at the evaluated steps: on a dense store (the whole
+        # vocabulary as the support) they cost as much as the loss, and the held-out
+        # evaluation is what is reported. The trained weights are the same either way.
+        log_every=job["eval_every"],
     )  # fmt: skip
     summary = train(cfg)
     train_s = time.perf_counter() - start
@@ -266,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "name": name,
             "arm": dataclasses.asdict(arm),
             "seed": seed,
-            "run_dir": str(out / f"student_{name}_seed{seed}"),
+            "run_dir": str(out / f"student_{run_label(name, arm, args)}_seed{seed}"),
             "store": urls[arm.store],
             "heldout": urls["heldout"],
             "prompts": urls["prompts"],
@@ -283,26 +302,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for seed in range(args.seeds)
         for name, arm in arms.items()
     ]
-    cached = all((Path(job["run_dir"]) / "heldout.json").exists() for job in jobs)
+    reused = sum((Path(job["run_dir"]) / "heldout.json").exists() for job in jobs)
     finished = run_all_students(jobs, args.jobs, stamp)
     results: dict[str, dict[int, Any]] = {name: {} for name in arms}
     for job, result in zip(jobs, finished):
         if isinstance(result, Exception):
             result = {"error": f"{type(result).__name__}: {result}"}
         results[job["name"]][job["seed"]] = result
-    # The wall time of the invocation that trained the students: a rerun that only reads
-    # their cached results reports that one, not its own few seconds.
-    wall = out / "wall.json"
-    seconds = time.perf_counter() - start
-    if cached and wall.exists():
-        seconds = json.loads(wall.read_text())["seconds"]
+    # The wall time of the invocation that trained this section's students, and how many it
+    # read from earlier runs in the folder instead (a sweep reuses the dense students): a rerun
+    # that only reads cached results reports that one, not its own few seconds.
+    wall = out / f"wall-{args.section}.json"
+    timing = {"seconds": time.perf_counter() - start, "reused": reused}
+    if reused == len(jobs) and wall.exists():
+        timing = json.loads(wall.read_text())
     else:
-        wall.write_text(json.dumps({"seconds": seconds}))
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        wall.write_text(json.dumps(timing))
+    results_path = out / f"results-{args.section}.json"
+    results_path.write_text(json.dumps(results, indent=1, default=float))
     command = "python -m logitstore.benchmarks.quality " + shlex.join(
         sys.argv[1:] if argv is None else list(argv)
     )
-    body = report_body(results, vars(args), command.strip(), seconds)
+    body = report_body(
+        results, vars(args), command.strip(), timing["seconds"], timing.get("reused", 0)
+    )
     print("\n" + body)
     if args.plot:
         plot_curves(results, Path(args.plot))

@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from logitstore import EncodedDocument, StoreWriter
-from logitstore.benchmarks._quality_report import arms_table, findings, paired_table
+from logitstore.benchmarks._quality_report import arms_table, findings, paired_table, report_body
 from logitstore.benchmarks._quality_stats import mean_interval, paired
 from logitstore.benchmarks.quality import (
     PRESETS,
     check_disjoint,
     corpus_texts,
     make_arms,
+    parse_args,
+    run_label,
     split_documents,
 )
 from logitstore.codecs import get_codec
@@ -117,3 +119,34 @@ def test_every_drkl_gamma_is_an_arm():
     arms = make_arms([0.25, 0.5, 1.0])
     assert [a for a in arms if a.startswith("drkl")] == ["drkl-0.25", "drkl-0.5", "drkl-1"]
     assert arms["drkl-1"].params == {"gamma": 1.0} and arms["sampled"].use_counts
+
+
+def test_folders_carry_the_store_settings_so_a_sweep_reuses_the_dense_students():
+    arms = make_arms([0.5])
+    base = parse_args([])
+    sweeps = {
+        "k": parse_args(["--k", "256"]),
+        "values": parse_args(["--values", "float32"]),
+        "draws": parse_args(["--draws", "200"]),
+        "bits": parse_args(["--dense-bits", "4"]),
+    }
+    labels = {name: run_label(name, arm, base) for name, arm in arms.items()}
+    assert len(set(labels.values())) == len(arms)  # no two arms of a run share a folder
+    assert labels["topk"] == "topk-k128-q6" and labels["dense"] == "dense-bits8"
+    assert labels["rkl"] == "rkl-topk-k128-q6"
+    # The stores each setting makes (droptail is derived from topk): only the students of
+    # those stores get new folders.
+    makes = {"k": {"topk", "droptail"}, "values": {"topk", "droptail"}, "draws": {"sampled"},
+             "bits": {"dense"}}  # fmt: skip
+    for setting, args in sweeps.items():
+        changed = {n for n, arm in arms.items() if run_label(n, arm, args) != labels[n]}
+        assert changed == {n for n, arm in arms.items() if arm.store in makes[setting]}, setting
+    assert run_label("droptail", arms["droptail"], sweeps["k"]) == "droptail-k256-q6"
+
+
+def test_report_says_how_many_students_were_read_from_earlier_runs():
+    args = vars(parse_args([]))
+    fresh = report_body(fake_results(), args, "cmd", 600.0)
+    assert "wall time 10.0 min (" in fresh and "earlier runs" not in fresh
+    swept = report_body(fake_results(), args, "cmd", 600.0, reused=3)
+    assert "wall time 10.0 min training 7 of the 10 students (the other 3 were read" in swept
