@@ -228,7 +228,7 @@ def report_body(
     wall = f"wall time {seconds / 60:.1f} min"
     if reused:
         wall += (
-            f" training {students - reused} of the {students} students (the other {reused} "
+            f", training {students - reused} of the {students} students (the other {reused} "
             f"were read from earlier runs with the same settings in the work folder)"
         )
     tokens = max((r.get("tokens", 0) for r in runs), default=0)
@@ -250,7 +250,7 @@ def report_body(
         f"{teacher_top1:.4f}. Gap = student mean top-1 probability minus the teacher's. "
         f"Diversity: 4 samples of 32 tokens (temperature 1) from the opening words of each "
         f"held-out document. Device {args['device']}, {args['jobs']} students at a time; "
-        f"{wall} ({train_min:.1f} min of student training summed over all {len(runs)})."
+        f"{wall}; {train_min:.1f} min of student training summed over all {len(runs)}."
     )
     table, found = paired_table(results)
     return "\n\n".join(

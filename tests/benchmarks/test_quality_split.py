@@ -147,6 +147,6 @@ def test_folders_carry_the_store_settings_so_a_sweep_reuses_the_dense_students()
 def test_report_says_how_many_students_were_read_from_earlier_runs():
     args = vars(parse_args([]))
     fresh = report_body(fake_results(), args, "cmd", 600.0)
-    assert "wall time 10.0 min (" in fresh and "earlier runs" not in fresh
+    assert "wall time 10.0 min; " in fresh and "earlier runs" not in fresh
     swept = report_body(fake_results(), args, "cmd", 600.0, reused=3)
-    assert "wall time 10.0 min training 7 of the 10 students (the other 3 were read" in swept
+    assert "wall time 10.0 min, training 7 of the 10 students (the other 3 were read" in swept
