@@ -4,7 +4,9 @@ Order. The order of one epoch is a pure function of ``(seed, epoch)`` and the to
 (ranks x DataLoader workers): shards are permuted, split across the ``streams = world_size *
 num_workers`` readers, grouped into windows of ``shuffle_window`` shards, and the documents of
 each window are permuted. A reader decodes one window at a time, so memory is bounded by a few
-shards, never by the store. When the store has fewer shards than streams, every stream reads the
+shards, never by the store. A store reader decodes a window's documents together, in the order
+they are emitted (``LogitStore.read_block``): a batch's teacher arrays are then one slice of the
+decoded window, not a copy, and documents another stream or a resume skips are not decoded. When the store has fewer shards than streams, every stream reads the
 same globally ordered documents and keeps every ``streams``-th one instead (correct, but each
 stream decodes every shard).
 
@@ -41,12 +43,35 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from logitstore.codecs.base import Positions
 from logitstore.document import Document
 from logitstore.errors import ConfigError
 
 __all__ = ["StoreDataset", "collate_documents", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class _Item:
+    """A document to batch and, when it was decoded with others, their block and its first
+    row there."""
+
+    doc: Document
+    block: Positions | None
+    row: int
+
+
+def _block_rows(items: Sequence[_Item]) -> Positions | None:
+    """The items' positions as one slice of their block, if they are consecutive rows of one."""
+    block, row = items[0].block, items[0].row
+    if block is None:
+        return None
+    for item in items:
+        if item.block is not block or item.row != row:
+            return None
+        row += item.doc.num_tokens - 1
+    return block.slice(items[0].row, row)
 
 
 @dataclass
@@ -64,7 +89,9 @@ def _range(r: Any) -> tuple[int, int]:
     return int(start), int(stop)
 
 
-def collate_documents(docs: Sequence[Document]) -> dict[str, Any]:
+def collate_documents(
+    docs: Sequence[Document], positions: Positions | None = None
+) -> dict[str, Any]:
     """Pad documents into one batch; teacher arrays stay flat over real positions.
 
     Teacher arrays are not padded: they are the concatenation of the documents' positions, in
@@ -73,6 +100,10 @@ def collate_documents(docs: Sequence[Document]) -> dict[str, Any]:
 
     Args:
         docs: ``B`` documents of lengths ``T_b``.
+        positions: the documents' positions already as one block, in order (e.g. a slice of
+            :meth:`LogitStore.read_block`'s block); the teacher tensors then share its memory
+            instead of being concatenated (a tensor's storage covers its own rows only, so a
+            DataLoader worker still sends just the batch).
 
     Returns:
         ``input_ids`` int64 ``(B, T)`` (padding 0), ``attention_mask`` int64 ``(B, T)``,
@@ -94,7 +125,9 @@ def collate_documents(docs: Sequence[Document]) -> dict[str, Any]:
     ).astype(np.int64)
 
     def cat(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([getattr(d.positions, name) for d in docs]))
+        if positions is None:
+            return torch.from_numpy(np.concatenate([getattr(d.positions, name) for d in docs]))
+        return torch.from_numpy(getattr(positions, name))
 
     counts = docs[0].positions.support_counts
     return {
@@ -248,16 +281,31 @@ class StoreDataset(IterableDataset):
             windows.append(_Window(shards, docs))
         return windows
 
-    def _documents(self, windows: list[_Window], skip: int) -> Iterator[Document]:
+    def _documents(self, windows: list[_Window], skip: int) -> Iterator[_Item]:
         store = self.store
         # Read-ahead: the store fetches the next shards of this stream's order in background
         # threads while these are decoded and trained on (it matters for remote stores).
         order = [j for window in windows for j in window.shards]
         ahead, seen = getattr(store, "readahead", 0), 0
+        by_block = hasattr(store, "read_block")
         for window in windows:
             if skip >= len(window.docs):
                 skip -= len(window.docs)
                 seen += len(window.shards)
+                continue
+            wanted = window.docs[skip:]
+            skip = 0
+            if by_block:
+                # The window's documents decoded in the order they are emitted: a batch of
+                # consecutive ones is then one slice of the block (collation copies nothing).
+                if ahead:
+                    store.prefetch(order[seen : seen + len(window.shards) + ahead])
+                seen += len(window.shards)
+                docs, block = store.read_block(wanted)
+                row = 0
+                for doc in docs:
+                    yield _Item(doc, block, row)
+                    row += doc.num_tokens - 1
                 continue
             decoded: dict[int, Document] = {}
             for j in window.shards:
@@ -267,19 +315,19 @@ class StoreDataset(IterableDataset):
                 start, _ = _range(store.shard_document_range(j))
                 for offset, doc in enumerate(store.read_shard(j)):
                     decoded[start + offset] = doc
-            for index in window.docs[skip:]:
-                yield decoded[int(index)]
-            skip = 0
+            for index in wanted:
+                yield _Item(decoded[int(index)], None, 0)
 
-    def _batches(self, docs: Iterator[Document]) -> Iterator[list[Document]]:
-        current: list[Document] = []
+    def _batches(self, items: Iterator[_Item]) -> Iterator[list[_Item]]:
+        current: list[_Item] = []
         longest = 0
-        for doc in docs:
-            grown = max(longest, doc.num_tokens)
+        for item in items:
+            length = item.doc.num_tokens
+            grown = max(longest, length)
             if current and (len(current) + 1) * grown > self.tokens_per_batch:
                 yield current
-                current, grown = [], doc.num_tokens
-            current.append(doc)
+                current, grown = [], length
+            current.append(item)
             longest = grown
         if current:
             yield current
@@ -306,9 +354,10 @@ class StoreDataset(IterableDataset):
         self, windows: list[_Window], start: int, extra: dict[str, Any]
     ) -> Iterator[dict[str, Any]]:
         count = start
-        for docs in self._batches(self._documents(windows, start)):
-            count += len(docs)
-            yield {**collate_documents(docs), **extra, "consumed": count}
+        for items in self._batches(self._documents(windows, start)):
+            count += len(items)
+            batch = collate_documents([item.doc for item in items], _block_rows(items))
+            yield {**batch, **extra, "consumed": count}
 
 
 def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:

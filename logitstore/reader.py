@@ -11,15 +11,15 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from logitstore import _block
 from logitstore import format as fmt
 from logitstore.codecs import codec_from_json
 from logitstore.codecs._checks import check_positions
@@ -33,7 +33,7 @@ from logitstore.errors import (
     ManifestError,
     StoreNotFoundError,
 )
-from logitstore.storage import BACKENDS, Backend, ShardArrays, _fs
+from logitstore.storage import BACKENDS, Backend, ShardArrays, _fs, _shard_cache
 from logitstore.storage.base import token_dtype
 
 
@@ -220,58 +220,18 @@ class LogitStore:
             return future.result()
         return self._fetch(self.manifest["shards"][j])
 
-    def _cache_path(self, entry: Mapping[str, Any]) -> Path | None:
-        if self.cache_dir is None or _fs.is_local(self.fs):
-            return None
-        digest = str(entry["sha256"])
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            return None  # the name of a cache entry must be a plain hex digest
-        return self.cache_dir / digest[:2] / digest
-
-    def _from_cache(self, entry: Mapping[str, Any], folder: Path) -> dict[str, bytes] | None:
-        files: dict[str, bytes] = {}
-        for i, (name, size) in enumerate(entry["files"]):
-            try:
-                data = (folder / str(i)).read_bytes()
-            except OSError:
-                return None
-            if len(data) != size:
-                break
-            files[name] = data
-        else:
-            if _fs.tree_checksum(files.items()) == entry["sha256"]:
-                return files
-        shutil.rmtree(folder, ignore_errors=True)  # damaged: dropped, then fetched again
-        return None
-
-    def _to_cache(self, files: Mapping[str, bytes], entry: Mapping[str, Any], folder: Path) -> None:
-        # Written under a temporary name then renamed whole, so concurrent readers (DataLoader
-        # workers) see a complete entry or none.
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / _fs.temp_name(folder.name)
-        try:
-            tmp.mkdir()
-            for i, (name, _) in enumerate(entry["files"]):
-                (tmp / str(i)).write_bytes(files[name])
-            os.replace(tmp, folder)
-        except OSError:
-            pass  # another process cached it first, or the disk is full: reading still works
-        finally:
-            if tmp.exists():
-                for child in tmp.iterdir():
-                    child.unlink()
-                tmp.rmdir()
-
     def _fetch(self, entry: Mapping[str, Any]) -> dict[str, bytes]:
         """The shard's files, checked for presence, size and checksum (cache first, if any)."""
-        folder = self._cache_path(entry)
+        folder = None
+        if self.cache_dir is not None and not _fs.is_local(self.fs):
+            folder = _shard_cache.entry_folder(self.cache_dir, entry)
         if folder is not None:
-            cached = self._from_cache(entry, folder)
+            cached = _shard_cache.load(entry, folder)
             if cached is not None:
                 return cached
         files = self._fetch_remote(entry)
         if folder is not None:
-            self._to_cache(files, entry, folder)
+            _shard_cache.save(files, entry, folder)
         return files
 
     def _fetch_remote(self, entry: Mapping[str, Any]) -> dict[str, bytes]:
@@ -346,19 +306,58 @@ class LogitStore:
             CorruptShardError: the codec cannot decode the arrays.
         """
         where = self.manifest["shards"][j]["path"]
+        starts = arrays.position_offsets()
+
+        def locate(row: int) -> _block.Piece:
+            d = int(np.searchsorted(starts, row, side="right")) - 1
+            return _block.Piece(where, d, arrays.doc_ids[d], int(starts[d]), int(starts[d + 1]))
+
+        return self._decode(arrays.fields, locate, f"shard {where}", exhaustive=exhaustive)
+
+    def read_block(self, indices: Sequence[int] | np.ndarray) -> tuple[list[Document], Positions]:
+        """Documents ``indices`` (numbers in store order), in that order, decoded as one block.
+
+        The encoded rows of the listed documents are gathered into this order first (a few
+        bytes per support entry), then decoded and checked in one ``codec.decode`` call, so
+        document ``i + 1``'s positions are the rows right after document ``i``'s in the returned
+        :class:`Positions`: a run of consecutive documents is one slice of it, with no copy of
+        the decoded arrays. Documents not listed are fetched with their shards but neither
+        decoded nor checked. ``StoreDataset`` reads its shuffled windows this way.
+
+        Returns:
+            The documents (their positions are views of the block) and the block.
+
+        Raises:
+            IndexError: an index outside the store.
+            BadValueError: naming the shard, document, position and field of the first bad
+                value in the listed documents.
+        """
+        return _block.read_block(self, indices)
+
+    def _decode(
+        self,
+        fields: Mapping[str, np.ndarray],
+        locate: Callable[[int], _block.Piece],
+        where: str,
+        *,
+        exhaustive: bool = False,
+    ) -> Positions:
+        """Decode and check ``fields``; a bad value's error names the shard, document and
+        position that ``locate`` gives for its row, other failures name ``where``."""
         check = self._check_values or exhaustive
         try:
             # With the vocabulary, the codec checks every value as it decodes (codecs/_checks.py).
-            positions = self.codec.decode(arrays.fields, self.vocab_size if check else None)
+            positions = self.codec.decode(fields, self.vocab_size if check else None)
             if exhaustive:  # and verify sums every support column for the mass
                 check_positions(self.codec, positions, self.vocab_size, exhaustive=True)
         except BadValueError as exc:
-            starts = arrays.position_offsets()
-            d = int(np.searchsorted(starts, exc.row, side="right")) - 1
-            doc = repr(arrays.doc_ids[d])
+            if not 0 <= exc.row < len(next(iter(fields.values()), ())):
+                raise BadValueError(f"{where}: {exc}", exc.row, exc.field) from None
+            p = locate(exc.row)
+            doc = repr(p.doc_id)
             doc = doc if len(doc) <= 60 else doc[:57] + "..."
             raise BadValueError(
-                f"shard {where}: document {d} ({doc}), position {exc.row - int(starts[d])}: {exc}",
+                f"shard {p.shard}: document {p.index} ({doc}), position {exc.row - p.start}: {exc}",
                 exc.row,
                 exc.field,
             ) from None
@@ -366,7 +365,7 @@ class LogitStore:
             raise
         except Exception as exc:  # the checksum matched, so this is a writer/codec mismatch
             raise CorruptShardError(
-                f"shard {where}: codec cannot decode it ({type(exc).__name__}: {exc})"
+                f"{where}: codec cannot decode it ({type(exc).__name__}: {exc})"
             ) from None
         return positions
 

@@ -1,0 +1,189 @@
+"""The streaming loader on a real store: windows decoded as one block, in emission order.
+
+``test_dataset.py`` checks order, budgets and resume against an in-memory double; here the same
+guarantees are checked on a store written to disk, whose reader decodes each window with
+``LogitStore.read_block``, against batches collated from documents read one by one.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from logitstore import EncodedDocument, StoreWriter, open_store
+from logitstore.codecs import get_codec
+from logitstore.dataset import StoreDataset, collate_documents
+
+V = 64
+SIZES = [5, 1, 7, 3, 9, 4, 6, 2]
+META = {"teacher": {"model": "t"}, "tokenizer": {}, "capture": {"temperatures": []}, "source": {}}
+FIELDS = [
+    "support_ids",
+    "support_logprobs",
+    "tail_logmass",
+    "label_logprob",
+    "tail_logsumexp",
+    "entropy",
+    "labels",
+    "input_ids",
+    "attention_mask",
+    "position_mask",
+]
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("blocks") / "store")
+    codec = get_codec("topk", k=4, values="q8")
+    g = torch.Generator().manual_seed(0)
+    writer = StoreWriter(url, codec=codec, metadata=META, vocab_size=V)
+    index = 0
+    for j, size in enumerate(SIZES):
+        docs = []
+        for _ in range(size):
+            t = int(torch.randint(2, 40, (1,), generator=g))
+            ids = torch.randint(0, V, (t,), generator=g)
+            logprobs = torch.log_softmax(2 * torch.randn(t - 1, V, generator=g), -1)
+            fields = {k: v.numpy() for k, v in codec.encode(logprobs, ids[1:]).items()}
+            mask = (torch.rand(t - 1, generator=g) < 0.7).numpy()
+            docs.append(EncodedDocument(f"doc-{index}", ids.numpy(), mask, fields))
+            index += 1
+        writer.write_shard(j, docs)
+    writer.finalize(len(SIZES))
+    return url
+
+
+def by_id(url: str) -> dict[str, object]:
+    """Every document, read shard by shard (``read_shard``: not the block path)."""
+    store = open_store(url)
+    return {d.doc_id: d for j in range(store.num_shards) for d in store.read_shard(j)}
+
+
+def assert_batch_matches(batch: dict, docs: dict) -> None:
+    reference = collate_documents([docs[i] for i in batch["doc_ids"]])
+    for name in FIELDS:
+        assert torch.equal(batch[name], reference[name]), name
+    assert batch["num_tokens"] == reference["num_tokens"]
+
+
+@pytest.mark.parametrize(("world", "workers"), [(1, 0), (2, 0), (3, 2), (1, 2)])
+def test_batches_equal_documents_read_one_by_one(store_url, world, workers):
+    docs = by_id(store_url)
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world):
+            ds = StoreDataset(
+                store_url, tokens_per_batch=90, seed=4, shuffle_window=3, rank=rank,
+                world_size=world,
+            )  # fmt: skip
+            ds.set_epoch(epoch)
+            for batch in DataLoader(ds, batch_size=None, num_workers=workers):
+                assert_batch_matches(batch, docs)
+                seen += batch["doc_ids"]
+        assert sorted(seen) == sorted(docs) and len(seen) == len(set(seen))
+
+
+def test_fewer_shards_than_streams_still_covers_each_document_once(store_url):
+    docs = by_id(store_url)
+    seen = []
+    for rank in range(12):  # 12 streams, 8 shards: every stream keeps every 12th document
+        ds = StoreDataset(store_url, tokens_per_batch=64, seed=1, rank=rank, world_size=12)
+        for batch in ds:
+            assert_batch_matches(batch, docs)
+            seen += batch["doc_ids"]
+    assert sorted(seen) == sorted(docs) and len(seen) == len(set(seen))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_on_a_real_store_continues_exactly(store_url, workers):
+    def fresh() -> StoreDataset:
+        ds = StoreDataset(
+            store_url, tokens_per_batch=60, seed=7, shuffle_window=2, rank=0, world_size=1
+        )
+        ds.set_epoch(1)
+        return ds
+
+    full = [b["doc_ids"] for b in DataLoader(fresh(), batch_size=None, num_workers=workers)]
+    for stop in (1, 3, len(full) - 1):
+        first = fresh()
+        for batch in itertools.islice(
+            DataLoader(first, batch_size=None, num_workers=workers), stop
+        ):
+            first.record(batch)
+        resumed = fresh()
+        resumed.load_state_dict(first.state_dict())
+        rest = [b["doc_ids"] for b in DataLoader(resumed, batch_size=None, num_workers=workers)]
+        assert rest == full[stop:]
+
+
+def test_batches_of_one_window_are_slices_of_one_decode(store_url):
+    """Collation copies nothing: consecutive batches of one window lie back to back in memory
+    (a copy per batch would put each in its own allocation)."""
+    ds = StoreDataset(
+        store_url, tokens_per_batch=70, seed=2, shuffle_window=len(SIZES), rank=0, world_size=1
+    )
+    batches = list(ds)
+    assert len(batches) > 3
+    for name in ("support_ids", "support_logprobs", "entropy"):
+        for a, b in itertools.pairwise(batches):
+            end = a[name].data_ptr() + a[name].numel() * a[name].element_size()
+            assert b[name].data_ptr() == end, name
+
+
+def test_read_block_decodes_the_listed_documents_in_order(store_url, monkeypatch):
+    store = open_store(store_url)
+    docs = by_id(store_url)
+    order = [7, 0, 20, 6, 36, 12, 13, 1]  # across shards, out of store order
+    decoded = []
+    real = type(store.codec).decode
+
+    def counting(self, fields, vocab_size=None):
+        decoded.append(len(fields["top1"]))
+        return real(self, fields, vocab_size)
+
+    monkeypatch.setattr(type(store.codec), "decode", counting)
+    got, block = store.read_block(order)
+    assert decoded == [sum(docs[f"doc-{i}"].num_tokens - 1 for i in order)]  # one call, these
+    assert [d.doc_id for d in got] == [f"doc-{i}" for i in order]
+    row = 0
+    for doc in got:
+        ref = docs[doc.doc_id]
+        n = doc.num_tokens - 1
+        np.testing.assert_array_equal(doc.input_ids, ref.input_ids)
+        np.testing.assert_array_equal(doc.loss_mask, ref.loss_mask)
+        for name in ("support_ids", "support_logprobs", "tail_logmass", "label_logprob"):
+            np.testing.assert_array_equal(getattr(doc, name), getattr(ref, name))
+            np.testing.assert_array_equal(getattr(block, name)[row : row + n], getattr(ref, name))
+        row += n
+    assert len(block) == row
+    empty, nothing = store.read_block([])
+    assert empty == [] and len(nothing) == 0 and nothing.support_ids.shape == (0, 4)
+    with pytest.raises(IndexError):
+        store.read_block([0, store.num_documents])
+
+
+def test_read_block_names_the_document_of_a_bad_value(tmp_path):
+    codec = get_codec("topk", k=4, values="q8")
+    writer = StoreWriter(str(tmp_path / "s"), codec=codec, metadata=META, vocab_size=V)
+    g = torch.Generator().manual_seed(3)
+    for j in range(2):
+        docs = []
+        for d in range(3):
+            ids = torch.randint(0, V, (10,), generator=g)
+            lp = torch.log_softmax(torch.randn(9, V, generator=g), -1)
+            fields = {k: v.numpy() for k, v in codec.encode(lp, ids[1:]).items()}
+            if (j, d) == (1, 2):
+                fields["top1"][5] = 3.0  # a probability above 1
+            docs.append(EncodedDocument(f"d{j}{d}", ids.numpy(), np.ones(9, bool), fields))
+        writer.write_shard(j, docs)
+    writer.finalize(2)
+    store = open_store(str(tmp_path / "s"))
+    with pytest.raises(
+        Exception, match=r"shard shards/000001\.zarr: document 2 \('d12'\), position 5: "
+    ):
+        store.read_block([4, 0, 5, 1])
+    assert [d.doc_id for d in store.read_block([4, 0, 1])[0]] == ["d11", "d00", "d01"]
