@@ -246,6 +246,42 @@ def local_target(fs: Any, path: str) -> str | None:
     return None
 
 
+class _Resolver:
+    """``os.path.realpath`` for paths under one root, remembering the directories it resolved.
+
+    A shard is a few dozen files in a few nested folders: ``realpath`` of each would examine
+    every component from ``/`` again (hundreds of ``lstat`` calls a shard). Here each
+    component below the root is examined once per call of :func:`refuse_links_out`; a
+    symbolic link, or any path not a plain name under the root, goes to ``realpath`` itself.
+    """
+
+    def __init__(self, local_root: str, real_root: str) -> None:
+        self.prefix = local_root.rstrip("/") + "/"
+        self.known: dict[str, str] = {"": real_root}
+
+    def __call__(self, local: str) -> str:
+        if not local.startswith(self.prefix):
+            return os.path.realpath(local)
+        parts = local[len(self.prefix) :].split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            return os.path.realpath(local)
+        done = ""
+        real = self.known[""]
+        for part in parts:
+            done = f"{done}/{part}"
+            hit = self.known.get(done)
+            if hit is None:
+                hit = os.path.join(real, part)
+                try:
+                    if stat.S_ISLNK(os.lstat(hit).st_mode):
+                        hit = os.path.realpath(hit)
+                except OSError:
+                    pass  # missing: resolved lexically from here, as realpath does
+                self.known[done] = hit
+            real = hit
+        return real
+
+
 def refuse_links_out(fs: Any, root: str, paths: Iterable[str], where: str) -> None:
     """Refuse files that a symbolic link resolves to outside the store's root, or that are
     not regular files (a FIFO would block a reader, a device would never end).
@@ -261,9 +297,10 @@ def refuse_links_out(fs: Any, root: str, paths: Iterable[str], where: str) -> No
     if local_root is None:
         return
     real_root = os.path.realpath(local_root)
+    resolve = _Resolver(local_root, real_root)
     for path in paths:
         local = local_target(fs, path)
-        real = os.path.realpath(local if local is not None else path)
+        real = resolve(local if local is not None else path)
         rel = path[len(root) + 1 :] if path.startswith(root + "/") else path
         if os.path.commonpath([real_root, real]) != real_root:
             raise UnsafePathError(
