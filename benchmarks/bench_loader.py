@@ -31,6 +31,7 @@ line gives the bytes per token of the manifest's statistics and the shard size. 
 from __future__ import annotations
 
 import argparse
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -72,30 +73,44 @@ def paths(url: str, tokens_per_batch: int) -> dict[str, Callable[[], int]]:
     }
 
 
-def measure(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, tuple[float, float, int]]:
-    """Best ``(CPU seconds, wall seconds, positions)`` per path; paths alternate each round,
-    in a rotated order, so a drift of the machine's speed hits them alike."""
-    best: dict[str, tuple[float, float, int]] = {}
+Timing = tuple[float, float, int, float, int]
+
+
+def measure(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, Timing]:
+    """Best ``(CPU seconds, wall seconds, positions, kernel seconds, page faults)`` per path;
+    paths alternate each round, in a rotated order, so a drift of the machine's speed hits them
+    alike."""
+    best: dict[str, Timing] = {}
     names = list(fns)
     for name in names:
         fns[name]()  # warm: first-use costs (imports, caches of the process) are not timed
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            before = resource.getrusage(resource.RUSAGE_SELF)
             cpu, wall = time.process_time(), time.perf_counter()
             n = fns[name]()
-            got = (time.process_time() - cpu, time.perf_counter() - wall, n)
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            got = (
+                cpu,
+                wall,
+                n,
+                after.ru_stime - before.ru_stime,
+                after.ru_minflt - before.ru_minflt,
+            )
             if name not in best or got[0] < best[name][0]:
                 best[name] = got
     return best
 
 
-def report(results: dict[str, tuple[float, float, int]]) -> None:
+def report(results: dict[str, Timing]) -> None:
     base = results["arrays"][0]
-    for name, (cpu, wall, n) in results.items():
+    for name, (cpu, wall, n, kernel, faults) in results.items():
         ratio = "(baseline)" if name == "arrays" else f"CPU time {cpu / base:.2f}x arrays"
         print(
             f"  {name:>14}: {n / cpu / 1e6:5.2f} M tokens/CPU-s, {n / wall / 1e6:5.2f} M tokens/s "
-            f"wall, {1e3 * cpu:6.1f} ms CPU for {n} tokens; {ratio}"
+            f"wall, {1e3 * cpu:6.1f} ms CPU for {n} tokens ({1e3 * kernel:4.1f} ms in the kernel, "
+            f"{faults} page faults); {ratio}"
         )
 
 
@@ -109,6 +124,7 @@ def main() -> None:
         for url, label in stores_to_read(args, tmp):
             print(describe(open_store(url), f"{label} {url}"))
             report(measure(paths(url, args.tokens_per_batch), args.repeats))
+
 
 if __name__ == "__main__":
     main()
