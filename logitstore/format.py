@@ -67,10 +67,12 @@ MAX_SHARDS = 2**20
 MAX_FILES_PER_SHARD = 4096
 
 MAX_EXPANSION = 256
-"""A shard's arrays, uncompressed, may be at most this many times its bytes on disk.
+"""A shard's arrays, uncompressed, may be at most this many times its bytes on disk: what the
+manifest declares and what the backends decode alike.
 
-Real shards compress 2-4x; the bound only keeps a tiny hostile shard from declaring millions
-of positions, which readers would otherwise allocate before finding its chunks empty."""
+Real shards compress 2-4x; the bound keeps a small hostile shard (millions of declared
+positions, chunks left out as all fill value, a zstd bomb) from making a reader allocate
+gigabytes before finding it empty or broken."""
 
 
 _COUNT = Int(0, MAX_COUNT)

@@ -2,8 +2,8 @@
 
 A store from the Hub or a bucket is a stranger's bytes. Every size a reader allocates from is
 first bounded by bytes actually present: JSON files by a size and a nesting depth, a shard's
-arrays by a multiple of its bytes on disk, and every compressed frame by the size of the chunk
-it must decode to. The checks are per file or per frame, never per value, so reading stays as
+arrays by a multiple of its bytes on disk (``format.MAX_EXPANSION``), and every compressed
+frame by the size of the chunk it must decode to. The checks are per file or per frame, never per value, so reading stays as
 fast as it was.
 """
 
@@ -19,12 +19,6 @@ MAX_JSON_BYTES = 64 * 2**20
 MAX_JSON_DEPTH = 64
 """Deepest nesting of objects and lists in any JSON file (real files nest fewer than 8)."""
 
-MAX_EXPANSION = 256
-"""A shard's arrays, uncompressed, may be at most this many times its bytes on disk.
-
-The same bound the manifest's declared sizes are held to. Real shards compress 2-4x; the
-bound keeps a small hostile shard (chunks left out as all fill value, a zstd bomb) from
-making a reader allocate gigabytes."""
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _STEP = np.zeros(256, dtype=np.int8)

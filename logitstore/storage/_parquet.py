@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from logitstore.codecs.base import FieldSpec
 from logitstore.errors import CorruptShardError
-from logitstore.storage._limits import MAX_EXPANSION
+from logitstore.format import MAX_EXPANSION
 from logitstore.storage._parquet_pages import PageError, walk
 from logitstore.storage._remote import describe
 from logitstore.storage.base import Backend, ShardArrays, check_expansion, token_dtype

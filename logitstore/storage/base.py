@@ -16,7 +16,7 @@ import numpy as np
 
 from logitstore.codecs.base import FieldSpec
 from logitstore.errors import CorruptShardError
-from logitstore.storage._limits import MAX_EXPANSION
+from logitstore.format import MAX_EXPANSION
 
 RESERVED_NAMES = frozenset({"doc_id", "doc_ids", "input_ids", "loss_mask", "offsets"})
 """Array and column names a backend uses itself; codec fields may not take them."""
