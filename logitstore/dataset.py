@@ -264,6 +264,7 @@ class StoreDataset(IterableDataset):
         order = rng.permutation(len(ranges)) if self.shuffle else np.arange(len(ranges))
         by_shard = len(ranges) >= num_streams
         mine = order[stream::num_streams] if by_shard else order
+        first_docs = np.array([r[0] for r in ranges], dtype=np.int64)
         windows = []
         position = 0  # position in the global stream, for the document-split fallback
         for w, start in enumerate(range(0, len(mine), self.shuffle_window)):
@@ -278,6 +279,10 @@ class StoreDataset(IterableDataset):
                 keep = (position + np.arange(len(docs))) % num_streams == stream
                 position += len(docs)
                 docs = docs[keep]
+            # The shards in the order their documents first come (the order they are read and
+            # fetched ahead in); a shard none of whose documents this stream keeps is not read.
+            owner = np.searchsorted(first_docs, docs, side="right") - 1
+            shards = list(dict.fromkeys(int(j) for j in owner.tolist()))
             windows.append(_Window(shards, docs))
         return windows
 

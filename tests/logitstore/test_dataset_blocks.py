@@ -187,3 +187,30 @@ def test_read_block_names_the_document_of_a_bad_value(tmp_path):
     ):
         store.read_block([4, 0, 5, 1])
     assert [d.doc_id for d in store.read_block([4, 0, 1])[0]] == ["d11", "d00", "d01"]
+
+
+def test_shards_are_read_and_fetched_ahead_in_the_order_their_documents_come(store_url):
+    store = open_store(store_url)
+    starts = np.array([store.shard_document_range(j)[0] for j in range(store.num_shards)])
+    events: list[tuple[str, object]] = []
+    real_prefetch, real_read = store.prefetch, store.read_shard_arrays
+    store.prefetch = lambda shards: events.append(("fetch", list(shards))) or real_prefetch(shards)
+    store.read_shard_arrays = lambda j: events.append(("read", j)) or real_read(j)
+    index = {f"doc-{i}": i for i in range(store.num_documents)}
+    for rank, world in ((0, 1), (5, 12)):  # by shard, and the document-split fallback
+        events.clear()
+        ds = StoreDataset(store, tokens_per_batch=64, seed=3, rank=rank, world_size=world)
+        emitted = [index[i] for b in ds for i in b["doc_ids"]]
+        for window in ds.plan(0, rank, world):  # shards as their documents first name them
+            owners = np.searchsorted(starts, window.docs, side="right") - 1
+            assert window.shards == list(dict.fromkeys(owners.tolist()))
+        read = [j for kind, j in events if kind == "read"]
+        owners = np.searchsorted(starts, emitted, side="right") - 1
+        assert sorted(read) == sorted(set(owners.tolist()))  # each once, and only those
+        # Every read is of a shard the latest read-ahead request listed, in the listed order.
+        listed: list = []
+        for kind, value in events:
+            if kind == "fetch":
+                listed = list(value)
+            else:
+                assert listed and listed.pop(0) == value
