@@ -9,7 +9,6 @@ from the store: JSON and plain numeric arrays only, no pickle, and no path outsi
 from __future__ import annotations
 
 import functools
-import json
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -85,10 +84,9 @@ class LogitStore:
         self.fs, self.root = _fs.url_to_fs(self.url, storage_options)
         self.manifest = self._load_manifest()
         try:
-            entry = json.dumps(self.manifest["codec"], sort_keys=True)
             self.codec: Codec
             self.codec, specs = _codec_and_specs(
-                entry, self.vocab_size, self.manifest["num_temperatures"]
+                _Entry(self.manifest["codec"]), self.vocab_size, self.manifest["num_temperatures"]
             )
             self.specs: dict[str, FieldSpec] = dict(specs)
         except ConfigError as exc:
@@ -442,16 +440,46 @@ class LogitStore:
         return problems
 
 
+class _Entry:
+    """A manifest's codec entry as a cache key: equal to another exactly when the two are the
+    same JSON value (key order aside; ``1``, ``1.0`` and ``true`` differ), hashed without
+    writing the entry out as text (a fitted id order is thousands of numbers)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.key = _frozen(value)
+        self.hash = hash(self.key)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Entry) and self.key == other.key
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable, type-exact form of a parsed JSON value."""
+    if isinstance(value, dict):
+        return (dict, tuple(sorted((str(k), _frozen(v)) for k, v in value.items())))
+    if isinstance(value, list):
+        items = tuple(value)
+        types = tuple(map(type, items))
+        if set(types) <= {int, float, str, bool, type(None)}:
+            return (list, items, types)  # a flat list (an id order): no call per item
+        return (list, tuple(_frozen(v) for v in value))
+    return (type(value), value)
+
+
 @functools.lru_cache(maxsize=16)
 def _codec_and_specs(
-    entry: str, vocab_size: int, num_temperatures: int
+    entry: _Entry, vocab_size: int, num_temperatures: int
 ) -> tuple[Codec, dict[str, FieldSpec]]:
-    """The codec of a manifest's codec entry (as sorted JSON text) and its field specs.
+    """The codec of a manifest's codec entry and its field specs.
 
     Built once per entry and shape, not per open: a fitted id order is thousands of ids to
     validate, and codecs are frozen, so stores written with one codec share it.
     """
-    codec = codec_from_json(json.loads(entry))
+    codec = codec_from_json(entry.value)
     return codec, codec.fields(vocab_size, num_temperatures)
 
 

@@ -140,3 +140,9 @@ def test_codec_set_up_happens_once_per_codec_entry(tmp_path, monkeypatch):
     for _ in range(2):
         with pytest.raises(ManifestError, match="codec.configuration"):
             open_store(str(tmp_path / "b"))
+    # The cache key tells JSON values apart exactly: 12.0 and true are not the 12 cached above.
+    for bad in (12.0, True):
+        manifest["codec"]["configuration"]["n"] = bad
+        (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ManifestError, match="codec.configuration"):
+            open_store(str(tmp_path / "b"))
