@@ -8,8 +8,10 @@ fitted on the first batch); the first run writes them, later runs reuse them. ``
 distributions (a shuffled Zipf prior plus noise, q8 values, no fitted id order), labelled as
 such: its ids spread over the vocabulary unlike a teacher's, so its figures are not the loader's.
 
-Per store, in one thread and one run, the paths alternate round by round (best of
-``--repeats``, by CPU time):
+Per store, in one thread and one run, the paths alternate round by round; each line gives the
+best of ``--repeats`` rounds by CPU time, the median round, and the page faults of the best
+round (on a machine where the kernel's page faults are dear, a round whose allocator handed
+freed memory back and faulted it in again costs up to a third more):
 
 * ``arrays``: ``read_shard_arrays`` of every shard: fetch, size and SHA-256 checks, backend
   decode and shape checks, before any codec decoding (what every path below pays; the
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -73,44 +76,39 @@ def paths(url: str, tokens_per_batch: int) -> dict[str, Callable[[], int]]:
     }
 
 
-Timing = tuple[float, float, int, float, int]
+Timing = tuple[float, float, int, int]  # CPU seconds, wall seconds, positions, page faults
 
 
-def measure(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, Timing]:
-    """Best ``(CPU seconds, wall seconds, positions, kernel seconds, page faults)`` per path;
-    paths alternate each round, in a rotated order, so a drift of the machine's speed hits them
-    alike."""
-    best: dict[str, Timing] = {}
+def measure(fns: dict[str, Callable[[], int]], repeats: int) -> dict[str, list[Timing]]:
+    """Every round's timing per path; paths alternate each round, in a rotated order, so a
+    drift of the machine's speed hits them alike."""
+    runs: dict[str, list[Timing]] = {name: [] for name in fns}
     names = list(fns)
     for name in names:
         fns[name]()  # warm: first-use costs (imports, caches of the process) are not timed
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            before = resource.getrusage(resource.RUSAGE_SELF)
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             cpu, wall = time.process_time(), time.perf_counter()
             n = fns[name]()
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            got = (
-                cpu,
-                wall,
-                n,
-                after.ru_stime - before.ru_stime,
-                after.ru_minflt - before.ru_minflt,
-            )
-            if name not in best or got[0] < best[name][0]:
-                best[name] = got
-    return best
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            runs[name].append((cpu, wall, n, faults))
+    return runs
 
 
-def report(results: dict[str, Timing]) -> None:
-    base = results["arrays"][0]
-    for name, (cpu, wall, n, kernel, faults) in results.items():
+def report(runs: dict[str, list[Timing]]) -> None:
+    """Per path the best round (by CPU time), the median round's CPU figure, and the page
+    faults of the best round: freshly faulted pages are most of the spread between rounds."""
+    base = min(runs["arrays"])[0]
+    for name, timings in runs.items():
+        cpu, wall, n, faults = min(timings)
+        median = statistics.median(t[0] for t in timings)
         ratio = "(baseline)" if name == "arrays" else f"CPU time {cpu / base:.2f}x arrays"
         print(
-            f"  {name:>14}: {n / cpu / 1e6:5.2f} M tokens/CPU-s, {n / wall / 1e6:5.2f} M tokens/s "
-            f"wall, {1e3 * cpu:6.1f} ms CPU for {n} tokens ({1e3 * kernel:4.1f} ms in the kernel, "
-            f"{faults} page faults); {ratio}"
+            f"  {name:>14}: {n / cpu / 1e6:5.2f} M tokens/CPU-s (median round "
+            f"{n / median / 1e6:4.2f}), {n / wall / 1e6:5.2f} M tokens/s wall, "
+            f"{1e3 * cpu:6.1f} ms CPU for {n} tokens, {faults} page faults; {ratio}"
         )
 
 
