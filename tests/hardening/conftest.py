@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,22 +202,32 @@ class _LimitedChild:
         self.proc.wait()
 
 
-_children: dict[int, _LimitedChild] = {}
+_children: dict[tuple[str, int], _LimitedChild] = {}
 
 
-def run_limited(*args: Any, limit: int = LIMIT_BYTES, timeout: float = 120) -> dict[str, Any]:
+def run_limited(
+    *args: Any, limit: int = LIMIT_BYTES, timeout: float = 120, pool: str = "storage"
+) -> dict[str, Any]:
     """Run ``logitstore ARGS`` in a child process whose address space may grow by at most
     ``limit`` bytes; return its exit code, output and the class of any uncaught exception.
 
     A MemoryError in the child shows as a failed refusal, a kill or a hang as a failed
-    assertion, never as a crash of the test run.
+    assertion, never as a crash of the test run. Each ``pool`` has a child of its own, so
+    commands that load models (and keep their modules) do not eat the headroom of the
+    storage cases.
     """
-    child = _children.get(limit)
+    child = _children.get((pool, limit))
     if child is None or not child.alive():
-        child = _children[limit] = _LimitedChild(limit)
+        child = _children[pool, limit] = _LimitedChild(limit)
     report = child.run([str(a) for a in args], timeout)
     assert isinstance(report, dict), report
     return report
+
+
+@pytest.fixture(scope="session")
+def limited_cli() -> Callable[..., dict[str, Any]]:
+    """:func:`run_limited`, for test modules (a test module cannot import a conftest)."""
+    return run_limited
 
 
 @pytest.fixture(scope="session", autouse=True)

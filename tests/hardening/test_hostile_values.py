@@ -10,16 +10,15 @@ with a one-line message naming the field (and, for values, the shard, document a
 never a traceback or a memory blow-up. ``verify`` lists value problems (exit 1); every other
 command refuses with exit 2, and training refuses before its first step.
 
-The CLI runs for one class share one child process (each start imports torch and the CLI, a
-few seconds), under the same limit as ``conftest.run_limited``.
+The CLI runs share one long-lived child process of their own (``conftest.run_limited`` with
+the pool ``values``: training loads a model, whose modules stay), under the same limit as the
+storage cases.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ import torch
 from logitstore import EncodedDocument, StoreWriter
 from logitstore.codecs import Sampled, TopK
 
-LIMIT_BYTES = 1536 * 2**20
 VOCAB = 256
 WIDE = 300  # two id planes: a gap can reach ids far beyond the vocabulary
 META = {
@@ -45,36 +43,10 @@ STUDENT = {
 TRAIN = ["--max-steps", "1", "--tokens-per-step", "64", "--tokens-per-batch", "64",
          "--device", "cpu", "--no-progress"]  # fmt: skip
 
-_CHILD = r"""
-import json, resource, sys, traceback
-soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-with open("/proc/self/statm") as f:
-    used = int(f.read().split()[0]) * resource.getpagesize()
-resource.setrlimit(resource.RLIMIT_AS, (used + int(sys.argv[1]), hard))
-from click.testing import CliRunner
-from logitstore.cli import main
-reports = []
-for args in json.loads(sys.argv[2]):
-    result = CliRunner().invoke(main, args, catch_exceptions=True)
-    exc = result.exception
-    crashed = exc is not None and not isinstance(exc, SystemExit)
-    reports.append({"exit_code": result.exit_code, "output": result.output,
-                    "traceback": "".join(traceback.format_exception(exc)) if crashed else ""})
-print(json.dumps(reports))
-"""
 
-
-def run_children(commands: list[list[Any]], timeout: float = 600) -> list[dict[str, Any]]:
-    """Run each ``logitstore ARGS`` of ``commands`` in one child process whose address space
-    may grow by at most 1.5 GiB; a MemoryError or a kill fails the test, not the run."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(LIMIT_BYTES), json.dumps(commands, default=str)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_values(limited_cli: Callable[..., dict[str, Any]], args: list[Any]) -> dict[str, Any]:
+    """``logitstore ARGS`` in the long-lived child of this module's pool, under the limit."""
+    return limited_cli(*args, pool="values", timeout=300)
 
 
 def clean_refusal(report: dict[str, Any], exit_code: int, *words: str) -> None:
@@ -186,7 +158,7 @@ def _copy(base: Path, root: Path, change: Callable[[dict], Any], text: str | Non
 
 
 @pytest.fixture(scope="module")
-def manifest_reports(base, tmp_path_factory) -> dict[str, dict[str, Any]]:
+def manifest_reports(base, tmp_path_factory, limited_cli) -> dict[str, dict[str, Any]]:
     """Every malformed-manifest store, read by inspect, verify, convert, export, train or mix
     in turn (one child process); the report of each, by case id."""
     tmp = tmp_path_factory.mktemp("manifests")
@@ -225,7 +197,7 @@ def manifest_reports(base, tmp_path_factory) -> dict[str, dict[str, Any]]:
     for case, s in cases.items():  # inspect prints fidelity: it must refuse, not crash
         if "fidelity" in case:
             commands[f"inspect {case}"] = ["inspect", s]
-    reports = dict(zip(commands, run_children(list(commands.values()))))
+    reports = {name: run_values(limited_cli, args) for name, args in commands.items()}
     for i in range(len(cases)):  # nothing written by a refused command
         for name in ("out", "exp", "run", "mix"):
             assert not (tmp / f"{name}{i}").exists() or not any((tmp / f"{name}{i}").rglob("*"))
@@ -303,7 +275,7 @@ def hostile_documents(case: str, seed: int) -> list[EncodedDocument]:
 
 
 @pytest.fixture(scope="module")
-def value_reports(tmp_path_factory) -> dict[str, dict[str, Any]]:
+def value_reports(tmp_path_factory, limited_cli) -> dict[str, dict[str, Any]]:
     """``verify`` of every hostile-value store (two shards, the second spoiled), ``export`` of
     some, and ``train`` on one-shard ones; all in one child process."""
     tmp = tmp_path_factory.mktemp("values")
@@ -324,7 +296,7 @@ def value_reports(tmp_path_factory) -> dict[str, dict[str, Any]]:
             run = tmp / f"run{i}"
             commands[f"train {case}"] = ["train", "--store", one, "--student", students[vocab],
                                          "--out", run, *TRAIN]  # fmt: skip
-    reports = dict(zip(commands, run_children(list(commands.values()))))
+    reports = {name: run_values(limited_cli, args) for name, args in commands.items()}
     for i, case in enumerate(VALUES):
         if case in TRAINED:  # refused before the first step: no checkpoint
             found = list((tmp / f"run{i}").glob("**/checkpoint-*"))
@@ -369,7 +341,7 @@ def test_training_refuses_bad_values_before_its_first_step(value_reports, case):
     assert report["checkpoints"] == []
 
 
-def test_huge_ids_with_a_hot_list_are_refused_without_a_huge_table(tmp_path):
+def test_huge_ids_with_a_hot_list_are_refused_without_a_huge_table(tmp_path, limited_cli):
     """Three id planes (V = 2^24) of 0xFF decode to ids up to 8 * 2^24: the hot list's inverse
     table must not follow them (it would take gigabytes)."""
     vocab = 2**24
@@ -384,7 +356,8 @@ def test_huge_ids_with_a_hot_list_are_refused_without_a_huge_table(tmp_path):
     fields["tail_logsumexp"] = np.zeros((n - 1, 1), np.float16)
     doc = EncodedDocument("doc-0", np.arange(n) % VOCAB, np.ones(n - 1, bool), fields)
     store = write(tmp_path / "s", codec, [[doc]], vocab=vocab)
-    verify, export = run_children([["verify", store], ["export", store, tmp_path / "e"]])
+    verify = run_values(limited_cli, ["verify", store])
+    export = run_values(limited_cli, ["export", store, tmp_path / "e"])
     clean_refusal(verify, 1, "position 0: support_ids: expected token ids in [0, 16777216)")
     clean_refusal(export, 2, "support_ids")
 
