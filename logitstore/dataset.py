@@ -6,9 +6,10 @@ num_workers`` readers, grouped into windows of ``shuffle_window`` shards, and th
 each window are permuted. A reader decodes one window at a time, so memory is bounded by a few
 shards, never by the store. A store reader decodes a window's documents together, in the order
 they are emitted (``LogitStore.read_block``): a batch's teacher arrays are then one slice of the
-decoded window, not a copy, and documents another stream or a resume skips are not decoded. When the store has fewer shards than streams, every stream reads the
-same globally ordered documents and keeps every ``streams``-th one instead (correct, but each
-stream decodes every shard).
+decoded window, not a copy, and documents another stream or a resume skips are not decoded.
+When the store has fewer shards than streams, every stream reads the same globally ordered
+documents and keeps every ``streams``-th one instead (correct, but each stream fetches every
+shard; it decodes only its own documents).
 
 Batches. Documents are grouped, in stream order, into batches whose padded size
 ``num_docs * longest`` stays within ``tokens_per_batch`` (a document longer than the budget
