@@ -21,7 +21,11 @@ freed memory back and faulted it in again costs up to a third more):
 * ``iter_documents``: ``open_store(path).iter_documents()`` from a fresh open: manifest, codec
   set-up, read-ahead thread, decoding and checks;
 * ``StoreDataset``: one epoch of a fresh ``StoreDataset`` over a freshly opened store: shuffled
-  windows, background decode, batches by token budget, collation into torch tensors.
+  windows decoded in emission order (``read_block``), background decode, batches by token
+  budget, collation into torch tensors (slices of the decoded window);
+* ``per shard``: the same epoch over a store that hides ``read_block``, so shards are decoded
+  whole and collation concatenates (how the loader read before); ``StoreDataset``'s line gives
+  its CPU time against this one.
 
 Tokens are trained positions (tokens minus documents). Tokens per CPU second count the whole
 process's CPU time (every thread): the per-core figure; the aim is >= 1M at k = 64. Each store
@@ -38,6 +42,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -64,16 +69,31 @@ def paths(url: str, tokens_per_batch: int) -> dict[str, Callable[[], int]]:
     def iter_documents() -> int:
         return sum(d.num_tokens - 1 for d in open_store(url).iter_documents())
 
-    def dataset() -> int:
-        ds = StoreDataset(open_store(url), tokens_per_batch=tokens_per_batch, rank=0, world_size=1)
+    def dataset(store: Any) -> int:
+        ds = StoreDataset(store, tokens_per_batch=tokens_per_batch, rank=0, world_size=1)
         return sum(len(b["labels"]) for b in ds)
 
     return {
         "arrays": arrays,
         "read_shard": read_shard,
         "iter_documents": iter_documents,
-        "StoreDataset": dataset,
+        "StoreDataset": lambda: dataset(open_store(url)),
+        "per shard": lambda: dataset(PerShard(open_store(url))),
     }
+
+
+class PerShard:
+    """A store without ``read_block``: ``StoreDataset`` then decodes whole shards in store
+    order and collation concatenates each batch's documents (the loader before windows were
+    decoded in emission order); the baseline of the ``StoreDataset`` row."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "read_block":
+            raise AttributeError(name)
+        return getattr(self._store, name)
 
 
 Timing = tuple[float, float, int, int]  # CPU seconds, wall seconds, positions, page faults
@@ -105,6 +125,8 @@ def report(runs: dict[str, list[Timing]]) -> None:
         cpu, wall, n, faults = min(timings)
         median = statistics.median(t[0] for t in timings)
         ratio = "(baseline)" if name == "arrays" else f"CPU time {cpu / base:.2f}x arrays"
+        if name == "StoreDataset" and "per shard" in runs:
+            ratio += f", {cpu / min(runs['per shard'])[0]:.2f}x per shard"
         print(
             f"  {name:>14}: {n / cpu / 1e6:5.2f} M tokens/CPU-s (median round "
             f"{n / median / 1e6:4.2f}), {n / wall / 1e6:5.2f} M tokens/s wall, "
