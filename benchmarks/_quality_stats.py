@@ -15,19 +15,19 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-#: Two-sided 95 % quantiles of Student's t, by degrees of freedom (scipy is not a dependency).
+#: Two-sided 95 % quantiles of Student's t, by degrees of freedom 1 to 30 (scipy is not a
+#: dependency).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+        9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
+        17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064,
+        25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048, 29: 2.045, 30: 2.042}  # fmt: skip
 
 
 def t975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (conservative between
-    tabulated values; 1.96 beyond 30)."""
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (1.96 beyond 30)."""
     if df < 1:
         return math.nan
-    if df > 30:
-        return 1.96
-    return T975[min(d for d in T975 if d >= df)] if df not in T975 else T975[df]
+    return 1.96 if df > 30 else T975[df]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 
 from logitstore import EncodedDocument, StoreWriter
 from logitstore.benchmarks._quality_report import arms_table, findings, paired_table, report_body
-from logitstore.benchmarks._quality_stats import mean_interval, paired
+from logitstore.benchmarks._quality_stats import mean_interval, paired, t975
 from logitstore.benchmarks.quality import (
     PRESETS,
     check_disjoint,
@@ -83,6 +83,21 @@ def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
     assert rel.mean == pytest.approx(np.mean([3 / 2 - 1, 5 / 3 - 1, 7 / 4 - 1]))
     one = mean_interval([0.5])
     assert one.mean == 0.5 and math.isnan(one.low) and not one.excludes_zero
+
+
+def student_t_mass(q: float, df: int, steps: int = 20000) -> float:
+    """P(0 < T < q) for Student's t with ``df`` degrees of freedom (Simpson's rule)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    xs = np.linspace(0.0, q, steps + 1)
+    f = np.exp(log_c - (df + 1) / 2 * np.log1p(xs**2 / df))
+    return float((q / steps / 3) * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum()))
+
+
+@pytest.mark.parametrize("df", range(1, 31))
+def test_t975_is_the_quantile_of_the_t_distribution(df):
+    # The tabulated value is the quantile rounded to 3 decimals: the quantile lies within 0.0005.
+    q = t975(df)
+    assert student_t_mass(q - 0.0005, df) < 0.475 < student_t_mass(q + 0.0005, df)
 
 
 def fake_results():
