@@ -318,13 +318,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         timing = json.loads(wall.read_text())
     else:
         wall.write_text(json.dumps(timing))
-    results_path = out / f"results-{args.section}.json"
-    results_path.write_text(json.dumps(results, indent=1, default=float))
+    (out / f"results-{args.section}.json").write_text(json.dumps(results, indent=1, default=float))
     command = "python -m logitstore.benchmarks.quality " + shlex.join(
         sys.argv[1:] if argv is None else list(argv)
     )
     body = report_body(
-        results, vars(args), command.strip(), timing["seconds"], timing.get("reused", 0)
+        results, vars(args), command.strip(), timing["seconds"], int(timing.get("reused", 0))
     )
     print("\n" + body)
     if args.plot:
