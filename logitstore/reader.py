@@ -8,7 +8,6 @@ from the store: JSON and plain numeric arrays only, no pickle, and no path outsi
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,7 +19,7 @@ import numpy as np
 
 from logitstore import _block
 from logitstore import format as fmt
-from logitstore.codecs import codec_from_json
+from logitstore.codecs._cached import codec_and_specs
 from logitstore.codecs._checks import check_positions
 from logitstore.codecs.base import Codec, FieldSpec, Positions
 from logitstore.document import Document
@@ -85,8 +84,8 @@ class LogitStore:
         self.manifest = self._load_manifest()
         try:
             self.codec: Codec
-            self.codec, specs = _codec_and_specs(
-                _Entry(self.manifest["codec"]), self.vocab_size, self.manifest["num_temperatures"]
+            self.codec, specs = codec_and_specs(
+                self.manifest["codec"], self.vocab_size, self.manifest["num_temperatures"]
             )
             self.specs: dict[str, FieldSpec] = dict(specs)
         except ConfigError as exc:
@@ -438,49 +437,6 @@ class LogitStore:
             except LogitstoreError as exc:
                 problems.append(str(exc))
         return problems
-
-
-class _Entry:
-    """A manifest's codec entry as a cache key: equal to another exactly when the two are the
-    same JSON value (key order aside; ``1``, ``1.0`` and ``true`` differ), hashed without
-    writing the entry out as text (a fitted id order is thousands of numbers)."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-        self.key = _frozen(value)
-        self.hash = hash(self.key)
-
-    def __hash__(self) -> int:
-        return self.hash
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Entry) and self.key == other.key
-
-
-def _frozen(value: Any) -> Any:
-    """A hashable, type-exact form of a parsed JSON value."""
-    if isinstance(value, dict):
-        return (dict, tuple(sorted((str(k), _frozen(v)) for k, v in value.items())))
-    if isinstance(value, list):
-        items = tuple(value)
-        types = tuple(map(type, items))
-        if set(types) <= {int, float, str, bool, type(None)}:
-            return (list, items, types)  # a flat list (an id order): no call per item
-        return (list, tuple(_frozen(v) for v in value))
-    return (type(value), value)
-
-
-@functools.lru_cache(maxsize=16)
-def _codec_and_specs(
-    entry: _Entry, vocab_size: int, num_temperatures: int
-) -> tuple[Codec, dict[str, FieldSpec]]:
-    """The codec of a manifest's codec entry and its field specs.
-
-    Built once per entry and shape, not per open: a fitted id order is thousands of ids to
-    validate, and codecs are frozen, so stores written with one codec share it.
-    """
-    codec = codec_from_json(entry.value)
-    return codec, codec.fields(vocab_size, num_temperatures)
 
 
 def open_store(
