@@ -7,6 +7,7 @@ guarantees are checked on a store written to disk, whose reader decodes each win
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -16,23 +17,15 @@ from torch.utils.data import DataLoader
 
 from logitstore import EncodedDocument, StoreWriter, open_store
 from logitstore.codecs import get_codec
+from logitstore.codecs.base import Positions
 from logitstore.dataset import StoreDataset, collate_documents
 
 V = 64
 SIZES = [5, 1, 7, 3, 9, 4, 6, 2]
 META = {"teacher": {"model": "t"}, "tokenizer": {}, "capture": {"temperatures": []}, "source": {}}
-FIELDS = [
-    "support_ids",
-    "support_logprobs",
-    "tail_logmass",
-    "label_logprob",
-    "tail_logsumexp",
-    "entropy",
-    "labels",
-    "input_ids",
-    "attention_mask",
-    "position_mask",
-]
+# Every tensor of a batch: the teacher's (a top-k store has no draw counts) and the tokens'.
+FIELDS = [f.name for f in dataclasses.fields(Positions) if f.name != "support_counts"]
+FIELDS += ["labels", "input_ids", "attention_mask", "position_mask"]
 
 
 @pytest.fixture(scope="module")
