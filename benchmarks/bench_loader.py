@@ -54,7 +54,7 @@ from ._teacher_store import add_store_options, describe, stores_to_read
 
 def paths(url: str, tokens_per_batch: int) -> dict[str, Callable[[], int]]:
     """Each measured path: a function returning the positions it read."""
-    opened = open_store(url)
+    opened, kept = open_store(url), open_store(url)
 
     def arrays() -> int:
         return sum(opened.read_shard_arrays(j).num_positions for j in range(opened.num_shards))
@@ -78,6 +78,7 @@ def paths(url: str, tokens_per_batch: int) -> dict[str, Callable[[], int]]:
         "read_shard": read_shard,
         "iter_documents": iter_documents,
         "StoreDataset": lambda: dataset(open_store(url)),
+        "kept open": lambda: dataset(kept),
         "per shard": lambda: dataset(PerShard(open_store(url))),
     }
 
@@ -127,6 +128,8 @@ def report(runs: dict[str, list[Timing]]) -> None:
         ratio = "(baseline)" if name == "arrays" else f"CPU time {cpu / base:.2f}x arrays"
         if name == "StoreDataset" and "per shard" in runs:
             ratio += f", {cpu / min(runs['per shard'])[0]:.2f}x per shard"
+        if name == "kept open":
+            ratio += f", {cpu / min(runs['StoreDataset'])[0]:.2f}x StoreDataset"
         print(
             f"  {name:>14}: {n / cpu / 1e6:5.2f} M tokens/CPU-s (median round "
             f"{n / median / 1e6:4.2f}), {n / wall / 1e6:5.2f} M tokens/s wall, "

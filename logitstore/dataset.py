@@ -290,7 +290,8 @@ class StoreDataset(IterableDataset):
     def _documents(self, windows: list[_Window], skip: int) -> Iterator[_Item]:
         store = self.store
         # Read-ahead: the store fetches the next shards of this stream's order in background
-        # threads while these are decoded and trained on (it matters for remote stores).
+        # threads while these are decoded and trained on (it matters for remote stores); the
+        # shard read first is fetched by that read, here, unless it is in flight already.
         order = [j for window in windows for j in window.shards]
         ahead, seen = getattr(store, "readahead", 0), 0
         by_block = hasattr(store, "read_block")
@@ -305,7 +306,9 @@ class StoreDataset(IterableDataset):
                 # The window's documents decoded in the order they are emitted: a batch of
                 # consecutive ones is then one slice of the block (collation copies nothing).
                 if ahead:
-                    store.prefetch(order[seen : seen + len(window.shards) + ahead])
+                    store.prefetch(
+                        order[seen : seen + len(window.shards) + ahead], caller_reads_first=True
+                    )
                 seen += len(window.shards)
                 docs, block = store.read_block(wanted)
                 row = 0
@@ -316,7 +319,7 @@ class StoreDataset(IterableDataset):
             decoded: dict[int, Document] = {}
             for j in window.shards:
                 if ahead:
-                    store.prefetch(order[seen : seen + 1 + ahead])
+                    store.prefetch(order[seen : seen + 1 + ahead], caller_reads_first=True)
                 seen += 1
                 start, _ = _range(store.shard_document_range(j))
                 for offset, doc in enumerate(store.read_shard(j)):

@@ -115,11 +115,12 @@ class LogitStore:
         self._executor_pid = os.getpid()
         self._pending: dict[int, Future[dict[str, bytes]]] = {}
         self._lock = threading.Lock()
+        self._gather = _block.GatherBuffer()  # read_block's gathered rows, reused
 
     def __getstate__(self) -> dict[str, Any]:
         # Threads, futures and locks do not pickle; a copy starts without read-ahead in flight.
         state = self.__dict__.copy()
-        for key in ("_executor", "_pending", "_lock", "_cache"):
+        for key in ("_executor", "_pending", "_lock", "_cache", "_gather"):
             state.pop(key, None)
         return state
 
@@ -182,7 +183,7 @@ class LogitStore:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def prefetch(self, shards: Iterable[int]) -> None:
+    def prefetch(self, shards: Iterable[int], *, caller_reads_first: bool = False) -> None:
         """Start fetching the files of ``shards`` in the background (read-ahead).
 
         A later read of one of them waits for its fetch instead of starting another. List the
@@ -190,15 +191,20 @@ class LogitStore:
         requests beyond that are ignored (those shards are fetched when read); fetches of
         shards not listed any more are dropped. Errors surface when the shard is read, as
         they would without read-ahead.
+
+        Args:
+            shards: shard numbers, most urgent first.
+            caller_reads_first: the caller reads the first listed shard at once: unless a
+                fetch of it is in flight already, that read fetches it in the caller's own
+                thread (no hand-over to a read-ahead thread, and none started for a store
+                of one shard).
         """
         wanted = [self._shard_index(j) for j in shards]
         with self._lock:
-            if self._executor is None or self._executor_pid != os.getpid():
-                self._executor = ThreadPoolExecutor(
-                    max_workers=max(self.readahead, 1), thread_name_prefix="logitstore-readahead"
-                )
-                self._executor_pid = os.getpid()
-                self._pending = {}
+            if wanted and caller_reads_first and not self._in_flight(wanted[0]):
+                wanted = wanted[1:]
+            if self._executor_pid != os.getpid():  # a forked child: the parent's are not ours
+                self._executor, self._pending = None, {}
             for stale in [j for j in self._pending if j not in wanted]:
                 self._pending.pop(stale).cancel()  # no longer wanted (e.g. iteration abandoned)
             for j in wanted:
@@ -206,8 +212,17 @@ class LogitStore:
                     break  # bounded memory: a prefetched shard's files wait here until read
                 if j in self._pending or (self._cache is not None and self._cache[0] == j):
                     continue
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        max_workers=max(self.readahead, 1),
+                        thread_name_prefix="logitstore-readahead",
+                    )
+                    self._executor_pid = os.getpid()
                 entry = self.manifest["shards"][j]
                 self._pending[j] = self._executor.submit(self._fetch, entry)
+
+    def _in_flight(self, j: int) -> bool:
+        return self._executor_pid == os.getpid() and j in self._pending
 
     def _take(self, j: int) -> dict[str, bytes]:
         """Shard ``j``'s verified files: from a read-ahead in flight, else fetched now."""
@@ -380,8 +395,10 @@ class LogitStore:
     def iter_documents(self) -> Iterator[Document]:
         """Every document, shard by shard, fetching the next ``readahead`` shards meanwhile."""
         for j in range(self.num_shards):
-            if self.readahead:  # this shard (fetched ahead already, or now) and the next ones
-                self.prefetch(range(j, min(j + 1 + self.readahead, self.num_shards)))
+            if self.readahead:  # the next shards, fetched while this one is read and decoded
+                self.prefetch(
+                    range(j, min(j + 1 + self.readahead, self.num_shards)), caller_reads_first=True
+                )
             yield from self.read_shard(j)
 
     def __iter__(self) -> Iterator[Document]:

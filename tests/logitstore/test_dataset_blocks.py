@@ -187,7 +187,11 @@ def test_shards_are_read_and_fetched_ahead_in_the_order_their_documents_come(sto
     starts = np.array([store.shard_document_range(j)[0] for j in range(store.num_shards)])
     events: list[tuple[str, object]] = []
     real_prefetch, real_read = store.prefetch, store.read_shard_arrays
-    store.prefetch = lambda shards: events.append(("fetch", list(shards))) or real_prefetch(shards)
+    def prefetch(shards, **options):
+        events.append(("fetch", list(shards)))
+        real_prefetch(shards, **options)
+
+    store.prefetch = prefetch
     store.read_shard_arrays = lambda j: events.append(("read", j)) or real_read(j)
     index = {f"doc-{i}": i for i in range(store.num_documents)}
     for rank, world in ((0, 1), (5, 12)):  # by shard, and the document-split fallback
@@ -207,3 +211,48 @@ def test_shards_are_read_and_fetched_ahead_in_the_order_their_documents_come(sto
                 listed = list(value)
             else:
                 assert listed and listed.pop(0) == value
+
+
+def _snapshot(block: Positions) -> dict[str, np.ndarray]:
+    return {name: getattr(block, name).copy() for name in FIELDS if hasattr(block, name)}
+
+
+def test_read_block_reuses_its_gather_buffer_without_touching_earlier_blocks(store_url):
+    """The gathered encoded rows of one block live in a buffer the next block reuses; the
+    blocks already handed out (slices of their own decode) are unchanged by it."""
+    store = open_store(store_url)
+    docs = by_id(store_url)
+    first_order = [9, 2, 30, 17, 5, 0, 36]  # several shards, out of store order
+    got, block = store.read_block(first_order)
+    before = _snapshot(block)
+    buffer = store._gather._buffer
+    assert buffer is not None
+    for order in ([4, 35, 1], [3, 12, 8, 21, 0, 33]):  # smaller blocks than the first
+        store.read_block(order)
+        assert store._gather._buffer is buffer  # the same memory, gathered into again
+    after = _snapshot(block)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    for doc, index in zip(got, first_order):
+        np.testing.assert_array_equal(doc.support_ids, docs[f"doc-{index}"].support_ids)
+
+
+def test_a_decode_that_keeps_a_view_of_the_gathered_rows_keeps_the_buffer(
+    store_url, monkeypatch
+):
+    """A codec may return a stored field as it is (a view of the gathered rows); that block
+    then owns the buffer, and the next block gathers into fresh memory."""
+    store = open_store(store_url)
+    real = type(store.codec).decode
+
+    def keeping_a_view(self, fields, vocab_size=None):
+        pos = real(self, fields, vocab_size)
+        return dataclasses.replace(pos, support_counts=fields["values"])  # a view
+
+    monkeypatch.setattr(type(store.codec), "decode", keeping_a_view)
+    _, first = store.read_block([9, 2, 30, 17])
+    kept = first.support_counts.copy()
+    assert store._gather._buffer is None
+    _, second = store.read_block([4, 35, 1, 12, 8])
+    np.testing.assert_array_equal(first.support_counts, kept)
+    assert not np.may_share_memory(first.support_counts, second.support_counts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import fsspec
@@ -34,8 +35,10 @@ METADATA = {
 }
 
 
-def make_store(url: str, codec_name: str, params: dict, storage_options=None, backend="zarr"):
-    """Three shards of random peaked documents; ``doc_id`` in the teacher pass's form."""
+def make_store(
+    url: str, codec_name: str, params: dict, storage_options=None, backend="zarr", shards=3
+):
+    """``shards`` shards of random peaked documents; ``doc_id`` in the teacher pass's form."""
     codec = get_codec(codec_name, **params)
     g = torch.Generator().manual_seed(0)
     w = StoreWriter(
@@ -46,7 +49,7 @@ def make_store(url: str, codec_name: str, params: dict, storage_options=None, ba
         vocab_size=V,
         storage_options=storage_options,
     )
-    for j in range(3):
+    for j in range(shards):
         docs, sums = [], []
         for d in range(3):
             t = int(torch.randint(2, 30, (1,), generator=g))
@@ -64,7 +67,7 @@ def make_store(url: str, codec_name: str, params: dict, storage_options=None, ba
                 )
             )
         w.write_shard(j, docs, fidelity=merge_fidelity(sums))
-    w.finalize(3)
+    w.finalize(shards)
     return url
 
 
@@ -465,3 +468,32 @@ def test_card_of_a_mixture_counts_its_teachers_tables(tmp_path):
     assert card.data.base_model == ["tiny/Teacher-1M"]  # both teachers, named once
     assert card.data.pretty_name == "Mixed logits of 2 teachers on corpus"
     assert "## Mixture of teachers" in card.text
+
+
+def test_the_shard_read_at_once_is_fetched_by_the_reader_and_the_next_ahead(tmp_path):
+    """``iter_documents`` fetches the shard it reads in its own thread (unless a read-ahead
+    has it in flight) and only the next ones in the background: a one-shard store starts no
+    read-ahead thread at all."""
+    url = make_store(f"memory://{tmp_path.name}-first/store", "topk", {"k": 8})
+    store = open_store(url, readahead=1)
+    fetched_in: dict[str, str] = {}
+    real = store._fetch
+
+    def fetch(entry):
+        fetched_in[entry["path"]] = threading.current_thread().name
+        return real(entry)
+
+    store._fetch = fetch
+    docs = list(store.iter_documents())
+    assert len(docs) == 9 and len(fetched_in) == 3
+    main = threading.current_thread().name
+    assert fetched_in["shards/000000.zarr"] == main  # nothing was in flight for it
+    assert all(fetched_in[f"shards/00000{j}.zarr"] != main for j in (1, 2))  # ahead
+
+    one = make_store(f"memory://{tmp_path.name}-one/store", "topk", {"k": 8}, shards=1)
+    single = open_store(one, readahead=2)
+    assert len(list(single.iter_documents())) == 3
+    assert single._executor is None  # no thread for a store of one shard
+    fresh = open_store(one, readahead=2)
+    fresh.prefetch([0])  # asked for explicitly, it is still fetched ahead
+    assert fresh._executor is not None and 0 in fresh._pending
