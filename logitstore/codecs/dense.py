@@ -25,7 +25,6 @@ import torch
 
 from logitstore.codecs import _checks, _quant, _scalars
 from logitstore.codecs.base import Codec, FieldSpec, Positions
-from logitstore.codecs.topk import sort_by_probability
 from logitstore.errors import ConfigError
 
 
@@ -85,11 +84,13 @@ class Dense(Codec):
     def decode(self, fields: Mapping[str, np.ndarray], vocab_size: int | None = None) -> Positions:
         codes = np.asarray(fields["values"], dtype=np.uint8)
         top1 = np.asarray(fields["top1"], dtype=np.float32)
-        ids = np.broadcast_to(np.arange(codes.shape[1], dtype=np.int64), codes.shape)
-        codes, ids = sort_by_probability(codes, ids)
+        # Most probable first: the stable order of the codes (a radix sort of uint8) is itself
+        # the ids, since column i holds token i.
+        ids = np.argsort(codes, axis=1, kind="stable")
+        codes = np.take_along_axis(codes, ids, axis=1)
         d = _quant.dequantize(codes, self._values)
         pos = Positions(
-            support_ids=np.ascontiguousarray(ids),
+            support_ids=ids,
             support_logprobs=(top1[:, None] - d).astype(np.float32),
             **_scalars.decode_scalars(fields, codes.shape[0]),
         )
