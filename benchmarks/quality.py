@@ -141,6 +141,34 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ---- one student: train, evaluate its checkpoints on the held-out store ------------------------
 
 
+#: What a cached student was trained with, beyond its folder's name (store settings, arm and
+#: seed): a rerun in the same work folder with any of these changed refuses to reuse it.
+TRAINING_SETTINGS = ("keep", "steps", "eval_every", "tokens_per_step", "lr")
+
+#: What every store and student of a work folder shares (the corpus, its split, the held-out
+#: store and the students' architecture): fixed when the folder is first used.
+FOLDER_SETTINGS = ("train_docs", "heldout_docs", "max_chars", "max_length", "eval_k",
+                   "student_layers")  # fmt: skip
+
+
+def check_folder(out: Path, args: argparse.Namespace) -> None:
+    """Record the folder's settings on first use; refuse a run that changes them (its stores
+    and students would be reused for another corpus or architecture)."""
+    path = out / "settings.json"
+    settings = {key: getattr(args, key) for key in FOLDER_SETTINGS}
+    if not path.exists():
+        path.write_text(json.dumps(settings, indent=1))
+        return
+    recorded = json.loads(path.read_text())
+    changed = sorted(k for k in settings if recorded.get(k) != settings[k])
+    if changed:
+        raise SystemExit(
+            f"{out} holds stores and students built with other settings "
+            f"({', '.join(f'{k} {recorded.get(k)} there, {settings[k]} here' for k in changed)});"
+            " use another --out"
+        )
+
+
 def run_student(job: dict[str, Any]) -> dict[str, Any]:
     """Train one arm with one seed and evaluate each checkpoint on the held-out store.
 
@@ -154,8 +182,16 @@ def run_student(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     run_dir = Path(job["run_dir"])
     done = run_dir / "heldout.json"
+    settings = {key: job[key] for key in TRAINING_SETTINGS}
     if done.exists():
-        return json.loads(done.read_text())
+        cached = json.loads(done.read_text())
+        if cached.get("settings", settings) != settings:  # (results written before: kept)
+            changed = sorted(k for k in settings if cached["settings"].get(k) != settings[k])
+            raise RuntimeError(
+                f"{run_dir} holds a student trained with other settings ({', '.join(changed)}); "
+                "use another --out, or delete that folder to train it again"
+            )
+        return cached
     arm = Arm(**job["arm"])
     start = time.perf_counter()
     cfg = TrainConfig(
@@ -198,6 +234,7 @@ def run_student(job: dict[str, Any]) -> dict[str, Any]:
         "tokens": summary["tokens"],
         "train_s": train_s,
         "total_s": time.perf_counter() - start,
+        "settings": settings,
     }
     done.write_text(json.dumps(result, indent=1, default=float))
     return result
@@ -214,7 +251,7 @@ def initial_point(out: Path, student: Path, teacher_dir: Path, keep: list[int],
     from logitstore.pipelines._student import init_from_teacher, load_student, load_tokenizer
     from logitstore.pipelines.evaluate import evaluate
 
-    done = out / f"initial_layers{'-'.join(map(str, keep))}.json"
+    done = out / f"initial_{len(keep)}layers.json"
     if done.exists():
         return json.loads(done.read_text())
     folder = out / "student_initial"
@@ -322,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def stamp(message: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {message}", flush=True)
 
+    check_folder(out, args)
     urls = build_stores(args, {arm.store for arm in arms.values()}, out)
     windows = [check_disjoint(urls[arm.store], urls["heldout"]) for arm in arms.values()][0]
     stamp(f"stores ready; no training store holds one of the {windows} held-out windows")

@@ -3,6 +3,7 @@ intervals and tables it reports are computed as documented."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,11 +15,14 @@ from logitstore.benchmarks._quality_report import arms_table, findings, paired_t
 from logitstore.benchmarks._quality_stats import mean_interval, paired, t975
 from logitstore.benchmarks.quality import (
     PRESETS,
+    TRAINING_SETTINGS,
     check_disjoint,
+    check_folder,
     corpus_texts,
     make_arms,
     parse_args,
     run_label,
+    run_student,
     split_documents,
 )
 from logitstore.codecs import get_codec
@@ -165,3 +169,25 @@ def test_report_says_how_many_students_were_read_from_earlier_runs():
     assert "wall time 10.0 min; " in fresh and "earlier runs" not in fresh
     swept = report_body(fake_results(), args, "cmd", 600.0, reused=3)
     assert "wall time 10.0 min, training 7 of the 10 students (the other 3 were read" in swept
+
+
+def test_a_work_folder_refuses_a_run_with_another_corpus_or_architecture(tmp_path):
+    check_folder(tmp_path, parse_args([]))
+    check_folder(tmp_path, parse_args(["--k", "256", "--steps", "80"]))  # per-student settings
+    with pytest.raises(SystemExit, match="student_layers 4 there, 28 here"):
+        check_folder(tmp_path, parse_args(["--preset", "cpu-regime"]))
+    with pytest.raises(SystemExit, match="max_chars 2000 there, 500 here"):
+        check_folder(tmp_path, parse_args(["--max-chars", "500"]))
+
+
+def test_a_cached_student_is_reused_only_with_its_training_settings(tmp_path):
+    job = {"threads": 1, "run_dir": str(tmp_path), "keep": [0, 29], "steps": 40,
+           "eval_every": 10, "tokens_per_step": 128, "lr": 3e-3}  # fmt: skip
+    cached = {"curve": [], "final": {}, "settings": {k: job[k] for k in TRAINING_SETTINGS}}
+    (tmp_path / "heldout.json").write_text(json.dumps(cached))
+    assert run_student(job) == cached  # nothing trained
+    with pytest.raises(RuntimeError, match=r"other settings \(lr, steps\)"):
+        run_student({**job, "steps": 100, "lr": 1e-3})
+    legacy = {"curve": [], "final": {}}  # written before settings were recorded: reused
+    (tmp_path / "heldout.json").write_text(json.dumps(legacy))
+    assert run_student({**job, "steps": 100}) == legacy
