@@ -246,7 +246,7 @@ def initial_point(out: Path, student: Path, teacher_dir: Path, keep: list[int],
 
     Every weight of the student is copied from the teacher (its embeddings, head and layers
     ``keep``; ``init_from_teacher`` refuses to leave one uncovered), so no seed enters and one
-    evaluation serves every arm. Cached in the work folder by the kept layers.
+    evaluation serves every arm. Cached in the work folder (whose student architecture is fixed).
     """
     from logitstore.pipelines._student import init_from_teacher, load_student, load_tokenizer
     from logitstore.pipelines.evaluate import evaluate
@@ -366,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     teacher_dir = Path(urls["teacher_dir"])
     total = json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"]
     student = student_config(teacher_dir, args.student_layers, out)
+    keep = spread(total, args.student_layers)
     jobs = [
         {
             "name": name,
@@ -377,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "prompts": urls["prompts"],
             "student": str(student),
             "teacher_dir": str(teacher_dir),
-            "keep": spread(total, args.student_layers),
+            "keep": keep,
             "steps": args.steps,
             "eval_every": args.eval_every,
             "tokens_per_step": args.tokens_per_step,
@@ -389,7 +390,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name, arm in arms.items()
     ]
     reused = sum((Path(job["run_dir"]) / "heldout.json").exists() for job in jobs)
-    keep = spread(total, args.student_layers)
     start_point = initial_point(out, student, teacher_dir, keep, urls["heldout"], args.device)
     stamp(f"the initialised student (step 0): held-out teacher KL {start_point['fkl']:.4f}, "
           f"gap {start_point['gap']:+.4f}")  # fmt: skip
