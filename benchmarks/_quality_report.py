@@ -8,6 +8,7 @@ probability). Every figure printed here is computed from those runs.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,7 @@ COLUMNS = [
     ("student_entropy", "entropy"),
     ("distinct_2", "distinct-2"),
     ("self_bleu", "self-BLEU"),
+    ("train_gap", "gap, training text"),
 ]
 STORE_LABELS = {
     "dense": "dense 8-bit",
@@ -43,6 +45,10 @@ OBJECTIVE_METRICS = [
     ("student_entropy", "entropy", False),
     ("distinct_2", "distinct-2", False),
     ("self_bleu", "self-BLEU", False),
+    # The final checkpoint on its own training store: where the student matches the teacher.
+    ("train_fkl", "teacher KL, training text", True),
+    ("train_gap", "overconf. gap, training text", False),
+    ("train_ece", "ECE, training text", False),
 ]
 
 
@@ -191,8 +197,10 @@ def findings(results: Results, found: Mapping[tuple[str, str, str], Interval]) -
             f"- Flattening: change of held-out teacher KL over the last interval, per arm "
             f"(paired over seeds): {listed}."
         )
-    for arm, name in (("topk", "FKL"), ("rkl", "RKL")):
-        gap = mean_interval(per_seed(results, arm, "gap").values())
+    for (arm, name), (key, text) in itertools.product(
+        (("topk", "FKL"), ("rkl", "RKL")), (("gap", "held-out"), ("train_gap", "training"))
+    ):
+        gap = mean_interval(per_seed(results, arm, key).values())
         if gap.n > 1:
             regime = (
                 "over-confident (the whole interval above 0)"
@@ -202,14 +210,16 @@ def findings(results: Results, found: Mapping[tuple[str, str, str], Interval]) -
                 else "not measurably over- or under-confident"
             )
             out.append(
-                f"- Regime: the {name} student's over-confidence gap on held-out text is "
+                f"- Regime: the {name} student's over-confidence gap on {text} text is "
                 f"{gap.format()}: {regime}."
             )
     drkl = sorted({a for a, _, _ in found if a.startswith("drkl-")}, key=lambda a: float(a[5:]))
     for arm in drkl:
         parts = []
         for key, title in (("fkl", "teacher KL"), ("gap", "gap"), ("student_ece", "ECE"),
-                           ("distinct_2", "distinct-2")):  # fmt: skip
+                           ("distinct_2", "distinct-2"),
+                           ("train_fkl", "teacher KL on training text"),
+                           ("train_gap", "gap on training text")):  # fmt: skip
             iv = found.get((arm, "rkl", key))
             if iv is not None:
                 text = iv.format(percent=key == "fkl")

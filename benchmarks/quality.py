@@ -191,6 +191,9 @@ def run_student(job: dict[str, Any]) -> dict[str, Any]:
                 f"{run_dir} holds a student trained with other settings ({', '.join(changed)}); "
                 "use another --out, or delete that folder to train it again"
             )
+        if Arm(**job["arm"]).diversity and "train_gap" not in cached["final"]:
+            training_text(job, cached)  # a student trained before these metrics existed
+            done.write_text(json.dumps(cached, indent=1, default=float))
         return cached
     arm = Arm(**job["arm"])
     start = time.perf_counter()
@@ -236,8 +239,31 @@ def run_student(job: dict[str, Any]) -> dict[str, Any]:
         "total_s": time.perf_counter() - start,
         "settings": settings,
     }
+    if arm.diversity:
+        training_text(job, result)
     done.write_text(json.dumps(result, indent=1, default=float))
     return result
+
+
+def training_text(job: dict[str, Any], result: dict[str, Any]) -> None:
+    """Add the final checkpoint's teacher KL, gap and ECE on the arm's own training store
+    (``train_fkl``, ``train_gap``, ``train_ece``) to ``result``'s final point: over-confidence
+    where the student has learnt to match the teacher, beside the held-out figures."""
+    from logitstore.pipelines.evaluate import evaluate
+
+    step = result["final"]["step"]
+    metrics = evaluate(
+        str(Path(job["run_dir"]) / "checkpoints" / f"checkpoint-{step}"), job["store"],
+        device=job["device"],
+    )  # fmt: skip
+    extra = {
+        "train_fkl": metrics["fkl"],
+        "train_gap": metrics["student_top1_prob"] - metrics["teacher_top1_prob"],
+        "train_ece": metrics["student_ece"],
+    }
+    result["final"].update(extra)
+    if result["curve"] and result["curve"][-1]["step"] == step:
+        result["curve"][-1].update(extra)
 
 
 def initial_point(out: Path, student: Path, teacher_dir: Path, keep: list[int],

@@ -134,6 +134,24 @@ def test_tables_and_findings_come_from_the_paired_runs():
     assert "failed: RuntimeError: a / b" in rows[-1]
 
 
+def test_training_text_metrics_are_reported_beside_the_held_out_ones():
+    results = fake_results()
+    for seed, run in results["rkl"].items():  # under-confident held out, over on training text
+        run["final"].update(gap=-0.05 - 0.01 * seed, train_gap=0.02 + 0.001 * seed,
+                            train_fkl=0.1, train_ece=0.05)  # fmt: skip
+    for seed, run in results["topk"].items():
+        run["final"].update(train_gap=-0.001 * seed, train_fkl=0.05, train_ece=0.04)
+    table, found = paired_table(results)
+    assert found[("rkl", "topk", "train_gap")].mean == pytest.approx(0.022)
+    assert found[("rkl", "topk", "train_fkl")].mean == pytest.approx(1.0)  # relative: 0.1/0.05
+    assert "RKL vs FKL (top-k store) | overconf. gap, training text |" in table
+    text = "\n".join(findings(results, found))
+    assert "the RKL student's over-confidence gap on held-out text is -0.0600" in text
+    assert "under-confident (the whole interval below 0)" in text
+    assert "the RKL student's over-confidence gap on training text is +0.0210" in text
+    assert "gap, training text" in arms_table(results).splitlines()[0]
+
+
 def test_every_drkl_gamma_is_an_arm():
     arms = make_arms([0.25, 0.5, 1.0])
     assert [a for a in arms if a.startswith("drkl")] == ["drkl-0.25", "drkl-0.5", "drkl-1"]
@@ -182,7 +200,8 @@ def test_a_work_folder_refuses_a_run_with_another_corpus_or_architecture(tmp_pat
 
 def test_a_cached_student_is_reused_only_with_its_training_settings(tmp_path):
     job = {"threads": 1, "run_dir": str(tmp_path), "keep": [0, 29], "steps": 40,
-           "eval_every": 10, "tokens_per_step": 128, "lr": 3e-3}  # fmt: skip
+           "eval_every": 10, "tokens_per_step": 128, "lr": 3e-3,
+           "arm": {"store": "dense", "divergence": "fkl"}}  # fmt: skip
     cached = {"curve": [], "final": {}, "settings": {k: job[k] for k in TRAINING_SETTINGS}}
     (tmp_path / "heldout.json").write_text(json.dumps(cached))
     assert run_student(job) == cached  # nothing trained
