@@ -37,6 +37,7 @@ import dataclasses
 import json
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -297,20 +298,28 @@ def initial_point(out: Path, student: Path, teacher_dir: Path, keep: list[int],
 
 
 def run_all_students(
-    jobs: list[dict[str, Any]], workers: int, stamp: Any
+    jobs: list[dict[str, Any]], workers: int, stamp: Any, train: Any = None
 ) -> list[dict[str, Any] | Exception]:
-    """Each job's result, or its exception (one failure leaves the others' rows)."""
+    """Each job's result, or its exception (one failure leaves the others' rows).
+
+    ``train`` (default :func:`run_student`) runs one job. With several workers, an interrupt or
+    SIGTERM (see :func:`stop_on_sigterm`) stops the workers too: a student trains for minutes,
+    and a worker left running would go on writing into the work folder, beside the students a
+    rerun trains there.
+    """
+    train = train or run_student
     if workers <= 1:
         out: list[dict[str, Any] | Exception] = []
         for job in jobs:
             try:
-                out.append(run_student(job))
+                out.append(train(job))
             except Exception as exc:  # noqa: BLE001 - reported in the tables
                 out.append(exc)
             stamp(f"{job['name']} seed {job['seed']}: " + _line(out[-1]))
         return out
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_student, job) for job in jobs]
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    try:
+        futures = [pool.submit(train, job) for job in jobs]
         results: list[dict[str, Any] | Exception] = []
         for job, future in zip(jobs, futures):
             try:
@@ -319,6 +328,22 @@ def run_all_students(
                 results.append(exc)
             stamp(f"{job['name']} seed {job['seed']}: " + _line(results[-1]))
         return results
+    except BaseException:
+        for process in list((pool._processes or {}).values()):
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit`` in the main thread, so that ``kill`` unwinds like an
+    interrupt (and :func:`run_all_students` stops its workers)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _line(result: dict[str, Any] | Exception) -> str:
@@ -370,6 +395,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from logitstore.pipelines.demo import spread, student_config
+
+    stop_on_sigterm()
 
     gammas = [float(g) for g in str(args.gammas).split(",") if g.strip()]
     every = make_arms(gammas)
