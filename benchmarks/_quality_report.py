@@ -222,7 +222,7 @@ def findings(results: Results, found: Mapping[tuple[str, str, str], Interval]) -
                            ("train_gap", "gap on training text")):  # fmt: skip
             iv = found.get((arm, "rkl", key))
             if iv is not None:
-                text = iv.format(percent=key == "fkl")
+                text = iv.format(percent=key in ("fkl", "train_fkl"))
                 parts.append(f"{title} {text} ({_verdict(iv)})")
         out.append(f"- {arm} vs RKL (paired): " + "; ".join(parts) + ".")
     return out
