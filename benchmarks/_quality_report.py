@@ -3,7 +3,9 @@
 ``results`` is ``{arm: {seed: run}}`` where a run is ``{"curve": [point, ...], "final": point,
 "tokens", "train_s"}`` (or ``{"error": message}``) and a point holds ``step`` and the held-out
 metrics of ``logitstore.pipelines.evaluate`` plus ``gap`` (student minus teacher mean top-1
-probability). Every figure printed here is computed from those runs.
+probability); the objective arms' final point also holds ``train_fkl``, ``train_gap`` and
+``train_ece``, the same student on its own training store. Every figure printed here is
+computed from those runs.
 """
 
 from __future__ import annotations

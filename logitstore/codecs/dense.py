@@ -86,7 +86,7 @@ class Dense(Codec):
         top1 = np.asarray(fields["top1"], dtype=np.float32)
         # Most probable first: the stable order of the codes (a radix sort of uint8) is itself
         # the ids, since column i holds token i.
-        ids = np.argsort(codes, axis=1, kind="stable")
+        ids = np.argsort(codes, axis=1, kind="stable").astype(np.int64, copy=False)
         codes = np.take_along_axis(codes, ids, axis=1)
         d = _quant.dequantize(codes, self._values)
         pos = Positions(
