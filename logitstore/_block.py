@@ -79,23 +79,24 @@ def _gather(
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Rows ``a:b`` of each source's fields, concatenated; fields with more than one value per
     row (the bulk) are written into a buffer taken from ``buffer``, which is returned too."""
-    wide = [name for name, spec in specs.items() if int(np.prod(spec.shape)) > 1]
-    sizes = {
-        name: rows * int(np.prod(specs[name].shape)) * np.dtype(specs[name].dtype).itemsize
-        for name in wide
+    sizes = {  # bytes of each field with more than one value per row
+        name: rows * int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
+        for name, spec in specs.items()
+        if int(np.prod(spec.shape)) > 1
     }
-    total = sum(-(-size // _ALIGN) * _ALIGN for size in sizes.values())
+    starts, total = {}, 0  # where each starts in the buffer, 64-byte aligned
+    for name, size in sizes.items():
+        starts[name] = total
+        total += -(-size // _ALIGN) * _ALIGN
     scratch = buffer.take(total) if total else None
     fields: dict[str, np.ndarray] = {}
-    offset = 0
     for name, spec in specs.items():
         parts = [f[name][a:b] for f, a, b in sources] or [
             np.zeros((0, *spec.shape), dtype=spec.dtype)
         ]
-        if name in sizes and scratch is not None:
-            out = scratch[offset : offset + sizes[name]].view(spec.dtype)
-            out = out.reshape(rows, *spec.shape)
-            offset += -(-sizes[name] // _ALIGN) * _ALIGN
+        if scratch is not None and name in starts:
+            at = starts[name]
+            out = scratch[at : at + sizes[name]].view(spec.dtype).reshape(rows, *spec.shape)
             fields[name] = np.concatenate(parts, out=out)
         else:
             fields[name] = np.concatenate(parts)
