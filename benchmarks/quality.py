@@ -223,8 +223,7 @@ def run_student(job: dict[str, Any]) -> dict[str, Any]:
             str(path), job["heldout"], device=job["device"],
             prompts=job["prompts"] if last and arm.diversity else None, seed=job["seed"],
         )  # fmt: skip
-        metrics["gap"] = metrics["student_top1_prob"] - metrics["teacher_top1_prob"]
-        points.append({"step": int(path.name.split("-")[1]), **metrics})
+        points.append({"step": int(path.name.split("-")[1]), **metrics, "gap": gap(metrics)})
         if not last:
             shutil.rmtree(path)
     for name in ("optimizer.pt", "scheduler.pt"):
@@ -246,6 +245,11 @@ def run_student(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def gap(metrics: dict[str, Any]) -> float:
+    """The over-confidence gap: student mean top-1 probability minus the teacher's."""
+    return float(metrics["student_top1_prob"] - metrics["teacher_top1_prob"])
+
+
 def training_text(job: dict[str, Any], result: dict[str, Any]) -> None:
     """Add the final checkpoint's teacher KL, gap and ECE on the arm's own training store
     (``train_fkl``, ``train_gap``, ``train_ece``) to ``result``'s final point: over-confidence
@@ -259,7 +263,7 @@ def training_text(job: dict[str, Any], result: dict[str, Any]) -> None:
     )  # fmt: skip
     extra = {
         "train_fkl": metrics["fkl"],
-        "train_gap": metrics["student_top1_prob"] - metrics["teacher_top1_prob"],
+        "train_gap": gap(metrics),
         "train_ece": metrics["student_ece"],
     }
     result["final"].update(extra)
@@ -288,11 +292,7 @@ def initial_point(out: Path, student: Path, teacher_dir: Path, keep: list[int],
     load_tokenizer(str(teacher_dir)).save_pretrained(folder)
     metrics = evaluate(str(folder), heldout, device=device)
     shutil.rmtree(folder)
-    point = {
-        "step": 0,
-        **metrics,
-        "gap": metrics["student_top1_prob"] - metrics["teacher_top1_prob"],
-    }
+    point = {"step": 0, **metrics, "gap": gap(metrics)}
     done.write_text(json.dumps(point, default=float))
     return point
 
