@@ -131,5 +131,6 @@ def main() -> None:
             note = f"; converted at {tokens / seconds / 1e3:.0f} k tokens/s (wall)"
             backend_lines(open_store(f"{tmp}/{other}{n}"), floor, args.repeats, note)
 
+
 if __name__ == "__main__":
     main()

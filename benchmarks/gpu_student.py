@@ -103,7 +103,7 @@ def trainer_run(store: Path, mode: str, work: Path) -> dict | None:
         text=True,
         timeout=240,
     )
-    rows = [ln for ln in done.stdout.splitlines() if ln.startswith("{\"mode\"")]
+    rows = [ln for ln in done.stdout.splitlines() if ln.startswith('{"mode"')]
     if done.returncode != 0 or not rows:
         print(f"{mode}: failed (exit {done.returncode})\n{done.stderr[-2000:]}")
         return None

@@ -434,9 +434,7 @@ class StoreWriter:
         temps = {int(r["num_temperatures"]) for r in records}
         if len(temps) != 1:
             raise DataError(f"shards disagree on the number of temperatures: {sorted(temps)}")
-        manifest = fmt.build_manifest(
-            self.settings, records, temps.pop(), _fidelity(records), run
-        )
+        manifest = fmt.build_manifest(self.settings, records, temps.pop(), _fidelity(records), run)
         fmt.validate_manifest(manifest)
         _fs.remove(self.fs, self._path(fmt.CLAIMS_DIR))
         self._remove_temporaries()

@@ -34,9 +34,7 @@ WIDTH = 96
 def normalise(value: Any, key: str = "", under_fidelity: bool = False) -> Any:
     """``value`` (a manifest or part of one) with its volatile values replaced (module doc)."""
     if isinstance(value, dict):
-        return {
-            k: normalise(v, k, under_fidelity or k == "fidelity") for k, v in value.items()
-        }
+        return {k: normalise(v, k, under_fidelity or k == "fidelity") for k, v in value.items()}
     if key == "hot_ids":
         return "<fitted token ids>"
     if key == "files":  # [path, size] pairs
@@ -76,8 +74,14 @@ def example_manifest(tmp: Path, teacher_dir: Path, text_jsonl: Path) -> str:
     shutil.copy(text_jsonl, tmp / "corpus.jsonl")
     summary = run_teacher_pass(
         TeacherPassConfig(
-            teacher=str(tmp / "teacher"), data=str(tmp / "corpus.jsonl"), out=str(tmp / "store"),
-            backend="parquet", limit=3, max_length=64, temperatures=(1.0, 2.0), progress=False,
+            teacher=str(tmp / "teacher"),
+            data=str(tmp / "corpus.jsonl"),
+            out=str(tmp / "store"),
+            backend="parquet",
+            limit=3,
+            max_length=64,
+            temperatures=(1.0, 2.0),
+            progress=False,
         )  # fmt: skip
     )
     return render(normalise(summary["manifest"])) + "\n"

@@ -45,8 +45,17 @@ def wheel(tmp_path_factory) -> Path:
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(src.read_bytes())
     proc = run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out),
-         str(build)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(build),
+        ],
         cwd=build,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,13 +69,24 @@ def fresh_env(tmp_path_factory, wheel) -> Path:
     venv.EnvBuilder(with_pip=False).create(home)
     python = home / "bin" / "python"
     site = Path(
-        run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            cwd=home).stdout.strip()
+        run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            cwd=home,
+        ).stdout.strip()
     )
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     proc = run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-         "--no-index", str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
         cwd=home,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -93,8 +113,12 @@ def test_installed_command_and_benchmarks_work_without_the_checkout(fresh_env, t
     python = str(bindir / "python")
     # The checkout is not importable from here: cwd is elsewhere and no path points at it.
     where = run(
-        [python, "-c", "import logitstore, logitstore.pipelines, logitstore.benchmarks.run_all as r;"
-         "print(logitstore.__file__); print(r.__file__)"],
+        [
+            python,
+            "-c",
+            "import logitstore, logitstore.pipelines, logitstore.benchmarks.run_all as r;"
+            "print(logitstore.__file__); print(r.__file__)",
+        ],
         cwd=tmp_path,
     )
     assert where.returncode == 0, where.stderr[-3000:]
@@ -113,8 +137,12 @@ def test_installed_command_and_benchmarks_work_without_the_checkout(fresh_env, t
     assert "--only" in bench.stdout
     # The benchmark runner resolves its scripts inside the installed package.
     listed = run(
-        [python, "-c", "from logitstore.benchmarks.run_all import SECTIONS; import importlib.util;"
-         "print(all(importlib.util.find_spec(s.module) for s in SECTIONS))"],
+        [
+            python,
+            "-c",
+            "from logitstore.benchmarks.run_all import SECTIONS; import importlib.util;"
+            "print(all(importlib.util.find_spec(s.module) for s in SECTIONS))",
+        ],
         cwd=tmp_path,
     )
     assert listed.returncode == 0 and listed.stdout.strip() == "True", listed.stderr[-3000:]

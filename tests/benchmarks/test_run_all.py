@@ -137,7 +137,9 @@ def test_cli_bench_writes_report_keeps_quality_and_reports_failure(tmp_path, mon
     assert "## First" in text and "## Second" in text and "## Third" not in text
     assert f"| step ratio {value}x | {value:g}x |" in text
     # Both quality sections survive, in their order; other marked blocks are not kept.
-    assert text.index("## Distillation quality\n\n| a | b |") < text.index("## Objectives\n\n| c | d |")
+    assert text.index("## Distillation quality\n\n| a | b |") < text.index(
+        "## Objectives\n\n| c | d |"
+    )
     assert "not kept" not in text
     assert "## Machine" in text and "| GPU |" in text
 

@@ -187,6 +187,7 @@ def test_shards_are_read_and_fetched_ahead_in_the_order_their_documents_come(sto
     starts = np.array([store.shard_document_range(j)[0] for j in range(store.num_shards)])
     events: list[tuple[str, object]] = []
     real_prefetch, real_read = store.prefetch, store.read_shard_arrays
+
     def prefetch(shards, **options):
         events.append(("fetch", list(shards)))
         real_prefetch(shards, **options)
@@ -237,9 +238,7 @@ def test_read_block_reuses_its_gather_buffer_without_touching_earlier_blocks(sto
         np.testing.assert_array_equal(doc.support_ids, docs[f"doc-{index}"].support_ids)
 
 
-def test_a_decode_that_keeps_a_view_of_the_gathered_rows_keeps_the_buffer(
-    store_url, monkeypatch
-):
+def test_a_decode_that_keeps_a_view_of_the_gathered_rows_keeps_the_buffer(store_url, monkeypatch):
     """A codec may return a stored field as it is (a view of the gathered rows); that block
     then owns the buffer, and the next block gathers into fresh memory."""
     store = open_store(store_url)

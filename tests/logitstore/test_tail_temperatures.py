@@ -35,7 +35,9 @@ def _document(temps: tuple[float, ...]) -> EncodedDocument:
     ids = torch.randint(0, VOCAB, (7,), generator=g)
     lp = torch.log_softmax(torch.randn(6, VOCAB, generator=g), -1)
     fields = get_codec("topk", k=4).encode(lp, ids[1:], temperatures=temps)
-    return EncodedDocument("d", ids.numpy(), np.ones(6, bool), {k: v.numpy() for k, v in fields.items()})
+    return EncodedDocument(
+        "d", ids.numpy(), np.ones(6, bool), {k: v.numpy() for k, v in fields.items()}
+    )
 
 
 BAD = [  # (temperatures, words the ConfigError must hold)
@@ -145,8 +147,14 @@ def stores(tmp_path_factory, tiny_teacher_dir, text_jsonl) -> dict[str, str]:
     root = tmp_path_factory.mktemp("temps")
     run_teacher_pass(
         TeacherPassConfig(
-            teacher=str(tiny_teacher_dir), data=str(text_jsonl), out=str(root / "v2"), k=16,
-            values="float32", max_length=48, limit=4, temperatures=(1.0, 3.0, 2.0),
+            teacher=str(tiny_teacher_dir),
+            data=str(text_jsonl),
+            out=str(root / "v2"),
+            k=16,
+            values="float32",
+            max_length=48,
+            limit=4,
+            temperatures=(1.0, 3.0, 2.0),
             progress=False,
         )  # fmt: skip
     )
@@ -167,9 +175,17 @@ def _losses(store: str, student: Path, out: Path) -> list[float]:
     torch.set_num_threads(1)
     train(
         TrainConfig(
-            store=store, student=str(student), out=str(out), temperature=2.0, max_steps=2,
-            tokens_per_step=256, tokens_per_batch=256, warmup_steps=1, progress=False,
-            shuffle_window=1, device="cpu",
+            store=store,
+            student=str(student),
+            out=str(out),
+            temperature=2.0,
+            max_steps=2,
+            tokens_per_step=256,
+            tokens_per_batch=256,
+            warmup_steps=1,
+            progress=False,
+            shuffle_window=1,
+            device="cpu",
         )  # fmt: skip
     )
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

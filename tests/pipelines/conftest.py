@@ -12,5 +12,7 @@ def tokenizer_calls(monkeypatch) -> list[str]:
 
     calls: list[str] = []
     real = data.tokenize_text
-    monkeypatch.setattr(data, "tokenize_text", lambda tok, text: calls.append(text) or real(tok, text))
+    monkeypatch.setattr(
+        data, "tokenize_text", lambda tok, text: calls.append(text) or real(tok, text)
+    )
     return calls

@@ -117,7 +117,9 @@ def test_cli_refuses_an_option_the_codec_does_not_have(tmp_path):
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_default_stores_are_byte_identical_to_explicit_settings(

@@ -32,7 +32,9 @@ def run(teacher, data, out, **kw):
     return run_teacher_pass(cfg)
 
 
-def test_a_resumed_run_does_not_tokenize_again(tmp_path, tiny_teacher_dir, text_jsonl, tokenizer_calls):
+def test_a_resumed_run_does_not_tokenize_again(
+    tmp_path, tiny_teacher_dir, text_jsonl, tokenizer_calls
+):
     calls = tokenizer_calls
     cache, out = str(tmp_path / "cache"), tmp_path / "store"
     first = run(tiny_teacher_dir, text_jsonl, out, cache_dir=cache)
