@@ -153,7 +153,7 @@ def _decode_block(
     np.copyto(flat, step.reshape(-1))
     np.cumsum(flat, out=flat)  # one cumsum over all rows of the block
     if starts is None:  # one run per row: each row loses the total of the rows before it
-        out[1:] -= out[:-1, -1:].copy()
+        out[1:] -= out[:-1, -1:]  # (numpy buffers overlapping operands)
         return
     at = np.flatnonzero(starts.reshape(-1)[1:]) + 1  # run starts after the block's first entry
     if not at.size:

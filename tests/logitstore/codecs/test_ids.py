@@ -41,6 +41,40 @@ def test_runs_round_trip(vocab, block_rows, monkeypatch):
     )
 
 
+
+def _reference_ids(planes: list[np.ndarray], starts: np.ndarray | None) -> np.ndarray:
+    """Ids from gap planes one entry at a time: a run starts at its gap, others follow the
+    previous id by ``gap + 1``."""
+    gaps = sum(p.astype(np.int64) << (8 * b) for b, p in enumerate(planes))
+    ids = np.zeros(gaps.shape, dtype=np.int64)
+    for r in range(gaps.shape[0]):
+        for c in range(gaps.shape[1]):
+            new_run = c == 0 or (starts is not None and starts[r, c])
+            ids[r, c] = gaps[r, c] if new_run else ids[r, c - 1] + 1 + gaps[r, c]
+    return ids
+
+
+@pytest.mark.parametrize("block_rows", [None, 1, 3])
+@pytest.mark.parametrize("n_planes", [1, 2, 3])
+@pytest.mark.parametrize("runs", ["one per row", "sparse", "dense", "every entry"])
+def test_any_planes_decode_as_the_entry_by_entry_reading(n_planes, runs, block_rows, monkeypatch):
+    """Arbitrary bytes (not only what the encoder writes: a damaged or hostile shard) decode
+    to exactly the ids an entry-by-entry reading gives, whatever the run starts and blocks."""
+    rows, width = 23, 17
+    if block_rows is not None:
+        monkeypatch.setattr(_ids, "BLOCK_ENTRIES", block_rows * width)
+    rng = np.random.default_rng([n_planes, len(runs)])
+    planes = [rng.integers(0, 256, (rows, width), dtype=np.uint8) for _ in range(n_planes)]
+    fields = {f"ids{b}": p for b, p in enumerate(planes)}
+    starts = None
+    if runs != "one per row":
+        share = {"sparse": 0.1, "dense": 0.6, "every entry": 1.0}[runs]
+        starts = rng.random((rows, width)) < share
+        starts[:, 0] = True
+    np.testing.assert_array_equal(
+        _ids.decode_sorted_ids(fields, "ids", starts), _reference_ids(planes, starts)
+    )
+
 def test_row_cumsum_matches_numpy():
     rng = np.random.default_rng(0)
     deltas = rng.integers(0, 4, (100, 60)).astype(np.uint8)  # row sums stay below 256
