@@ -41,7 +41,6 @@ def test_runs_round_trip(vocab, block_rows, monkeypatch):
     )
 
 
-
 def _reference_ids(planes: list[np.ndarray], starts: np.ndarray | None) -> np.ndarray:
     """Ids from gap planes one entry at a time: a run starts at its gap, others follow the
     previous id by ``gap + 1``."""
@@ -74,6 +73,7 @@ def test_any_planes_decode_as_the_entry_by_entry_reading(n_planes, runs, block_r
     np.testing.assert_array_equal(
         _ids.decode_sorted_ids(fields, "ids", starts), _reference_ids(planes, starts)
     )
+
 
 def test_row_cumsum_matches_numpy():
     rng = np.random.default_rng(0)
