@@ -82,7 +82,7 @@ def example_manifest(tmp: Path, teacher_dir: Path, text_jsonl: Path) -> str:
             max_length=64,
             temperatures=(1.0, 2.0),
             progress=False,
-        )  # fmt: skip
+        )
     )
     return render(normalise(summary["manifest"])) + "\n"
 

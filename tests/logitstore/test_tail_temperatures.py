@@ -156,7 +156,7 @@ def stores(tmp_path_factory, tiny_teacher_dir, text_jsonl) -> dict[str, str]:
             limit=4,
             temperatures=(1.0, 3.0, 2.0),
             progress=False,
-        )  # fmt: skip
+        )
     )
     out = {"v2": str(root / "v2")}
     for name, order in (("v1", None), ("v1_swapped", [2.0, 3.0])):
@@ -186,7 +186,7 @@ def _losses(store: str, student: Path, out: Path) -> list[float]:
             progress=False,
             shuffle_window=1,
             device="cpu",
-        )  # fmt: skip
+        )
     )
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
