@@ -156,8 +156,6 @@ def _decode_block(
         out[1:] -= out[:-1, -1:]  # (numpy buffers overlapping operands)
         return
     at = np.flatnonzero(starts.reshape(-1)[1:]) + 1  # run starts after the block's first entry
-    if not at.size:
-        return
     totals = flat[at - 1]  # the running total before each run start
     before = scratch.before[:n]
     before.fill(0)
