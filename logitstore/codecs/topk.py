@@ -260,7 +260,10 @@ class TopK(Codec):
                 np.matmul(at, weights, out=mass[a : a + rows])
             np.subtract(top1[a : a + rows, None], d, out=d)
         if mass is not None:
-            mass *= np.exp(top1)
+            # (a hostile top-1 beyond float32's exp gives an infinite bound, which the checks
+            # then refuse by name: no numpy warning on the way)
+            with np.errstate(over="ignore"):
+                mass *= np.exp(top1)
         return logprobs
 
 

@@ -54,6 +54,7 @@ def clean_refusal(report: dict[str, Any], exit_code: int, *words: str) -> None:
     assert not report["traceback"], report["traceback"][-3000:]
     assert report["exit_code"] == exit_code, report
     assert "Traceback" not in report["output"], report["output"]
+    assert "Warning" not in report["output"], report["output"]  # e.g. numpy's overflow
     errors = [line for line in report["output"].splitlines() if line.startswith("error:")]
     assert len(errors) == (exit_code == 2), report["output"]
     for word in words:
@@ -251,6 +252,7 @@ VALUES = {
     "NaN float value": (F16, VOCAB, "values", (4, 2), NAN, "support_logprobs"),
     "NaN sampled log-prob": (SAMPLED, VOCAB, "logprobs", (4, 0), NAN, "support_logprobs"),
     "top-1 above 0": (Q8, VOCAB, "top1", (4,), 0.5, "support_logprobs"),
+    "top-1 beyond float32's exp": (Q8, VOCAB, "top1", (4,), 1000.0, "support_logprobs"),
     "float value above the top-1": (F16, VOCAB, "values", (4, 2), 50.0, "support_logprobs"),
     "label above 0": (Q8, VOCAB, "label_logprob", (4,), 0.3, "label_logprob"),
     "tail above 0": (Q8, VOCAB, "tail_logmass", (4,), 0.2, "tail_logmass"),
