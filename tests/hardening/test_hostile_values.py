@@ -239,6 +239,7 @@ def test_codec_configurations_that_do_not_fit_are_refused(manifest_reports, conf
 
 NAN = float("nan")
 Q8, F16, SAMPLED = TopK(k=8, values="q8"), TopK(k=8, values="float16"), Sampled(n=16)
+SNAN = np.frombuffer(b"\x01\x00\x80\x7f", np.float32)[0]  # numpy warns on arithmetic with it
 # case: (codec, vocabulary, stored field, index in document 1, value, decoded field named)
 VALUES = {
     "id beyond V, q8": (Q8, WIDE, "ids1", (4, 3), 5, "support_ids"),
@@ -253,6 +254,7 @@ VALUES = {
     "NaN sampled log-prob": (SAMPLED, VOCAB, "logprobs", (4, 0), NAN, "support_logprobs"),
     "top-1 above 0": (Q8, VOCAB, "top1", (4,), 0.5, "support_logprobs"),
     "top-1 beyond float32's exp": (Q8, VOCAB, "top1", (4,), 1000.0, "support_logprobs"),
+    "signalling NaN top-1": (Q8, VOCAB, "top1", (4,), SNAN, "support_logprobs"),
     "float value above the top-1": (F16, VOCAB, "values", (4, 2), 50.0, "support_logprobs"),
     "label above 0": (Q8, VOCAB, "label_logprob", (4,), 0.3, "label_logprob"),
     "tail above 0": (Q8, VOCAB, "tail_logmass", (4,), 0.2, "tail_logmass"),
