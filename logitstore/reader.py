@@ -8,6 +8,7 @@ from the store: JSON and plain numeric arrays only, no pickle, and no path outsi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -357,11 +358,19 @@ class LogitStore:
         """Decode and check ``fields``; a bad value's error names the shard, document and
         position that ``locate`` gives for its row, other failures name ``where``."""
         check = self._check_values or exhaustive
+        # Checked values name what is wrong, so numpy's warnings on a hostile value on the way
+        # (an overflowing exp, a signalling NaN) are left unsaid; unchecked, they are all a
+        # user hears of it.
+        quiet: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if check:
+            quiet = np.errstate(over="ignore", invalid="ignore")
         try:
-            # With the vocabulary, the codec checks every value as it decodes (codecs/_checks.py).
-            positions = self.codec.decode(fields, self.vocab_size if check else None)
-            if exhaustive:  # and verify sums every support column for the mass
-                check_positions(self.codec, positions, self.vocab_size, exhaustive=True)
+            with quiet:
+                # With the vocabulary, the codec checks every value as it decodes
+                # (codecs/_checks.py).
+                positions = self.codec.decode(fields, self.vocab_size if check else None)
+                if exhaustive:  # and verify sums every support column for the mass
+                    check_positions(self.codec, positions, self.vocab_size, exhaustive=True)
         except BadValueError as exc:
             if not 0 <= exc.row < len(next(iter(fields.values()), ())):
                 raise BadValueError(f"{where}: {exc}", exc.row, exc.field) from None

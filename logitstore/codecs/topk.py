@@ -249,21 +249,18 @@ class TopK(Codec):
             cols, weights = _checks.mass_columns(values.shape[1], exhaustive=False)
         rows = max(1, _ids.BLOCK_ENTRIES // max(values.shape[1], 1))
         scratch = np.empty(min(rows, values.shape[0]) * values.shape[1], dtype=np.int64)
-        # A hostile top-1 (inf, NaN, beyond float32's exp) decodes to inf or NaN, which the
-        # checks then refuse by name: no numpy warning on the way.
-        with np.errstate(over="ignore", invalid="ignore"):
-            for a in range(0, values.shape[0], rows):  # blocks stay in cache, as for the ids
-                block = values[a : a + rows]
-                codes = row_cumsum(block, scratch[: block.size].reshape(block.shape))
-                d = logprobs[a : a + rows]
-                # (a corrupt code beyond the grid decodes to its last level)
-                np.take(grid, codes, out=d, mode="clip")
-                if mass is not None:
-                    at = np.take(least, codes[:, cols], mode="clip")
-                    np.matmul(at, weights, out=mass[a : a + rows])
-                np.subtract(top1[a : a + rows, None], d, out=d)
+        for a in range(0, values.shape[0], rows):  # blocks stay in cache, as for the ids
+            block = values[a : a + rows]
+            codes = row_cumsum(block, scratch[: block.size].reshape(block.shape))
+            d = logprobs[a : a + rows]
+            # (a corrupt code beyond the grid decodes to its last level)
+            np.take(grid, codes, out=d, mode="clip")
             if mass is not None:
-                mass *= np.exp(top1)
+                at = np.take(least, codes[:, cols], mode="clip")
+                np.matmul(at, weights, out=mass[a : a + rows])
+            np.subtract(top1[a : a + rows, None], d, out=d)
+        if mass is not None:
+            mass *= np.exp(top1)
         return logprobs
 
 

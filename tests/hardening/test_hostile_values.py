@@ -1,14 +1,15 @@
 """Hostile values: stores whose bytes are consistent (sizes and checksums match, as an attacker
 writes them) but whose manifest fields or decoded numbers break the format.
 
-One class of hostile store per kind: malformed manifest fields of every type (wrong type, out
-of range, overflowing, NaN or infinite, huge counts), codec configurations that do not fit
-(huge ``hot_ids`` among them), ids beyond the vocabulary, NaN in the top-1, label or tail,
-log-probabilities above 0, and support plus tail mass above 1. Each is read by the
-``logitstore`` CLI in a child process under a 1.5 GiB address-space limit, and must be refused
-with a one-line message naming the field (and, for values, the shard, document and position),
-never a traceback or a memory blow-up. ``verify`` lists value problems (exit 1); every other
-command refuses with exit 2, and training refuses before its first step.
+One class of hostile store per kind: malformed manifest fields of every type (wrong type, out of
+range, overflowing, NaN or infinite, huge counts), codec configurations that do not fit (huge
+``hot_ids`` among them), ids beyond the vocabulary, NaN in the top-1, label or tail (signalling
+NaNs too), log-probabilities above 0 or beyond float32's ``exp``, and support plus tail mass
+above 1. Each is read by the ``logitstore`` CLI in a child process under a 1.5 GiB address-space
+limit, and must be refused with a one-line message naming the field (and, for values, the shard,
+document and position), never a traceback, a numpy warning or a memory blow-up. ``verify`` lists
+value problems (exit 1); every other command refuses with exit 2, and training refuses before
+its first step.
 
 The CLI runs share one long-lived child process of their own (``conftest.run_limited`` with
 the pool ``values``: training loads a model, whose modules stay), under the same limit as the
@@ -28,7 +29,7 @@ import pytest
 import torch
 
 from logitstore import EncodedDocument, StoreWriter
-from logitstore.codecs import Sampled, TopK
+from logitstore.codecs import Dense, Sampled, TopK
 
 VOCAB = 256
 WIDE = 300  # two id planes: a gap can reach ids far beyond the vocabulary
@@ -239,7 +240,10 @@ def test_codec_configurations_that_do_not_fit_are_refused(manifest_reports, conf
 
 NAN = float("nan")
 Q8, F16, SAMPLED = TopK(k=8, values="q8"), TopK(k=8, values="float16"), Sampled(n=16)
-SNAN = np.frombuffer(b"\x01\x00\x80\x7f", np.float32)[0]  # numpy warns on arithmetic with it
+# Signalling NaNs, as hostile bytes can hold: numpy warns on arithmetic with them
+SNAN = np.frombuffer(b"\x01\x00\x80\x7f", np.float32)[0]
+SNAN16 = np.frombuffer(b"\x01\x7c", np.float16)[0]
+DENSE = Dense(bits=8)
 # case: (codec, vocabulary, stored field, index in document 1, value, decoded field named)
 VALUES = {
     "id beyond V, q8": (Q8, WIDE, "ids1", (4, 3), 5, "support_ids"),
@@ -255,6 +259,9 @@ VALUES = {
     "top-1 above 0": (Q8, VOCAB, "top1", (4,), 0.5, "support_logprobs"),
     "top-1 beyond float32's exp": (Q8, VOCAB, "top1", (4,), 1000.0, "support_logprobs"),
     "signalling NaN top-1": (Q8, VOCAB, "top1", (4,), SNAN, "support_logprobs"),
+    "signalling NaN float16 value": (F16, VOCAB, "values", (4, 2), SNAN16, "support_logprobs"),
+    "top-1 at -inf, float16": (F16, VOCAB, "top1", (4,), -np.inf, "support and tail mass"),
+    "signalling NaN dense top-1": (DENSE, VOCAB, "top1", (4,), SNAN, "support_logprobs"),
     "float value above the top-1": (F16, VOCAB, "values", (4, 2), 50.0, "support_logprobs"),
     "label above 0": (Q8, VOCAB, "label_logprob", (4,), 0.3, "label_logprob"),
     "tail above 0": (Q8, VOCAB, "tail_logmass", (4,), 0.2, "tail_logmass"),
