@@ -97,6 +97,30 @@ def _codecs_problem(codecs: Any, chunk: list[int], depth: int = 0) -> str | None
     return None
 
 
+def _fill_fits(fill: Any, data_type: str) -> bool:
+    """Whether ``fill`` is a fill value of ``data_type`` as Zarr v3 writes one (for a float type
+    also ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` or its bytes in hex): zarr-python would cast
+    any other with a warning, or fail."""
+    if data_type == "bool":
+        return isinstance(fill, bool)
+    number = isinstance(fill, (int, float)) and not isinstance(fill, bool)
+    if data_type.startswith(("int", "uint")):
+        info = np.iinfo(data_type)
+        return number and isinstance(fill, int) and info.min <= fill <= info.max
+    if isinstance(fill, str):
+        digits = 2 * np.dtype(data_type).itemsize
+        hexed = fill[:2] == "0x" and len(fill) == 2 + digits
+        return fill in ("NaN", "Infinity", "-Infinity") or (
+            hexed and all(c in "0123456789abcdefABCDEF" for c in fill[2:])
+        )
+    if not number:
+        return False
+    # (a float NaN is its own fill; a huge int is compared exactly, never made a float)
+    return (isinstance(fill, float) and math.isnan(fill)) or abs(fill) <= float(
+        np.finfo(data_type).max
+    )
+
+
 def array_problem(meta: Any, shape: tuple[int, ...]) -> str | None:
     """Why an array's parsed ``zarr.json`` is refused before zarr-python opens it.
 
@@ -112,6 +136,10 @@ def array_problem(meta: Any, shape: tuple[int, ...]) -> str | None:
         return f"has shape {meta.get('shape')!r}, expected {list(shape)}"
     if meta.get("data_type") not in DATA_TYPES:
         return f"has data type {meta.get('data_type')!r}, expected a plain numeric type"
+    if not _fill_fits(meta.get("fill_value"), meta["data_type"]):
+        fill = repr(meta.get("fill_value"))
+        fill = fill if len(fill) <= 40 else fill[:37] + "..."
+        return f"has fill value {fill}, which its {meta['data_type']} cannot hold"
     if meta.get("storage_transformers"):
         return "uses storage transformers"
     grid = meta.get("chunk_grid")

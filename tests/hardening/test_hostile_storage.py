@@ -201,6 +201,33 @@ def test_absurd_array_metadata_is_refused_before_allocation(zarr_store, edit):
     assert "values" in out
 
 
+@pytest.mark.parametrize(
+    ("array", "fill", "refused_fill"),
+    [
+        ("top1", 1e308, True),  # zarr-python would cast it to inf with a warning
+        ("values", 256, True),
+        ("values", -1, True),
+        ("values", 0.5, True),
+        ("loss_mask", "x", True),
+        ("top1", "0x7fc0", True),  # two bytes of hex for a four-byte type
+        ("top1", "NaN", False),
+        ("top1", "0x7fc00000", False),
+        ("values", 255, False),
+    ],
+)
+def test_a_fill_value_its_data_type_cannot_hold_is_refused(zarr_store, array, fill, refused_fill):
+    shard = zarr_store / manifest(zarr_store)["shards"][0]["path"]
+    meta = json.loads((shard / array / "zarr.json").read_text())
+    meta["fill_value"] = fill
+    (shard / array / "zarr.json").write_text(json.dumps(meta))
+    reseal(zarr_store)
+    report = run_verify(zarr_store)
+    if refused_fill:
+        refused(report, "shards/000000.zarr", repr(array), "fill value")
+    else:  # the fill values Zarr v3 allows are read as before
+        assert report["exit_code"] == 0, report
+
+
 @pytest.mark.parametrize("positions", [3_000_000, 40_000_000])
 def test_millions_of_positions_with_no_chunks_are_refused(zarr_store, positions):
     shard = zarr_store / manifest(zarr_store)["shards"][0]["path"]

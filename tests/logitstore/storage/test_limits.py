@@ -111,6 +111,7 @@ def _meta(**edit) -> dict:
         "zarr_format": 3, "node_type": "array", "shape": [100, 8], "data_type": "uint8",
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [50, 8]}},
         "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}],
+        "fill_value": 0,
     }  # fmt: skip
     meta.update(edit)
     return meta
@@ -131,6 +132,12 @@ def _meta(**edit) -> dict:
         ({"codecs": [{"name": "numcodecs.pickle"}]}, "pickle"),
         ({"zarr_format": 2}, "only Zarr v3"),
         ({"storage_transformers": [{"name": "x"}]}, "transformers"),
+        ({"fill_value": 256}, "fill value 256"),
+        ({"fill_value": None}, "fill value None"),
+        ({"data_type": "float32", "fill_value": 1e308}, "fill value 1e+308"),
+        ({"data_type": "float32", "fill_value": 2**2000}, "81984..., which its float32"),
+        ({"data_type": "float32", "fill_value": 3e38}, None),
+        ({"data_type": "float16", "fill_value": "Infinity"}, None),
     ],
 )  # fmt: skip
 def test_array_metadata_checks(edit, words):
