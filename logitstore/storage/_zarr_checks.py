@@ -116,9 +116,8 @@ def _fill_fits(fill: Any, data_type: str) -> bool:
     if not number:
         return False
     # (a float NaN is its own fill; a huge int is compared exactly, never made a float)
-    return (isinstance(fill, float) and math.isnan(fill)) or abs(fill) <= float(
-        np.finfo(data_type).max
-    )
+    limit = float(np.finfo(data_type).max)
+    return (isinstance(fill, float) and math.isnan(fill)) or abs(fill) <= limit
 
 
 def array_problem(meta: Any, shape: tuple[int, ...]) -> str | None:
