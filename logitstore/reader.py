@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -437,7 +438,8 @@ class LogitStore:
 
     def verify(self) -> list[str]:
         """Every problem found: manifest totals, then each shard's files, checksum, shapes and
-        values (for every position; the first bad one of each shard is named).
+        values (for every position; the first bad one of each shard is named), and document ids
+        that repeat.
 
         Returns:
             One message per problem, each naming the shard or field; empty when all is well.
@@ -455,13 +457,32 @@ class LogitStore:
                     f"{fmt.MANIFEST_NAME}: statistics.{key} is {stats.get(key)!r}, "
                     f"the shards add up to {total}"
                 )
+        first_shard: dict[str, str] = {}  # document id -> the shard that holds it first
         for j, entry in enumerate(shards):
             if sum(size for _, size in entry["files"]) != entry["bytes"]:
                 problems.append(f"shard {entry['path']}: file sizes do not add up to its bytes")
             try:  # checksum, shapes and counts, then decoding, then every value
-                self.decode_shard(j, self.read_shard_arrays(j), exhaustive=True)
+                arrays = self.read_shard_arrays(j)
+                self.decode_shard(j, arrays, exhaustive=True)
             except LogitstoreError as exc:
                 problems.append(str(exc))
+                continue
+            counts = Counter(arrays.doc_ids)
+            twice = [d for d, n in counts.items() if n > 1]
+            if twice:
+                problems.append(
+                    f"shard {entry['path']}: document id {twice[0]!r} appears {counts[twice[0]]} "
+                    f"times in it ({len(twice)} repeated ids); an id names one document"
+                )
+            earlier = [
+                d for d in counts if first_shard.setdefault(d, entry["path"]) != entry["path"]
+            ]
+            if earlier:
+                problems.append(
+                    f"shard {entry['path']}: document id {earlier[0]!r} is held by shard "
+                    f"{first_shard[earlier[0]]} too ({len(earlier)} of its ids are held by earlier "
+                    "shards); an id names one document"
+                )
         return problems
 
 

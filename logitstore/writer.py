@@ -309,7 +309,8 @@ class StoreWriter:
 
         Raises:
             ShardClaimError: the shard is committed already or another writer holds it.
-            DataError: documents that do not fit the codec, vocabulary or each other.
+            DataError: documents that do not fit the codec, vocabulary or each other, or a
+                document id given twice.
         """
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
             raise ConfigError(f"shard index must be an int >= 0, found {index!r}")
@@ -320,8 +321,12 @@ class StoreWriter:
         clash = RESERVED_NAMES & set(specs)
         if clash:
             raise ConfigError(f"codec fields {sorted(clash)} clash with reserved names")
+        seen: set[str] = set()
         for doc in documents:
             self._check_document(doc, specs)
+            if doc.doc_id in seen:
+                raise DataError(f"shard {index}: document id {doc.doc_id!r} appears twice")
+            seen.add(doc.doc_id)
         arrays = self._concatenate(documents, specs)
         rel = fmt.shard_name(index, self.backend.suffix)
         record_path = self._path(fmt.record_name(index))

@@ -98,6 +98,23 @@ def test_verify_reports_inconsistent_totals(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
+def test_verify_names_a_document_id_held_by_two_shards(tmp_path, backend):
+    codec, expected = build(str(tmp_path / "s"), backend=backend, finalize=False)
+    w = StoreWriter(str(tmp_path / "s"), mode="resume", codec=codec, backend=backend,
+                    metadata=META, vocab_size=V)  # fmt: skip
+    again = expected[1]  # shard 0's second document, written once more into a fourth shard
+    w.write_shard(3, [again])
+    w.finalize(4)
+    store = open_store(str(tmp_path / "s"))
+    assert [d.doc_id for d in store.iter_documents()].count(again.doc_id) == 2  # readers read it
+    assert store.verify() == [
+        f"shard shards/000003.{backend}: document id {again.doc_id!r} is held by shard "
+        f"shards/000000.{backend} too (1 of its ids are held by earlier shards); an id names one "
+        "document"
+    ]
+
+
+@pytest.mark.parametrize("backend", ["zarr", "parquet"])
 def test_reading_never_unpickles(tmp_path, monkeypatch, backend):
     build(str(tmp_path / "s"), backend=backend)
 

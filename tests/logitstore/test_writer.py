@@ -236,6 +236,7 @@ def test_finalize_refuses_bad_shard_sets(tmp_path):
         (lambda d: setattr(d, "loss_mask", d.loss_mask[:-1]), "loss_mask must be bool"),
         (lambda d: d.fields.update(values=d.fields["values"].astype(np.int16)), "field 'values'"),
         (lambda d: d.fields.pop("top1"), "fields"),
+        (lambda d: setattr(d, "doc_id", "d0-0"), "document id 'd0-0' appears twice"),
     ],
 )
 def test_documents_that_do_not_fit_are_refused(tmp_path, damage, message):
@@ -270,10 +271,10 @@ def test_manifest_fidelity_is_the_mean_over_all_sampled_positions(tmp_path):
     assert got["positions"] == sum(len(p["top1_agreement"]) for p in per_position)
 
 
-def _race(url: str, docs, queue) -> None:
+def _race(url: str, shards, queue) -> None:
     w = writer(url, mode="join")
     won = []
-    for i in range(8):
+    for i, docs in enumerate(shards):
         try:
             w.write_shard(i, docs)
             won.append(i)
@@ -288,10 +289,10 @@ def test_racing_processes_commit_each_shard_exactly_once(tmp_path):
 
     url = str(tmp_path / "s")
     w = writer(url)
-    docs = encode(w.codec, 2, 0)
+    shards = [encode(w.codec, 2, i) for i in range(8)]
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(url, docs, queue)) for _ in range(3)]
+    procs = [ctx.Process(target=_race, args=(url, shards, queue)) for _ in range(3)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=120) for _ in procs]
