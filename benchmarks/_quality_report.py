@@ -54,14 +54,25 @@ OBJECTIVE_METRICS = [
 ]
 
 
-def comparisons(arms: list[str]) -> list[tuple[str, str, str, list[tuple[str, str, bool]]]]:
-    """``(a, b, question, metrics)``: the paired comparisons whose two arms were both run."""
+def fkl_baseline(results: Results) -> str:
+    """The FKL arm of the store the objective arms trained on: ``topk``, or ``droptail`` (a run
+    with ``--objective-store droptail``); each is named like its store."""
+    stores = {run["store"] for run in results.get("rkl", {}).values() if "store" in run}
+    return stores.pop() if len(stores) == 1 else "topk"
+
+
+def comparisons(
+    arms: list[str], base: str = "topk"
+) -> list[tuple[str, str, str, list[tuple[str, str, bool]]]]:
+    """``(a, b, question, metrics)``: the paired comparisons whose two arms were both run;
+    ``base``: the FKL arm the objective arms are compared with (:func:`fkl_baseline`)."""
     kl = [("fkl", "teacher KL", True), ("gap", "overconf. gap", False)]
+    store = "top-k store" if base == "topk" else "tail-dropped top-k store"
     out = [
         ("topk", "dense", "top-k + tail bucket vs dense 8-bit", kl),
         ("sampled", "dense", "sampled (RS-KD) vs dense 8-bit", kl),
         ("droptail", "topk", "top-k: tail dropped vs tail bucket", kl),
-        ("rkl", "topk", "RKL vs FKL (top-k store)", OBJECTIVE_METRICS),
+        ("rkl", base, f"RKL vs FKL ({store})", OBJECTIVE_METRICS),
     ]
     drkl = sorted((a for a in arms if a.startswith("drkl-")), key=lambda a: float(a[5:]))
     out += [(d, "rkl", f"DRKL (gamma {d[5:]}) vs RKL", OBJECTIVE_METRICS) for d in drkl]
@@ -115,7 +126,7 @@ def paired_table(results: Results) -> tuple[str, dict[tuple[str, str, str], Inte
         "|---|---|---|---|---|---|",
     ]
     found: dict[tuple[str, str, str], Interval] = {}
-    for a, b, question, metrics in comparisons(list(results)):
+    for a, b, question, metrics in comparisons(list(results), fkl_baseline(results)):
         for key, title, relative in metrics:
             xa, xb = per_seed(results, a, key), per_seed(results, b, key)
             iv = paired(xa, xb, relative=relative)
@@ -200,7 +211,8 @@ def findings(results: Results, found: Mapping[tuple[str, str, str], Interval]) -
             f"(paired over seeds): {listed}."
         )
     for (arm, name), (key, text) in itertools.product(
-        (("topk", "FKL"), ("rkl", "RKL")), (("gap", "held-out"), ("train_gap", "training"))
+        ((fkl_baseline(results), "FKL"), ("rkl", "RKL")),
+        (("gap", "held-out"), ("train_gap", "training")),
     ):
         gap = mean_interval(per_seed(results, arm, key).values())
         if gap.n > 1:

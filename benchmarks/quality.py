@@ -11,7 +11,10 @@ data order) and evaluated on the SAME held-out store, at several checkpoints. Ar
   (``droptail``: support renormalised, ``tail_logmass = -inf``, written as its own store);
 - the objective, on the top-k store: FKL (``topk``), RKL (``rkl``) and DRKL at several
   ``gamma`` (``drkl-0.5`` ...), compared on over-confidence gap (student mean top-1 probability
-  minus the teacher's), ECE, entropy and generation diversity (distinct-2, self-BLEU).
+  minus the teacher's), ECE, entropy and generation diversity (distinct-2, self-BLEU). With
+  ``--objective-store droptail`` RKL and DRKL train on the tail-dropped store instead and are
+  compared with its FKL arm (``droptail``): a renormalised support is a sharper target, and its
+  students are over-confident on held-out text.
 
 Comparisons are paired (same seed, same data order) with a 95 % t-interval over the seeds
 (``_quality_stats``). The held-out documents are split off before any teacher pass and no
@@ -83,17 +86,22 @@ class Arm:
     diversity: bool = False  # sample generations (the objective comparisons)
 
 
-def make_arms(gammas: Sequence[float]) -> dict[str, Arm]:
-    """Every arm, in table order; one DRKL arm per ``gamma``."""
+def make_arms(gammas: Sequence[float], objective_store: str = "topk") -> dict[str, Arm]:
+    """Every arm, in table order; one DRKL arm per ``gamma``. The objective arms (``rkl``,
+    ``drkl-*``) train on ``objective_store`` (``topk`` or ``droptail``), whose FKL arm is named
+    like the store and is their baseline."""
+    if objective_store not in ("topk", "droptail"):
+        raise SystemExit(f"--objective-store: topk or droptail, found {objective_store!r}")
+    on = objective_store
     arms = {
         "dense": Arm("dense", "fkl"),
-        "topk": Arm("topk", "fkl", diversity=True),
+        "topk": Arm("topk", "fkl", diversity=on == "topk"),
         "sampled": Arm("sampled", "fkl", use_counts=True),
-        "droptail": Arm("droptail", "fkl"),
-        "rkl": Arm("topk", "rkl", diversity=True),
+        "droptail": Arm("droptail", "fkl", diversity=on == "droptail"),
+        "rkl": Arm(on, "rkl", diversity=True),
     }
     for gamma in gammas:
-        arms[f"drkl-{gamma:g}"] = Arm("topk", "drkl", {"gamma": gamma}, diversity=True)
+        arms[f"drkl-{gamma:g}"] = Arm(on, "drkl", {"gamma": gamma}, diversity=True)
     return arms
 
 
@@ -251,15 +259,17 @@ def gap(metrics: dict[str, Any]) -> float:
 
 
 def training_text(job: dict[str, Any], result: dict[str, Any]) -> None:
-    """Add the final checkpoint's teacher KL, gap and ECE on the arm's own training store
+    """Add the final checkpoint's teacher KL, gap and ECE on the arm's own training text
     (``train_fkl``, ``train_gap``, ``train_ece``) to ``result``'s final point: over-confidence
-    where the student has learnt to match the teacher, beside the held-out figures."""
+    where the student has learnt to match the teacher, beside the held-out figures. Measured
+    against the teacher as captured (``job["train_text"]``: for the tail-dropped store, the
+    top-k store it was derived from), as the held-out figures are."""
     from logitstore.pipelines.evaluate import evaluate
 
     step = result["final"]["step"]
     metrics = evaluate(
-        str(Path(job["run_dir"]) / "checkpoints" / f"checkpoint-{step}"), job["store"],
-        device=job["device"],
+        str(Path(job["run_dir"]) / "checkpoints" / f"checkpoint-{step}"),
+        job.get("train_text", job["store"]), device=job["device"],
     )  # fmt: skip
     extra = {
         "train_fkl": metrics["fkl"],
@@ -374,6 +384,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--draws", type=int, default=50, help="sampled store: draws per position")
     p.add_argument("--dense-bits", type=int, default=8)
     p.add_argument("--eval-k", type=int, default=256, help="held-out store support size")
+    p.add_argument(
+        "--objective-store",
+        default="topk",
+        choices=["topk", "droptail"],
+        help="the store RKL and DRKL train on (droptail: the top-k store with its "
+        "support renormalised, whose students are over-confident)",
+    )
     p.add_argument("--student-layers", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
@@ -399,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stop_on_sigterm()
 
     gammas = [float(g) for g in str(args.gammas).split(",") if g.strip()]
-    every = make_arms(gammas)
+    every = make_arms(gammas, args.objective_store)
     names = [a.strip() for a in args.arms.split(",") if a.strip()] or list(every)
     unknown = sorted(set(names) - set(every))
     if unknown:
@@ -427,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "seed": seed,
             "run_dir": str(out / f"student_{run_label(name, arm, args)}_seed{seed}"),
             "store": urls[arm.store],
+            "train_text": urls["topk" if arm.store == "droptail" else arm.store],
             "heldout": urls["heldout"],
             "prompts": urls["prompts"],
             "student": str(student),

@@ -152,6 +152,29 @@ def test_training_text_metrics_are_reported_beside_the_held_out_ones():
     assert "gap, training text" in arms_table(results).splitlines()[0]
 
 
+def test_on_the_tail_dropped_store_the_objectives_are_compared_with_its_fkl_arm():
+    arms = make_arms([1.0], "droptail")
+    assert {arms[a].store for a in ("rkl", "drkl-1", "droptail")} == {"droptail"}
+    assert arms["droptail"].diversity and not arms["topk"].diversity
+    assert run_label("rkl", arms["rkl"], parse_args([])) == "rkl-droptail-k128-q6"
+    results = fake_results()
+    # FKL on the tail-dropped store: 20 % further from the teacher, over-confident; RKL on it.
+    results["droptail"] = {s: dict(r, store="droptail") for s, r in results["topk"].items()}
+    for s, run in results["droptail"].items():
+        run["final"] = dict(run["final"], fkl=run["final"]["fkl"] * 1.2, gap=0.04 + 0.001 * s)
+    for run in results["rkl"].values():
+        run["store"] = "droptail"
+    table, found = paired_table(results)
+    assert ("rkl", "droptail", "gap") in found and ("rkl", "topk", "gap") not in found
+    assert found[("rkl", "droptail", "gap")].mean == pytest.approx(0.06 - 0.041)
+    assert found[("droptail", "topk", "fkl")].mean == pytest.approx(0.2)
+    assert "RKL vs FKL (tail-dropped top-k store) | overconf. gap |" in table
+    text = "\n".join(findings(results, found))
+    assert "the FKL student's over-confidence gap on held-out text is +0.0410" in text
+    with pytest.raises(SystemExit, match="topk or droptail"):
+        make_arms([1.0], "dense")
+
+
 def test_every_drkl_gamma_is_an_arm():
     arms = make_arms([0.25, 0.5, 1.0])
     assert [a for a in arms if a.startswith("drkl")] == ["drkl-0.25", "drkl-0.5", "drkl-1"]
