@@ -65,7 +65,10 @@ def clean_refusal(report: dict[str, Any], exit_code: int, *words: str) -> None:
 # ---- building consistent stores ----------------------------------------------------------------
 
 
-def documents(codec, n_docs: int, seed: int, vocab: int = VOCAB) -> list[EncodedDocument]:
+def documents(
+    codec, n_docs: int, seed: int, vocab: int = VOCAB, name: str = "doc"
+) -> list[EncodedDocument]:
+    """``name-0``, ``name-1``, ...: a store's shards take different names (ids are unique)."""
     g = torch.Generator().manual_seed(seed)
     docs = []
     for d in range(n_docs):
@@ -73,7 +76,9 @@ def documents(codec, n_docs: int, seed: int, vocab: int = VOCAB) -> list[Encoded
         lp = torch.log_softmax(3 * torch.randn(len(ids) - 1, vocab, generator=g), -1)
         enc = codec.encode(lp, ids[1:], temperatures=(2.0,), generator=g)
         fields = {k: v.numpy().copy() for k, v in enc.items()}
-        docs.append(EncodedDocument(f"doc-{d}", ids.numpy(), np.ones(len(ids) - 1, bool), fields))
+        docs.append(
+            EncodedDocument(f"{name}-{d}", ids.numpy(), np.ones(len(ids) - 1, bool), fields)
+        )
     return docs
 
 
@@ -91,7 +96,7 @@ def write(root: Path, codec, shards: list[list[EncodedDocument]], *, backend="za
 def base(tmp_path_factory) -> Path:
     codec = TopK(k=8, values="q8")
     root = tmp_path_factory.mktemp("hostile") / "clean"
-    return write(root, codec, [documents(codec, 2, 0), documents(codec, 3, 1)])
+    return write(root, codec, [documents(codec, 2, 0, name="first"), documents(codec, 3, 1)])
 
 
 def _set(data: Any, where: str, value: Any) -> None:
@@ -298,7 +303,7 @@ def value_reports(tmp_path_factory, limited_cli) -> dict[str, dict[str, Any]]:
     for i, case in enumerate(VALUES):
         codec, vocab = VALUES[case][:2]
         for backend in ["zarr", "parquet"] if case in PARQUET else ["zarr"]:
-            shards = [documents(codec, 2, 10 + i, vocab), hostile_documents(case, i)]
+            shards = [documents(codec, 2, 10 + i, vocab, "first"), hostile_documents(case, i)]
             store = write(tmp / f"{backend}{i}", codec, shards, backend=backend, vocab=vocab)
             commands[f"verify {backend} {case}"] = ["verify", store]
             commands[f"export {backend} {case}"] = ["export", store, tmp / f"exp-{backend}{i}"]
