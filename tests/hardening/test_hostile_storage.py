@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from logitstore import EncodedDocument, StoreWriter
+from logitstore import EncodedDocument, StoreWriter, open_store
 from logitstore.codecs import get_codec
 from logitstore.storage._fs import tree_checksum
 
@@ -313,6 +313,30 @@ def test_a_deep_zarr_json_is_refused_and_brackets_in_strings_are_not_depth(zarr_
     group.write_text(json.dumps(meta)[:-1] + f', "deep": {deep}}}')
     reseal(zarr_store)
     refused(run_verify(zarr_store), "shards/000000.zarr", "nests")
+
+
+def test_repeated_document_ids_are_named_by_verify_and_read_as_stored(store):
+    """Ids repeated within a shard (the writer refuses them) and across shards (writers of
+    different shards cannot see each other's): ``verify`` names both, readers read as stored."""
+    for j, ids in ((0, ["same", "same"]), (1, ["1/0", "same"])):
+        path = store / manifest(store)["shards"][j]["path"]
+        if path.is_file():
+            table = pq.read_table(path)
+            column = pa.array(ids, table.schema.field("doc_id").type)
+            pq.write_table(table.set_column(0, table.schema.field("doc_id"), column), path,
+                           compression="zstd")  # fmt: skip
+        else:
+            meta = json.loads((path / "zarr.json").read_text())
+            meta["attributes"]["doc_ids"] = ids
+            (path / "zarr.json").write_text(json.dumps(meta))
+        reseal(store, j)
+    suffix = "zarr" if (store / "shards" / "000000.zarr").exists() else "parquet"
+    out = refused(run_verify(store))
+    assert f"shards/000000.{suffix}: document id 'same' appears 2 times in it" in out, out
+    assert f"shards/000001.{suffix}: document id 'same' is held by shard shards/000000." in out
+    assert out.count("problem:") == 2, out
+    ids = [d.doc_id for d in open_store(str(store)).iter_documents()]
+    assert ids == ["same", "same", "1/0", "same"]
 
 
 # -- Zarr v2 ----------------------------------------------------------------------------------
