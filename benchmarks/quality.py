@@ -43,7 +43,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -69,6 +69,7 @@ __all__ = [
     "drop_tail_store",
     "main",
     "make_arms",
+    "publish",
     "run_label",
     "split_documents",
     "store_label",
@@ -489,6 +490,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results, vars(args), command.strip(), timing["seconds"], int(timing.get("reused", 0))
     )
     print("\n" + body)
+    publish(results, args, body, stamp)
+    return results
+
+
+def publish(
+    results: dict[str, dict[int, Any]],
+    args: argparse.Namespace,
+    body: str,
+    stamp: Callable[[str], None] = print,
+) -> None:
+    """Draw the plot and put ``body`` into the report's section, when every student finished.
+    A student that failed (a full disk, a killed worker, a non-finite loss) leaves both as they
+    were: a committed section is never replaced by a run with holes in it."""
+    failed = [
+        f"{arm} seed {seed}: {run['error']}"
+        for arm, runs in results.items()
+        for seed, run in runs.items()
+        if "error" in run
+    ]
+    if failed:
+        raise SystemExit(
+            f"{len(failed)} student(s) failed (first: {failed[0][:300]}); the report and the "
+            "plot were left as they were. Run the same command again: finished students are "
+            "reused and a failed one resumes from its last complete checkpoint."
+        )
     if args.plot:
         plot_curves(results, Path(args.plot))
         stamp(f"wrote {args.plot}")
@@ -497,7 +523,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         update_section(Path(args.report), args.section, body)
         stamp(f"updated {args.report}")
-    return results
 
 
 if __name__ == "__main__":

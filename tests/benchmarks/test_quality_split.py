@@ -21,6 +21,7 @@ from logitstore.benchmarks.quality import (
     corpus_texts,
     make_arms,
     parse_args,
+    publish,
     run_label,
     run_student,
     split_documents,
@@ -173,6 +174,21 @@ def test_on_the_tail_dropped_store_the_objectives_are_compared_with_its_fkl_arm(
     assert "the FKL student's over-confidence gap on held-out text is +0.0410" in text
     with pytest.raises(SystemExit, match="topk or droptail"):
         make_arms([1.0], "dense")
+
+
+def test_a_run_with_a_failed_student_leaves_the_report_and_plot_as_they_were(tmp_path):
+    report, plot = tmp_path / "BENCHMARKS.md", tmp_path / "curves.png"
+    report.write_text("<!-- quality-x:start -->\nthe committed figures\n<!-- quality-x:end -->\n")
+    args = parse_args(["--report", str(report), "--plot", str(plot), "--section", "quality-x"])
+    results = fake_results()
+    results["topk"][1] = {"error": "OSError: No space left on device"}
+    with pytest.raises(SystemExit, match="topk seed 1: OSError: No space left.*left as they were"):
+        publish(results, args, "the new figures")
+    assert "the committed figures" in report.read_text() and not plot.exists()
+    del results["drkl-0.5"]
+    results["topk"][1] = results["topk"][0]
+    publish(results, args, "the new figures", stamp=lambda message: None)
+    assert "the new figures" in report.read_text() and plot.stat().st_size > 0
 
 
 def test_every_drkl_gamma_is_an_arm():
