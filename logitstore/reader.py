@@ -472,7 +472,8 @@ class LogitStore:
             if twice:
                 problems.append(
                     f"shard {entry['path']}: document id {twice[0]!r} appears {counts[twice[0]]} "
-                    f"times in it ({len(twice)} repeated ids); an id names one document"
+                    f"times in it (repeated ids in this shard: {len(twice)}); an id names one "
+                    "document"
                 )
             earlier = [
                 d for d in counts if first_shard.setdefault(d, entry["path"]) != entry["path"]
@@ -480,8 +481,8 @@ class LogitStore:
             if earlier:
                 problems.append(
                     f"shard {entry['path']}: document id {earlier[0]!r} is held by shard "
-                    f"{first_shard[earlier[0]]} too ({len(earlier)} of its ids are held by earlier "
-                    "shards); an id names one document"
+                    f"{first_shard[earlier[0]]} too (ids of this shard held by earlier shards: "
+                    f"{len(earlier)}); an id names one document"
                 )
         return problems
 

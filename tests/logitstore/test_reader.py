@@ -109,8 +109,8 @@ def test_verify_names_a_document_id_held_by_two_shards(tmp_path, backend):
     assert [d.doc_id for d in store.iter_documents()].count(again.doc_id) == 2  # readers read it
     assert store.verify() == [
         f"shard shards/000003.{backend}: document id {again.doc_id!r} is held by shard "
-        f"shards/000000.{backend} too (1 of its ids are held by earlier shards); an id names one "
-        "document"
+        f"shards/000000.{backend} too (ids of this shard held by earlier shards: 1); an id names "
+        "one document"
     ]
 
 
