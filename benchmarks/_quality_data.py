@@ -186,13 +186,19 @@ def train_codecs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 _LABEL_PREFIXES = {"k": "k", "values": "", "bits": "bits", "draws": "draws"}
 
 
+def captured_store(kind: str) -> str:
+    """The teacher pass's store a training store comes from: itself, or the top-k store for
+    the tail-dropped store derived from it."""
+    return "topk" if kind == "droptail" else kind
+
+
 def store_label(kind: str, args: argparse.Namespace) -> str:
     """A training store's name: its kind and the codec settings that make it, e.g.
     ``topk-k128-q6``, ``dense-bits8``, ``sampled-draws50``, ``droptail-k128-q6`` (derived from
     that top-k store). Stores of different settings, and the students trained on them, live
     side by side in one work folder, so a sweep over ``--k`` reuses the dense store and its
     students."""
-    codec = train_codecs(args)["topk" if kind == "droptail" else kind]
+    codec = train_codecs(args)[captured_store(kind)]
     parts = [f"{_LABEL_PREFIXES[key]}{value}" for key, value in codec.items() if key != "codec"]
     return "-".join([kind, *parts])
 
@@ -222,7 +228,7 @@ def build_stores(args: argparse.Namespace, train_stores: set[str], out: Path) ->
     for split, docs in (("train", train), ("heldout", heldout)):
         data[split] = out / f"{split}.jsonl"
         data[split].write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    needed = (train_stores - {"droptail"}) | ({"topk"} if "droptail" in train_stores else set())
+    needed = {captured_store(kind) for kind in train_stores}
     codecs = train_codecs(args)
     passes = [("train", name, codecs[name]) for name in codecs if name in needed]
     passes.append(("heldout", "topk", {"codec": "topk", "k": args.eval_k}))

@@ -53,6 +53,7 @@ import torch
 
 from ._quality_data import (
     build_stores,
+    captured_store,
     check_disjoint,
     corpus_texts,
     drop_tail_store,
@@ -87,11 +88,15 @@ class Arm:
     diversity: bool = False  # sample generations (the objective comparisons)
 
 
+#: The stores the objective arms can train on (``--objective-store``).
+OBJECTIVE_STORES = ("topk", "droptail")
+
+
 def make_arms(gammas: Sequence[float], objective_store: str = "topk") -> dict[str, Arm]:
     """Every arm, in table order; one DRKL arm per ``gamma``. The objective arms (``rkl``,
     ``drkl-*``) train on ``objective_store`` (``topk`` or ``droptail``), whose FKL arm is named
     like the store and is their baseline."""
-    if objective_store not in ("topk", "droptail"):
+    if objective_store not in OBJECTIVE_STORES:
         raise SystemExit(f"--objective-store: topk or droptail, found {objective_store!r}")
     on = objective_store
     arms = {
@@ -388,7 +393,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--objective-store",
         default="topk",
-        choices=["topk", "droptail"],
+        choices=OBJECTIVE_STORES,
         help="the store RKL and DRKL train on (droptail: the top-k store with its "
         "support renormalised, whose students are over-confident)",
     )
@@ -445,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "seed": seed,
             "run_dir": str(out / f"student_{run_label(name, arm, args)}_seed{seed}"),
             "store": urls[arm.store],
-            "train_text": urls["topk" if arm.store == "droptail" else arm.store],
+            "train_text": urls[captured_store(arm.store)],
             "heldout": urls["heldout"],
             "prompts": urls["prompts"],
             "student": str(student),
