@@ -68,6 +68,27 @@ def tree_checksum(root: Path, files: list[list[Any]]) -> str:
     return h.hexdigest()
 
 
+def reseal(root: Path, shard: int | None = None, **counts: int) -> None:
+    """The manifest made to match the files again, as an attacker who writes both would.
+
+    Shard ``shard`` (every shard when None): its files as found under its path, their sizes and
+    FORMAT.md's checksum (``tree_checksum``), and any ``counts`` given (``documents``,
+    ``tokens``, ``positions``); then the store's statistics, summed again over its shards.
+    """
+    data = json.loads((root / "manifest.json").read_text())
+    for j, entry in enumerate(data["shards"]):
+        if shard is not None and j != shard:
+            continue
+        entry.update(counts)
+        base = root / entry["path"]
+        found = [base] if base.is_file() else [p for p in base.rglob("*") if p.is_file()]
+        files = sorted([p.relative_to(root).as_posix(), p.stat().st_size] for p in found)
+        entry.update(files=files, sha256=tree_checksum(root, files), bytes=sum(n for _, n in files))
+    for key in ("documents", "tokens", "positions", "bytes"):
+        data["statistics"][key] = sum(s[key] for s in data["shards"])
+    (root / "manifest.json").write_text(json.dumps(data))
+
+
 @pytest.fixture(scope="session")
 def kit():
     """The helpers above as one object (test modules cannot import a conftest)."""
@@ -78,6 +99,7 @@ def kit():
         TRAIN=TRAIN,
         invoke=invoke,
         refused=refused,
+        reseal=reseal,
         snapshot=snapshot,
         teacher_vocab=teacher_vocab,
         teacher_pass=teacher_pass,

@@ -25,7 +25,6 @@ import torch
 
 from logitstore import EncodedDocument, StoreWriter, open_store
 from logitstore.codecs import get_codec
-from logitstore.storage._fs import tree_checksum
 
 pytestmark = pytest.mark.integration
 
@@ -57,23 +56,6 @@ def build(root: Path, backend: str, shards: int = 2) -> Path:
 
 def manifest(root: Path) -> dict:
     return json.loads((root / "manifest.json").read_text())
-
-
-def reseal(root: Path, j: int = 0, **counts: int) -> None:
-    """Shard ``j``'s files, sizes and checksum recomputed into the manifest (and any counts
-    given), as an attacker who writes both would."""
-    data = manifest(root)
-    entry = data["shards"][j]
-    entry.update(counts)
-    base = root / entry["path"]
-    found = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
-    files = [(p.relative_to(root).as_posix(), p.read_bytes()) for p in found]
-    entry["files"] = [[n, len(b)] for n, b in sorted(files)]
-    entry["bytes"] = sum(len(b) for _, b in files)
-    entry["sha256"] = tree_checksum(files)
-    for key in ("documents", "tokens", "positions", "bytes"):
-        data["statistics"][key] = sum(s[key] for s in data["shards"])
-    (root / "manifest.json").write_text(json.dumps(data))
 
 
 def refused(report: dict, *words: str) -> str:
@@ -137,7 +119,7 @@ def replace_frames(blob: bytes, n_chunks: int, frames: dict[int, bytes]) -> byte
 
 
 @pytest.mark.parametrize("form", ["4gib", "undeclared", "trailing", "short-declared"])
-def test_a_zstd_bomb_in_our_layout_is_never_decompressed(zarr_store, form):
+def test_a_zstd_bomb_in_our_layout_is_never_decompressed(zarr_store, form, kit):
     shard = zarr_store / manifest(zarr_store)["shards"][0]["path"]
     chunk = 4096 * 8  # one 4096-row chunk of the (P, 8) values array
     frame = {
@@ -149,12 +131,12 @@ def test_a_zstd_bomb_in_our_layout_is_never_decompressed(zarr_store, form):
     }[form]  # fmt: skip
     blob = shard / "values" / "c" / "0" / "0"
     blob.write_bytes(replace_frames(blob.read_bytes(), 1, {0: frame}))
-    reseal(zarr_store)
+    kit.reseal(zarr_store)
     refused(run_verify(zarr_store), "shards/000000.zarr", "problem:")
 
 
 @pytest.mark.parametrize("form", ["4gib", "undeclared"])
-def test_a_zstd_bomb_in_another_layout_is_bounded_in_zarr_python(zarr_store, form):
+def test_a_zstd_bomb_in_another_layout_is_bounded_in_zarr_python(zarr_store, form, kit):
     import zarr
     from zarr.codecs import ZstdCodec
 
@@ -168,7 +150,7 @@ def test_a_zstd_bomb_in_another_layout_is_bounded_in_zarr_python(zarr_store, for
     )  # fmt: skip
     arr[...] = values
     (shard / "values" / "c" / "0" / "0").write_bytes(rle_frame(4 * GIB, declare=form == "4gib"))
-    reseal(zarr_store)
+    kit.reseal(zarr_store)
     refused(run_verify(zarr_store), "shards/000000.zarr", "zstd frame")
 
 
@@ -191,12 +173,12 @@ def test_a_zstd_bomb_in_another_layout_is_bounded_in_zarr_python(zarr_store, for
     ],
     ids=["2^31-chunk", "huge-shape", "string-dtype", "gzip", "tiny-inner-chunks", "format-2"],
 )  # fmt: skip
-def test_absurd_array_metadata_is_refused_before_allocation(zarr_store, edit):
+def test_absurd_array_metadata_is_refused_before_allocation(zarr_store, edit, kit):
     shard = zarr_store / manifest(zarr_store)["shards"][0]["path"]
     meta = json.loads((shard / "values" / "zarr.json").read_text())
     meta.update(edit)
     (shard / "values" / "zarr.json").write_text(json.dumps(meta))
-    reseal(zarr_store)
+    kit.reseal(zarr_store)
     out = refused(run_verify(zarr_store), "shards/000000.zarr")
     assert "values" in out
 
@@ -215,12 +197,14 @@ def test_absurd_array_metadata_is_refused_before_allocation(zarr_store, edit):
         ("values", 255, False),
     ],
 )
-def test_a_fill_value_its_data_type_cannot_hold_is_refused(zarr_store, array, fill, refused_fill):
+def test_a_fill_value_its_data_type_cannot_hold_is_refused(
+    zarr_store, array, fill, refused_fill, kit
+):
     shard = zarr_store / manifest(zarr_store)["shards"][0]["path"]
     meta = json.loads((shard / array / "zarr.json").read_text())
     meta["fill_value"] = fill
     (shard / array / "zarr.json").write_text(json.dumps(meta))
-    reseal(zarr_store)
+    kit.reseal(zarr_store)
     report = run_verify(zarr_store)
     if refused_fill:
         refused(report, "shards/000000.zarr", repr(array), "fill value")
@@ -229,7 +213,7 @@ def test_a_fill_value_its_data_type_cannot_hold_is_refused(zarr_store, array, fi
 
 
 @pytest.mark.parametrize("positions", [3_000_000, 40_000_000])
-def test_millions_of_positions_with_no_chunks_are_refused(zarr_store, positions):
+def test_millions_of_positions_with_no_chunks_are_refused(zarr_store, positions, kit):
     shard = zarr_store / manifest(zarr_store)["shards"][0]["path"]
     docs = 2
     for meta_path in shard.glob("*/zarr.json"):
@@ -242,7 +226,7 @@ def test_millions_of_positions_with_no_chunks_are_refused(zarr_store, positions)
         meta["chunk_grid"]["configuration"]["chunk_shape"][0] = shard_rows
         meta_path.write_text(json.dumps(meta))
         shutil.rmtree(meta_path.parent / "c", ignore_errors=True)  # every chunk: fill value
-    reseal(zarr_store, documents=docs, tokens=positions + docs, positions=positions)
+    kit.reseal(zarr_store, 0, documents=docs, tokens=positions + docs, positions=positions)
     # Refused from the manifest's counts at opening, or by the backend before it allocates.
     refused(run_verify(zarr_store), "positions", "256 times")
 
@@ -264,7 +248,7 @@ def huge_first_row(column: pa.ChunkedArray, items: int) -> pa.Array:
 
 
 @pytest.mark.parametrize("form", ["input_ids", "values", "consistent-counts"])
-def test_a_small_parquet_file_of_huge_columns_is_refused_from_its_footer(tmp_path, form):
+def test_a_small_parquet_file_of_huge_columns_is_refused_from_its_footer(tmp_path, form, kit):
     root = build(tmp_path / "store", "parquet")
     path = root / manifest(root)["shards"][0]["path"]
     table = pq.read_table(path)
@@ -278,7 +262,7 @@ def test_a_small_parquet_file_of_huge_columns_is_refused_from_its_footer(tmp_pat
     if form == "consistent-counts":  # the manifest agrees with input_ids: 20M positions
         tokens = items + 11
         counts = {"tokens": tokens, "positions": tokens - 2}
-    reseal(root, **counts)
+    kit.reseal(root, 0, **counts)
     out = refused(run_verify(root))
     assert "shards/000000.parquet" in out or "shards[0]" in out, out
 
@@ -301,21 +285,21 @@ def test_a_manifest_too_deep_or_too_large_is_refused_before_parsing(store, form)
     assert ("nests" if form != "huge" else "bytes") in out
 
 
-def test_a_deep_zarr_json_is_refused_and_brackets_in_strings_are_not_depth(zarr_store):
+def test_a_deep_zarr_json_is_refused_and_brackets_in_strings_are_not_depth(zarr_store, kit):
     group = zarr_store / manifest(zarr_store)["shards"][0]["path"] / "zarr.json"
     meta = json.loads(group.read_text())
     meta["attributes"]["doc_ids"] = ["[[[[{{{{" * 50, "]]]]"]  # brackets inside strings: fine
     group.write_text(json.dumps(meta))
-    reseal(zarr_store)
+    kit.reseal(zarr_store)
     report = run_verify(zarr_store)
     assert report["exit_code"] == 0 or "nests" not in report["output"], report["output"]
     deep = "[" * 5000 + "]" * 5000  # Python's own parser gives up at about 1000
     group.write_text(json.dumps(meta)[:-1] + f', "deep": {deep}}}')
-    reseal(zarr_store)
+    kit.reseal(zarr_store)
     refused(run_verify(zarr_store), "shards/000000.zarr", "nests")
 
 
-def test_repeated_document_ids_are_named_by_verify_and_read_as_stored(store):
+def test_repeated_document_ids_are_named_by_verify_and_read_as_stored(store, kit):
     """Ids repeated within a shard (the writer refuses them) and across shards (writers of
     different shards cannot see each other's): ``verify`` names both, readers read as stored."""
     for j, ids in ((0, ["same", "same"]), (1, ["1/0", "same"])):
@@ -329,7 +313,7 @@ def test_repeated_document_ids_are_named_by_verify_and_read_as_stored(store):
             meta = json.loads((path / "zarr.json").read_text())
             meta["attributes"]["doc_ids"] = ids
             (path / "zarr.json").write_text(json.dumps(meta))
-        reseal(store, j)
+        kit.reseal(store, j)
     suffix = "zarr" if (store / "shards" / "000000.zarr").exists() else "parquet"
     out = refused(run_verify(store))
     assert f"shards/000000.{suffix}: document id 'same' appears 2 times in it" in out, out
@@ -343,7 +327,7 @@ def test_repeated_document_ids_are_named_by_verify_and_read_as_stored(store):
 
 
 @pytest.mark.parametrize("what", ["group", "array"])
-def test_zarr_v2_is_refused(zarr_store, what):
+def test_zarr_v2_is_refused(zarr_store, what, kit):
     import zarr
 
     shard = zarr_store / manifest(zarr_store)["shards"][0]["path"]
@@ -355,7 +339,7 @@ def test_zarr_v2_is_refused(zarr_store, what):
     else:
         shutil.rmtree(shard / "loss_mask")
         zarr.create_array(str(shard / "loss_mask"), data=np.ones(19, bool), zarr_format=2)
-    reseal(zarr_store)
+    kit.reseal(zarr_store)
     refused(run_verify(zarr_store), "shards/000000.zarr", "Zarr v2", "only Zarr v3")
 
 
@@ -399,7 +383,7 @@ def hashes(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_a_shard_file_linked_out_is_refused_on_every_url_form(store, tmp_path, form):
+def test_a_shard_file_linked_out_is_refused_on_every_url_form(store, tmp_path, form, kit):
     folder, before = outside_files(tmp_path)
     entry = manifest(store)["shards"][0]
     target = store / (
@@ -407,7 +391,7 @@ def test_a_shard_file_linked_out_is_refused_on_every_url_form(store, tmp_path, f
     )
     target.unlink()
     target.symlink_to(folder / "secret.bin")
-    reseal(store)  # the manifest matches the secret's bytes: only the link check can refuse
+    kit.reseal(store)  # the manifest matches the secret's bytes: only the link check can refuse
     out = refused(run_verify(form.format(store)), "outside the store's root", entry["path"])
     assert "SECRET" not in out
     assert hashes(folder) == before

@@ -16,7 +16,6 @@ import json
 import random
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +65,6 @@ def clean(tmp_path_factory) -> dict[str, Path]:
         for name, codec in CODECS.items()
         for backend in ("zarr", "parquet")
     }
-
-
-def reseal(root: Path, checksum: Callable[[Path, list[list[Any]]], str]) -> None:
-    """Every shard's file sizes and checksum recomputed (``checksum``: the conftest's
-    FORMAT.md checksum, written independently of the library)."""
-    manifest = json.loads((root / "manifest.json").read_text())
-    for shard in manifest["shards"]:
-        files = [[name, (root / name).stat().st_size] for name, _ in sorted(shard["files"])]
-        shard.update(files=files, sha256=checksum(root, files), bytes=sum(n for _, n in files))
-    (root / "manifest.json").write_text(json.dumps(manifest))
 
 
 def edit_json(obj: Any, rng: random.Random) -> None:
@@ -139,7 +128,7 @@ def test_randomly_damaged_resealed_stores_get_our_errors_and_no_numpy_warning(
         else:
             target.write_bytes(damage_bytes(target.read_bytes(), rng))
         if target.name != "manifest.json":
-            reseal(root, kit.tree_checksum)
+            kit.reseal(root)
         what = f"{name}: {target.relative_to(root)}"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
