@@ -210,8 +210,10 @@ def findings(results: Results, found: Mapping[tuple[str, str, str], Interval]) -
             f"- Flattening: change of held-out teacher KL over the last interval, per arm "
             f"(paired over seeds): {listed}."
         )
+    base = fkl_baseline(results)
+    on = "" if base == "topk" else " (tail-dropped store)"
     for (arm, name), (key, text) in itertools.product(
-        ((fkl_baseline(results), "FKL"), ("rkl", "RKL")),
+        ((base, f"FKL{on}"), ("rkl", f"RKL{on}")),
         (("gap", "held-out"), ("train_gap", "training")),
     ):
         gap = mean_interval(per_seed(results, arm, key).values())

@@ -171,7 +171,11 @@ def test_on_the_tail_dropped_store_the_objectives_are_compared_with_its_fkl_arm(
     assert found[("droptail", "topk", "fkl")].mean == pytest.approx(0.2)
     assert "RKL vs FKL (tail-dropped top-k store) | overconf. gap |" in table
     text = "\n".join(findings(results, found))
-    assert "the FKL student's over-confidence gap on held-out text is +0.0410" in text
+    assert (
+        "the FKL (tail-dropped store) student's over-confidence gap on held-out text is +0.0410"
+        in text
+    )
+    assert "the RKL (tail-dropped store) student's over-confidence gap" in text
     with pytest.raises(SystemExit, match="topk or droptail"):
         make_arms([1.0], "dense")
 
