@@ -395,6 +395,27 @@ class KDTrainer(Trainer):
 
     # ---- checkpoints -----------------------------------------------------------------------
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """Trainer's warning of missing keys at resume, less the tied ones.
+
+        A tied head is saved once, as the embeddings. transformers 5's Trainer recognises that
+        through ``_keys_to_ignore_on_save`` only, which its models leave empty, and so warned of
+        a missing ``lm_head.weight`` on every tied student's resume. Here the keys the model
+        lists as tied are not named (its weights are tied again, as Trainer does for keys it
+        recognises); any other missing key still is.
+        """
+        lm = causal_lm(self.model)
+        tied = tuple(getattr(lm, "all_tied_weights_keys", None) or ())
+        missing = [
+            key
+            for key in load_result.missing_keys
+            if not any(key == t or key.endswith("." + t) for t in tied)
+        ]
+        if len(missing) < len(load_result.missing_keys):
+            lm.tie_weights()
+            load_result = load_result._replace(missing_keys=missing)
+        super()._issue_warnings_after_load(load_result)
+
     def train(  # type: ignore[override]
         self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any
     ) -> Any:

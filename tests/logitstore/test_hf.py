@@ -328,3 +328,37 @@ def test_refusals(store, tiny_student_dir, tmp_path):
     )
     with pytest.raises(TokenizerMismatchError, match="100 rows"):
         KDTrainer(model=small, args=args(tmp_path), train_dataset=store)
+
+
+def test_a_tied_student_resumes_with_its_head_tied_and_no_missing_key_warning(
+    store, tiny_tokenizer, tmp_path, monkeypatch
+):
+    # A tied head is saved once (as the embeddings): transformers 5's Trainer recognises that
+    # only through ``_keys_to_ignore_on_save``, which its models leave empty, and warned.
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.trainer import logger
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    out = tmp_path / "run"
+    trainer = KDTrainer(LlamaForCausalLM(config), args(out, max_steps=2, save_steps=2,
+                        save_strategy="steps"), store)  # fmt: skip
+    trainer.train()
+    saved = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert "lm_head.weight" not in saved  # the head is saved as the embeddings only
+    said: list[str] = []
+    monkeypatch.setattr(logger, "warning", lambda message, *a, **k: said.append(str(message)))
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config)
+    trainer = KDTrainer(model, args(out, max_steps=2), store)
+    trainer._load_from_checkpoint(str(out / "checkpoint-2"))
+    assert not [m for m in said if "missing keys" in m], said
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, saved["model.embed_tokens.weight"])
+    # A key that is not tied is still named.
+    trainer._issue_warnings_after_load(
+        torch.nn.modules.module._IncompatibleKeys(["lm_head.weight", "model.norm.weight"], [])
+    )
+    assert said and "model.norm.weight" in said[-1] and "lm_head" not in said[-1], said
