@@ -21,6 +21,13 @@ class _Group(click.Group):
             # One line, whatever the message holds (it may quote a stranger's store).
             click.echo(f"error: {' '.join(str(exc).split())}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            # What was committed (shards, checkpoints) stays; say how to continue from it.
+            command = self.get_command(ctx, ctx.invoked_subcommand or "")
+            resumable = command is not None and any(p.name == "resume" for p in command.params)
+            hint = "; rerun the same command with --resume to continue" if resumable else ""
+            click.echo(f"\ninterrupted: the work committed so far is kept{hint}", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from logitstore.errors import ConfigError, DataError
+from logitstore.errors import ConfigError, DataError, LogitstoreError
 from logitstore.pipelines._sources import RowIds, Source
 from logitstore.pipelines._sources import (
     load_rows as load_rows,  # re-exported: the data API in one place
@@ -43,7 +43,7 @@ WINDOWING_POLICY = (
 )
 ISOLATION = "one window per sequence, right padding with an attention mask"
 # Bumped whenever tokenizing or windowing changes, so old cached windows are not reused.
-_WINDOWS_VERSION = 1
+_WINDOWS_VERSION = 2
 
 
 @dataclass
@@ -219,13 +219,45 @@ def windows_fingerprint(source: Source, tokenizer: Any, **settings: Any) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def _check_messages(row_id: str, field: str, messages: list[Any]) -> None:
+    """Refuse a conversation no template renders faithfully: empty, or a message that is not
+    a mapping, has no role, or has no content (which templates render as "None" or nothing)."""
+    if not messages:
+        raise DataError(
+            f"row {row_id!r}: {field!r} is an empty conversation; expected at least one message"
+        )
+    for j, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise DataError(
+                f"row {row_id!r}: message {j} of {field!r} is {type(message).__name__}, "
+                "expected a mapping with 'role' and 'content'"
+            )
+        role = message.get("role")
+        if not isinstance(role, str) or not role.strip():
+            raise DataError(
+                f"row {row_id!r}: message {j} of {field!r} has no role (found {role!r}); "
+                "expected e.g. 'user' or 'assistant'"
+            )
+        if message.get("content") is None and not message.get("tool_calls"):
+            raise DataError(f"row {row_id!r}: message {j} of {field!r} ({role}) has no content")
+
+
 def _tokenize_row(tokenizer: Any, row_id: str, field: str, value: Any, chat: bool) -> tuple:
     if value is None:
         raise DataError(f"row {row_id!r} has no field {field!r} (missing or null)")
     if chat:
         if not isinstance(value, list):
             raise DataError(f"row {row_id!r}: {field!r} must be a list of messages")
-        return tokenize_chat(tokenizer, value)
+        _check_messages(row_id, field, value)
+        try:
+            return tokenize_chat(tokenizer, value)
+        except LogitstoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a template raises whatever it likes
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            raise DataError(
+                f"row {row_id!r}: the chat template cannot render it: {message}"
+            ) from None
     if not isinstance(value, str):
         raise DataError(f"row {row_id!r}: {field!r} must be a string")
     return tokenize_text(tokenizer, value)
@@ -338,4 +370,9 @@ def build_windows(
         windows = list(_from_table(mapped.with_format("arrow")[:]))
     if not windows:
         raise DataError("no document has two or more tokens; nothing to compute")
+    if messages_field and not any(w.loss_mask.any() for w in windows):
+        raise DataError(
+            f"no conversation in {field!r} has an assistant turn to train on (every loss mask "
+            "is empty); expected messages with role 'assistant', rendered by the chat template"
+        )
     return windows

@@ -17,16 +17,37 @@ import torch.distributed as dist
 from logitstore.errors import ConfigError, LogitstoreError
 
 
+def parse_device(name: str | None) -> torch.device:
+    """The device ``name`` names, or CUDA when available (else the CPU) when it is empty.
+
+    Raises:
+        ConfigError: a name torch does not know, CUDA asked for where there is none, or a GPU
+            index past the last GPU.
+    """
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"device must be a torch device such as cpu or cuda; found {name!r}"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} asked for, but CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name} asked for, but there are {torch.cuda.device_count()} CUDA devices"
+        )
+    return device
+
+
 def pick_device(name: str | None) -> torch.device:
-    """This rank's device: ``name``, or CUDA when available, else the CPU.
+    """This rank's device: ``name``, or CUDA when available, else the CPU (:func:`parse_device`).
 
     A CUDA device without an index (``"cuda"`` or the default) is GPU ``LOCAL_RANK`` (0 when not
     under torchrun), made the current device, so every rank of a node uses its own GPU.
     """
-    if name:
-        device = torch.device(name)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = parse_device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":

@@ -22,6 +22,12 @@ from typing import Any
 import torch
 
 from logitstore.errors import ConfigError, TokenizerMismatchError
+from logitstore.pipelines._models import (
+    EXPECTED_STUDENT,
+    EXPECTED_TOKENIZER,
+    check_model_location,
+    loading,
+)
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -48,14 +54,25 @@ def load_student(spec: str, *, seed: int = 0, dtype: str = "auto") -> Any:
         try:
             data = json.loads(text)
         except json.JSONDecodeError:  # YAML 1.1 would read JSON's 1e-06 as a string
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                message = " ".join(str(exc).split())
+                raise ConfigError(
+                    f"student config {spec} is neither JSON nor YAML: {message}"
+                ) from None
         if not isinstance(data, dict) or "model_type" not in data:
             raise ConfigError(f"student config {spec} must be a mapping with 'model_type'")
         data = dict(data)
-        config = AutoConfig.for_model(data.pop("model_type"), **data)
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=weights)
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype if dtype == "auto" else weights)
+        with loading("student config", spec):
+            config = AutoConfig.for_model(data.pop("model_type"), **data)
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(config, dtype=weights)
+    check_model_location(spec, "student", expected=EXPECTED_STUDENT)
+    with loading("student", spec):
+        return AutoModelForCausalLM.from_pretrained(
+            spec, dtype=dtype if dtype == "auto" else weights
+        )
 
 
 def load_tokenizer(spec: str | None) -> Any:
@@ -64,7 +81,9 @@ def load_tokenizer(spec: str | None) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec)
+    check_model_location(spec, "tokenizer", tokenizer=True, expected=EXPECTED_TOKENIZER)
+    with loading("tokenizer", spec):
+        return AutoTokenizer.from_pretrained(spec)
 
 
 def init_from_teacher(student: torch.nn.Module, teacher: str, keep_layers: Sequence[int]) -> None:
@@ -80,7 +99,9 @@ def init_from_teacher(student: torch.nn.Module, teacher: str, keep_layers: Seque
     """
     from transformers import AutoModelForCausalLM
 
-    source = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    check_model_location(teacher, "teacher to initialise from")
+    with loading("teacher to initialise from", teacher):
+        source = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
     if type(source) is not type(student):
         raise ConfigError(
             f"init from teacher needs one architecture; teacher is {type(source).__name__}, "

@@ -20,6 +20,8 @@ import torch
 
 from logitstore.codecs import Codec
 from logitstore.errors import ConfigError, NonFiniteTeacherError
+from logitstore.pipelines._distributed import parse_device
+from logitstore.pipelines._models import check_model_location, loading
 from logitstore.pipelines._placement import (
     Placement,
     load_device_map,
@@ -55,13 +57,6 @@ class Teacher:
     dtype: torch.dtype
     metadata: dict[str, Any]
     placement: Placement = field(default_factory=Placement)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``device`` or, when ``None``, CUDA if available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -188,27 +183,30 @@ def load_teacher(
 
     placement = placement or Placement()
     path = Path(teacher)
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and path.suffix.lower() == ".gguf":
         if gguf_file is not None and gguf_file != path.name:
             raise ConfigError(f"--teacher names {path.name} but --gguf-file is {gguf_file}")
         path, gguf_file = path.parent, path.name
         teacher = str(path)
-    dev = resolve_device(device)
+    check_model_location(teacher, "teacher", gguf_file=gguf_file)
+    dev = parse_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(teacher, **kwargs)
-    model: Any
-    if placement.tensor_parallel > 1:
-        config = AutoConfig.from_pretrained(teacher, **kwargs)
-        model = load_tensor_parallel(teacher, config, torch_dtype, dev, placement, kwargs)
-    elif placement.device_map is not None:
-        model = load_device_map(teacher, torch_dtype, placement, kwargs)
-        dev = output_device(model)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch_dtype, **kwargs)
-        model = model.to(dev)
+    named = str(path / gguf_file) if gguf_file is not None and path.is_dir() else teacher
+    with loading("teacher", named):
+        tokenizer = AutoTokenizer.from_pretrained(teacher, **kwargs)
+        model: Any
+        if placement.tensor_parallel > 1:
+            config = AutoConfig.from_pretrained(teacher, **kwargs)
+            model = load_tensor_parallel(teacher, config, torch_dtype, dev, placement, kwargs)
+        elif placement.device_map is not None:
+            model = load_device_map(teacher, torch_dtype, placement, kwargs)
+            dev = output_device(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch_dtype, **kwargs)
+            model = model.to(dev)
     model.eval()
     vocab_size = int(model.get_output_embeddings().weight.shape[0])  # global shape, also TP
     metadata: dict[str, Any] = {
@@ -223,6 +221,37 @@ def load_teacher(
         commit = hub_commit(teacher, gguf_file or "config.json", revision)
         metadata.update(id=teacher, revision=commit or revision, weights=None)
     return Teacher(model, tokenizer, vocab_size, dev, torch_dtype, metadata, placement)
+
+
+def context_length(model: Any) -> int | None:
+    """The most positions the teacher was made for (its config's), or None when it names none."""
+    config = model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_context(teacher: Teacher, windows: Sequence[Any], max_length: int) -> None:
+    """Refuse windows longer than the teacher's positions, before any forward.
+
+    Past them a model with learned positions fails with an index error (on CUDA, a device-side
+    assert) and a rotary one returns logits it was never trained to give.
+
+    Raises:
+        ConfigError: naming the longest window, the teacher's limit and the ``--max-length``
+            that fits.
+    """
+    limit = context_length(teacher.model)
+    longest = max((int(w.input_ids.shape[0]) for w in windows), default=0)
+    if limit is not None and longest > limit:
+        raise ConfigError(
+            f"max_length={max_length} gives windows of up to {longest} tokens, more than the "
+            f"teacher's {limit} positions; pass --max-length {limit} or less"
+        )
 
 
 def forward_batch(

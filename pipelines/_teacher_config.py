@@ -14,6 +14,11 @@ from logitstore.errors import ConfigError
 from logitstore.pipelines._codec import CODEC_OPTIONS, nested_codec
 from logitstore.pipelines._placement import Placement
 
+# Integer settings and their least value, checked when the settings are made (a YAML file can
+# give any type; a negative count would fail deep inside the pass, after the teacher loaded).
+_INT_SETTINGS = {"max_length": 2, "batch_size": 1, "docs_per_shard": 1, "fidelity_positions": 0,
+                 "tensor_parallel": 1, "seed": 0}  # fmt: skip
+
 
 @dataclass
 class TeacherPassConfig:
@@ -78,6 +83,14 @@ class TeacherPassConfig:
     def __post_init__(
         self, k: int | None, values: str | None, draws: int | None, bits: int | None
     ) -> None:
+        for name, low in _INT_SETTINGS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, found {value!r}")
+        for name in ("limit", "num_proc"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{name} must be an integer, found {value!r}")
         short = {"k": k, "values": values, "draws": draws, "bits": bits}
         self.codec = nested_codec(self.codec, {o: v for o, v in short.items() if v is not None})
 
@@ -117,7 +130,10 @@ class TeacherPassConfig:
         """Load a YAML mapping of settings, then apply ``overrides`` (e.g. from the CLI)."""
         import yaml
 
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(
                 f"{path}: expected a mapping of settings, found {type(data).__name__}"
@@ -134,7 +150,17 @@ class TeacherPassConfig:
 
     def extra_temperatures(self) -> list[float]:
         """Temperatures besides 1 whose tail log-sum-exp is stored, in column order."""
-        temps = [float(t) for t in self.temperatures]
+        given = self.temperatures
+        if isinstance(given, (int, float)) and not isinstance(given, bool):
+            given = [given]
+        elif isinstance(given, str):  # "1.0,2.0", as on the command line
+            given = [t for t in given.split(",") if t.strip()]
+        try:
+            temps = [float(t) for t in given]
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"temperatures must be a list of positive numbers, e.g. [1.0, 2.0]; found {given!r}"
+            ) from None
         if any(not t > 0 for t in temps):
             raise ConfigError(f"temperatures must be positive, found {temps}")
         return [t for t in dict.fromkeys(temps) if t != 1.0]

@@ -26,6 +26,7 @@ import torch
 
 from logitstore.dataset import StoreDataset
 from logitstore.divergences import MetricTotals, batch_metrics
+from logitstore.pipelines._distributed import parse_device
 from logitstore.pipelines._student import (
     check_vocabulary,
     final_hidden,
@@ -69,8 +70,16 @@ def evaluate(
         and ``self_bleu``.
     """
     from logitstore import open_store
+    from logitstore.errors import ConfigError
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for name, value in (("tokens_per_batch", tokens_per_batch), ("chunk_size", chunk_size),
+                        ("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1; found {value!r}")
+    if max_documents is not None and (not isinstance(max_documents, int) or max_documents < 1):
+        raise ConfigError(f"max_documents must be an integer >= 1; found {max_documents!r}")
+    dev = parse_device(device)
+    prompt_texts = read_prompts(prompts) if prompts is not None else None
     opened = open_store(store, storage_options=storage_options)
     lm = load_student(student)
     tokenizer = load_tokenizer(student)
@@ -93,12 +102,12 @@ def evaluate(
 
     summary = totals.summary()
     result: dict[str, Any] = {"tokens": summary.pop("tokens"), "documents": documents, **summary}
-    if prompts is not None:
+    if prompt_texts is not None:
         result.update(
             diversity(
                 lm,
                 tokenizer,
-                read_prompts(prompts),
+                prompt_texts,
                 num_samples=num_samples,
                 max_new_tokens=max_new_tokens,
                 seed=seed,
@@ -111,16 +120,34 @@ def evaluate(
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file (one per line) or JSONL (``prompt`` or ``text`` field)."""
+    """Prompts from a text file (one per line) or JSONL (``prompt`` or ``text`` field).
+
+    Raises:
+        DataError: a JSON line that does not parse or holds neither field, or no prompt at all.
+    """
+    from logitstore.errors import DataError
+
     out = []
-    for line in Path(path).read_text().splitlines():
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: prompts must be UTF-8 text ({exc})") from None
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
-            row = json.loads(line)
-            out.append(str(row.get("prompt", row.get("text", ""))))
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n} is not valid JSON: {exc}") from None
+            prompt = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
+            if not isinstance(prompt, str):
+                raise DataError(f"{path}:{n}: expected a string 'prompt' or 'text' field")
+            out.append(prompt)
         else:
             out.append(line)
+    if not out:
+        raise DataError(f"{path}: no prompts (expected one per line, or JSON lines)")
     return out
 
 

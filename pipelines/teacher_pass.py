@@ -64,6 +64,7 @@ from logitstore.pipelines._distributed import (
 from logitstore.pipelines._encoder import ShardBuffer, Worker
 from logitstore.pipelines._teacher import (
     Teacher,
+    check_context,
     fit_codec,
     forward_batch,
     load_teacher,
@@ -287,6 +288,7 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
     )
     codec.fields(teacher.vocab_size, len(temps))  # k > V and friends fail here, before any work
     source_meta, windows = _read_data(cfg, teacher.tokenizer, rank, world)
+    check_context(teacher, windows, cfg.max_length)  # every rank has the same windows
     shards = plan_shards(windows, cfg.docs_per_shard)
     codec, first_batch = _fitted_codec(codec, cfg, teacher, shards, rank, world, group)
     open_args: dict[str, Any] = {

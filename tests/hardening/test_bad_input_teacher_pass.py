@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -234,3 +236,179 @@ def test_output_already_holding_a_different_store(
         kit.teacher_pass(tiny_teacher_dir, text_jsonl, unrelated), "is not empty", "todo.txt"
     )
     assert kit.snapshot(unrelated) == notes
+
+
+# ---- a teacher that is not there, or not a model ------------------------------------------------
+
+NOT_A_TEACHER = {
+    "missing folder": (lambda d: d / "no-such-model", [], ["does not exist", "expected a Hub id"]),
+    "missing gguf": (lambda d: d / "model.Q4.gguf", [], ["does not exist", ".gguf file"]),
+    "folder of data": (lambda d: _write(d / "data" / "a.jsonl", "{}\n").parent, [],
+                       ["is a folder without config.json", "not a model directory"]),
+    "data file": (lambda d: _write(d / "a.jsonl", "{}\n"), [], ["is a file, not a model"]),
+    "config file": (lambda d: _write(d / "m" / "config.json", "{}"), [],
+                    ["is a file, not a model"]),
+    "truncated gguf": (lambda d: _write(d / "t.gguf", "GGUF" + "\0" * 60), [],
+                       ["cannot load the teacher", "t.gguf"]),
+    "not gguf bytes": (lambda d: _write(d / "x.gguf", "certainly not a model"), [],
+                       ["cannot load the teacher", "GGUF"]),
+    "gguf-file not in folder": (lambda d: _write(d / "g" / "a.gguf", "GGUF").parent,
+                                ["--gguf-file", "b.gguf"], ["has no GGUF file 'b.gguf'", "a.gguf"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(NOT_A_TEACHER))
+def test_teacher_that_is_missing_or_not_a_model(case, text_jsonl, tmp_path, kit):
+    make, extra, words = NOT_A_TEACHER[case]
+    teacher = make(tmp_path / "in")
+    out = tmp_path / "store"
+    kit.refused(kit.teacher_pass(teacher, text_jsonl, out, *extra), *words)
+    assert not out.exists()
+
+
+# ---- chat rows no template renders faithfully ----------------------------------------------------
+
+_USER = {"role": "user", "content": "What does a list hold?"}
+_REPLY = {"role": "assistant", "content": "Any objects, in order."}
+BAD_CHATS = {
+    "empty conversation": ([{"messages": [_USER, _REPLY]}, {"messages": []}],
+                           ["'chats.jsonl:2'", "empty conversation"]),
+    "message not a mapping": ([{"messages": ["hello", "world"]}],
+                              ["'chats.jsonl:1'", "message 0", "is str", "'role'"]),
+    "message without role": ([{"messages": [{"content": "hi"}, _REPLY]}],
+                             ["'chats.jsonl:1'", "message 0", "has no role"]),
+    "message without content": ([{"messages": [{"role": "user"}, _REPLY]}],
+                                ["'chats.jsonl:1'", "message 0", "(user) has no content"]),
+    "no assistant anywhere": ([{"messages": [_USER]}, {"messages": [_USER, _USER]}],
+                              ["no conversation", "assistant turn", "loss mask is empty"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHATS))
+def test_chat_rows_the_template_cannot_render_faithfully(case, tiny_teacher_dir, tmp_path, kit):
+    rows, words = BAD_CHATS[case]
+    data = _write(tmp_path / "chats.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "store"
+    result = kit.teacher_pass(tiny_teacher_dir, data, out, "--messages-field", "messages")
+    kit.refused(result, *words)
+    assert not out.exists()
+
+
+# ---- settings the teacher or the pass cannot honour ----------------------------------------------
+
+
+def test_windows_longer_than_the_teachers_positions(tiny_teacher_dir, text_jsonl, tmp_path, kit):
+    positions = json.loads((tiny_teacher_dir / "config.json").read_text())
+    limit = positions["max_position_embeddings"]
+    out = tmp_path / "store"
+    # The first documents are longer than the teacher's positions: one window each at 4 * limit.
+    result = kit.invoke("teacher-pass", "--teacher", tiny_teacher_dir, "--data", text_jsonl,
+                        "--out", out, "--k", "8", "--limit", "3", "--max-length", 4 * limit,
+                        "--no-progress")  # fmt: skip
+    kit.refused(result, f"more than the teacher's {limit} positions", f"--max-length {limit}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ({"fidelity_positions": -1}, ["fidelity_positions must be an integer >= 0", "-1"]),
+        ({"batch_size": "eight"}, ["batch_size must be an integer >= 1", "'eight'"]),
+        ({"temperatures": ["warm"]}, ["temperatures must be a list of positive numbers"]),
+        ("max_length: [32", ["is not valid YAML"]),
+        ({"device": "tpu9"}, ["device must be a torch device", "'tpu9'"]),
+        pytest.param(
+            {"device": "cuda:0"},
+            ["device cuda:0 asked for, but CUDA is not available"],
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here"),
+        ),
+    ],
+)
+def test_settings_of_the_wrong_value_or_type(setting, words, tiny_teacher_dir, text_jsonl,
+                                             tmp_path, kit):  # fmt: skip
+    out = tmp_path / "store"
+    base = {"teacher": str(tiny_teacher_dir), "data": str(text_jsonl), "out": str(out)}
+    path = tmp_path / "pass.yaml"
+    if isinstance(setting, str):  # a file that is not YAML at all
+        path.write_text(yaml.safe_dump(base) + setting + "\n")
+    else:
+        path.write_text(yaml.safe_dump({**base, **setting}))
+    kit.refused(kit.invoke("teacher-pass", "--config", path), *words)
+    assert not out.exists()
+
+
+# ---- an interrupted pass -------------------------------------------------------------------------
+
+
+def test_interrupted_pass_keeps_its_shards_and_says_how_to_resume(
+    tiny_teacher_dir, text_jsonl, tmp_path, kit, monkeypatch
+):
+    import logitstore.pipelines.teacher_pass as pass_module
+
+    calls = {"n": 0}
+    forward = pass_module.forward_batch
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:  # Ctrl-C in the second shard's forward
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pass_module, "forward_batch", interrupted)
+    out = tmp_path / "store"
+    args = ["--k", "8", "--max-length", "32", "--limit", "4", "--docs-per-shard", "2",
+            "--batch-size", "2", "--no-progress"]  # fmt: skip
+    result = kit.invoke("teacher-pass", "--teacher", tiny_teacher_dir, "--data", text_jsonl,
+                        "--out", out, *args)  # fmt: skip
+    assert result.exit_code == 130, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert "interrupted" in result.output and "--resume" in result.output
+    committed = sorted(p.name for p in (out / "records").iterdir())
+    assert committed and "000000.json" in committed  # what was done before Ctrl-C is kept
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(pass_module, "forward_batch", forward)
+    resumed = kit.invoke("teacher-pass", "--teacher", tiny_teacher_dir, "--data", text_jsonl,
+                         "--out", out, *args, "--resume")  # fmt: skip
+    assert resumed.exit_code == 0, resumed.output
+    written, total = map(int, re.search(r"wrote (\d+) of (\d+) shards", resumed.output).groups())
+    assert written >= 1 and written == total - len(committed)  # only the missing ones
+    assert kit.invoke("verify", out).exit_code == 0
+
+
+def _teacher_with_template(source: Path, target: Path, template: str | None) -> Path:
+    shutil.copytree(source, target)
+    (target / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    if template is not None:
+        config["chat_template"] = template
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    return target
+
+
+TEMPLATES = {
+    "no chat template": (None, [_USER, _REPLY], ["needs a teacher tokenizer with a chat template"]),
+    "prefix not a prefix": (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "[{{ messages | length }} turns]",
+        [_USER, _REPLY], ["does not render a prefix of the conversation as a prefix"]),
+    "template raises": (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+        [{"role": "system", "content": "Be brief."}, _USER, _REPLY],
+        ["'chats.jsonl:1'", "the chat template cannot render it", "System role not supported"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(TEMPLATES))
+def test_chat_template_that_cannot_locate_the_assistant_turns(
+    case, tiny_teacher_dir, tmp_path, kit
+):
+    template, messages, words = TEMPLATES[case]
+    teacher = _teacher_with_template(tiny_teacher_dir, tmp_path / "teacher", template)
+    data = _write(tmp_path / "chats.jsonl", json.dumps({"messages": messages}) + "\n")
+    out = tmp_path / "store"
+    kit.refused(kit.teacher_pass(teacher, data, out, "--messages-field", "messages"), *words)
+    assert not out.exists()
