@@ -18,8 +18,24 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--param expects KEY=VALUE, found {pair!r}")
-        params[key.strip()] = yaml.safe_load(value)
+        try:
+            params[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"--param {key.strip()}: cannot read {value!r} as a value (a YAML number, "
+                "string or list)"
+            ) from None
     return params
+
+
+def _numbers(option: str, text: str, kind: type, example: str) -> list:
+    """``"0.9,0.95"`` -> ``[0.9, 0.95]``; a clean error naming ``option`` otherwise."""
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"{option} expects comma-separated {kind.__name__}s, e.g. {example}; found {text!r}"
+        ) from None
 
 
 @click.command("train")
@@ -154,9 +170,9 @@ def command(config_file, params, keep_layers, betas, lora_targets, no_progress, 
     if params:
         overrides["params"] = parse_params(params)
     if keep_layers:
-        overrides["keep_layers"] = [int(x) for x in keep_layers.split(",")]
+        overrides["keep_layers"] = _numbers("--keep-layers", keep_layers, int, "0,2,4")
     if betas:
-        overrides["betas"] = tuple(float(x) for x in betas.split(","))
+        overrides["betas"] = tuple(_numbers("--betas", betas, float, "0.9,0.95"))
     if lora_targets:
         overrides["lora_targets"] = [x.strip() for x in lora_targets.split(",") if x.strip()]
     if no_progress:

@@ -12,7 +12,10 @@ A run directory ``out/`` holds ``metrics.jsonl`` (one JSON row per logged step) 
 ``checkpoints/checkpoint-N``: Trainer's checkpoint (safetensors weights that
 ``from_pretrained`` loads, tokenizer, optimizer, scheduler and RNG states, ``trainer_state.json``)
 plus ``logitstore_state.json`` (read positions, the objective's schedule), written last, so a
-checkpoint cut short by a crash is never resumed from.
+checkpoint cut short by a crash is never resumed from. A run directory holding a complete
+checkpoint is continued only with ``resume``, and only with the settings that fix the objective
+and the data order (``_train_checks.RESUME_SETTINGS``); a run already at ``max_steps`` trains no
+further.
 
 Run on several processes with ``torchrun --nproc-per-node N -m logitstore.pipelines.train CONFIG.yaml``
 or ``torchrun ... $(which logitstore) train ...``; gloo on CPU, NCCL on CUDA.
@@ -20,6 +23,7 @@ or ``torchrun ... $(which logitstore) train ...``; gloo on CPU, NCCL on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,8 +45,12 @@ from logitstore.pipelines._student import (
     load_student,
     load_tokenizer,
 )
-
-PRECISIONS = ("fp32", "bf16", "fp16")
+from logitstore.pipelines._train_checks import (
+    check_config,
+    check_lora_targets,
+    check_resumable,
+    saved_state,
+)
 
 
 @dataclass
@@ -83,7 +91,7 @@ class TrainConfig:
     device: str | None = None
     precision: str = "fp32"  # fp32, bf16 or fp16 mixed precision
     fsdp: bool = False  # FSDP2 full shard of the student (under torchrun)
-    deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO-3 ...)
+    deepspeed: str | dict[str, Any] | None = None  # DeepSpeed config (ZeRO-3): JSON file or dict
     lora_r: int = 0  # > 0: train LoRA adapters of this rank (PEFT) instead of all weights
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -100,7 +108,14 @@ class TrainConfig:
         """Load a YAML mapping of field names; ``overrides`` that are not None win."""
         import yaml
 
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping of settings, found {type(data).__name__}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -108,7 +123,12 @@ class TrainConfig:
                 f"unknown training settings {sorted(unknown)}; known: {sorted(known)}"
             )
         data.update({k: v for k, v in overrides.items() if v is not None})
-        if "betas" in data:
+        for f in dataclasses.fields(cls):
+            # YAML 1.1 reads 3e-4 (no dot) as a string: take it as the number it spells.
+            if f.type == "float" and isinstance(data.get(f.name), str):
+                with contextlib.suppress(ValueError):
+                    data[f.name] = float(data[f.name])
+        if isinstance(data.get("betas"), list):
             data["betas"] = tuple(data["betas"])
         return cls(**data)
 
@@ -135,7 +155,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
     check_writable(out)  # before any loading
     checkpoints = out / "checkpoints"  # Trainer's output_dir, made when it starts
     existed = checkpoints.exists()
-    _check(config)
+    check_config(config)
+    previous = newest(checkpoints)
+    if previous is not None and not config.resume:
+        raise ConfigError(
+            f"the run directory {out} already holds a run ({previous.name}); pass --resume to "
+            "continue it, or choose another --out"
+        )
     args = training_arguments(config)
     _loss(config, None)  # unknown names and bad values fail before any loading
     store = open_store(
@@ -145,12 +171,32 @@ def train(config: TrainConfig) -> dict[str, Any]:
         cache_dir=config.cache_dir,
     )
     loss = _loss(config, tail_temperatures(store.manifest))
+    if previous is not None:
+        check_resumable(config, previous)
     notes = list(loss.notes)
     lm, tokenizer = _load_student(config)
     notes += check_vocabulary(store.manifest, lm, tokenizer)
+    if config.lora_r and config.lora_targets:
+        check_lora_targets(lm, config.lora_targets)
     resume_from = newest(args.output_dir) if config.resume else None
     rank0 = args.process_index == 0
     metrics_path = out / "metrics.jsonl"
+    if resume_from is not None and _step_of(resume_from) >= config.max_steps:
+        # Trainer would take one more step past the end of the schedule on every resume.
+        notes.append(
+            f"the run already reached step {_step_of(resume_from)} of max_steps "
+            f"{config.max_steps}: nothing to train (raise --max-steps to train further)"
+        )
+        if rank0:
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
+        return {
+            "step": _step_of(resume_from),
+            "tokens": saved_state(resume_from).get("tokens"),
+            "checkpoint": str(resume_from),
+            "last": _last_row(metrics_path) if rank0 else {},
+            "notes": notes,
+        }
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(metrics_path, _step_of(resume_from))
@@ -164,6 +210,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
             checkpoints.rmdir()
         raise
     trainer.accelerator.wait_for_everyone()
+    if trainer.kd_tokens == 0:
+        notes.append(
+            "no trained token was read: every loss mask in the documents read is empty (chat "
+            "data without assistant turns?), so the student learned nothing"
+        )
+        if rank0:
+            print(f"note: {notes[-1]}", file=sys.stderr)
     path = newest(args.output_dir)
     last = _last_row(metrics_path) if rank0 else {}
     return {
@@ -217,22 +270,6 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 
 # ---- the steps of train(), in the order it takes them ---------------------------------------
-
-
-def _check(config: TrainConfig) -> None:
-    if config.precision not in PRECISIONS:
-        raise ConfigError(
-            f"precision must be one of {', '.join(PRECISIONS)}; found {config.precision!r}"
-        )
-    if config.max_steps < 1 or config.tokens_per_step < 1 or config.tokens_per_batch < 1:
-        raise ConfigError(
-            "max_steps, tokens_per_step and tokens_per_batch must be positive; found "
-            f"{config.max_steps}, {config.tokens_per_step}, {config.tokens_per_batch}"
-        )
-    if config.fsdp and config.deepspeed:
-        raise ConfigError("choose one of fsdp and deepspeed, not both")
-    if config.lora_r < 0:
-        raise ConfigError(f"lora_r must be >= 0; found {config.lora_r}")
 
 
 def _loss(config: TrainConfig, capture_temperatures: list[float] | None) -> Any:

@@ -1,8 +1,9 @@
-"""Bad input to training, through the ``logitstore`` CLI: a student whose vocabulary or
-tokenizer differs from the teacher's, unknown divergences, parameters or settings, and a
-temperature the store did not capture. Each is refused with a message naming the problem, a
-non-zero exit and no traceback, and the store and an existing run directory are byte-for-byte
-unchanged.
+"""Bad input to training (and evaluation), through the ``logitstore`` CLI: a student whose
+vocabulary or tokenizer differs from the teacher's, or that is not a model at all, unknown
+divergences, parameters or settings, values out of range, a temperature the store did not
+capture, and a run directory that holds another run. Each is refused with a message naming the
+problem, a non-zero exit and no traceback, and the store and an existing run directory are
+byte-for-byte unchanged.
 
 Students are the tiny real models of ``tests/conftest.py``; a "different" student is one of them
 edited. The helpers (``kit``) and the store are in ``conftest.py``.
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from logitstore.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,3 +115,191 @@ def test_training_temperature_the_cache_did_not_capture(
     ok = kit.invoke("train", "--store", store, "--student", tiny_student_dir,
                     "--out", tmp_path / "t2", "--temperature", "2.0", *kit.TRAIN)  # fmt: skip
     assert ok.exit_code == 0, ok.output
+
+
+# ---- values out of range, or not values at all ---------------------------------------------------
+
+OUT_OF_RANGE = [
+    (["--lr", "-1"], ["lr must be a positive finite number", "-1"]),
+    (["--lr", "nan"], ["lr must be a positive finite number", "nan"]),
+    (["--betas", "0.9"], ["betas must be two numbers in [0, 1)", "0.9"]),
+    (["--betas", "1.5,0.9"], ["betas must be two numbers in [0, 1)", "1.5"]),
+    (["--betas", "a,b"], ["--betas expects comma-separated floats", "'a,b'"]),
+    (["--keep-layers", "0,x"], ["--keep-layers expects comma-separated ints", "'0,x'"]),
+    (["--param", "gamma=[0.5"], ["--param gamma", "'[0.5'"]),
+    (["--warmup-steps", "-1"], ["warmup_steps must be an integer >= 0", "-1"]),
+    (["--log-every", "0"], ["log_every must be an integer >= 1", "0"]),
+    (["--save-every", "-2"], ["save_every must be an integer >= 0", "-2"]),
+    (["--keep-checkpoints", "-1"], ["keep_checkpoints must be an integer >= 0", "-1"]),
+    (["--stop-after", "0"], ["stop_after must be an integer >= 1", "0"]),
+    (["--num-workers", "-1"], ["num_workers must be an integer >= 0", "-1"]),
+    (["--min-lr-ratio", "2"], ["min_lr_ratio must be a number in [0.0, 1.0]", "2.0"]),
+    (["--weight-decay", "-0.1"], ["weight_decay must be a number >= 0.0", "-0.1"]),
+    (["--grad-clip", "-1"], ["grad_clip must be a number >= 0.0", "-1.0"]),
+    (["--lora-r", "2", "--lora-dropout", "1.5"], ["lora_dropout must be a number in [0.0, 1.0]"]),
+    (["--student-dtype", "int8"], ["student_dtype must be 'auto' or a floating-point", "int8"]),
+    (["--report-to", "nonsense"], ["report_to names unknown trackers", "nonsense", "tensorboard"]),
+    (["--device", "tpu9"], ["device must be a torch device", "'tpu9'"]),
+    (["--fsdp"], ["fsdp shards the student over the processes", "torchrun"]),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), OUT_OF_RANGE)
+def test_train_refuses_values_out_of_range(args, words, store, run_dir, tiny_student_dir, kit):
+    before = kit.snapshot(store), kit.snapshot(run_dir)
+    result = kit.invoke("train", "--store", store, "--student", tiny_student_dir, "--out",
+                        run_dir, "--resume", *kit.TRAIN, *args)  # fmt: skip
+    kit.refused(result, *words)
+    assert (kit.snapshot(store), kit.snapshot(run_dir)) == before
+
+
+def test_train_config_file_that_is_not_yaml(store, tiny_student_dir, tmp_path, kit):
+    path = tmp_path / "train.yaml"
+    path.write_text(f"store: {store}\nlr: [0.1\n")
+    result = kit.invoke("train", "--config", path, "--student", tiny_student_dir,
+                        "--out", tmp_path / "run", *kit.TRAIN)  # fmt: skip
+    kit.refused(result, "train.yaml is not valid YAML")
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):
+    from logitstore.pipelines.train import TrainConfig
+
+    path = tmp_path / "train.yaml"
+    path.write_text("store: s\nstudent: m\nout: o\nlr: 3e-4\nmin_lr_ratio: 1e-1\n")
+    config = TrainConfig.from_yaml(path)  # YAML 1.1 reads 3e-4 as a string
+    assert (config.lr, config.min_lr_ratio) == (3e-4, 0.1)
+
+
+# ---- a student that is not there, or not a model ------------------------------------------------
+
+
+def _student_cases(tmp_path: Path) -> dict[str, tuple[list, list[str]]]:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text("{}\n")
+    return {
+        "missing": (["--student", tmp_path / "nope"], ["the student", "does not exist"]),
+        "a data file": (["--student", data / "a.jsonl"], ["is a file, not a model"]),
+        "a folder of data": (["--student", data], ["is a folder without config.json"]),
+        "missing tokenizer": (
+            ["--tokenizer", tmp_path / "tok"],
+            ["the tokenizer", "does not exist"],
+        ),
+        "tokenizer folder of data": (["--tokenizer", data], ["without tokenizer files"]),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["missing", "a data file", "a folder of data", "missing tokenizer",
+             "tokenizer folder of data"],
+)  # fmt: skip
+def test_student_that_is_missing_or_not_a_model(case, store, tiny_student_dir, tmp_path, kit):
+    args, words = _student_cases(tmp_path)[case]
+    if args[0] == "--tokenizer":
+        args = ["--student", tiny_student_dir, *args]
+    before = kit.snapshot(store)
+    result = kit.invoke("train", "--store", store, *args, "--out", tmp_path / "run", *kit.TRAIN)
+    kit.refused(result, *words)
+    assert kit.snapshot(store) == before and not (tmp_path / "run").exists()
+
+
+# ---- a run directory that holds a run ------------------------------------------------------------
+
+
+def test_out_holding_a_run_is_not_overwritten_without_resume(store, run_dir, tiny_student_dir, kit):
+    before = kit.snapshot(run_dir)
+    result = kit.invoke("train", "--store", store, "--student", tiny_student_dir, "--out", run_dir,
+                        *kit.TRAIN)  # fmt: skip
+    kit.refused(result, "already holds a run", "checkpoint-1", "--resume")
+    assert kit.snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--divergence", "rkl"], ["divergence is 'fkl' in the checkpoint but 'rkl'"]),
+        (["--seed", "7"], ["seed is 0 in the checkpoint but 7"]),
+        (["--tokens-per-batch", "128"], ["tokens_per_batch is 64 in the checkpoint but 128"]),
+    ],
+)
+def test_resume_with_other_objective_or_data_order(
+    args, words, store, run_dir, tiny_student_dir, kit
+):
+    before = kit.snapshot(run_dir)
+    result = kit.invoke("train", "--store", store, "--student", tiny_student_dir, "--out", run_dir,
+                        "--resume", *kit.TRAIN, *args)  # fmt: skip
+    kit.refused(result, "cannot resume", *words)
+    assert kit.snapshot(run_dir) == before
+
+
+def test_resuming_a_finished_run_trains_no_step_past_max_steps(
+    store, run_dir, tiny_student_dir, kit
+):
+    before = kit.snapshot(run_dir)
+    result = kit.invoke("train", "--store", store, "--student", tiny_student_dir, "--out", run_dir,
+                        "--resume", *kit.TRAIN)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "already reached step 1 of max_steps 1" in result.output
+    assert kit.snapshot(run_dir) == before  # no checkpoint-2, no metrics row for step 2
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "prompts", "words"),
+    [
+        (["--device", "tpu9"], None, ["device must be a torch device", "'tpu9'"]),
+        (["--max-documents", "0"], None, ["max_documents must be an integer >= 1"]),
+        (["--num-samples", "0"], "a prompt\n", ["num_samples must be an integer >= 1"]),
+        ([], '{"prompt": "unclosed"\n', ["prompts.txt:1 is not valid JSON"]),
+        ([], '{"question": "no prompt field"}\n', ["prompts.txt:1", "'prompt' or 'text'"]),
+        ([], "\n\n", ["prompts.txt: no prompts"]),
+    ],
+)
+def test_eval_refuses_bad_settings_and_prompts(
+    args, prompts, words, store, tiny_student_dir, tmp_path, kit
+):
+    if prompts is not None:
+        (tmp_path / "prompts.txt").write_text(prompts)
+        args = [*args, "--prompts", tmp_path / "prompts.txt"]
+    result = kit.invoke("eval", "--student", tiny_student_dir, "--store", store, *args)
+    kit.refused(result, *words)
+
+
+def test_eval_of_a_student_that_is_not_there(store, tmp_path, kit):
+    result = kit.invoke("eval", "--student", tmp_path / "nope", "--store", store)
+    kit.refused(result, "the student", "does not exist")
+
+
+def test_deepspeed_config_that_is_not_a_json_object(store, tiny_student_dir, tmp_path, kit):
+    for text, words in (("{zero: 3", ["is not a readable JSON file"]), ("[3]", ["JSON object"])):
+        path = tmp_path / "ds.json"
+        path.write_text(text)
+        result = kit.invoke("train", "--store", store, "--student", tiny_student_dir,
+                            "--out", tmp_path / "run", *kit.TRAIN, "--deepspeed", path)  # fmt: skip
+        kit.refused(result, "deepspeed config", *words)
+        assert not (tmp_path / "run").exists()
+
+
+def test_lora_targets_that_name_no_module(store, tiny_student_dir, tmp_path, kit):
+    result = kit.invoke("train", "--store", store, "--student", tiny_student_dir,
+                        "--out", tmp_path / "run", *kit.TRAIN, "--lora-r", "2",
+                        "--lora-targets", "q_proj,qkv_proj")  # fmt: skip
+    kit.refused(result, "lora_targets ['qkv_proj'] name no module", "q_proj", "v_proj")
+    assert not (tmp_path / "run").exists()
+
+
+def test_deepspeed_settings_are_a_json_file_or_a_mapping(tmp_path):
+    from logitstore.pipelines._train_checks import check_config
+    from logitstore.pipelines.train import TrainConfig
+
+    base = {"store": "s", "student": "m", "out": str(tmp_path / "o")}
+    check_config(TrainConfig(**base, deepspeed={"zero_optimization": {"stage": 3}}))  # YAML inline
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 3}}')
+    check_config(TrainConfig(**base, deepspeed=str(tmp_path / "ds.json")))
+    with pytest.raises(ConfigError, match="path of a DeepSpeed JSON config or a mapping"):
+        check_config(TrainConfig(**base, deepspeed=3))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="lora_r must be an integer >= 0; found '8'"):
+        check_config(TrainConfig(**base, lora_r="8"))  # type: ignore[arg-type]

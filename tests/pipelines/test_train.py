@@ -370,3 +370,29 @@ def test_checkpoints_keep_the_students_own_dtype(store, tiny_student_dir, tmp_pa
     assert dtypes(wide) == {torch.float32}
     with pytest.raises(ConfigError, match="dtype"):
         train(config(store, student, tmp_path / "bad", student_dtype="float33"))
+
+
+def test_a_store_without_trained_positions_says_nothing_was_learned(
+    tiny_teacher_dir, tiny_student_dir, text_jsonl, tmp_path, monkeypatch
+):
+    # A store whose every loss mask is empty (e.g. chat data without assistant turns, which the
+    # teacher pass now refuses, but an older store may hold it): training must say so.
+    import logitstore.pipelines.teacher_pass as pass_module
+
+    windows = pass_module.build_windows
+
+    def untrained(*args, **kwargs):
+        found = windows(*args, **kwargs)
+        for w in found:
+            w.loss_mask[:] = False
+        return found
+
+    monkeypatch.setattr(pass_module, "build_windows", untrained)
+    out = tmp_path / "untrained"
+    run_teacher_pass(TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl),
+                                       out=str(out), k=8, max_length=32, limit=1,
+                                       progress=False))  # fmt: skip
+    assert not any(doc.loss_mask.any() for doc in open_store(str(out)))
+    summary = train(config(str(out), tiny_student_dir, tmp_path / "run", max_steps=1))
+    assert summary["tokens"] == 0
+    assert any("no trained token was read" in note for note in summary["notes"])

@@ -1,0 +1,203 @@
+"""The training run's settings checked before anything loads, and a checkpoint's settings
+checked before it is resumed.
+
+torch, Trainer and PEFT refuse most bad values only once the student is loaded, with a
+traceback; here each is named in one line. A resumed run must keep the settings that define the
+objective and the data order, whose state (the loss schedule, the read positions) its checkpoint
+holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from logitstore.errors import ConfigError
+from logitstore.pipelines._distributed import parse_device
+
+if TYPE_CHECKING:
+    from logitstore.pipelines.train import TrainConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+# Settings a resumed run must share with its checkpoint: they define the objective and the order
+# of the data, whose state (the loss schedule, the read positions) the checkpoint holds.
+RESUME_SETTINGS = ("divergence", "params", "temperature", "approximate_tail", "use_counts",
+                   "ce_weight", "tokens_per_step", "tokens_per_batch", "seed", "shuffle_window",
+                   "lora_r")  # fmt: skip
+
+
+def saved_state(checkpoint: Path) -> dict[str, Any]:
+    from logitstore.hf import STATE_NAME
+
+    try:
+        state = json.loads((checkpoint / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def check_resumable(config: TrainConfig, checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` with other objective or data-order settings.
+
+    Raises:
+        ConfigError: naming the first setting that differs, its value in the checkpoint and in
+            this run.
+    """
+    run = saved_state(checkpoint).get("run")
+    saved = run.get("config") if isinstance(run, dict) else None
+    if not isinstance(saved, dict):
+        return  # a checkpoint written before the settings were saved in it
+    for name in RESUME_SETTINGS:
+        if name not in saved:
+            continue
+        ours = json.loads(json.dumps(getattr(config, name), default=str))
+        if saved[name] != ours:
+            raise ConfigError(
+                f"cannot resume {checkpoint} with different settings: {name} is "
+                f"{saved[name]!r} in the checkpoint but {ours!r} in this run; use the run's "
+                "settings, or start a new run with another --out"
+            )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_optimizer(config: TrainConfig) -> None:
+    """The optimizer's and the schedule's settings, before anything loads (torch and Trainer
+    would refuse them only after the student is loaded, with a traceback)."""
+    if not (_number(config.lr) and config.lr > 0):
+        raise ConfigError(f"lr must be a positive finite number; found {config.lr!r}")
+    for name, low, high in (("min_lr_ratio", 0.0, 1.0), ("weight_decay", 0.0, math.inf),
+                            ("grad_clip", 0.0, math.inf), ("lora_dropout", 0.0, 1.0)):  # fmt: skip
+        value = getattr(config, name)
+        if not (_number(value) and low <= value <= high):
+            bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise ConfigError(f"{name} must be a number {bounds}; found {value!r}")
+    betas = config.betas
+    if (
+        not isinstance(betas, (tuple, list))
+        or len(betas) != 2
+        or not all(_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        raise ConfigError(f"betas must be two numbers in [0, 1), e.g. 0.9,0.95; found {betas!r}")
+    for name, low in (("warmup_steps", 0), ("save_every", 0), ("keep_checkpoints", 0),
+                      ("log_every", 1), ("num_workers", 0), ("lora_alpha", 1)):  # fmt: skip
+        value = getattr(config, name)
+        if not (_integer(value) and value >= low):
+            raise ConfigError(f"{name} must be an integer >= {low}; found {value!r}")
+    if config.stop_after is not None and not (
+        _integer(config.stop_after) and config.stop_after >= 1
+    ):
+        raise ConfigError(f"stop_after must be an integer >= 1; found {config.stop_after!r}")
+
+
+def _check_environment(config: TrainConfig) -> None:
+    """The device, the student's dtype and the trackers name things that exist."""
+    import torch
+
+    if config.device is not None:
+        parse_device(config.device)
+    dtype = getattr(torch, str(config.student_dtype), None)
+    if config.student_dtype != "auto" and not (
+        isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    ):
+        raise ConfigError(
+            "student_dtype must be 'auto' or a floating-point torch dtype such as float32 or "
+            f"bfloat16; found {config.student_dtype!r}"
+        )
+    try:  # the trackers this transformers knows (a private table: where it moved, Trainer checks)
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    except ImportError:
+        return
+    names = [n.strip() for n in str(config.report_to).split(",") if n.strip()]
+    unknown = [n for n in names if n not in {"none", "all", *INTEGRATION_TO_CALLBACK}]
+    if unknown:
+        raise ConfigError(
+            f"report_to names unknown trackers {unknown}; known: none, all, "
+            f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+        )
+
+
+def check_config(config: TrainConfig) -> None:
+    """Every setting of ``config`` that can be checked without loading anything.
+
+    Raises:
+        ConfigError: naming the first bad setting, its value and what it may be.
+    """
+    _check_optimizer(config)
+    _check_environment(config)
+    if config.precision not in PRECISIONS:
+        raise ConfigError(
+            f"precision must be one of {', '.join(PRECISIONS)}; found {config.precision!r}"
+        )
+    if not isinstance(config.params, dict):
+        raise ConfigError(
+            f"params must be a mapping of the objective's parameters; found {config.params!r}"
+        )
+    for name in ("temperature", "ce_weight"):
+        if not _number(getattr(config, name)):
+            raise ConfigError(f"{name} must be a number; found {getattr(config, name)!r}")
+    counts = (config.max_steps, config.tokens_per_step, config.tokens_per_batch)
+    if not all(_integer(n) for n in counts) or min(counts) < 1:
+        raise ConfigError(
+            "max_steps, tokens_per_step and tokens_per_batch must be positive integers; found "
+            f"{config.max_steps}, {config.tokens_per_step}, {config.tokens_per_batch}"
+        )
+    if config.fsdp and config.deepspeed:
+        raise ConfigError("choose one of fsdp and deepspeed, not both")
+    if config.fsdp and "LOCAL_RANK" not in os.environ:
+        raise ConfigError(
+            "fsdp shards the student over the processes of a distributed run; launch with "
+            "torchrun --nproc-per-node N $(which logitstore) train ..."
+        )
+    if isinstance(config.deepspeed, str) and config.deepspeed:
+        try:
+            ds = json.loads(Path(config.deepspeed).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"deepspeed config {config.deepspeed} is not a readable JSON file: {exc}"
+            ) from None
+        if not isinstance(ds, dict):
+            raise ConfigError(
+                f"deepspeed config {config.deepspeed} must be a JSON object, found "
+                f"{type(ds).__name__}"
+            )
+    elif config.deepspeed is not None and not isinstance(config.deepspeed, dict):
+        raise ConfigError(
+            "deepspeed must be the path of a DeepSpeed JSON config or a mapping of its settings; "
+            f"found {config.deepspeed!r}"
+        )
+    if not (_integer(config.lora_r) and config.lora_r >= 0):
+        raise ConfigError(f"lora_r must be an integer >= 0; found {config.lora_r!r}")
+
+
+def check_lora_targets(lm: Any, targets: list[str]) -> None:
+    """Refuse LoRA target names that match no module of the student (PEFT's check comes only
+    once Trainer is built, as a traceback)."""
+    import torch
+
+    linear = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in lm.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+    )
+    full = [name for name, _ in lm.named_modules()]
+    # PEFT matches a listed name against a module's full name or its dotted suffix.
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in full)]
+    if missing:
+        raise ConfigError(
+            f"lora_targets {missing} name no module of the student; its linear layers are "
+            f"{', '.join(linear)}"
+        )
