@@ -80,6 +80,8 @@ class Buckets:
         valid: ``(N, B)`` bool, present buckets; ``None`` means all present (dense mode).
         token: ``(N, B)`` bool, buckets that are single tokens (not the tail); ``None``: all.
         target: ``(N,)`` int64, the bucket of the label (or of the chosen target token).
+        ids: ``(N, B)`` int64 vocabulary ids of the token buckets, which break ties between
+            them as the dense argmax does (the lowest id); ``None``: bucket ``j`` is id ``j``.
     """
 
     logq: Tensor
@@ -87,6 +89,7 @@ class Buckets:
     valid: Tensor | None
     token: Tensor | None
     target: Tensor
+    ids: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,9 @@ def sparse_buckets(logq: Tensor, teacher: TeacherBuckets, target: Tensor) -> Buc
     """Bundle student and teacher buckets for an objective."""
     token = torch.ones_like(teacher.valid)
     token[:, -1] = False
-    return Buckets(logq=logq, logp=teacher.logp, valid=teacher.valid, token=token, target=target)
+    ids = torch.cat([teacher.ids, torch.zeros_like(teacher.ids[:, :1])], dim=1)  # tail: no id
+    return Buckets(logq=logq, logp=teacher.logp, valid=teacher.valid, token=token, target=target,
+                   ids=ids)  # fmt: skip
 
 
 def label_bucket(support_ids: Tensor, labels: Tensor) -> Tensor:

@@ -282,13 +282,19 @@ def dkd(b: Buckets, *, alpha: float, beta: float) -> Tensor:
 
 
 def teacher_argmax(b: Buckets) -> Tensor:
-    """``(N,)`` the token bucket with the largest teacher probability (never the tail)."""
+    """``(N,)`` the token bucket with the largest teacher probability (never the tail); of
+    tied ones, the lowest vocabulary id, as over the dense vocabulary, so that a sparse support
+    in any order picks the same token."""
     ok = torch.ones_like(b.logp, dtype=torch.bool)
     if b.valid is not None:
         ok = ok & b.valid
     if b.token is not None:
         ok = ok & b.token
-    return torch.where(ok, b.logp, torch.full_like(b.logp, -math.inf)).argmax(dim=-1)
+    masked = torch.where(ok, b.logp, torch.full_like(b.logp, -math.inf))
+    if b.ids is None:
+        return masked.argmax(dim=-1)
+    best = masked == masked.max(dim=-1, keepdim=True).values
+    return torch.where(best & ok, b.ids, torch.iinfo(b.ids.dtype).max).argmin(dim=-1)
 
 
 def drkl(b: Buckets, *, gamma: float, target: str) -> Tensor:

@@ -345,3 +345,19 @@ def test_fkl_gradient_is_q_minus_p_hat_with_the_tail_spread_like_the_student():
     p_tail_mass = 1 - torch.where(in_s, p, 0.0).sum(-1, keepdim=True)
     p_hat = torch.where(in_s, p, q_tail / q_tail.sum(-1, keepdim=True) * p_tail_mass)
     torch.testing.assert_close(zz.grad, q - p_hat, rtol=1e-10, atol=1e-12)
+
+
+def test_drkl_teacher_argmax_breaks_ties_by_the_lowest_id_in_any_support_order():
+    # A teacher with tied maxima (here uniform over 4 of V ids): the dense argmax takes the
+    # lowest id; a support stored in another order must pick the same token, and so the same loss.
+    z, _, labels = data(3, seed=4)
+    u = torch.full((3, V), -30.0, dtype=torch.float64)
+    u[:, [2, 5, 7, 11]] = 0.0
+    ids, vals, _, lab, _ = teacher_cache(u, labels, V)
+    order = torch.argsort(ids, dim=1, descending=True)  # highest id first
+    ids, vals = ids.gather(1, order), vals.gather(1, order)
+    tail = torch.full((3,), -math.inf, dtype=vals.dtype)
+    params = {"target": "teacher_argmax", "gamma": 1.0}
+    dense = dense_loss("drkl", z, u.log_softmax(-1), labels, **params)
+    sparse = sparse_loss("drkl", z, ids, vals, tail, lab, labels, **params)
+    torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-12)
