@@ -283,7 +283,8 @@ class StoreDataset(IterableDataset):
             # The shards in the order their documents first come (the order they are read and
             # fetched ahead in); a shard none of whose documents this stream keeps is not read.
             owner = np.searchsorted(first_docs, docs, side="right") - 1
-            shards = list(dict.fromkeys(int(j) for j in owner.tolist()))
+            _, first = np.unique(owner, return_index=True)  # (no Python int per document)
+            shards = owner[np.sort(first)].tolist()
             windows.append(_Window(shards, docs))
         return windows
 

@@ -97,6 +97,12 @@ SHARD_SCHEMA = Obj(
     optional={"index": Int(0, MAX_SHARDS), "fidelity": _FIDELITY},
 )
 
+RECORD_SCHEMA = Obj(
+    required={**SHARD_SCHEMA.required, "num_temperatures": Int(0, MAX_TEMPERATURES)},
+    optional=SHARD_SCHEMA.optional,
+)
+"""A shard's commit record (``records/<i>.json``): its manifest entry plus ``num_temperatures``."""
+
 MANIFEST_SCHEMA = Obj(
     required={
         "format_version": Int(0, 2**31),
@@ -237,33 +243,74 @@ def loads(raw: bytes, what: str) -> dict[str, Any]:
             f"{what} is not valid JSON: field {_first_non_finite(data)} holds {non_finite[0]}; "
             "the format allows finite numbers only"
         )
+    if _SURROGATE_ESCAPE.search(raw):  # (rare: then every string is checked)
+        bad = _first(data, _not_unicode)
+        if bad is not None:
+            raise ManifestError(
+                f"{what} is not valid JSON: field {bad} holds a lone surrogate (\\ud800 to "
+                "\\udfff not in a pair), which is not Unicode text"
+            )
     if not isinstance(data, dict):
         raise ManifestError(f"{what} must hold a JSON object, found {type(data).__name__}")
     return data
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate: valid in a pair (one character), alone it parses to a
+string no UTF-8 writer takes (printing it, writing a dataset card or a Parquet column fails)."""
+
+
+def _not_unicode(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _first_non_finite(data: Any) -> str:
     """Path (``a.b[2]``) of the first non-finite float in parsed JSON, walked without recursion."""
+    found = _first(data, lambda v: isinstance(v, float) and not math.isfinite(v))
+    return "<unknown>" if found is None else found
+
+
+def _first(data: Any, bad: Any) -> str | None:
+    """Path (``a.b[2]``) of the first value (or key) for which ``bad`` holds, walked without
+    recursion."""
     stack: list[tuple[str, Any]] = [("", data)]
     while stack:
         path, value = stack.pop()
-        if isinstance(value, float) and not math.isfinite(value):
+        if bad(value):
             return path or "<root>"
         if isinstance(value, dict):
-            items = [(f"{path}.{k}" if path else str(k), v) for k, v in value.items()]
+            for key in value:
+                if bad(key):
+                    return (f"{path}." if path else "") + json.dumps(key)
+            # (a key as the schema's messages name it: quoted unless a plain name)
+            keys = [k if k.isidentifier() else json.dumps(k) for k in value]
+            items = [(f"{path}.{k}" if path else k, v) for k, v in zip(keys, value.values())]
         elif isinstance(value, list):
             items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
         else:
             continue
         stack.extend(reversed(items))
-    return "<unknown>"
+    return None
+
+
+_GLOB = "*?[]"
+"""Characters fsspec reads as a glob pattern in a path (``glob.has_magic``, and ``]``)."""
+_GLOB_CHARS = re.compile(r"[*?\[\]]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def check_relative_path(path: Any, what: str = "path") -> str:
     """Refuse a manifest path that could leave the store's root.
 
     Only plain relative POSIX paths of ordinary names are accepted: no absolute paths, no
-    ``..`` or ``.`` components, no URLs or drive letters, no backslashes, no empty components.
+    ``..`` or ``.`` components, no URLs or drive letters, no backslashes, no empty components,
+    no glob or control characters.
 
     Raises:
         UnsafePathError: with the offending path.
@@ -280,6 +327,17 @@ def check_relative_path(path: Any, what: str = "path") -> str:
     )
     if bad:
         raise UnsafePathError(f"{what} {path!r} escapes the store root; expected a relative path")
+    if _CONTROL.search(path):
+        # a newline or an escape sequence would reach the terminal in every message naming it
+        raise UnsafePathError(
+            f"{what} {path!r} holds a control character; expected plain file names"
+        )
+    if _GLOB_CHARS.search(path):
+        # fsspec's cat expands these as a pattern: one file entry of "shards/**" would fetch
+        # every file of a remote store, on every read of the shard
+        raise UnsafePathError(
+            f"{what} {path!r} holds a glob character ({_GLOB}); expected plain file names"
+        )
     return path
 
 
@@ -443,6 +501,20 @@ def validate_manifest(data: Mapping[str, Any]) -> None:
         )
 
 
+def validate_record(data: Mapping[str, Any], what: str) -> None:
+    """Check a parsed commit record against :data:`RECORD_SCHEMA` and its paths, before a
+    writer assembles a manifest from it (a resumed store's records are files like any other).
+
+    Raises:
+        ManifestError: a field missing, of the wrong type or out of its range, named.
+        UnsafePathError: a shard or file path that could escape the store's root.
+    """
+    RECORD_SCHEMA.check(data, what)
+    check_relative_path(data["path"], f"{what} field path")
+    for i, (name, _) in enumerate(data["files"]):
+        check_relative_path(name, f"{what} field files[{i}]")
+
+
 def check_declared_sizes(
     shards: Sequence[Mapping[str, Any]], position_bytes: int, token_bytes: int
 ) -> None:
@@ -462,13 +534,17 @@ def check_declared_sizes(
     """
     for j, shard in enumerate(shards):
         on_disk = sum(size for _, size in shard["files"])
-        declared = shard["positions"] * position_bytes + shard["tokens"] * token_bytes
+        declared = (
+            shard["positions"] * position_bytes
+            + shard["tokens"] * token_bytes
+            + 8 * (shard["documents"] + 1)  # the document offsets, int64
+        )
         if declared > MAX_EXPANSION * on_disk:
             raise ManifestError(
                 f"{MANIFEST_NAME} field shards[{j}].positions: expected at most "
                 f"{MAX_EXPANSION} times the shard's {on_disk} bytes on disk uncompressed, "
-                f"found {shard['positions']} positions and {shard['tokens']} tokens "
-                f"({declared} bytes)"
+                f"found {shard['positions']} positions, {shard['tokens']} tokens and "
+                f"{shard['documents']} documents ({declared} bytes)"
             )
 
 

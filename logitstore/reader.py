@@ -258,8 +258,10 @@ class LogitStore:
             if isinstance(data, BaseException):
                 raise CorruptShardError(f"shard {where}: file {name} is missing")
             if len(data) != size:
+                # (read up to one byte past the declared size: a longer file is not read whole)
+                held = f"more than {size}" if len(data) > size else str(len(data))
                 raise CorruptShardError(
-                    f"shard {where}: file {name} has {len(data)} bytes, the manifest says {size}"
+                    f"shard {where}: file {name} has {held} bytes, the manifest says {size}"
                 )
             files[name] = bytes(data)
         digest = _fs.tree_checksum(files.items())
@@ -286,8 +288,12 @@ class LogitStore:
                 f"shard {where}: holds {counts} (documents, tokens, positions), the manifest "
                 f"says {(entry['documents'], entry['tokens'], entry['positions'])}"
             )
-        if arrays.num_tokens and arrays.input_ids.max() >= self.vocab_size:
-            raise CorruptShardError(f"shard {where}: token ids reach beyond the vocabulary")
+        # (a negative id is one stored as uint64 beyond 2^63, wrapped by the cast to int64)
+        ids = arrays.input_ids
+        if arrays.num_tokens and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise CorruptShardError(
+                f"shard {where}: token ids reach beyond the vocabulary [0, {self.vocab_size})"
+            )
         return arrays
 
     def read_shard(self, j: int) -> list[Document]:

@@ -431,10 +431,13 @@ class StoreWriter:
         extra = sorted(committed - set(range(num_shards)))
         if extra:
             raise DataError(f"shards {extra} are committed beyond num_shards={num_shards}")
-        records = [
-            fmt.loads(_fs.read_bytes(self.fs, self._path(fmt.record_name(i))), fmt.record_name(i))
-            for i in range(num_shards)
-        ]
+        names = [fmt.record_name(i) for i in range(num_shards)]
+        records = []
+        # bounded like the manifest (size, depth, links out), then checked field by field
+        for name, raw in _fs.read_json_files(self.fs, self.root, names).items():
+            record = fmt.loads(raw, name)
+            fmt.validate_record(record, name)
+            records.append(record)
         self._check_shard_files(records)
         temps = {int(r["num_temperatures"]) for r in records}
         if len(temps) != 1:
@@ -494,7 +497,8 @@ def _fidelity(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
 
 def _read_settings(fs: Any, root: str, url: str) -> dict[str, Any] | None:
     try:
-        raw = _fs.read_bytes(fs, _fs.join(root, fmt.SETTINGS_NAME))
+        # bounded like the manifest: size, nesting, links out of the store, FIFOs
+        raw = _fs.read_json(fs, root, fmt.SETTINGS_NAME)
     except FileNotFoundError:
         return None
     stored = fmt.loads(raw, fmt.SETTINGS_NAME)

@@ -20,7 +20,13 @@ from fsspec.implementations.cached import CachingFileSystem
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from logitstore.errors import ConfigError, ManifestError, StoreReadError, UnsafePathError
+from logitstore.errors import (
+    ConfigError,
+    CorruptShardError,
+    ManifestError,
+    StoreReadError,
+    UnsafePathError,
+)
 from logitstore.storage import _remote
 from logitstore.storage._limits import MAX_JSON_BYTES, json_problem
 
@@ -304,8 +310,8 @@ def refuse_links_out(fs: Any, root: str, paths: Iterable[str], where: str) -> No
         rel = path[len(root) + 1 :] if path.startswith(root + "/") else path
         if os.path.commonpath([real_root, real]) != real_root:
             raise UnsafePathError(
-                f"{where}: {rel} is a link to {real}, outside the store's root {real_root}; "
-                "expected files inside the store"
+                f"{where}: {rel} is a link to {_remote.printable(real)}, outside the store's "
+                f"root {real_root}; expected files inside the store"
             )
         try:
             mode = os.stat(real).st_mode
@@ -315,14 +321,46 @@ def refuse_links_out(fs: Any, root: str, paths: Iterable[str], where: str) -> No
             raise UnsafePathError(f"{where}: {rel} is not a regular file")
 
 
-def _read_local(path: str, limit: int) -> bytes | FileNotFoundError:
+SPARSE_MIN_BYTES = 1 << 24
+"""Files larger than this are checked for holes before they are read (see :func:`_read_local`)."""
+
+
+def _sparse(fd: int, st: os.stat_result) -> bool:
+    """Whether a file holds far more bytes than it stores: a sparse file (a hole of zeros the
+    filesystem does not store, made by a seek or ``truncate``; tar extracts them too) of
+    16 times its blocks or more. Filesystems without ``SEEK_HOLE`` report no hole."""
+    blocks = getattr(st, "st_blocks", None)
+    hole = getattr(os, "SEEK_HOLE", None)
+    if blocks is None or hole is None or st.st_size <= 16 * blocks * 512:
+        return False
+    try:
+        return os.lseek(fd, 0, hole) < st.st_size
+    except OSError:
+        return False
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)  # the read that follows starts at the beginning
+
+
+def _read_local(path: str, limit: int, where: str | None = None) -> bytes | FileNotFoundError:
     """At most ``limit`` bytes of a local file (a longer file shows as longer than expected
-    without being read whole), or ``FileNotFoundError``."""
+    without being read whole), or ``FileNotFoundError``.
+
+    With ``where`` (naming a shard file, whose size the manifest bounds by itself), a sparse
+    file of more than :data:`SPARSE_MIN_BYTES` is refused before it is read: its size is no
+    measure of the bytes behind it, and reading it would allocate all of it.
+    """
     try:
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            n = min(limit, st.st_size + 1)
+            if where is not None and n > SPARSE_MIN_BYTES and _sparse(f.fileno(), st):
+                raise CorruptShardError(
+                    f"{where} is a sparse file of {st.st_size} bytes with "
+                    f"{st.st_blocks * 512} on disk; expected a file whose bytes are stored"
+                )
             # read(n) allocates n bytes first: never more than the file holds, whatever the
             # manifest declares
-            return f.read(min(limit, os.fstat(f.fileno()).st_size + 1))
+            return f.read(n)
     except OSError as exc:
         if _remote.is_missing(exc):
             return FileNotFoundError(path)
@@ -335,18 +373,22 @@ def read_files(
     """Store files ``{relative path: expected size}``: their bytes, or ``FileNotFoundError``.
 
     Local files (on any URL form) are checked not to lead outside the root and are read up to
-    one byte past their expected size; remote ones are fetched together, transient network
-    errors retried (see :mod:`logitstore.storage._remote`).
+    one byte past their expected size; remote ones are fetched together, up to the same byte
+    (a ranged read), transient network errors retried (see :mod:`logitstore.storage._remote`).
 
     Raises:
         UnsafePathError: a file is a link out of the store, or not a regular file.
+        CorruptShardError: a local file is sparse (far larger than what it stores).
         StoreReadError: a file exists but cannot be read (after retries, if remote).
     """
     paths = {join(root, name): name for name in sizes}
     refuse_links_out(fs, root, paths, where)
     if is_local(fs):  # fsspec's cat costs more here
-        return {name: _read_local(path, sizes[name] + 1) for path, name in paths.items()}
-    got = _remote.cat(fs, paths)
+        return {
+            name: _read_local(path, sizes[name] + 1, f"{where}: file {name}")
+            for path, name in paths.items()
+        }
+    got = _remote.cat(fs, paths, {path: sizes[name] + 1 for path, name in paths.items()})
     return {name: got[path] for path, name in paths.items()}
 
 
@@ -370,13 +412,44 @@ def read_json(fs: Any, root: str, name: str, max_bytes: int = MAX_JSON_BYTES) ->
             raise ManifestError(
                 f"{name} holds {size} bytes, more than the {max_bytes} a reader accepts"
             )
-        raw = _remote.cat(fs, [path])[path]
+        raw = _remote.cat(fs, [path], {path: max_bytes + 1})[path]
     if isinstance(raw, FileNotFoundError):
         raise raw
     problem = json_problem(raw, max_bytes)
     if problem is not None:
         raise ManifestError(f"{name} {problem}")
     return raw
+
+
+def read_json_files(
+    fs: Any, root: str, names: Iterable[str], max_bytes: int = MAX_JSON_BYTES
+) -> dict[str, bytes]:
+    """The bytes of several small JSON files of the store (a writer's commit records), each
+    refused like :func:`read_json`; remote ones are fetched together (one batch, no size
+    request first: these are files a writer wrote, read back when it finalizes).
+
+    Raises:
+        FileNotFoundError: one is missing.
+        ManifestError: one is too large, too deeply nested or of too many values.
+        UnsafePathError: a link out of the store, or not a regular file.
+        StoreReadError: one exists but cannot be read.
+    """
+    paths = {join(root, name): name for name in names}
+    refuse_links_out(fs, root, paths, "store")
+    if is_local(fs):
+        got = {path: _read_local(path, max_bytes + 1) for path in paths}
+    else:
+        got = dict(_remote.cat(fs, paths, dict.fromkeys(paths, max_bytes + 1)))
+    out = {}
+    for path, name in paths.items():
+        raw = got[path]
+        if isinstance(raw, FileNotFoundError):
+            raise raw
+        problem = json_problem(raw, max_bytes)
+        if problem is not None:
+            raise ManifestError(f"{name} {problem}")
+        out[name] = raw
+    return out
 
 
 def _remote_size(fs: Any, path: str) -> int | None:

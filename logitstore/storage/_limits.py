@@ -19,32 +19,78 @@ MAX_JSON_BYTES = 64 * 2**20
 MAX_JSON_DEPTH = 64
 """Deepest nesting of objects and lists in any JSON file (real files nest fewer than 8)."""
 
+MAX_JSON_EXPANSION = 12
+"""Parsed, a JSON file may take about this many times its bytes (plus a MiB): Python's objects
+for ``{}`` take 24 times the three bytes that spell one, so a file within the size limit
+could otherwise parse to gigabytes. Ours take 2-5 times their bytes."""
+
+_CONTAINER_COST = 160
+"""Bytes one parsed object or list may take (a dict of one key: 184, a list: 56 and up)."""
+
+_ITEM_COST = 64
+"""Bytes one item or key may take, counted per ``,`` and ``:`` (a two-letter str: 51 bytes,
+a float 24, each with its 8-byte slot, and a dict entry per key)."""
+
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _STEP = np.zeros(256, dtype=np.int8)
 _STEP[list(b"[{")] = 1
 _STEP[list(b"]}")] = -1
+_SEPARATOR = np.zeros(256, dtype=bool)
+_SEPARATOR[list(b",:")] = True
+_BLOCK = 1 << 20
+
+
+def _parsed_cost(containers: int, items: int) -> int:
+    return _CONTAINER_COST * containers + _ITEM_COST * items
 
 
 def json_problem(raw: bytes, max_bytes: int = MAX_JSON_BYTES) -> str | None:
-    """Why ``raw`` is refused before parsing (too large or too deeply nested), or ``None``.
+    """Why ``raw`` is refused before parsing (too large, too deeply nested, or of so many
+    small values that parsing it would take more than :data:`MAX_JSON_EXPANSION` times its
+    bytes), or ``None``.
 
     Python's parser recurses once per level (``RecursionError`` at about a thousand), so
-    depth is measured first, on the bytes: brackets inside strings do not count. A few
-    vectorised passes, milliseconds for a large manifest.
+    depth is measured first, on the bytes: brackets inside strings do not count, nor do
+    commas and colons for the parsed size. A few vectorised passes, milliseconds for a
+    large manifest.
     """
     if len(raw) > max_bytes:
         return f"holds {len(raw)} bytes, more than the {max_bytes} a reader accepts"
-    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
-        return None  # cannot nest deeper than it has brackets: the common small file
+    budget = MAX_JSON_EXPANSION * len(raw) + 2**20
+    brackets = raw.count(b"[") + raw.count(b"{")
+    if (
+        brackets <= MAX_JSON_DEPTH
+        and _parsed_cost(brackets, raw.count(b",") + raw.count(b":")) <= budget
+    ):
+        return None  # cannot nest deeper nor hold more than it has brackets and separators
+    size = len(raw)
     if b"\\" in raw:  # escaped quotes or backslashes: blank the strings out exactly
         raw = _STRING.sub(b'""', raw)
-    data = np.frombuffer(raw, dtype=np.uint8)
-    step = _STEP[data]
-    step[(np.cumsum(data == ord('"'), dtype=np.int64) & 1).astype(bool)] = 0  # inside a string
-    depth = int(np.cumsum(step, dtype=np.int64).max(initial=0))
-    if depth > MAX_JSON_DEPTH:
-        return f"nests {depth} levels deep, more than the {MAX_JSON_DEPTH} a reader accepts"
+    # Block by block, carrying whether a string is open and the depth: the passes' arrays
+    # stay a few MiB whatever the file's size.
+    quotes = depth = deepest = containers = items = 0
+    for start in range(0, len(raw), _BLOCK):
+        data = np.frombuffer(raw, dtype=np.uint8, count=min(_BLOCK, len(raw) - start), offset=start)
+        count = np.cumsum(data == ord('"'), dtype=np.int32)
+        inside = ((count + quotes) & 1).astype(bool)
+        quotes += int(count[-1])
+        step = _STEP[data]
+        step[inside] = 0
+        levels = np.cumsum(step, dtype=np.int32)
+        deepest = max(deepest, depth + int(levels.max()))
+        depth += int(levels[-1])
+        containers += int(np.count_nonzero(step == 1))
+        items += int(np.count_nonzero(_SEPARATOR[data] & ~inside))
+    if deepest > MAX_JSON_DEPTH:
+        return f"nests {deepest} levels deep, more than the {MAX_JSON_DEPTH} a reader accepts"
+    cost = _parsed_cost(containers, items)
+    if cost > budget:
+        return (
+            f"holds {containers} objects and lists and {items} items in {size} bytes, "
+            f"about {cost} bytes parsed, more than {MAX_JSON_EXPANSION} times its size "
+            "(plus a MiB) that a reader accepts"
+        )
     return None
 
 

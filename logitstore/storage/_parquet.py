@@ -26,7 +26,7 @@ from logitstore.codecs.base import FieldSpec
 from logitstore.errors import CorruptShardError
 from logitstore.format import MAX_EXPANSION
 from logitstore.storage._parquet_pages import PageError, walk
-from logitstore.storage._remote import describe
+from logitstore.storage._remote import describe, printable
 from logitstore.storage.base import Backend, ShardArrays, check_expansion, token_dtype
 
 ROW_GROUP_POSITIONS = 16384
@@ -161,11 +161,9 @@ class ParquetBackend(Backend):
         expected = self.schema(specs, tok)
         # doc_id is read as a dictionary: rows that repeat a long id share one string
         expected = expected.set(0, pa.field("doc_id", _DOC_IDS, nullable=False))
-        if not pf.schema_arrow.remove_metadata().equals(expected):
-            raise CorruptShardError(
-                f"shard {shard_path}: schema {pf.schema_arrow.remove_metadata()} "
-                f"differs from the expected {expected}"
-            )
+        found = pf.schema_arrow.remove_metadata()
+        if not found.equals(expected):
+            raise CorruptShardError(f"shard {shard_path}: {_schema_difference(found, expected)}")
         _check_footer(pf, files, specs, expected_positions, tok.itemsize, shard_path)
         try:
             # One thread: loaders read shards in parallel workers, one core each.
@@ -201,6 +199,22 @@ class ParquetBackend(Backend):
             loss_mask=loss_mask.astype(np.bool_),
             fields=fields,
         )
+
+
+def _schema_difference(found: pa.Schema, expected: pa.Schema) -> str:
+    """The first column that differs, on one line (a schema's text spans many, and a file
+    may declare thousands of columns)."""
+
+    def show(field: pa.Field) -> str:
+        text = f"{field.name!r} {printable(str(field.type))}{'' if field.nullable else ' not null'}"
+        return text if len(text) <= 200 else text[:197] + "..."
+
+    for i, want in enumerate(expected):
+        if i >= len(found):
+            return f"schema has {len(found)} columns, expected {len(expected)} (no {want.name!r})"
+        if not found.field(i).equals(want):
+            return f"schema column {i} is {show(found.field(i))}, expected {show(want)}"
+    return f"schema has {len(found)} columns, expected {len(expected)}"
 
 
 def _open(blob: bytes, where: str) -> pq.ParquetFile:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from logitstore.errors import LogitstoreError, StoreReadError
@@ -80,16 +81,33 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped as Python writes them (``\\x1b``)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def describe(exc: BaseException) -> str:
-    """``Type: first line of the message``, short (messages of network errors only)."""
+    """``Type: first line of the message``, short, control characters escaped: a library's
+    message may quote a store's bytes (an escape sequence would reach the terminal)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = text[:200] + ("..." if len(text) > 200 else "")
+    text = printable(text)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def cat(fs: Any, paths: Iterable[str]) -> dict[str, Result]:
+def cat(
+    fs: Any, paths: Iterable[str], limits: Mapping[str, int] | None = None
+) -> dict[str, Result]:
     """Each path's bytes, or ``FileNotFoundError`` for a missing one; transient failures
     retried after :data:`RETRY_DELAYS`.
+
+    Args:
+        limits: the most bytes fetched of each path (a ranged read from byte 0): an object
+            larger than its manifest says shows as longer than expected, without being
+            downloaded whole.
 
     Raises:
         StoreReadError: a path kept failing (or failed in a way retrying cannot help); the
@@ -101,7 +119,14 @@ def cat(fs: Any, paths: Iterable[str]) -> dict[str, Result]:
         if attempt:
             time.sleep(RETRY_DELAYS[attempt - 1])
         try:
-            got = fs.cat(pending, on_error="return") if pending else {}
+            if not pending:
+                got = {}
+            elif limits is None:
+                got = fs.cat(pending, on_error="return")
+            else:
+                ends = [limits[path] for path in pending]
+                ranged = fs.cat_ranges(pending, [0] * len(pending), ends, on_error="return")
+                got = dict(zip(pending, ranged, strict=True))
         except LogitstoreError:
             raise
         except Exception as exc:  # the whole call failed: every path failed alike

@@ -195,6 +195,10 @@ def _doc_ids(local: Mapping[str, bytes], where: str) -> list[str]:
     doc_ids = attrs.get("doc_ids") if isinstance(attrs, dict) else None
     if not isinstance(doc_ids, list) or not all(isinstance(d, str) for d in doc_ids):
         raise CorruptShardError(f"shard {where}: attribute doc_ids is not a str list")
+    try:  # JSON's "\ud800" parses to a lone surrogate, which no UTF-8 writer takes
+        "".join(doc_ids).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CorruptShardError(f"shard {where}: attribute doc_ids is not valid Unicode") from None
     return doc_ids
 
 

@@ -109,7 +109,9 @@ class ShardArrays:
         """
         d = len(self.doc_ids)
         off = self.offsets
-        if off.shape != (d + 1,) or off[0] != 0 or np.any(np.diff(off) < 1):
+        # compared, not subtracted: differences of int64 offsets wrap around (0, 2^62, -2^63,
+        # -2^62, N has every difference >= 1)
+        if off.shape != (d + 1,) or off[0] != 0 or np.any(off[1:] <= off[:-1]):
             raise CorruptShardError(
                 f"shard {where}: offsets must be increasing from 0 with {d + 1} entries "
                 f"(each document has >= 1 token), found shape {off.shape}"

@@ -9,6 +9,7 @@ file. ``trust_remote_code`` is never turned on unless the user asks.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -24,10 +25,10 @@ from logitstore.dataset import StoreDataset
 from logitstore.errors import (
     CorruptShardError,
     LogitstoreError,
+    ManifestError,
     UnknownNameError,
     UnsafePathError,
 )
-from logitstore.storage._fs import tree_checksum
 
 VOCAB = 256
 META = {
@@ -66,20 +67,6 @@ def manifest(root: Path) -> dict:
 
 def rewrite(root: Path, data: dict) -> None:
     (root / "manifest.json").write_text(json.dumps(data))
-
-
-def reseal(root: Path, j: int) -> None:
-    """Recompute shard ``j``'s files, sizes and checksum in the manifest (as an attacker would)."""
-    data = manifest(root)
-    entry = data["shards"][j]
-    base = root / entry["path"]
-    found = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
-    files = [(p.relative_to(root).as_posix(), p.read_bytes()) for p in found]
-    entry["files"] = [[n, len(b)] for n, b in sorted(files)]
-    entry["bytes"] = sum(len(b) for _, b in files)
-    entry["sha256"] = tree_checksum(files)
-    data["statistics"]["bytes"] = sum(s["bytes"] for s in data["shards"])
-    rewrite(root, data)
 
 
 @pytest.fixture
@@ -198,7 +185,7 @@ class _Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_a_zarr_object_array_with_a_pickle_filter_is_refused(tmp_path, no_unpickling):
+def test_a_zarr_object_array_with_a_pickle_filter_is_refused(tmp_path, no_unpickling, kit):
     root = build(tmp_path / "store", "zarr")
     shard = root / manifest(root)["shards"][0]["path"]
     payload = _Payload()
@@ -212,14 +199,14 @@ def test_a_zarr_object_array_with_a_pickle_filter_is_refused(tmp_path, no_unpick
     }))  # fmt: skip
     real_dumps = pickle.dumps  # dumps is not patched: only loading must never happen
     (shard / "input_ids" / "0").write_bytes(real_dumps(np.array([payload] * 21, dtype=object)))
-    reseal(root, 0)
+    kit.reseal(root, 0)
     with pytest.raises(CorruptShardError, match="input_ids") as info:
         open_store(str(root)).read_shard(0)
     assert manifest(root)["shards"][0]["path"] in str(info.value)
     assert not Path(payload.marker).exists() and no_unpickling == []
 
 
-def test_a_string_field_instead_of_numbers_is_refused(tmp_path, no_unpickling):
+def test_a_string_field_instead_of_numbers_is_refused(tmp_path, no_unpickling, kit):
     import zarr
 
     root = build(tmp_path / "store", "zarr")
@@ -227,13 +214,13 @@ def test_a_string_field_instead_of_numbers_is_refused(tmp_path, no_unpickling):
     shutil.rmtree(shard / "loss_mask")
     arr = zarr.create_array(str(shard / "loss_mask"), shape=(19,), dtype=str, chunks=(19,))
     arr[...] = np.array(["x"] * 19)
-    reseal(root, 0)
+    kit.reseal(root, 0)
     with pytest.raises(CorruptShardError, match="shards/000000.zarr"):
         open_store(str(root)).read_shard(0)
     assert no_unpickling == []
 
 
-def test_a_parquet_python_extension_type_is_never_unpickled(tmp_path, no_unpickling):
+def test_a_parquet_python_extension_type_is_never_unpickled(tmp_path, no_unpickling, kit):
     root = build(tmp_path / "store", "parquet")
     path = root / manifest(root)["shards"][0]["path"]
     table = pq.read_table(path)
@@ -246,7 +233,7 @@ def test_a_parquet_python_extension_type_is_never_unpickled(tmp_path, no_unpickl
     })  # fmt: skip
     table = table.cast(table.schema.set(table.schema.get_field_index("input_ids"), field))
     pq.write_table(table, path, compression="zstd")
-    reseal(root, 0)
+    kit.reseal(root, 0)
     opened = open_store(str(root))
     try:
         docs = opened.read_shard(0)  # plain lists with extra metadata: read as numbers, or
@@ -335,3 +322,398 @@ def test_the_student_is_never_loaded_with_remote_code(tiny_student_dir, from_pre
     load_tokenizer(str(tiny_student_dir))
     assert len(from_pretrained_calls) >= 2
     assert all(kw.get("trust_remote_code") in (None, False) for _, kw in from_pretrained_calls)
+
+
+# -- values that wrap around when widened or subtracted --------------------------------------
+
+
+def _replace_input_ids(root: Path, ids: np.ndarray) -> None:
+    """Shard 0's ``input_ids`` replaced by ``ids`` (any unsigned dtype)."""
+    import pyarrow as pa
+    import zarr
+
+    path = root / manifest(root)["shards"][0]["path"]
+    if path.is_file():
+        table = pq.read_table(path)
+        old = table["input_ids"].combine_chunks()
+        item = pa.field("item", pa.from_numpy_dtype(ids.dtype), nullable=False)
+        column = pa.ListArray.from_arrays(old.offsets, pa.array(ids), type=pa.list_(item))
+        index = table.schema.get_field_index("input_ids")
+        field = pa.field("input_ids", column.type, nullable=False)
+        pq.write_table(table.set_column(index, field, column), path, compression="zstd")
+    else:
+        shutil.rmtree(path / "input_ids")
+        arr = zarr.create_array(str(path / "input_ids"), shape=ids.shape, dtype=ids.dtype,
+                                chunks=ids.shape, fill_value=0)  # fmt: skip
+        arr[...] = ids
+
+
+def test_uint64_token_ids_that_wrap_negative_are_refused(store, kit):
+    # Any unsigned id type reads; a uint64 id of 2^64 - 1 became -1 as int64, below the
+    # vocabulary check, and reached training (an embedding lookup of -1).
+    ids = open_store(str(store)).read_shard_arrays(0).input_ids.astype(np.uint64)
+    ids[3] = 2**64 - 1
+    _replace_input_ids(store, ids)
+    kit.reseal(store, 0)
+    opened = open_store(str(store))
+    with pytest.raises(CorruptShardError, match="token ids reach beyond the vocabulary"):
+        opened.read_shard(0)
+    assert len(opened.verify()) == 1 and "shards/000000" in opened.verify()[0]
+    with pytest.raises(CorruptShardError, match="token ids"):
+        list(StoreDataset(str(store), tokens_per_batch=64, shuffle=False))
+
+
+def test_offsets_whose_differences_wrap_around_are_refused(tmp_path, kit):
+    from logitstore.storage import BACKENDS
+    from logitstore.storage.base import ShardArrays
+
+    root = build(tmp_path / "store", "zarr")
+    opened = open_store(str(root))
+    arrays = opened.read_shard_arrays(0)
+    n, docs = arrays.num_tokens, 4
+    # every int64 difference is >= 1 (2^62 each, wrapped), yet the offsets are not increasing
+    offsets = np.array([0, 2**62, -(2**63), -(2**62), n], dtype=np.int64)
+    assert np.all(np.diff(offsets) >= 1)
+    hostile = ShardArrays(
+        doc_ids=["a", "b", "c", "d"], offsets=offsets, input_ids=arrays.input_ids,
+        loss_mask=arrays.loss_mask[: n - docs],
+        fields={k: v[: n - docs] for k, v in arrays.fields.items()},
+    )  # fmt: skip
+    path = manifest(root)["shards"][0]["path"]
+    files = BACKENDS["zarr"].encode(path, hostile, opened.specs, vocab_size=VOCAB,
+                                    compression_level=3)  # fmt: skip
+    shutil.rmtree(root / path)
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    kit.reseal(root, 0, documents=docs, tokens=n, positions=n - docs)
+    with pytest.raises(CorruptShardError, match="offsets must be increasing"):
+        open_store(str(root)).read_shard(0)
+    assert any("offsets must be increasing" in p for p in open_store(str(root)).verify())
+    # (documents of 2^62 tokens and of none, whose positions did not match their tokens)
+    with pytest.raises(CorruptShardError, match="offsets"):
+        list(StoreDataset(str(root), tokens_per_batch=64, shuffle=False))
+
+
+# -- JSON that parses to far more than its bytes ---------------------------------------------
+
+
+@pytest.mark.parametrize("unit", ["{},", "[],", '"ab",', "0.5,"])
+def test_json_of_many_tiny_values_is_refused_before_parsing(store, unit, kit):
+    # 2 MB of "{}," parse to 48 MB of dicts; the 64 MiB a JSON file may hold, to 1.5 GiB.
+    # Refused from a count on the bytes: what a file parses to stays within a small multiple.
+    text = json.dumps(manifest(store))
+    extra = "[" + unit * (2 * 2**20 // len(unit)) + "0]"
+    (store / "manifest.json").write_text(text[:-1] + f', "extra": {extra}}}')
+    with pytest.raises(ManifestError, match="objects and lists .* parsed"):
+        open_store(str(store))
+
+    if (store / "shards" / "000000.zarr").exists():  # a shard's zarr.json alike
+        rewrite(store, json.loads(text))
+        group = store / "shards" / "000000.zarr" / "zarr.json"
+        group.write_text(group.read_text().rstrip()[:-1] + f', "extra": {extra}}}')
+        kit.reseal(store, 0)
+        opened = open_store(str(store))
+        with pytest.raises(CorruptShardError, match="zarr.json holds .* parsed"):
+            opened.read_shard(0)
+
+
+def test_json_as_the_format_writes_it_is_read_at_any_size(store):
+    # A large manifest of the kind a store has (many [name, size] pairs, long id lists),
+    # compact or indented, stays within the bound.
+    data = manifest(store)
+    data["extra"] = {
+        "files": [[f"shards/{i:06d}.zarr/values/c/0/0", 123456] for i in range(40_000)],
+        "ids": list(range(100_000, 300_000)),
+    }
+    for indent in (None, 2):
+        (store / "manifest.json").write_text(json.dumps(data, indent=indent))
+        assert (store / "manifest.json").stat().st_size > 2**21
+        assert len(open_store(str(store))) == 4
+
+
+# -- paths fsspec would read as patterns -----------------------------------------------------
+
+
+@pytest.mark.parametrize("glob", ["*", "?", "[0]"])
+def test_glob_characters_in_manifest_paths_are_refused(store, glob):
+    # fsspec's cat expands a pattern: on a remote store, a shard file named "shards/**" would
+    # list and download every file of the store, on every read of that shard.
+    data = manifest(store)
+    entry = data["shards"][0]
+    old = entry["path"]
+    entry["path"] = old.replace("000000", f"00000{glob}")
+    entry["files"] = [[entry["path"] + name[len(old) :], size] for name, size in entry["files"]]
+    rewrite(store, data)
+    with pytest.raises(UnsafePathError, match="glob character"):
+        open_store(str(store))
+
+
+def test_a_remote_store_never_globs(tmp_path):
+    import fsspec
+
+    root = build(tmp_path / "store", "parquet")
+    fs = fsspec.filesystem("memory")
+    fs.put(str(root), "/globbed", recursive=True)
+    try:
+        data = manifest(root)
+        entry = data["shards"][0]
+        entry["files"] = [["shards/**", entry["files"][0][1]]]
+        entry["path"] = "shards"
+        fs.pipe("/globbed/manifest.json", json.dumps(data).encode())
+        with pytest.raises(UnsafePathError, match="glob character"):
+            open_store("memory:///globbed")
+    finally:
+        fs.rm("/globbed", recursive=True)
+
+
+# -- a resumed store's settings and records --------------------------------------------------
+
+
+def _resume(root: Path, backend: str) -> StoreWriter:
+    return StoreWriter(str(root), codec=get_codec("topk", k=8), backend=backend, metadata=META,
+                       vocab_size=VOCAB, mode="resume")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("form", "error", "words"),
+    [
+        ("deep-settings", ManifestError, "settings.json nests"),
+        ("settings-linked-out", UnsafePathError, "outside the store's root"),
+        ("deep-record", ManifestError, "records/000000.json nests"),
+        ("record-without-a-field", ManifestError, "records/000000.json is missing the field"),
+        ("record-of-the-wrong-type", ManifestError, "records/000001.json field files"),
+        ("record-path-out", UnsafePathError, "records/000000.json field files[0]"),
+    ],
+)
+def test_malformed_settings_and_records_refuse_a_resume_cleanly(
+    store, tmp_path, form, error, words
+):
+    # A store's settings.json and records/ are read back when a writer resumes it (or
+    # finalizes it): they were parsed unbounded, so a deep file raised RecursionError and a
+    # record missing a field a KeyError or TypeError.
+    backend = "zarr" if (store / "shards" / "000000.zarr").exists() else "parquet"
+    records = store / "records"
+    deep = "[" * 100_000 + "]" * 100_000
+    if form == "deep-settings":
+        (store / "settings.json").write_text('{"format_version": 2, "x": ' + deep + "}")
+    elif form == "settings-linked-out":
+        outside = tmp_path / "elsewhere.json"
+        shutil.move(store / "settings.json", outside)
+        (store / "settings.json").symlink_to(outside)
+    elif form == "deep-record":
+        (records / "000000.json").write_text(deep)
+    else:
+        name = "000001.json" if form == "record-of-the-wrong-type" else "000000.json"
+        record = json.loads((records / name).read_text())
+        if form == "record-without-a-field":
+            del record["num_temperatures"]
+        elif form == "record-of-the-wrong-type":
+            record["files"] = 5
+        else:
+            record["files"][0][0] = "../../outside"
+        (records / name).write_text(json.dumps(record))
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
+        _resume(store, backend).finalize(2)
+
+
+# -- messages a stranger's file cannot stretch -----------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["many-columns", "wrong-type"])
+def test_a_parquet_schema_mismatch_is_told_in_one_short_line(tmp_path, form, kit):
+    import pyarrow as pa
+
+    root = build(tmp_path / "store", "parquet")
+    path = root / manifest(root)["shards"][0]["path"]
+    table = pq.read_table(path)
+    if form == "many-columns":  # the whole schema was printed: thousands of lines
+        for i in range(2000):
+            table = table.append_column(f"extra{i}", pa.array([0] * table.num_rows, pa.int8()))
+    else:
+        index = table.schema.get_field_index("input_ids")
+        column = table["input_ids"].cast(pa.large_list(pa.field("item", pa.uint8(), False)))
+        table = table.set_column(index, pa.field("input_ids", column.type, False), column)
+    pq.write_table(table, path, compression="zstd")
+    kit.reseal(root, 0)
+    with pytest.raises(CorruptShardError) as info:
+        open_store(str(root)).read_shard(0)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 600, message[:2000]
+    assert "shards/000000.parquet: schema" in message
+    assert ("2009 columns, expected 9" if form == "many-columns" else "'input_ids'") in message
+
+
+@pytest.mark.parametrize("control", ["\n", "\r", "\x1b[2J", "\x9b"])
+def test_control_characters_in_manifest_paths_are_refused(store, control):
+    # A path is named in messages as it is; a newline or an escape sequence in one reached
+    # the terminal (a forged second "error:" line, a cleared screen).
+    data = manifest(store)
+    entry = data["shards"][0]
+    old = entry["path"]
+    entry["path"] = old + control
+    entry["files"] = [[entry["path"] + name[len(old) :], size] for name, size in entry["files"]]
+    rewrite(store, data)
+    with pytest.raises(UnsafePathError, match="control character") as info:
+        open_store(str(store))
+    assert control not in str(info.value)
+
+
+ESCAPE = "\x1b[2J\x1b[31m"  # clear the screen, then red
+
+
+@pytest.mark.parametrize("form", ["zarr-error", "manifest-key", "link-target", "parquet-type"])
+def test_a_stores_escape_sequences_never_reach_a_message(tmp_path, form, kit):
+    # Messages quote what a library said about a file, a JSON key or a link's target: each
+    # of those is the store's text, now shown escaped.
+    import pyarrow as pa
+
+    backend = "parquet" if form == "parquet-type" else "zarr"
+    root = build(tmp_path / "store", backend)
+    shard = root / manifest(root)["shards"][0]["path"]
+    if form == "zarr-error":  # zarr-python's message quotes the separator it refuses
+        meta = json.loads((shard / "values" / "zarr.json").read_text())
+        meta["chunk_key_encoding"] = {"name": "default", "configuration": {"separator": ESCAPE}}
+        (shard / "values" / "zarr.json").write_text(json.dumps(meta))
+        kit.reseal(root, 0)
+    elif form == "manifest-key":
+        text = (root / "manifest.json").read_text()
+        key = json.dumps(ESCAPE)[1:-1]  # (a JSON string holds it escaped, parsed it is raw)
+        (root / "manifest.json").write_text(text[:-2] + f', "{key}": NaN}}')
+    elif form == "link-target":
+        outside = tmp_path / f"out{ESCAPE}"
+        outside.mkdir()
+        shutil.move(shard, outside / shard.name)
+        shard.symlink_to(outside / shard.name, target_is_directory=True)
+    else:  # a struct type's field names are printed with the type
+        table = pq.read_table(shard)
+        index = table.schema.get_field_index("top1")
+        column = pa.array([{ESCAPE: 1}] * table.num_rows)
+        pq.write_table(table.set_column(index, "top1", column), shard)
+        kit.reseal(root, 0)
+    with pytest.raises(LogitstoreError) as info:
+        open_store(str(root)).read_shard(0)
+    message = str(info.value)
+    assert "\x1b" not in message and ("\\x1b" in message or "\\u001b" in message), message
+
+
+# -- counts a reader sizes tables from -------------------------------------------------------
+
+
+@pytest.mark.parametrize("documents", [20_000_000, 2**39])
+def test_document_counts_beyond_the_shards_bytes_are_refused_at_opening(store, documents):
+    # StoreDataset plans an epoch from the manifest's document counts before any shard is
+    # read: 2e8 documents declared for a shard of 21 tokens took 3 GB, then a MemoryError
+    # (the size bound counted positions and tokens, not documents).
+    data = manifest(store)
+    data["shards"][0]["documents"] = documents
+    data["statistics"]["documents"] = sum(s["documents"] for s in data["shards"])
+    rewrite(store, data)
+    with pytest.raises(ManifestError, match=r"shards\[0\].positions: .* documents \("):
+        open_store(str(store))
+    with pytest.raises(ManifestError, match="times the shard's"):
+        next(iter(StoreDataset(str(store), tokens_per_batch=64)))
+
+    data["shards"][0]["documents"] = 3  # (a count off by one is the shard's to refuse)
+    data["statistics"]["documents"] = sum(s["documents"] for s in data["shards"])
+    rewrite(store, data)
+    with pytest.raises(CorruptShardError, match="documents, tokens, positions"):
+        next(iter(StoreDataset(str(store), tokens_per_batch=64, shuffle=False)))
+
+
+def test_document_offsets_count_toward_a_shards_declared_size(store):
+    # Consistent counts, with as many one-token documents as the shard's bytes allow tokens:
+    # each needs an 8-byte offset too.
+    data = manifest(store)
+    entry = data["shards"][0]
+    on_disk = sum(size for _, size in entry["files"])
+    entry["documents"] = 256 * on_disk // 2
+    entry["tokens"] = entry["documents"] + entry["positions"]
+    for key in ("documents", "tokens"):
+        data["statistics"][key] = sum(s[key] for s in data["shards"])
+    rewrite(store, data)
+    with pytest.raises(ManifestError, match=r"shards\[0\].positions: .* documents \("):
+        open_store(str(store))
+
+
+# -- strings that are not Unicode ------------------------------------------------------------
+
+
+def test_a_lone_surrogate_in_a_document_id_is_refused(tmp_path, kit):
+    # JSON's "\ud800" parses to a str no UTF-8 writer takes: the store read and verified,
+    # then convert and export failed with a UnicodeEncodeError writing the id to Parquet.
+    from logitstore.storage.convert import convert_store
+
+    root = build(tmp_path / "store", "zarr")
+    group = root / "shards" / "000000.zarr" / "zarr.json"
+    meta = json.loads(group.read_text())
+    meta["attributes"]["doc_ids"] = ["\ud800", "0/1"]
+    group.write_text(json.dumps(meta))  # (written escaped, as any JSON writer would)
+    kit.reseal(root, 0)
+    with pytest.raises(CorruptShardError, match="doc_ids is not valid Unicode"):
+        open_store(str(root)).read_shard(0)
+    with pytest.raises(CorruptShardError, match="doc_ids is not valid Unicode"):
+        convert_store(str(root), str(tmp_path / "out"), backend="parquet")
+
+
+@pytest.mark.parametrize("where", ["teacher.model", "source.key"])
+def test_a_lone_surrogate_in_the_manifest_is_refused(store, tmp_path, where):
+    # inspect printed it (UnicodeEncodeError on the terminal) and export wrote it into the
+    # dataset card (UnicodeEncodeError); refused when the manifest is parsed instead.
+    from logitstore.hub import export_store
+
+    data = manifest(store)
+    section, name = where.split(".")
+    if name == "key":
+        data[section]["\udc00"] = 1
+    else:
+        data[section][name] = "\ud800teacher"
+    rewrite(store, data)
+    text = (store / "manifest.json").read_text()
+    assert "\\ud800" in text or "\\udc00" in text
+    with pytest.raises(ManifestError, match=rf"field {section}\..* lone surrogate"):
+        open_store(str(store))
+    with pytest.raises(ManifestError, match="lone surrogate"):
+        export_store(str(store), str(tmp_path / "export"))
+
+
+# -- files larger than what they store -------------------------------------------------------
+
+
+def test_a_sparse_shard_file_is_refused_before_it_is_read(store):
+    # A file made by truncate (or a tar's sparse member) takes a few KB on disk whatever size
+    # it declares: with the manifest agreeing, a reader read all of it (2^33 bytes: a
+    # MemoryError, or gigabytes of zeros). Its size is no measure of the store's bytes.
+    data = manifest(store)
+    entry = data["shards"][0]
+    name = entry["files"][-1][0]
+    size = 2**28
+    with open(store / name, "r+b") as f:
+        f.truncate(size)
+    if (store / name).stat().st_blocks * 512 * 16 >= size:
+        pytest.skip("this filesystem stores no holes")
+    entry["files"][-1][1] = size
+    entry["bytes"] = sum(s for _, s in entry["files"])
+    data["statistics"]["bytes"] = sum(s["bytes"] for s in data["shards"])
+    rewrite(store, data)
+    opened = open_store(str(store))
+    with pytest.raises(CorruptShardError, match=f"file {name} is a sparse file of {size} bytes"):
+        opened.read_shard(0)
+    assert len(opened.read_shard(1)) == 2  # the rest of the store still reads
+
+
+def test_the_hole_check_leaves_the_file_read_from_its_start(tmp_path):
+    # The check seeks to the first hole; a file found not sparse (a compressing filesystem's
+    # few blocks, no hole) must still be read from byte 0, whole.
+    from logitstore.storage._fs import _sparse
+
+    path = tmp_path / "blob"
+    path.write_bytes(b"head" + bytes(4096))
+    with open(path, "r+b") as f:
+        f.truncate(2**26)
+        st = os.fstat(f.fileno())
+        if st.st_blocks * 512 * 16 >= st.st_size:
+            pytest.skip("this filesystem stores no holes")
+        assert _sparse(f.fileno(), st)
+        assert os.lseek(f.fileno(), 0, os.SEEK_CUR) == 0
+        assert f.read(4) == b"head"
