@@ -46,6 +46,7 @@ def command(store: str, as_json: bool, storage_options: dict | None) -> None:
       logitstore inspect s3://bucket/stores/smollm2 --json
     """
     from logitstore import open_store
+    from logitstore.storage._remote import printable
 
     summary = open_store(store, storage_options).summary()
     if as_json:
@@ -71,4 +72,5 @@ def command(store: str, as_json: bool, storage_options: dict | None) -> None:
         rows.append(("fidelity", "not measured"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        click.echo(f"{key:<{width}}  {value}")
+        # the teacher's metadata is the store's text: an escape sequence is shown, not obeyed
+        click.echo(printable(f"{key:<{width}}  {value}"))

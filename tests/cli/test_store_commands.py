@@ -137,3 +137,21 @@ def test_inspect_summarises_long_codec_settings():
     assert line == "topk v1 (hot_ids=[900 values], k=4)"
     short = {"name": "topk", "version": 1, "configuration": {"hot_ids": [3, 1]}}
     assert _codec(short) == "topk v1 (hot_ids=[3, 1])"
+
+
+def test_inspect_shows_escape_sequences_in_a_stores_metadata_without_obeying_them(tmp_path):
+    # The teacher's metadata is the store's own text: a stranger's store may hold terminal
+    # escape sequences (clear the screen, rewrite the line) in it.
+    root = tmp_path / "store"
+    codec = get_codec("topk", k=8)
+    meta = {**META, "teacher": {"model": "evil\x1b[2J\x1b[1A", "dtype": "float32"}}
+    w = StoreWriter(str(root), codec=codec, metadata=meta, vocab_size=V)
+    ids = torch.arange(6)
+    lp = torch.log_softmax(torch.randn(5, V, generator=torch.Generator().manual_seed(0)), -1)
+    enc = {k: v.numpy() for k, v in codec.encode(lp, ids[1:], temperatures=(1.0,)).items()}
+    w.write_shard(0, [EncodedDocument("a", ids.numpy(), np.ones(5, bool), enc)])
+    w.finalize(1)
+    result = run("inspect", root)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "model=evil\\x1b[2J\\x1b[1A" in result.output
+    assert json.loads(run("inspect", root, "--json").output)["teacher"]["model"].startswith("evil")
