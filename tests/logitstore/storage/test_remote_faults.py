@@ -39,6 +39,7 @@ class Faults:
     def __init__(self) -> None:
         self.rules: list[list] = []
         self.gets: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()  # body bytes sent back per path
         self.lock = threading.Lock()
 
     def add(self, substring: str, mode: str, times: int | None = None) -> None:
@@ -97,6 +98,8 @@ class _Proxy(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+            with self.server.faults.lock:  # type: ignore[attr-defined]
+                self.server.faults.sent[self.path.split("?")[0]] += len(data)  # type: ignore[attr-defined]
         conn.close()
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
@@ -203,3 +206,18 @@ def test_the_manifest_read_is_retried_too(remote):
     faults.add("manifest.json", "503")
     with pytest.raises(StoreReadError, match="manifest.json"):
         opened(url, opts)
+
+
+def test_an_object_larger_than_the_manifest_says_is_not_downloaded_whole(remote, servers):
+    # The manifest bounds each file's size; an object grown past it (64 MiB here) is read up
+    # to one byte past that size, a ranged request, and refused, not fetched whole.
+    import s3fs
+
+    url, opts, faults = remote
+    fs = s3fs.S3FileSystem(**options(servers[0]))
+    path = f"{url}/shards/000001.parquet"
+    declared = len(fs.cat(path))
+    fs.pipe(path, fs.cat(path) + bytes(64 * 2**20))
+    with pytest.raises(CorruptShardError, match=f"has more than {declared} bytes, the manifest"):
+        opened(url, opts).read_shard(1)
+    assert 0 < faults.sent[path.removeprefix("s3:/")] <= declared + 1
