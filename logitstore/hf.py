@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,17 @@ class KDTrainer(Trainer):
                 "FSDP through Trainer needs accelerators: accelerate runs CPU processes with "
                 "DDP; drop --fsdp on CPU (or apply torch's fully_shard yourself)"
             )
+        if self.args.n_gpu > 1:
+            # One process that sees several GPUs: Trainer would wrap the student in
+            # nn.DataParallel, whose replicas split the token ids but are each handed the whole
+            # teacher batch. One GPU per process; torchrun gives each GPU its own (DDP).
+            warnings.warn(
+                f"this process sees {self.args.n_gpu} GPUs and trains on the first; launch with "
+                f"torchrun --nproc-per-node {self.args.n_gpu} to train on all of them (DDP), or "
+                "choose one with CUDA_VISIBLE_DEVICES",
+                stacklevel=2,
+            )
+            self.args._n_gpu = 1
         self.loss_is_scaled_for_ga = True
         self.kd_loss = loss
         self.kd_dataset = dataset

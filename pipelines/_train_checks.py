@@ -106,7 +106,15 @@ def _check_environment(config: TrainConfig) -> None:
     import torch
 
     if config.device is not None:
-        parse_device(config.device)
+        device = parse_device(config.device)
+        if device.type == "cuda" and device.index:
+            # Trainer places a process on the first GPU it sees (under torchrun, its local
+            # rank's): an index here would be ignored, not obeyed.
+            raise ConfigError(
+                f"device {config.device}: training runs on the first visible GPU; choose it "
+                f"with CUDA_VISIBLE_DEVICES={device.index} and --device cuda (or launch "
+                "torchrun for several)"
+            )
     dtype = getattr(torch, str(config.student_dtype), None)
     if config.student_dtype != "auto" and not (
         isinstance(dtype, torch.dtype) and dtype.is_floating_point

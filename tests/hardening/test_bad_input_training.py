@@ -303,3 +303,20 @@ def test_deepspeed_settings_are_a_json_file_or_a_mapping(tmp_path):
         check_config(TrainConfig(**base, deepspeed=3))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="lora_r must be an integer >= 0; found '8'"):
         check_config(TrainConfig(**base, lora_r="8"))  # type: ignore[arg-type]
+
+
+def test_a_gpu_index_for_training_is_refused_with_the_way_to_choose_one(tmp_path, monkeypatch):
+    import torch
+
+    from logitstore.pipelines._train_checks import check_config
+    from logitstore.pipelines.train import TrainConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    base = {"store": "s", "student": "m", "out": str(tmp_path / "o")}
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=2 and --device cuda"):
+        check_config(TrainConfig(**base, device="cuda:2"))
+    check_config(TrainConfig(**base, device="cuda"))
+    check_config(TrainConfig(**base, device="cuda:0"))
+    with pytest.raises(ConfigError, match="there are 4 CUDA devices"):
+        check_config(TrainConfig(**base, device="cuda:7"))

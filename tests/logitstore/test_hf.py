@@ -362,3 +362,18 @@ def test_a_tied_student_resumes_with_its_head_tied_and_no_missing_key_warning(
         torch.nn.modules.module._IncompatibleKeys(["lm_head.weight", "model.norm.weight"], [])
     )
     assert said and "model.norm.weight" in said[-1] and "lm_head" not in said[-1], said
+
+
+def test_one_process_that_sees_several_gpus_trains_on_one_not_with_data_parallel(
+    store, tiny_student_dir, tmp_path
+):
+    # Trainer wraps the student in nn.DataParallel when one process sees several GPUs: its
+    # replicas would split the token ids, each with the whole teacher batch.
+    training_args = args(tmp_path / "run")
+    _ = training_args.device  # devices set up, as on a machine with 4 GPUs:
+    training_args._n_gpu = 4
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    with pytest.warns(UserWarning, match="sees 4 GPUs.*torchrun --nproc-per-node 4"):
+        trainer = KDTrainer(model, training_args, store)
+    assert trainer.args.n_gpu == 1
+    assert not isinstance(trainer._wrap_model(trainer.model), torch.nn.DataParallel)
