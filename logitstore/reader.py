@@ -21,6 +21,7 @@ import numpy as np
 
 from logitstore import _block
 from logitstore import format as fmt
+from logitstore._doc_ids import IdLedger
 from logitstore.codecs._cached import codec_and_specs
 from logitstore.codecs._checks import check_positions
 from logitstore.codecs.base import Codec, FieldSpec, Positions
@@ -463,7 +464,7 @@ class LogitStore:
                     f"{fmt.MANIFEST_NAME}: statistics.{key} is {stats.get(key)!r}, "
                     f"the shards add up to {total}"
                 )
-        first_shard: dict[str, str] = {}  # document id -> the shard that holds it first
+        ledger = IdLedger()  # ids held by more than one shard, reported at the end
         for j, entry in enumerate(shards):
             if sum(size for _, size in entry["files"]) != entry["bytes"]:
                 problems.append(f"shard {entry['path']}: file sizes do not add up to its bytes")
@@ -481,15 +482,20 @@ class LogitStore:
                     f"times in it (repeated ids in this shard: {len(twice)}); an id names one "
                     "document"
                 )
-            earlier = [
-                d for d in counts if first_shard.setdefault(d, entry["path"]) != entry["path"]
-            ]
-            if earlier:
-                problems.append(
-                    f"shard {entry['path']}: document id {earlier[0]!r} is held by shard "
-                    f"{first_shard[earlier[0]]} too (ids of this shard held by earlier shards: "
-                    f"{len(earlier)}); an id names one document"
-                )
+            ledger.add(j, arrays.doc_ids)
+
+        def doc_ids_of(j: int) -> list[str] | None:
+            try:
+                return self.read_shard_arrays(j).doc_ids
+            except LogitstoreError:  # (read once already: it changed since, say a bucket's)
+                return None
+
+        for j, repeat in ledger.repeats(doc_ids_of).items():
+            problems.append(
+                f"shard {shards[j]['path']}: document id {repeat.doc_id!r} is held by shard "
+                f"{shards[repeat.earlier_shard]['path']} too (ids of this shard held by earlier "
+                f"shards: {repeat.count}); an id names one document"
+            )
         return problems
 
 
