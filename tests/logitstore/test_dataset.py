@@ -187,3 +187,25 @@ def test_errors_in_the_prefetch_thread_reach_the_consumer():
 
     with pytest.raises(OSError, match="disk gone"):
         list(StoreDataset(Broken([2, 2]), rank=0, world_size=1))
+
+
+@pytest.mark.parametrize("items", [1, 5])
+def test_closing_the_prefetching_iterator_ends_its_thread(items):
+    # A thread left decoding when the interpreter exits is stopped inside native code, which
+    # aborts the process; closing the iterator (as a finished training loop does) ends it.
+    import threading
+    import time
+
+    from logitstore import dataset
+
+    def slow():
+        for i in range(items):
+            time.sleep(0.05)
+            yield i
+
+    it = dataset._prefetched(slow(), depth=1)
+    assert next(it) == 0
+    time.sleep(0.2)  # the thread has the next item in hand, or its end waits in a full queue
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "logitstore-prefetch"]
+    assert not dataset._LIVE
