@@ -13,6 +13,7 @@ from logitstore.codecs import Codec, get_codec
 from logitstore.errors import ConfigError
 from logitstore.pipelines._codec import CODEC_OPTIONS, nested_codec
 from logitstore.pipelines._placement import Placement
+from logitstore.pipelines._yaml import read_settings
 
 # Integer settings and their least value, checked when the settings are made (a YAML file can
 # give any type; a negative count would fail deep inside the pass, after the teacher loaded).
@@ -128,16 +129,7 @@ class TeacherPassConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TeacherPassConfig:
         """Load a YAML mapping of settings, then apply ``overrides`` (e.g. from the CLI)."""
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{path}: expected a mapping of settings, found {type(data).__name__}"
-            )
+        data = read_settings(path)
         codec = data.get("codec")
         if isinstance(codec, Mapping) and overrides.get("codec") == codec.get("name"):
             overrides = {k: v for k, v in overrides.items() if k != "codec"}  # keep its params

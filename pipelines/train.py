@@ -51,6 +51,7 @@ from logitstore.pipelines._train_checks import (
     check_resumable,
     saved_state,
 )
+from logitstore.pipelines._yaml import read_settings
 
 
 @dataclass
@@ -106,16 +107,7 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Load a YAML mapping of field names; ``overrides`` that are not None win."""
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{path}: expected a mapping of settings, found {type(data).__name__}"
-            )
+        data = read_settings(path)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
