@@ -74,6 +74,16 @@ Real shards compress 2-4x; the bound keeps a small hostile shard (millions of de
 positions, chunks left out as all fill value, a zstd bomb) from making a reader allocate
 gigabytes before finding it empty or broken."""
 
+MAX_READ_EXPANSION = 4 * MAX_EXPANSION
+"""A shard's arrays with its positions as a reader decodes them (``Codec.decoded_bytes``) may
+be at most this many times its bytes on disk.
+
+Decoding expands: the dense codec's one-byte codes become an int64 id and a float32 log-prob
+each, so a real dense store reads to 30 (8 bits) or 240 (4 bits) times its bytes on disk and a
+top-k store to about 10. A writer stores a shard whose data compresses so well that it would
+pass either bound (long repeats of one text) without compression, so every store it writes
+can be read."""
+
 
 _COUNT = Int(0, MAX_COUNT)
 _FIDELITY = Nullable(Obj(values=Num()))
@@ -515,37 +525,67 @@ def validate_record(data: Mapping[str, Any], what: str) -> None:
         check_relative_path(name, f"{what} field files[{i}]")
 
 
+def expansion_problem(
+    shard: Mapping[str, Any], position_bytes: int, decoded_bytes: int, token_bytes: int
+) -> str | None:
+    """What is wrong with a shard's counts against its bytes on disk, or ``None``.
+
+    Args:
+        shard: a shard entry or record: ``positions``, ``tokens``, ``documents``, ``files``.
+        position_bytes: stored bytes of one position (codec fields and loss mask).
+        decoded_bytes: bytes of one position once decoded (``Codec.decoded_bytes``).
+        token_bytes: stored bytes of one token id.
+    """
+    on_disk = sum(size for _, size in shard["files"])
+    stored = (
+        shard["positions"] * position_bytes
+        + shard["tokens"] * token_bytes
+        + 8 * (shard["documents"] + 1)  # the document offsets, int64
+    )
+    counts = (
+        f"{shard['positions']} positions, {shard['tokens']} tokens and "
+        f"{shard['documents']} documents"
+    )
+    if stored > MAX_EXPANSION * on_disk:
+        return (
+            f"expected at most {MAX_EXPANSION} times the shard's {on_disk} bytes on disk "
+            f"uncompressed, found {counts} ({stored} bytes)"
+        )
+    read = stored + shard["positions"] * decoded_bytes
+    if read > MAX_READ_EXPANSION * on_disk:
+        return (
+            f"expected at most {MAX_READ_EXPANSION} times the shard's {on_disk} bytes on disk "
+            f"decoded, found {counts} ({read} bytes once decoded)"
+        )
+    return None
+
+
 def check_declared_sizes(
-    shards: Sequence[Mapping[str, Any]], position_bytes: int, token_bytes: int
+    shards: Sequence[Mapping[str, Any]],
+    position_bytes: int,
+    token_bytes: int,
+    decoded_bytes: int = 0,
 ) -> None:
     """Refuse shards whose declared arrays are far larger than their files.
 
     Readers size arrays from the manifest's counts before the chunks are decompressed, so
     the counts are bounded first: uncompressed, a shard's arrays may be at most
-    :data:`MAX_EXPANSION` times its bytes on disk.
+    :data:`MAX_EXPANSION` times its bytes on disk, and decoded at most
+    :data:`MAX_READ_EXPANSION` times.
 
     Args:
         shards: the manifest's validated shard entries.
         position_bytes: stored bytes of one position (codec fields and loss mask).
         token_bytes: stored bytes of one token id.
+        decoded_bytes: bytes of one position once decoded (``Codec.decoded_bytes``).
 
     Raises:
         ManifestError: naming the shard's field.
     """
     for j, shard in enumerate(shards):
-        on_disk = sum(size for _, size in shard["files"])
-        declared = (
-            shard["positions"] * position_bytes
-            + shard["tokens"] * token_bytes
-            + 8 * (shard["documents"] + 1)  # the document offsets, int64
-        )
-        if declared > MAX_EXPANSION * on_disk:
-            raise ManifestError(
-                f"{MANIFEST_NAME} field shards[{j}].positions: expected at most "
-                f"{MAX_EXPANSION} times the shard's {on_disk} bytes on disk uncompressed, "
-                f"found {shard['positions']} positions, {shard['tokens']} tokens and "
-                f"{shard['documents']} documents ({declared} bytes)"
-            )
+        problem = expansion_problem(shard, position_bytes, decoded_bytes, token_bytes)
+        if problem is not None:
+            raise ManifestError(f"{MANIFEST_NAME} field shards[{j}].positions: {problem}")
 
 
 def build_manifest(

@@ -35,7 +35,7 @@ from logitstore.errors import (
     StoreNotFoundError,
 )
 from logitstore.storage import BACKENDS, Backend, ShardArrays, _fs, _shard_cache
-from logitstore.storage.base import token_dtype
+from logitstore.storage.base import position_bytes, token_dtype
 
 
 class LogitStore:
@@ -95,10 +95,12 @@ class LogitStore:
             raise ManifestError(f"{fmt.MANIFEST_NAME} field codec.configuration: {exc}") from None
         self.backend: Backend = BACKENDS[self.manifest["backend"]]
         shards = self.manifest["shards"]
-        row_bytes = sum(
-            np.dtype(spec.dtype).itemsize * int(np.prod(spec.shape)) for spec in self.specs.values()
+        fmt.check_declared_sizes(
+            shards,
+            position_bytes(self.specs),
+            token_dtype(self.vocab_size).itemsize,
+            self.codec.decoded_bytes(self.vocab_size, self.manifest["num_temperatures"]),
         )
-        fmt.check_declared_sizes(shards, row_bytes + 1, token_dtype(self.vocab_size).itemsize)
         paths = [s["path"] for s in shards]
         if len(set(paths)) != len(paths):
             raise ManifestError(f"{fmt.MANIFEST_NAME}: shard paths repeat")

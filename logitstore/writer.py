@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ from logitstore.errors import (
 )
 from logitstore.storage import _fs
 from logitstore.storage import get_backend as _get_backend
-from logitstore.storage.base import RESERVED_NAMES, ShardArrays
+from logitstore.storage.base import RESERVED_NAMES, ShardArrays, position_bytes, token_dtype
 
 MODES = ("create", "resume", "join")
 
@@ -335,13 +336,7 @@ class StoreWriter:
         committed = False
         final = self._path(rel)
         try:
-            files = self.backend.encode(
-                rel,
-                arrays,
-                specs,
-                vocab_size=self.vocab_size,
-                compression_level=self.compression_level,
-            )
+            files = self._encode(rel, arrays, specs, n_temps)
             record = {
                 "index": index,
                 "path": rel,
@@ -366,6 +361,38 @@ class StoreWriter:
                 _fs.remove(self.fs, final)
             _fs.remove(self.fs, claim)
         return fmt.normalize(record)
+
+    def _encode(
+        self, rel: str, arrays: ShardArrays, specs: Mapping[str, FieldSpec], n_temps: int
+    ) -> dict[str, bytes]:
+        """The shard's files, compressed unless that would make readers refuse the shard.
+
+        Readers bound a shard's arrays, uncompressed and decoded, by a multiple of its bytes
+        on disk (``format.expansion_problem``); data that compresses further than that (one
+        text repeated at length, say) is stored uncompressed, so every shard written reads.
+        """
+        files = self.backend.encode(
+            rel, arrays, specs, vocab_size=self.vocab_size, compression_level=self.compression_level
+        )
+        counts = {
+            "positions": arrays.num_positions,
+            "tokens": arrays.num_tokens,
+            "documents": arrays.num_documents,
+            "files": [(name, len(data)) for name, data in files.items()],
+        }
+        decoded = self.codec.decoded_bytes(self.vocab_size, n_temps)
+        token_bytes = token_dtype(self.vocab_size).itemsize
+        problem = fmt.expansion_problem(counts, position_bytes(specs), decoded, token_bytes)
+        if problem is None:
+            return files
+        warnings.warn(
+            f"{rel} compresses too well for readers to accept it ({problem}); it is stored "
+            "uncompressed (data this repetitive is better deduplicated)",
+            stacklevel=3,
+        )
+        return self.backend.encode(
+            rel, arrays, specs, vocab_size=self.vocab_size, compression_level=None
+        )
 
     def _claim(self, index: int, record_path: str) -> str:
         """Create shard ``index``'s claim file exclusively; returns its path."""

@@ -119,6 +119,21 @@ class Codec(ABC):
             BadValueError: only with ``vocab_size``: the first bad position and field.
         """
 
+    @abstractmethod
+    def support_size(self, vocab_size: int) -> int:
+        """``K``, the width of the decoded support (:class:`Positions`) for this vocabulary."""
+
+    def decoded_bytes(self, vocab_size: int, num_temperatures: int) -> int:
+        """Bytes of one decoded position: what a reader allocates for it, beyond the stored
+        arrays (int64 ids, float32 log-probs, int32 counts where drawn, float32 scalars)."""
+        per_entry = 8 + 4 + (4 if self.has_counts else 0)
+        return self.support_size(vocab_size) * per_entry + 4 * (3 + num_temperatures)
+
+    @property
+    def has_counts(self) -> bool:
+        """Whether decoded positions carry draw counts (``Positions.support_counts``)."""
+        return False
+
     @property
     def first_is_max(self) -> bool:
         """Whether each position's first decoded log-prob is its largest by construction, and

@@ -49,6 +49,9 @@ class Dense(Codec):
     def _values(self) -> str:
         return f"q{self.bits}"
 
+    def support_size(self, vocab_size: int) -> int:
+        return vocab_size
+
     def fields(self, vocab_size: int, num_temperatures: int) -> dict[str, FieldSpec]:
         out = {"values": FieldSpec("uint8", (vocab_size,)), "top1": FieldSpec("float32")}
         out.update(_scalars.scalar_fields(num_temperatures))
@@ -88,10 +91,11 @@ class Dense(Codec):
         # the ids, since column i holds token i.
         ids = np.argsort(codes, axis=1, kind="stable").astype(np.int64, copy=False)
         codes = np.take_along_axis(codes, ids, axis=1)
-        d = _quant.dequantize(codes, self._values)
+        logprobs = _quant.dequantize(codes, self._values)  # float32 distances, then in place:
+        np.subtract(top1[:, None], logprobs, out=logprobs)  # (V floats a row: no second copy)
         pos = Positions(
             support_ids=ids,
-            support_logprobs=(top1[:, None] - d).astype(np.float32),
+            support_logprobs=logprobs,
             **_scalars.decode_scalars(fields, codes.shape[0]),
         )
         if vocab_size is not None:

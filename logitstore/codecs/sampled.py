@@ -58,6 +58,13 @@ class Sampled(Codec):
     def _count_dtype(self) -> str:
         return "uint8" if self.n <= 255 else "uint16"
 
+    def support_size(self, vocab_size: int) -> int:
+        return self.n
+
+    @property
+    def has_counts(self) -> bool:
+        return True
+
     def fields(self, vocab_size: int, num_temperatures: int) -> dict[str, FieldSpec]:
         out = {name: FieldSpec("uint8", (self.n,)) for name in _ids.plane_names("ids", vocab_size)}
         out["counts"] = FieldSpec(self._count_dtype, (self.n,))

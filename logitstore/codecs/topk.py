@@ -141,6 +141,9 @@ class TopK(Codec):
     def unfit(self) -> TopK:
         return dataclasses.replace(self, hot_ids=())
 
+    def support_size(self, vocab_size: int) -> int:
+        return self.k
+
     def fields(self, vocab_size: int, num_temperatures: int) -> dict[str, FieldSpec]:
         check_size("k", self.k, vocab_size)
         if self.hot_ids and max(self.hot_ids) >= vocab_size:

@@ -106,7 +106,7 @@ class ParquetBackend(Backend):
         specs: Mapping[str, FieldSpec],
         *,
         vocab_size: int,
-        compression_level: int,
+        compression_level: int | None,
     ) -> dict[str, bytes]:
         tok = token_dtype(vocab_size)
         pos_off = arrays.position_offsets()
@@ -118,8 +118,14 @@ class ParquetBackend(Backend):
         columns += [_list_array(arrays.fields[n], pos_off) for n in sorted(specs)]
         table = pa.Table.from_arrays(columns, schema=self.schema(specs, tok))
         sink = pa.BufferOutputStream()
+        # Uncompressed means plain pages too: a dictionary would compress repeats as well.
+        plain = compression_level is None
         with pq.ParquetWriter(
-            sink, table.schema, compression="zstd", compression_level=compression_level
+            sink,
+            table.schema,
+            compression="none" if plain else "zstd",
+            compression_level=compression_level,
+            use_dictionary=not plain,
         ) as writer:
             for start, stop in self._row_groups(pos_off):
                 writer.write_table(table.slice(start, stop - start))

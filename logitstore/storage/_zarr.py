@@ -40,7 +40,7 @@ SHARD_FORMAT = 1
 _EMPTY = 2**64 - 1  # sharding index marker of a chunk equal to the fill value
 
 
-def _create(group: Any, name: str, data: np.ndarray, level: int) -> None:
+def _create(group: Any, name: str, data: np.ndarray, level: int | None) -> None:
     rows = data.shape[0]
     # The zarr shard must be a whole number of inner chunks; one zarr shard holds the array.
     shard_rows = max(CHUNK_ROWS, -(-rows // CHUNK_ROWS) * CHUNK_ROWS)
@@ -52,7 +52,7 @@ def _create(group: Any, name: str, data: np.ndarray, level: int) -> None:
         dtype=data.dtype,
         chunks=(CHUNK_ROWS, *inner),
         shards=(shard_rows, *inner),
-        compressors=ZstdCodec(level=level, checksum=False),
+        compressors=None if level is None else ZstdCodec(level=level, checksum=False),
         filters=None,
         fill_value=0,
     )
@@ -73,7 +73,7 @@ class ZarrBackend(Backend):
         specs: Mapping[str, FieldSpec],
         *,
         vocab_size: int,
-        compression_level: int,
+        compression_level: int | None,
     ) -> dict[str, bytes]:
         store_dict: dict[str, Any] = {}
         group = zarr.create_group(

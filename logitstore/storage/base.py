@@ -31,6 +31,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("uint32")
 
 
+def position_bytes(specs: Mapping[str, FieldSpec]) -> int:
+    """Stored bytes of one position, uncompressed: the codec's fields and the loss mask."""
+    return 1 + sum(np.dtype(s.dtype).itemsize * int(np.prod(s.shape)) for s in specs.values())
+
+
 def check_expansion(
     where: str,
     files: Mapping[str, bytes],
@@ -53,7 +58,7 @@ def check_expansion(
         raise CorruptShardError(
             f"shard {where}: expected a count of positions, found {positions!r}"
         )
-    row = 1 + sum(np.dtype(s.dtype).itemsize * int(np.prod(s.shape)) for s in specs.values())
+    row = position_bytes(specs)
     arrays = positions * row + (positions + documents) * token_bytes + 8 * (documents + 1)
     stored = sum(len(data) for data in files.values())
     if arrays > MAX_EXPANSION * stored:
@@ -155,10 +160,11 @@ class Backend(ABC):
         specs: Mapping[str, FieldSpec],
         *,
         vocab_size: int,
-        compression_level: int,
+        compression_level: int | None,
     ) -> dict[str, bytes]:
         """The shard's files, keyed by store-relative path (``shard_path`` or below it).
 
+        ``compression_level`` is zstd's level, or ``None`` for arrays stored uncompressed.
         Must be deterministic: the same arrays give the same bytes.
         """
 

@@ -231,6 +231,56 @@ def test_millions_of_positions_with_no_chunks_are_refused(zarr_store, positions,
     refused(run_verify(zarr_store), "positions", "256 times")
 
 
+@pytest.mark.parametrize("backend", ["zarr", "parquet"])
+def test_a_shard_that_would_decode_to_gigabytes_is_refused_before_it_is_read(
+    tmp_path, backend, kit
+):
+    """A dense shard of one valid position repeated 40,000 times, zstd-compressed, padded
+    with random bytes to pass the bound on its stored arrays (each one-byte code of which
+    decodes to a 12-byte id and log-prob): about 2 GB once decoded, against 0.7 MB on disk."""
+    from logitstore.storage import get_backend
+    from logitstore.storage.base import ShardArrays
+
+    vocab, positions = 4096, 40_000
+    root = tmp_path / "store"
+    codec = get_codec("dense")
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(3 * torch.randn(1, vocab, generator=g), -1)
+    row = {k: v.numpy() for k, v in codec.encode(lp, torch.zeros(1, dtype=torch.long)).items()}
+    w = StoreWriter(str(root), codec=codec, backend=backend, metadata=META, vocab_size=vocab)
+    w.write_shard(0, [EncodedDocument("0", np.zeros(2, np.int64), np.ones(1, bool), row)])
+    w.finalize(1)
+    entry = manifest(root)["shards"][0]
+    arrays = ShardArrays(
+        doc_ids=["0"],
+        offsets=np.array([0, positions + 1]),
+        input_ids=np.zeros(positions + 1, np.int64),
+        loss_mask=np.ones(positions, bool),
+        fields={k: np.repeat(v, positions, axis=0) for k, v in row.items()},
+    )
+    files = get_backend(backend).encode(
+        entry["path"], arrays, codec.fields(vocab, 0), vocab_size=vocab, compression_level=3
+    )
+    stored = sum(v.nbytes for v in arrays.fields.values()) + 2 * positions  # mask, ids
+    pad = stored // 250 - sum(len(b) for b in files.values())
+    if backend == "zarr":  # a file of the shard the reader has no use for
+        files[entry["path"] + "/pad"] = np.random.default_rng(0).bytes(pad)
+    else:  # the footer's key-value metadata
+        table = pq.read_table(pa.BufferReader(files[entry["path"]]))
+        table = table.replace_schema_metadata({"pad": np.random.default_rng(0).bytes(pad)})
+        sink = pa.BufferOutputStream()  # (the arrow schema in the footer holds it twice)
+        pq.write_table(table, sink, compression="zstd", compression_level=3)
+        files = {entry["path"]: sink.getvalue().to_pybytes()}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    on_disk = sum(len(b) for b in files.values())
+    assert stored <= 256 * on_disk  # within the bound on stored arrays,
+    assert 12 * vocab * positions > 1024 * on_disk  # far beyond it decoded
+    kit.reseal(root, 0, tokens=positions + 1, positions=positions)
+    refused(run_verify(root), "shards[0].positions", "1024 times", "decoded")
+
+
 # -- parquet files whose footer or pages declare huge columns --------------------------------
 
 

@@ -21,7 +21,8 @@ from logitstore.errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from logitstore.storage import _fs
+from logitstore.storage import _fs, get_backend
+from logitstore.storage.base import ShardArrays
 
 V = 300
 META = {
@@ -269,6 +270,57 @@ def test_manifest_fidelity_is_the_mean_over_all_sampled_positions(tmp_path):
         values = np.concatenate([p[key] for p in per_position]).astype(np.float64)
         assert got[key] == pytest.approx(values.mean(), rel=1e-9, abs=1e-12), key
     assert got["positions"] == sum(len(p["top1_agreement"]) for p in per_position)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "parquet"])
+def test_a_shard_too_repetitive_for_readers_is_stored_uncompressed(tmp_path, backend):
+    """One position repeated 20,000 times: zstd would shrink it beyond the multiple of its
+    bytes on disk a reader accepts once decoded, so the writer stores it uncompressed and
+    it reads back; shards of ordinary data stay compressed."""
+    import warnings
+
+    import pyarrow.parquet as pq
+    import zarr
+
+    c = get_codec("dense", bits=4)
+    t = 20_001
+    lp = torch.log_softmax(torch.linspace(0.0, -30.0, V), -1).expand(t - 1, V)
+    labels = torch.zeros(t - 1, dtype=torch.long)
+    fields = {k: v.numpy() for k, v in c.encode(lp, labels, temperatures=(2.0,)).items()}
+    doc = EncodedDocument("repeated", np.zeros(t, np.int64), np.ones(t - 1, bool), fields)
+    w = writer(tmp_path / "s", codec=c, backend=backend, vocab_size=V)
+    with pytest.warns(UserWarning, match="stored uncompressed"):
+        record = w.write_shard(0, [doc])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w.write_shard(1, encode(c, 3, 0))  # random data: compressed as usual, no warning
+    w.finalize(2)
+    # Compressed, the shard would have been far smaller than a reader's bound allows: the
+    # decoded ids and log-probs alone (12 bytes a vocabulary entry) over 1024 times the bytes.
+    arrays = ShardArrays(["repeated"], np.array([0, t]), doc.input_ids, doc.loss_mask, fields)
+    files = get_backend(backend).encode(
+        "x", arrays, c.fields(V, 1), vocab_size=V, compression_level=3
+    )
+    assert 12 * V * (t - 1) > 1024 * sum(len(b) for b in files.values())
+    assert record["bytes"] > (t - 1) * V  # every code stored as it is
+    # Read with the storage libraries: no compression on the repeated shard, zstd on the other.
+    if backend == "zarr":
+        for j, expected in ((0, []), (1, ["zstd"])):
+            arr = zarr.open_array(str(tmp_path / "s" / f"shards/00000{j}.zarr/values"), mode="r")
+            assert [type(x).__name__.removesuffix("Codec").lower() for x in arr.compressors] == (
+                expected
+            )
+    else:
+        for j, expected in ((0, "UNCOMPRESSED"), (1, "ZSTD")):
+            meta = pq.ParquetFile(tmp_path / "s" / f"shards/00000{j}.parquet").metadata
+            found = {meta.row_group(0).column(i).compression for i in range(meta.num_columns)}
+            assert found == {expected}
+    store = open_store(str(tmp_path / "s"))
+    assert store.verify() == []
+    got = store[0]
+    want = c.decode(fields)
+    np.testing.assert_array_equal(got.positions.support_ids, want.support_ids)
+    np.testing.assert_array_equal(got.positions.support_logprobs, want.support_logprobs)
 
 
 def _race(url: str, shards, queue) -> None:
