@@ -86,6 +86,7 @@ can be read."""
 
 
 _COUNT = Int(0, MAX_COUNT)
+_SOME = Int(1, MAX_COUNT)  # a shard holds at least one document, of at least one token
 _FIDELITY = Nullable(Obj(values=Num()))
 _TEMPERATURES = List(
     Num(positive=True),
@@ -97,8 +98,8 @@ _TEMPERATURES = List(
 SHARD_SCHEMA = Obj(
     required={
         "path": Str(),
-        "documents": _COUNT,
-        "tokens": _COUNT,
+        "documents": _SOME,
+        "tokens": _SOME,
         "positions": _COUNT,
         "bytes": _COUNT,
         "sha256": Str(r"[0-9a-f]{64}", "a SHA-256 hex digest"),

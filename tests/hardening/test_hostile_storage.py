@@ -232,6 +232,37 @@ def test_millions_of_positions_with_no_chunks_are_refused(zarr_store, positions,
 
 
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
+def test_a_shard_of_no_documents_is_refused(tmp_path, backend, kit):
+    """Files of a shard with zero documents (a writer never commits one), declared so."""
+    from logitstore.storage import get_backend
+    from logitstore.storage.base import ShardArrays
+
+    root = build(tmp_path / "store", backend)
+    entry = manifest(root)["shards"][0]
+    codec = get_codec("topk", k=8)
+    empty = ShardArrays(
+        doc_ids=[],
+        offsets=np.zeros(1, np.int64),
+        input_ids=np.zeros(0, np.int64),
+        loss_mask=np.zeros(0, bool),
+        fields={
+            name: np.zeros((0, *spec.shape), spec.dtype)
+            for name, spec in codec.fields(VOCAB, 0).items()
+        },
+    )
+    files = get_backend(backend).encode(
+        entry["path"], empty, codec.fields(VOCAB, 0), vocab_size=VOCAB, compression_level=3
+    )
+    shutil.rmtree(root / entry["path"], ignore_errors=True)
+    (root / entry["path"]).unlink(missing_ok=True)
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    kit.reseal(root, 0, documents=0, tokens=0, positions=0)
+    refused(run_verify(root), "shards[0].documents", "integer >= 1")
+
+
+@pytest.mark.parametrize("backend", ["zarr", "parquet"])
 def test_a_shard_that_would_decode_to_gigabytes_is_refused_before_it_is_read(
     tmp_path, backend, kit
 ):

@@ -133,7 +133,11 @@ def test_wrong_types_and_versions_are_refused():
         fmt.validate_manifest(m)
     m = _manifest()
     m["shards"][0]["tokens"] = True
-    with pytest.raises(ManifestError, match="shards\\[0\\].tokens: expected a non-negative"):
+    with pytest.raises(ManifestError, match="shards\\[0\\].tokens: expected an integer >= 1"):
+        fmt.validate_manifest(m)
+    m = _manifest()
+    m["shards"][0]["positions"] = True
+    with pytest.raises(ManifestError, match="shards\\[0\\].positions: expected a non-negative"):
         fmt.validate_manifest(m)
 
 
