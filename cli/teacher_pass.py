@@ -82,7 +82,8 @@ def _default_field(name: str) -> Any:
 )
 @click.option(
     "--split",
-    help="Split of a folder, Hub or saved dataset (a file is one split). [default: train]",
+    help="Split of a folder, Hub or saved dataset (a file is one split, train), or part of "
+    "one: train[:1000], train[:10%]. [default: train]",
 )
 @click.option("--subset", help="Subset (config name) of a Hub dataset or of a folder's README.md.")
 @click.option("--data-revision", help="Hub revision (branch, tag or commit) of the dataset.")

@@ -253,7 +253,12 @@ def _load_files(
         if subset is not None:
             raise ConfigError(f"--subset names a config of a folder or Hub dataset, not {data}")
         kwargs = {"sep": "\t"} if fmt == ".tsv" else {}
-        split = "train"  # a file is one split, read whole whatever --split says (as always)
+        if split.split("[")[0] != "train":
+            raise ConfigError(
+                f"--split {split!r}: {data} is one file, so one split, 'train' (a part of it "
+                "reads as train[:1000] or train[:10%]; a folder of split files, e.g. "
+                "train.jsonl and test.jsonl, has more)"
+            )
         builder = _builder(data, FORMATS[fmt], None, data_files=[str(path)], **kwargs, **opts)
     else:
         builder = _builder(data, str(path), subset, **opts)
@@ -271,8 +276,9 @@ def _load_files(
         "name": path.name,
         "kind": "files",
         "fingerprint": _hash_files(path, sorted(files)),
-        # A file or a flat folder has one split, no choice: recorded as None, as it always was.
-        "split": split if len(splits) > 1 else None,
+        # A file or a flat folder has one split, no choice: recorded as None, as it always
+        # was, unless only a part of it is read.
+        "split": split if len(splits) > 1 or "[" in split else None,
         **({"subset": subset} if subset is not None else {}),
     }
     return Source(ds, _row_ids(builder.name, path, files, None if streaming else len(ds)), metadata)
@@ -336,7 +342,7 @@ def load_rows(
     Args:
         data: a local file or folder, a ``save_to_disk`` folder, or a Hub dataset id.
         split: split of a folder, saved ``DatasetDict`` or Hub dataset (a single file is one
-            split, read whole).
+            split, ``train``), or part of one (``train[:10%]``).
         subset: config name of a folder (its ``README.md`` ``configs``) or Hub dataset.
         revision: branch, tag or commit of a Hub dataset.
         streaming: read rows as they are downloaded instead of preparing the dataset first.
@@ -350,6 +356,11 @@ def load_rows(
     """
     path = Path(data)
     opts: dict[str, Any] = {"cache_dir": cache_dir, "num_proc": num_proc}
+    if streaming and "[" in split:
+        raise ConfigError(
+            f"--split {split!r}: a part of a split cannot be streamed; stream the split with "
+            "--limit N for its first N rows"
+        )
     if path.exists() and revision is not None:
         raise ConfigError(f"--data-revision applies to Hub datasets, not the local {data}")
     if _is_saved_dataset(path):

@@ -132,6 +132,20 @@ def test_hub_layout_folder_reads_only_the_requested_split(tmp_path, readme):
         load_rows(str(folder), split="validation")
 
 
+def test_a_single_file_is_one_split_and_part_of_it_reads_as_asked(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    whole = load_rows(str(path))
+    assert [r["text"] for _, r in whole.rows] == TEXTS and whole.metadata["split"] is None
+    part = load_rows(str(path), split="train[2:5]")
+    assert [r["text"] for _, r in part.rows] == TEXTS[2:5]
+    assert part.metadata["split"] == "train[2:5]"  # a run over part of it is told apart
+    with pytest.raises(ConfigError, match=r"--split 'test': .* is one file, so one split"):
+        load_rows(str(path), split="test")
+    with pytest.raises(ConfigError, match="a part of a split cannot be streamed"):
+        load_rows(str(path), split="train[:3]", streaming=True)
+
+
 def _two_configs(root):
     en = _parquet(root / "en" / "train.parquet", TEXTS[:2])
     fr = _parquet(root / "fr" / "train.parquet", TEXTS[2:5])
