@@ -20,6 +20,7 @@ entry is forced strictly below zero, so the top-1 stays the unique maximum after
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -67,9 +68,20 @@ def quantize(d: torch.Tensor, is_top1: torch.Tensor, values: str) -> torch.Tenso
 
 
 def dequantize(codes: np.ndarray, values: str) -> np.ndarray:
-    """Distances (float32) of codes produced by :func:`quantize` (a code beyond the grid, which
-    only a damaged row has, decodes at the last level)."""
-    return np.take(grid(values).astype(np.float32), codes, mode="clip")
+    """Distances (float32) of uint8 codes produced by :func:`quantize` (a code beyond the grid,
+    which only a damaged row has, decodes at the last level)."""
+    return _byte_table(values)[np.asarray(codes, dtype=np.uint8)]
+
+
+@functools.cache
+def _byte_table(values: str) -> np.ndarray:
+    """The float32 distance of every byte, the grid's last level past its end: indexing it
+    with the codes allocates the output alone (``np.take`` makes an int64 copy of them)."""
+    g = grid(values).astype(np.float32)
+    table = np.full(256, g[-1], dtype=np.float32)
+    table[: len(g)] = g
+    table.flags.writeable = False
+    return table
 
 
 _FLOAT_ROUNDING = {"float32": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}

@@ -90,7 +90,7 @@ class Dense(Codec):
         # Most probable first: the stable order of the codes (a radix sort of uint8) is itself
         # the ids, since column i holds token i.
         ids = np.argsort(codes, axis=1, kind="stable").astype(np.int64, copy=False)
-        codes = np.take_along_axis(codes, ids, axis=1)
+        codes = np.sort(codes, axis=1, kind="stable")  # the codes in that order (a radix sort)
         logprobs = _quant.dequantize(codes, self._values)  # float32 distances, then in place:
         np.subtract(top1[:, None], logprobs, out=logprobs)  # (V floats a row: no second copy)
         pos = Positions(

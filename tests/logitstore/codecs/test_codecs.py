@@ -395,3 +395,17 @@ def test_empty_positions():
     for codec in (TopK(k=4), Sampled(n=5), Dense(bits=4)):
         dec = codec.decode(encode_np(codec, lp, torch.zeros(0, dtype=torch.int64)))
         assert dec.support_ids.shape[0] == 0 and dec.tail_logsumexp.shape == (0, 2)
+
+
+@pytest.mark.parametrize("values", ["q8", "q6", "q4"])
+def test_every_byte_dequantizes_to_its_level_or_the_last(values):
+    """Codes past the grid (a damaged row's) decode at the last level, as the formula says."""
+    from logitstore.codecs import _quant
+
+    levels, a = _quant.GRIDS[values]
+    codes = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    j = np.minimum(codes.astype(np.float64), levels - 1)
+    want = -a * np.log1p(-j / (levels - 0.5))  # the grid's levels, written out again
+    got = _quant.dequantize(codes, values)
+    assert got.dtype == np.float32 and got.shape == codes.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6)
