@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from logitstore.divergences._buckets import NEG, Buckets, log1mexp, masked_logsumexp
+from logitstore.divergences._buckets import LOG_FLOOR, NEG, Buckets, masked_logsumexp
 
 
 def _sum(x: Tensor, valid: Tensor | None) -> Tensor:
@@ -255,15 +255,22 @@ def amid(
 # --- 2.9 DKD and DRKL ------------------------------------------------------------------------
 
 
-def _decouple(logx: Tensor, target: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(log x_y (N,), log x̂ (N, B))``: the target's log-prob and the non-target distribution."""
+def _decouple(logx: Tensor, target: Tensor, rest: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log x_y (N,), log(1 - x_y) (N,), log x̂ (N, B))``: the target's log-prob, the
+    others', and the non-target distribution, from the buckets ``rest`` (all but the target).
+
+    ``log(1 - x_y)`` is the log-sum-exp of the other buckets, not ``log1mexp(log x_y)``: a
+    confident teacher's ``p_y`` rounds to 1 in float32 while its other tokens keep their
+    log-probs (``1 - p_y = 5e-12`` as ``log p = -26.1``); from ``log p_y = 0`` the rest's mass
+    would be the floor, and ``p̂`` would sum to more than 1 (DRKL came out negative)."""
     lx_y = logx.gather(-1, target[:, None]).squeeze(-1)
-    return lx_y, logx - log1mexp(lx_y)[:, None]
+    l1x = masked_logsumexp(logx, rest).clamp(min=LOG_FLOOR)
+    return lx_y, l1x, logx - l1x[:, None]
 
 
-def _binary_kl(la: Tensor, lb: Tensor) -> Tensor:
-    """``KL((a, 1 - a) || (b, 1 - b))`` from ``log a``, ``log b`` ``(N,)``."""
-    l1a, l1b = log1mexp(la), log1mexp(lb)
+def _binary_kl(la: Tensor, l1a: Tensor, lb: Tensor, l1b: Tensor) -> Tensor:
+    """``KL((a, 1 - a) || (b, 1 - b))`` from ``log a``, ``log(1 - a)``, ``log b``,
+    ``log(1 - b)`` ``(N,)``."""
     return la.exp() * (la - lb) + l1a.exp() * (l1a - l1b)
 
 
@@ -276,9 +283,10 @@ def _non_target(b: Buckets, target: Tensor) -> Tensor:
 
 def dkd(b: Buckets, *, alpha: float, beta: float) -> Tensor:
     """DKD: ``alpha KL(b^p || b^q) + beta KL(p̂ || q̂)`` around the label."""
-    lq_y, lq_hat = _decouple(b.logq, b.target, b.valid)
-    lp_y, lp_hat = _decouple(b.logp, b.target, b.valid)
-    return alpha * _binary_kl(lp_y, lq_y) + beta * kl(lp_hat, lq_hat, _non_target(b, b.target))
+    rest = _non_target(b, b.target)
+    lq_y, lq_rest, lq_hat = _decouple(b.logq, b.target, rest)
+    lp_y, lp_rest, lp_hat = _decouple(b.logp, b.target, rest)
+    return alpha * _binary_kl(lp_y, lp_rest, lq_y, lq_rest) + beta * kl(lp_hat, lq_hat, rest)
 
 
 def teacher_argmax(b: Buckets) -> Tensor:
@@ -300,6 +308,7 @@ def teacher_argmax(b: Buckets) -> Tensor:
 def drkl(b: Buckets, *, gamma: float, target: str) -> Tensor:
     """DRKL: ``KL(b^q || b^p) + gamma KL(q̂ || p̂)``; the non-target weight is a constant."""
     y = b.target if target == "label" else teacher_argmax(b)
-    lq_y, lq_hat = _decouple(b.logq, y, b.valid)
-    lp_y, lp_hat = _decouple(b.logp, y, b.valid)
-    return _binary_kl(lq_y, lp_y) + gamma * kl(lq_hat, lp_hat, _non_target(b, y))
+    rest = _non_target(b, y)
+    lq_y, lq_rest, lq_hat = _decouple(b.logq, y, rest)
+    lp_y, lp_rest, lp_hat = _decouple(b.logp, y, rest)
+    return _binary_kl(lq_y, lq_rest, lp_y, lp_rest) + gamma * kl(lq_hat, lp_hat, rest)

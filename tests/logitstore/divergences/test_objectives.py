@@ -286,3 +286,22 @@ def test_tau_squared_scales_and_float32_output_for_low_precision_inputs():
     assert low.dtype == torch.float32
     ref = dense_loss("rkl", z.bfloat16().double(), lp.bfloat16().double(), labels)
     torch.testing.assert_close(low.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["drkl", "dkd"])
+def test_decoupled_objectives_of_a_teacher_whose_target_rounds_to_one(name):
+    """float32 log-softmax gives log p_y = 0 exactly when the rest of the mass is 5e-12, yet
+    keeps the other tokens' log-probs: the non-target part comes from those, as in float64."""
+    u = np.array([-26.1, 0.0, -30.0])
+    p64 = softmax(u)  # 1 - p_y = 5.5e-12, exactly representable as the others' sum
+    lp32 = torch.log_softmax(torch.tensor(u, dtype=torch.float32)[None], -1)
+    assert lp32[0, 1] == 0.0  # p_y rounded to 1
+    z = np.array([-0.57, 4.42, 1.3])
+    q = softmax(z)
+    y = 1
+    if name == "drkl":
+        want = bin_kl(q[y], p64[y]) + 0.5 * kl(non_target(q, y), non_target(p64, y))
+    else:
+        want = bin_kl(p64[y], q[y]) + 0.5 * kl(non_target(p64, y), non_target(q, y))
+    got = dense_loss(name, torch.tensor(z, dtype=torch.float32)[None], lp32, torch.tensor([y]))
+    assert float(got) == pytest.approx(want, rel=1e-4)
