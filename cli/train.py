@@ -77,6 +77,17 @@ def _numbers(option: str, text: str, kind: type, example: str) -> list:
 @click.option("--warmup-steps", type=int, help="Linear warm-up steps before cosine decay.")
 @click.option("--seed", type=int, help="Seed for data order and random initialisation.")
 @click.option("--save-every", type=int, help="Checkpoint every N steps (0: only at the end).")
+@click.option(
+    "--eval-store",
+    help="A held-out store (the same teacher on other documents): the objective and the "
+    "teacher metrics on it go to OUT/eval.jsonl.",
+)
+@click.option(
+    "--eval-every",
+    type=int,
+    help="Evaluate on --eval-store every N steps; the last step always is. [default: 0, "
+    "the last step only]",
+)
 @click.option("--resume", is_flag=True, default=None, help="Continue from the last checkpoint.")
 @click.option("--temperature", type=float, help="Distillation temperature (must be captured).")
 @click.option("--ce-weight", type=float, help="Weight of cross-entropy with the labels.")
@@ -155,6 +166,8 @@ def command(config_file, params, keep_layers, betas, lora_targets, no_progress, 
           --divergence drkl --param gamma=0.5 --out run/ --max-steps 1000
       logitstore train --store store/ --student config.json --divergence fkl \\
           --out run/ --tokens-per-step 65536 --save-every 200
+      logitstore train --store train-store/ --eval-store held-out-store/ --eval-every 100 \\
+          --student config.json --out run/ --max-steps 1000
       logitstore train --config run.yaml --resume
       torchrun --nproc-per-node 2 $(which logitstore) train --config run.yaml
       torchrun --nproc-per-node 8 $(which logitstore) train --config run.yaml \\

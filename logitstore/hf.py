@@ -50,6 +50,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from logitstore._kd_checkpoints import STATE_NAME, latest_checkpoint, rotate, write_json_atomic
+from logitstore._kd_eval import eval_datasets, evaluate_store
 from logitstore._kd_forward import (
     KDOutput,
     TeacherBatch,
@@ -246,6 +247,11 @@ class KDTrainer(Trainer):
                 f"{rows} rows"
             )
         patch_for_distillation(model, loss)
+        if kwargs.get("eval_dataset") is not None:
+            kwargs["eval_dataset"] = eval_datasets(
+                kwargs["eval_dataset"], args, tokens_per_batch, manifest, storage_options
+            )
+        self._eval_settings = (tokens_per_batch, manifest, storage_options)
         # Checkpoints are rotated here, counting complete ones only (see the module docstring),
         # and the read position is restored from them rather than by re-reading batches.
         self._keep = args.save_total_limit
@@ -404,6 +410,46 @@ class KDTrainer(Trainer):
             self._tokens_since_log = 0.0
             self._log_clock = now
         super().log(logs, start_time)
+
+    # ---- evaluation ------------------------------------------------------------------------
+
+    def evaluate(  # type: ignore[override]
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """The objective and the teacher-agreement metrics on a held-out store.
+
+        Args:
+            eval_dataset: a store URL, an opened store, a ``StoreDataset(shuffle=False)`` or a
+                dict of them (metrics ``eval_{name}_...``); default the ``eval_dataset`` given
+                to the trainer, which ``eval_strategy`` evaluates during training.
+            ignore_keys: unused (no predictions are gathered).
+            metric_key_prefix: prefix of the metric names.
+
+        Returns:
+            ``{prefix}_loss``, ``{prefix}_teacher_kl`` and the other metrics of
+            ``logitstore/_kd_eval.py``, logged and handed to the callbacks as Trainer does.
+        """
+        source = self.eval_dataset if eval_dataset is None else eval_dataset
+        if source is None:
+            raise ConfigError(
+                "KDTrainer.evaluate needs a held-out store: pass eval_dataset (a store URL, an "
+                "opened store or a StoreDataset with shuffle=False)"
+            )
+        data = eval_datasets(source, self.args, *self._eval_settings)
+        if isinstance(data, dict):
+            metrics: dict[str, float] = {}
+            for name, one in data.items():
+                metrics.update(self.evaluate(one, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        metrics = evaluate_store(self, data, metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(
+            self.args, self.state, self.control, metrics
+        )
+        return metrics
 
     # ---- checkpoints -----------------------------------------------------------------------
 

@@ -91,7 +91,8 @@ def _check_optimizer(config: TrainConfig) -> None:
     ):
         raise ConfigError(f"betas must be two numbers in [0, 1), e.g. 0.9,0.95; found {betas!r}")
     for name, low in (("warmup_steps", 0), ("save_every", 0), ("keep_checkpoints", 0),
-                      ("log_every", 1), ("num_workers", 0), ("lora_alpha", 1)):  # fmt: skip
+                      ("log_every", 1), ("num_workers", 0), ("lora_alpha", 1),
+                      ("eval_every", 0)):  # fmt: skip
         value = getattr(config, name)
         if not (_integer(value) and value >= low):
             raise ConfigError(f"{name} must be an integer >= {low}; found {value!r}")
@@ -187,6 +188,12 @@ def check_config(config: TrainConfig) -> None:
         )
     if not (_integer(config.lora_r) and config.lora_r >= 0):
         raise ConfigError(f"lora_r must be an integer >= 0; found {config.lora_r!r}")
+    if config.eval_every and not config.eval_store:
+        raise ConfigError("eval_every sets how often the eval_store is read; give eval_store too")
+    if config.eval_store is not None and not (
+        isinstance(config.eval_store, str) and config.eval_store
+    ):
+        raise ConfigError(f"eval_store must be a store URL; found {config.eval_store!r}")
 
 
 def check_lora_targets(lm: Any, targets: list[str]) -> None:

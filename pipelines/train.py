@@ -35,6 +35,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from logitstore._kd_eval import check_held_out
 from logitstore.errors import ConfigError, OutputNotWritableError
 from logitstore.format import tail_temperatures
 from logitstore.pipelines._checkpoint import truncate_metrics
@@ -85,6 +86,8 @@ class TrainConfig:
     shuffle_window: int = 4
     num_workers: int = 0
     save_every: int = 0  # 0: only at the end
+    eval_store: str | None = None  # held-out store: objective and teacher metrics on it
+    eval_every: int = 0  # evaluate every N steps; 0: at the end only
     keep_checkpoints: int = 2
     log_every: int = 1
     chunk_size: int | None = None
@@ -163,6 +166,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         cache_dir=config.cache_dir,
     )
     loss = _loss(config, tail_temperatures(store.manifest))
+    held_out = None
+    if config.eval_store:
+        held_out = open_store(
+            config.eval_store,
+            storage_options=config.storage_options,
+            readahead=config.readahead,
+            cache_dir=config.cache_dir,
+        )
+        check_held_out(store.manifest, held_out.manifest, config.eval_store)
     if previous is not None:
         check_resumable(config, previous)
     notes = list(loss.notes)
@@ -173,6 +185,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     resume_from = newest(args.output_dir) if config.resume else None
     rank0 = args.process_index == 0
     metrics_path = out / "metrics.jsonl"
+    eval_path = out / "eval.jsonl"
     if resume_from is not None and _step_of(resume_from) >= config.max_steps:
         # Trainer would take one more step past the end of the schedule on every resume.
         notes.append(
@@ -187,20 +200,24 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "tokens": saved_state(resume_from).get("tokens"),
             "checkpoint": str(resume_from),
             "last": _last_row(metrics_path) if rank0 else {},
+            **({"eval": _last_row(eval_path)} if rank0 and held_out is not None else {}),
             "notes": notes,
         }
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         truncate_metrics(metrics_path, _step_of(resume_from))
+        truncate_metrics(eval_path, _step_of(resume_from))
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     try:
-        trainer = _run(config, args, lm, tokenizer, store, loss, metrics_path, resume_from)
+        trainer = _run(config, args, lm, tokenizer, (store, held_out), loss, out, resume_from)
     except BaseException:
         # A run refused before its first step (a damaged store) leaves no empty run folder.
         if not existed and checkpoints.is_dir() and not any(checkpoints.iterdir()):
             checkpoints.rmdir()
         raise
+    if held_out is not None and not _evaluated_at(trainer.state, trainer.state.global_step):
+        trainer.evaluate()  # the end of every run is evaluated (every rank takes part)
     trainer.accelerator.wait_for_everyone()
     if trainer.kd_tokens == 0:
         notes.append(
@@ -216,6 +233,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "tokens": trainer.kd_tokens,
         "checkpoint": str(path),
         "last": last,
+        **({"eval": _last_row(eval_path)} if rank0 and held_out is not None else {}),
         "notes": notes,
     }
 
@@ -225,25 +243,27 @@ def _run(
     args: Any,
     lm: Any,
     tokenizer: Any,
-    store: Any,
+    stores: tuple[Any, Any],
     loss: Any,
-    metrics_path: Path,
+    out: Path,
     resume_from: Path | None,
 ) -> Any:
     """Build the ``KDTrainer`` of the run and train; the trainer when done."""
     from logitstore.hf import KDTrainer
 
+    store, held_out = stores
     trainer = KDTrainer(
         model=lm,
         args=args,
         train_dataset=store,
+        eval_dataset=held_out,
         divergence=loss,
         tokens_per_batch=config.tokens_per_batch,
         shuffle_window=config.shuffle_window,
         num_workers=config.num_workers,
         peft_config=_lora(config),
         processing_class=tokenizer,
-        callbacks=[_RunCallback(metrics_path, config.stop_after)],
+        callbacks=[_RunCallback(out, config.stop_after)],
         run_info={"config": dataclasses.asdict(config)},
     )
     if not config.progress:  # metrics go to metrics.jsonl; stdout keeps the summary alone
@@ -295,6 +315,9 @@ def training_arguments(config: TrainConfig) -> Any:
         extra["fsdp_config"] = {"version": 2}
     if config.deepspeed:
         extra["deepspeed"] = config.deepspeed
+    if config.eval_store:
+        extra["eval_strategy"] = "steps"
+        extra["eval_steps"] = config.eval_every or config.max_steps
     return TrainingArguments(
         output_dir=str(Path(config.out) / "checkpoints"),
         max_steps=config.max_steps,
@@ -358,22 +381,38 @@ def _step_of(checkpoint: Path | None) -> int:
     return int(checkpoint.name.removeprefix("checkpoint-")) if checkpoint else 0
 
 
+def _evaluated_at(state: Any, step: int) -> bool:
+    return any(h.get("step") == step and "eval_loss" in h for h in state.log_history)
+
+
 def _last_row(path: Path) -> dict[str, Any]:
     rows = path.read_text().splitlines() if path.exists() else []
     return json.loads(rows[-1]) if rows else {}
 
 
 class _RunCallback(TrainerCallback):
-    """``metrics.jsonl`` rows (rank 0) and ``stop_after`` (stop and checkpoint early)."""
+    """``metrics.jsonl`` and ``eval.jsonl`` rows (rank 0) and ``stop_after`` (stop and
+    checkpoint early)."""
 
-    def __init__(self, metrics_path: Path, stop_after: int | None) -> None:
-        self.metrics_path = metrics_path
+    def __init__(self, out: Path, stop_after: int | None) -> None:
+        self.metrics_path = out / "metrics.jsonl"
+        self.eval_path = out / "eval.jsonl"
         self.stop_after = stop_after
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.stop_after is not None and state.global_step >= self.stop_after:
             control.should_training_stop = True
             control.should_save = True
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero or not metrics:
+            return
+        row = {"step": state.global_step}
+        row.update({k.removeprefix("eval_"): v for k, v in metrics.items() if k != "epoch"})
+        with self.eval_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs or "teacher_kl" not in logs:

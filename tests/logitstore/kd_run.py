@@ -1,11 +1,13 @@
 """A KDTrainer run as a user writes one, for the multi-process tests in ``test_hf.py``.
 
-``python kd_run.py STORE STUDENT OUT MODE STEPS ACCUMULATION [--kill-at N] [--resume]``, under
+``python kd_run.py STORE STUDENT OUT MODE STEPS ACCUMULATION [--kill-at N] [--resume]
+[--eval STORE]``, under
 ``torchrun`` or alone. MODE: ``ddp`` (data parallel under torchrun), ``zero3`` (DeepSpeed
 ZeRO-3 under torchrun, every parameter partitioned), ``one`` (one process), ``interleave`` (one process reading the two streams a
 2-process run reads, one micro-batch of each per step: the same tokens per step). Writes
 ``seen-RANK.json`` (data epoch, documents, tokens of every micro-batch), and on rank 0
-``final.safetensors`` (full weights) and ``logs.json``.
+``final.safetensors`` (full weights), ``logs.json`` and ``eval.json`` (``trainer.evaluate`` on
+the whole store, after training).
 """
 
 import json
@@ -23,6 +25,7 @@ from logitstore.hf import KDTrainer, StoreBatches
 store, student, out, mode = sys.argv[1:5]
 steps, accumulation = int(sys.argv[5]), int(sys.argv[6])
 kill_at = int(sys.argv[sys.argv.index("--kill-at") + 1]) if "--kill-at" in sys.argv else None
+eval_store = sys.argv[sys.argv.index("--eval") + 1] if "--eval" in sys.argv else store
 torch.set_num_threads(1)
 extra = {}
 if mode == "zero3":  # every parameter partitioned, none kept whole for being small
@@ -104,6 +107,11 @@ trainer = Recording(
 )
 trainer.train(resume_from_checkpoint=True if "--resume" in sys.argv else None)
 rank = real_rank()
+# A held-out store (--eval, default the training store), one document a batch, each rank its
+# share: shares of unequal length make one rank run on without documents under DDP.
+held_out = StoreDataset(eval_store, tokens_per_batch=64, shuffle=False,
+                        rank=trainer.args.process_index, world_size=trainer.args.world_size)  # fmt: skip
+evaluation = trainer.evaluate(eval_dataset=held_out)
 if mode == "zero3":
     weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)
 elif trainer.accelerator.num_processes > 1:
@@ -120,3 +128,4 @@ if rank == 0:
 
     save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(out, "final.safetensors")))
     Path(out, "logs.json").write_text(json.dumps(logs))
+    Path(out, "eval.json").write_text(json.dumps(evaluation))

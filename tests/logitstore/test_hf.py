@@ -93,19 +93,31 @@ def results(out: Path) -> tuple[list[dict], dict[str, torch.Tensor], list[dict]]
 
 
 @pytest.fixture(scope="module")
-def reference(store, tiny_student_dir, tmp_path_factory):
+def held_out(tmp_path_factory, tiny_teacher_dir, text_jsonl) -> str:
+    """The same documents in 5 shards (5, 5, 5, 5, 4): 2 ranks read 14 and 10 of them."""
+    out = tmp_path_factory.mktemp("kd") / "held-out"
+    config = dict(k=16, values="float32", max_length=64, limit=2, docs_per_shard=5)
+    run_teacher_pass(TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl),
+                                       out=str(out), progress=False, **config))  # fmt: skip
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def reference(store, held_out, tiny_student_dir, tmp_path_factory):
     """One process reading both ranks' streams, one micro-batch of each per step."""
     out = tmp_path_factory.mktemp("reference") / "one"
-    done = run(store, tiny_student_dir, out, "interleave", 8, 2)
+    done = run(store, tiny_student_dir, out, "interleave", 8, 2, "--eval", held_out)
     assert done.returncode == 0, done.stderr[-3000:]
-    return results(out)
+    return (*results(out), str(out))
 
 
 @pytest.mark.integration
-def test_ddp_matches_one_process_on_the_same_tokens(reference, store, tiny_student_dir, tmp_path):
-    ref_logs, ref_weights, _ = reference
+def test_ddp_matches_one_process_on_the_same_tokens(
+    reference, store, held_out, tiny_student_dir, tmp_path
+):
+    ref_logs, ref_weights, _, _ = reference
     documents = {d.doc_id for d in open_store(store)}
-    done = run(store, tiny_student_dir, tmp_path / "ddp", "ddp", 8, 1, procs=2)
+    done = run(store, tiny_student_dir, tmp_path / "ddp", "ddp", 8, 1, "--eval", held_out, procs=2)
     assert done.returncode == 0, done.stderr[-3000:]
     logs, weights, seen = results(tmp_path / "ddp")
     # The loss curve: every step's loss is over the same tokens, normalised the same way.
@@ -120,6 +132,14 @@ def test_ddp_matches_one_process_on_the_same_tokens(reference, store, tiny_stude
     first = [d for rank in seen for e, docs, _ in rank["batches"] if e == 0 for d in docs]
     assert sorted(first) == sorted(documents)
     assert ref_logs[-1]["teacher_kl"] < ref_logs[0]["teacher_kl"]
+    # Evaluated after training, each rank its share of a held-out store (14 and 10 documents,
+    # one a batch: one rank runs on without any): the one-process evaluation of the weights.
+    got = json.loads((tmp_path / "ddp" / "eval.json").read_text())
+    want = json.loads((Path(reference[3]) / "eval.json").read_text())
+    assert got["eval_documents"] == want["eval_documents"] == len(documents)
+    assert got["eval_tokens"] == want["eval_tokens"]
+    for key in ("eval_loss", "eval_teacher_kl", "eval_top1_agreement", "eval_student_ece"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4), key
 
 
 @pytest.mark.integration
@@ -145,6 +165,11 @@ def test_zero3_partitioned_student_matches_one_process(store, tiny_student_dir, 
     # gradient is ~0 by a few 1e-7 more or less than torch's AdamW.
     for name, tensor in ref_weights.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5)
+    # Evaluated with the partitioned student (its head gathered in the forward's hooks).
+    got = json.loads((tmp_path / "zero3" / "eval.json").read_text())
+    want = json.loads((tmp_path / "one" / "eval.json").read_text())
+    assert got["eval_tokens"] == want["eval_tokens"]
+    assert got["eval_teacher_kl"] == pytest.approx(want["eval_teacher_kl"], rel=1e-3)
 
 
 @pytest.mark.integration
@@ -377,3 +402,68 @@ def test_one_process_that_sees_several_gpus_trains_on_one_not_with_data_parallel
         trainer = KDTrainer(model, training_args, store)
     assert trainer.args.n_gpu == 1
     assert not isinstance(trainer._wrap_model(trainer.model), torch.nn.DataParallel)
+
+
+def test_evaluation_during_training_reads_the_held_out_store_as_logitstore_eval_does(
+    store, tiny_student_dir, tiny_tokenizer, tmp_path
+):
+    from logitstore.pipelines.evaluate import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    training = args(tmp_path / "run", max_steps=4, eval_strategy="steps", eval_steps=2,
+                    save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                    metric_for_best_model="held_teacher_kl", greater_is_better=False)  # fmt: skip
+    trainer = KDTrainer(
+        model=model,
+        args=training,
+        train_dataset=store,
+        eval_dataset={"held": store},
+        divergence="fkl",
+        tokens_per_batch=256,
+    )
+    trainer.train()
+    during = [h for h in trainer.state.log_history if "eval_held_teacher_kl" in h]
+    assert [h["step"] for h in during] == [2, 4]
+    assert during[1]["eval_held_teacher_kl"] < during[0]["eval_held_teacher_kl"]
+    # Trainer picks the best checkpoint by the metric, as with any dataset.
+    assert trainer.state.best_metric == during[1]["eval_held_teacher_kl"]
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-4"
+    found = trainer.evaluate(eval_dataset=store)
+    assert found["eval_teacher_kl"] == pytest.approx(during[1]["eval_held_teacher_kl"], rel=1e-6)
+    # The same student read by the evaluation command: its own loop, the plain forward.
+    trainer.save_model(str(tmp_path / "student"))
+    tiny_tokenizer.save_pretrained(str(tmp_path / "student"))
+    want = evaluate(str(tmp_path / "student"), store, tokens_per_batch=256, device="cpu")
+    assert found["eval_documents"] == want["documents"] == len(open_store(store))
+    assert found["eval_tokens"] == want["tokens"]
+    for key in ("teacher_ece", "student_ece", "top1_agreement", "student_entropy"):
+        assert found[f"eval_{key}"] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    assert found["eval_teacher_kl"] == pytest.approx(want["fkl"], rel=1e-4)
+    assert found["eval_teacher_rkl"] == pytest.approx(want["rkl"], rel=1e-4)
+    # The objective here is the forward KL: the loss is the metric, computed by the loss.
+    assert found["eval_loss"] == pytest.approx(found["eval_teacher_kl"], rel=1e-4)
+    with pytest.raises(ConfigError, match="needs a held-out store"):
+        KDTrainer(model=model, args=args(tmp_path / "b"), train_dataset=store).evaluate()
+    with pytest.raises(ConfigError, match="shuffle=False"):
+        from logitstore.dataset import StoreDataset
+
+        trainer.evaluate(eval_dataset=StoreDataset(store, rank=0, world_size=1))
+    with pytest.raises(TokenizerMismatchError, match="has vocabulary size 300; the training"):
+        trainer.evaluate(eval_dataset=_other_vocabulary_store(tmp_path / "other"))
+
+
+def _other_vocabulary_store(root: Path) -> str:
+    import numpy as np
+
+    from logitstore import EncodedDocument, StoreWriter
+    from logitstore.codecs import get_codec
+
+    codec, vocab = get_codec("topk", k=4), 300
+    meta = {"teacher": {}, "tokenizer": {}, "capture": {"temperatures": []}, "source": {}}
+    w = StoreWriter(str(root), codec=codec, backend="zarr", metadata=meta, vocab_size=vocab)
+    ids = torch.arange(6)
+    fields = codec.encode(torch.log_softmax(torch.randn(5, vocab), -1), ids[1:])
+    w.write_shard(0, [EncodedDocument("a", ids.numpy(), np.ones(5, bool), {
+        k: v.numpy() for k, v in fields.items()})])  # fmt: skip
+    w.finalize(1)
+    return str(root)

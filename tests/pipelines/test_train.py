@@ -396,3 +396,31 @@ def test_a_store_without_trained_positions_says_nothing_was_learned(
     summary = train(config(str(out), tiny_student_dir, tmp_path / "run", max_steps=1))
     assert summary["tokens"] == 0
     assert any("no trained token was read" in note for note in summary["notes"])
+
+
+def test_a_held_out_store_is_read_during_training_and_at_its_end(
+    store, tiny_student_dir, tiny_teacher_dir, text_jsonl, tmp_path
+):
+    from logitstore.pipelines.evaluate import evaluate
+
+    summary = train(config(store, tiny_student_dir, tmp_path / "run", max_steps=5,
+                           eval_store=store, eval_every=2))  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 5]  # every 2 steps, and the last one
+    assert rows[-1]["teacher_kl"] < rows[0]["teacher_kl"]
+    assert summary["eval"] == rows[-1]
+    # The final student read by the evaluation command: the same numbers.
+    want = evaluate(summary["checkpoint"], store, tokens_per_batch=512, device="cpu")
+    assert rows[-1]["documents"] == want["documents"] == len(open_store(store))
+    assert rows[-1]["tokens"] == want["tokens"]
+    for key in ("teacher_kl", "top1_agreement", "student_ece"):
+        assert rows[-1][key] == pytest.approx(want["fkl" if key == "teacher_kl" else key], rel=1e-4)
+    with pytest.raises(ConfigError, match="give eval_store too"):
+        train(config(store, tiny_student_dir, tmp_path / "b", eval_every=2))
+    other = tmp_path / "one-temperature"
+    run_teacher_pass(TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl),
+                                       out=str(other), k=16, max_length=64, limit=1,
+                                       progress=False))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"captured the temperatures \[1.0\], the training"):
+        train(config(store, tiny_student_dir, tmp_path / "c", eval_store=str(other)))
+    assert not (tmp_path / "c").exists()  # refused before anything was written

@@ -1,0 +1,183 @@
+"""``KDTrainer``'s evaluation: the objective and the teacher-agreement metrics on a held-out store.
+
+Trainer's own evaluation loop batches rows of a map-style dataset and averages a loss per
+batch; a store is read as whole documents grouped by a token budget, and the loss is a mean
+over tokens. So evaluation reads the held-out store once, in store order, each rank its own
+share (``StoreDataset(shuffle=False)``), and sums over tokens and ranks:
+
+* ``loss``: the training objective, a mean over the trained tokens;
+* ``teacher_kl`` (KL(teacher || student)), ``teacher_rkl``, ``top1_agreement``,
+  ``student_top1_prob``, ``teacher_top1_prob``, ``student_entropy``, ``student_ece``,
+  ``teacher_ece``, ``student_accuracy``, ``teacher_accuracy``: the measurements training logs
+  (``logitstore.divergences.metrics``), the same numbers ``logitstore eval`` reports;
+* ``tokens`` and ``documents`` read.
+
+Engines that shard the student (FSDP, DeepSpeed ZeRO-3) need every rank in each forward, and
+ranks' shares of a store differ by up to a shard: a rank that has run out takes part in the
+remaining forwards with a batch whose every label is ignored, which adds nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from logitstore._kd_forward import TeacherBatch
+from logitstore.dataset import IGNORE_INDEX, StoreDataset, collate_documents
+from logitstore.divergences import MetricTotals
+from logitstore.errors import ConfigError, TokenizerMismatchError
+from logitstore.format import tail_temperatures
+
+METRIC_NAMES = {"fkl": "teacher_kl", "rkl": "teacher_rkl"}
+"""Summary keys renamed as training logs them."""
+
+
+def check_held_out(train: Mapping[str, Any], held_out: Mapping[str, Any], where: str) -> None:
+    """Refuse a held-out store (manifest ``held_out``, named ``where``) that the objective built
+    for the training store's manifest ``train`` cannot read alike.
+
+    Raises:
+        TokenizerMismatchError: the vocabulary sizes differ.
+        ConfigError: the extra captured temperatures differ (the objective reads their tail
+            columns by position).
+    """
+    if int(held_out["vocab_size"]) != int(train["vocab_size"]):
+        raise TokenizerMismatchError(
+            f"the evaluation store {where} has vocabulary size {held_out['vocab_size']}; the "
+            f"training store's is {train['vocab_size']}"
+        )
+    theirs, ours = tail_temperatures(held_out) or [], tail_temperatures(train) or []
+    if list(theirs) != list(ours):
+        raise ConfigError(
+            f"the evaluation store {where} captured the temperatures {[1.0, *theirs]}, the "
+            f"training store {[1.0, *ours]}: write both with the same temperatures"
+        )
+
+
+def eval_dataset(
+    source: Any,
+    args: Any,
+    tokens_per_batch: int,
+    train: Mapping[str, Any],
+    storage_options: dict[str, Any] | None,
+) -> StoreDataset:
+    """A held-out store, as a store URL, an opened store or a :class:`StoreDataset`, read once
+    in store order and split across the run's ranks."""
+    rank, world = int(args.process_index), int(args.world_size)
+    if isinstance(source, StoreDataset):
+        if (source.rank, source.world_size) != (rank, world):
+            raise ConfigError(
+                f"the evaluation StoreDataset reads as rank {source.rank} of "
+                f"{source.world_size}; this process is rank {rank} of {world}"
+            )
+        if source.shuffle:
+            raise ConfigError(
+                "an evaluation StoreDataset reads each document once: make it with shuffle=False"
+            )
+        data = source
+    else:
+        if not hasattr(source, "manifest"):
+            if not isinstance(source, str) and not hasattr(source, "__fspath__"):
+                raise ConfigError(
+                    "eval_dataset must be a store URL, an opened store, a StoreDataset or a "
+                    f"dict of them; found {type(source).__name__}"
+                )
+            from logitstore.reader import open_store
+
+            source = open_store(str(source), storage_options=storage_options)
+        data = StoreDataset(
+            source, tokens_per_batch=tokens_per_batch, shuffle=False, rank=rank, world_size=world
+        )
+    check_held_out(train, data.store.manifest, str(getattr(data.store, "url", "given")))
+    return data
+
+
+def eval_datasets(
+    source: Any,
+    args: Any,
+    tokens_per_batch: int,
+    train: Mapping[str, Any],
+    storage_options: dict[str, Any] | None,
+) -> StoreDataset | dict[str, StoreDataset]:
+    """:func:`eval_dataset` of ``source``, or of each value of a dict of named stores."""
+    if isinstance(source, Mapping):
+        if not source:
+            raise ConfigError("eval_dataset is an empty dict; name at least one held-out store")
+        return {
+            str(name): eval_dataset(s, args, tokens_per_batch, train, storage_options)
+            for name, s in source.items()
+        }
+    return eval_dataset(source, args, tokens_per_batch, train, storage_options)
+
+
+def _ignored(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with every label ignored: a forward that trains and measures nothing."""
+    return {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX), "num_tokens": 0}
+
+
+def evaluate_store(trainer: Any, data: StoreDataset, prefix: str) -> dict[str, float]:
+    """Read ``data`` once with ``trainer``'s model; the module docstring's metrics, keyed
+    ``{prefix}_{name}``, the same on every rank."""
+    from logitstore.hf import TEACHER_FIELDS
+
+    start = time.perf_counter()
+    model = trainer._wrap_model(trainer.model, training=False)
+    if len(trainer.accelerator._models) == 0 and (
+        trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    ):
+        raise ConfigError(
+            "evaluate() before train() under FSDP or DeepSpeed: the engine has not wrapped the "
+            "student yet; evaluate during training (eval_strategy) or after it"
+        )
+    device = trainer.args.device
+    distributed = trainer.accelerator.num_processes > 1
+    was_training = model.training
+    model.eval()
+    totals = MetricTotals(device)
+    loss_sum = 0.0
+    documents = 0
+    batches = iter(data)
+    spare: dict[str, Any] | None = None
+    try:
+        while True:
+            batch = next(batches, None)
+            if batch is not None and spare is None:
+                spare = _ignored(batch)
+            if distributed:  # every rank in every forward, while any rank has a batch
+                if trainer._all_sum([0.0 if batch is None else 1.0])[0] == 0:
+                    break
+                if batch is None:
+                    spare = spare or _ignored(collate_documents([data.store[0]]))
+            elif batch is None:
+                break
+            real = batch is not None
+            inputs = trainer._prepare_inputs(batch if real else spare)
+            fields = {k: inputs.get(k) for k in TEACHER_FIELDS}
+            tokens = int(inputs["num_tokens"])
+            with torch.no_grad(), trainer.compute_loss_context_manager():
+                out = model(
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    kd_batch=TeacherBatch(inputs["position_mask"], fields, True),
+                    num_items_in_batch=max(float(tokens), 1.0),
+                )
+            if real:
+                loss_sum += float(out["loss"]) * tokens
+                documents += len(inputs["doc_ids"])
+                if out.get("metrics") is not None:
+                    totals.merge(out["metrics"])
+    finally:
+        model.train(was_training)
+    if distributed:
+        totals.values = trainer.accelerator.reduce(totals.values, reduction="sum")
+    loss_sum, documents_all = trainer._all_sum([loss_sum, float(documents)])
+    summary = totals.summary()
+    tokens_all = summary.pop("tokens")
+    metrics = {"loss": loss_sum / tokens_all if tokens_all else float("nan")}
+    metrics.update({METRIC_NAMES.get(k, k): v for k, v in summary.items()})
+    metrics.update(tokens=tokens_all, documents=int(documents_all))
+    metrics["runtime"] = round(time.perf_counter() - start, 4)
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
