@@ -451,6 +451,14 @@ class KDTrainer(Trainer):
         )
         return metrics
 
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: a store holds the teacher's side only, so there are no labels or
+        predictions to gather; :meth:`evaluate` measures the student on a held-out store."""
+        raise ConfigError(
+            "KDTrainer.predict has no predictions to gather from a logit store; use "
+            "evaluate(eval_dataset=STORE) for the objective and the teacher metrics on it"
+        )
+
     # ---- checkpoints -----------------------------------------------------------------------
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:

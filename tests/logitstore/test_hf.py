@@ -448,6 +448,8 @@ def test_evaluation_during_training_reads_the_held_out_store_as_logitstore_eval_
         from logitstore.dataset import StoreDataset
 
         trainer.evaluate(eval_dataset=StoreDataset(store, rank=0, world_size=1))
+    with pytest.raises(ConfigError, match="no predictions to gather"):
+        trainer.predict(store)
     with pytest.raises(TokenizerMismatchError, match="has vocabulary size 300; the training"):
         trainer.evaluate(eval_dataset=_other_vocabulary_store(tmp_path / "other"))
 
