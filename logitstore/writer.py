@@ -390,9 +390,14 @@ class StoreWriter:
             "uncompressed (data this repetitive is better deduplicated)",
             stacklevel=3,
         )
-        return self.backend.encode(
+        files = self.backend.encode(
             rel, arrays, specs, vocab_size=self.vocab_size, compression_level=None
         )
+        counts["files"] = [(name, len(data)) for name, data in files.items()]
+        problem = fmt.expansion_problem(counts, position_bytes(specs), decoded, token_bytes)
+        if problem is not None:  # not seen: uncompressed, a shard decodes to < 20x its bytes
+            raise DataError(f"{rel}: readers would refuse this shard even uncompressed ({problem})")
+        return files
 
     def _claim(self, index: int, record_path: str) -> str:
         """Create shard ``index``'s claim file exclusively; returns its path."""

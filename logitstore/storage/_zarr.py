@@ -55,6 +55,8 @@ def _create(group: Any, name: str, data: np.ndarray, level: int | None) -> None:
         compressors=None if level is None else ZstdCodec(level=level, checksum=False),
         filters=None,
         fill_value=0,
+        # Uncompressed means every byte on disk: chunks of zeros are written too.
+        config={"write_empty_chunks": level is None},
     )
     if data.size:
         arr[...] = data
