@@ -57,44 +57,6 @@ def check_held_out(train: Mapping[str, Any], held_out: Mapping[str, Any], where:
         )
 
 
-def eval_dataset(
-    source: Any,
-    args: Any,
-    tokens_per_batch: int,
-    train: Mapping[str, Any],
-    storage_options: dict[str, Any] | None,
-) -> StoreDataset:
-    """A held-out store, as a store URL, an opened store or a :class:`StoreDataset`, read once
-    in store order and split across the run's ranks."""
-    rank, world = int(args.process_index), int(args.world_size)
-    if isinstance(source, StoreDataset):
-        if (source.rank, source.world_size) != (rank, world):
-            raise ConfigError(
-                f"the evaluation StoreDataset reads as rank {source.rank} of "
-                f"{source.world_size}; this process is rank {rank} of {world}"
-            )
-        if source.shuffle:
-            raise ConfigError(
-                "an evaluation StoreDataset reads each document once: make it with shuffle=False"
-            )
-        data = source
-    else:
-        if not hasattr(source, "manifest"):
-            if not isinstance(source, str) and not hasattr(source, "__fspath__"):
-                raise ConfigError(
-                    "eval_dataset must be a store URL, an opened store, a StoreDataset or a "
-                    f"dict of them; found {type(source).__name__}"
-                )
-            from logitstore.reader import open_store
-
-            source = open_store(str(source), storage_options=storage_options)
-        data = StoreDataset(
-            source, tokens_per_batch=tokens_per_batch, shuffle=False, rank=rank, world_size=world
-        )
-    check_held_out(train, data.store.manifest, str(getattr(data.store, "url", "given")))
-    return data
-
-
 def eval_datasets(
     source: Any,
     args: Any,
@@ -102,15 +64,31 @@ def eval_datasets(
     train: Mapping[str, Any],
     storage_options: dict[str, Any] | None,
 ) -> StoreDataset | dict[str, StoreDataset]:
-    """:func:`eval_dataset` of ``source``, or of each value of a dict of named stores."""
+    """Held-out stores (a store URL, an opened store or a ``StoreDataset(shuffle=False)``, or a
+    dict of them), each read once in store order and split across the run's ranks."""
+
+    def one(held_out: Any) -> StoreDataset:
+        data = StoreDataset.for_process(
+            held_out,
+            int(args.process_index),
+            int(args.world_size),
+            what="eval_dataset",
+            storage_options=storage_options,
+            tokens_per_batch=tokens_per_batch,
+            shuffle=False,
+        )
+        if data.shuffle:
+            raise ConfigError(
+                "an evaluation StoreDataset reads each document once: make it with shuffle=False"
+            )
+        check_held_out(train, data.store.manifest, str(getattr(data.store, "url", "given")))
+        return data
+
     if isinstance(source, Mapping):
         if not source:
             raise ConfigError("eval_dataset is an empty dict; name at least one held-out store")
-        return {
-            str(name): eval_dataset(s, args, tokens_per_batch, train, storage_options)
-            for name, s in source.items()
-        }
-    return eval_dataset(source, args, tokens_per_batch, train, storage_options)
+        return {str(name): one(held_out) for name, held_out in source.items()}
+    return one(source)
 
 
 def _ignored(batch: dict[str, Any]) -> dict[str, Any]:

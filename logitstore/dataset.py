@@ -35,6 +35,7 @@ Prefetch. Each reader decodes and collates in a background thread, ``prefetch`` 
 from __future__ import annotations
 
 import atexit
+import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -203,6 +204,42 @@ class StoreDataset(IterableDataset):
         self.epoch = 0
         self._consumed: list[int] | None = None
         self._next_worker = 0
+
+    @classmethod
+    def for_process(
+        cls,
+        source: Any,
+        rank: int,
+        world_size: int,
+        *,
+        what: str = "the dataset",
+        storage_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> StoreDataset:
+        """``source`` (a store URL, an opened store or a ``StoreDataset``) as the share of
+        process ``rank`` of ``world_size``; ``kwargs`` as for the class. A ``StoreDataset``
+        is returned as it is, and must read as that rank already.
+
+        Raises:
+            ConfigError: naming ``what`` for a source of another kind or another rank's.
+        """
+        if isinstance(source, StoreDataset):
+            if (source.rank, source.world_size) != (rank, world_size):
+                raise ConfigError(
+                    f"{what} reads as rank {source.rank} of {source.world_size}; this process "
+                    f"is rank {rank} of {world_size}"
+                )
+            return source
+        if isinstance(source, (str, os.PathLike)):
+            from logitstore.reader import open_store
+
+            source = open_store(str(source), storage_options=storage_options)
+        elif not hasattr(source, "manifest"):
+            raise ConfigError(
+                f"{what} must be a store URL, an opened store or a StoreDataset; found "
+                f"{type(source).__name__}"
+            )
+        return cls(source, rank=rank, world_size=world_size, **kwargs)
 
     @property
     def store(self) -> Any:

@@ -39,7 +39,6 @@ How it fits the engine:
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -298,25 +297,15 @@ class KDTrainer(Trainer):
     ) -> StoreDataset:
         if source is None:
             raise ConfigError("KDTrainer needs train_dataset: a store URL or an opened store")
-        rank, world = int(args.process_index), int(args.world_size)
-        if isinstance(source, StoreDataset):
-            if (source.rank, source.world_size) != (rank, world):
-                raise ConfigError(
-                    f"the StoreDataset reads as rank {source.rank} of {source.world_size}; "
-                    f"this process is rank {rank} of {world}"
-                )
-            return source
-        if isinstance(source, (str, os.PathLike)):
-            from logitstore.reader import open_store
-
-            source = open_store(str(source), storage_options=storage_options)
-        return StoreDataset(
+        return StoreDataset.for_process(
             source,
+            int(args.process_index),
+            int(args.world_size),
+            what="train_dataset",
+            storage_options=storage_options,
             tokens_per_batch=tokens_per_batch,
             seed=int(args.seed),
             shuffle_window=shuffle_window,
-            rank=rank,
-            world_size=world,
         )
 
     # ---- data and the loss ---------------------------------------------------------------

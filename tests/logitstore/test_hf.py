@@ -448,6 +448,10 @@ def test_evaluation_during_training_reads_the_held_out_store_as_logitstore_eval_
         from logitstore.dataset import StoreDataset
 
         trainer.evaluate(eval_dataset=StoreDataset(store, rank=0, world_size=1))
+    with pytest.raises(ConfigError, match="eval_dataset reads as rank 1 of 2; this process is"):
+        trainer.evaluate(eval_dataset=StoreDataset(store, shuffle=False, rank=1, world_size=2))
+    with pytest.raises(ConfigError, match="eval_dataset must be a store URL.*found int"):
+        trainer.evaluate(eval_dataset=42)
     with pytest.raises(ConfigError, match="no predictions to gather"):
         trainer.predict(store)
     with pytest.raises(TokenizerMismatchError, match="has vocabulary size 300; the training"):
