@@ -81,7 +81,7 @@ be at most this many times its bytes on disk.
 Decoding expands: the dense codec's one-byte codes become an int64 id and a float32 log-prob
 each, so a real dense store reads to 30 (8 bits) or 240 (4 bits) times its bytes on disk and a
 top-k store to about 10. A writer stores a shard whose data compresses so well that it would
-pass either bound (long repeats of one text) without compression, so every store it writes
+exceed either bound (long repeats of one text) without compression, so every store it writes
 can be read."""
 
 
