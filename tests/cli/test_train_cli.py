@@ -93,6 +93,8 @@ def test_train_then_eval(store, tiny_student_dir, tmp_path):
         "1",
         "--ce-weight",
         "0.1",
+        "--eval-store",
+        store,
         "--no-progress",
     ]
     result = CliRunner().invoke(main, args)
@@ -111,6 +113,10 @@ def test_train_then_eval(store, tiny_student_dir, tmp_path):
     metrics = json.loads(result.output[result.output.index("{") :])
     direct = evaluate(summary["checkpoint"], store, device="cpu")
     assert metrics == pytest.approx(direct)
+    # The run's own evaluation of its last step (OUT/eval.jsonl) says the same.
+    assert summary["eval"]["step"] == 3
+    assert summary["eval"]["teacher_kl"] == pytest.approx(metrics["fkl"], rel=1e-4)
+    assert summary["eval"]["tokens"] == metrics["tokens"]
 
 
 def test_lora_bf16_checkpointing_and_a_tracker_from_the_command_line(
@@ -192,6 +198,8 @@ def test_two_process_torchrun(store, tiny_student_dir, tmp_path):
                 "lr": 1e-2,
                 "warmup_steps": 1,
                 "save_every": 2,
+                "eval_store": store,
+                "eval_every": 2,
                 "progress": False,
                 "device": "cpu",
             }
@@ -230,6 +238,13 @@ def test_two_process_torchrun(store, tiny_student_dir, tmp_path):
         expected = sum(float(loss(final_hidden(lm, b), weight, b, float(total))) for b in micro)
     assert lines[0]["tokens"] == total
     assert lines[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    # Evaluated at step 2 and at the last step, both ranks reading, rank 0 writing: the
+    # one-process evaluation of the final student.
+    rows = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3]
+    direct = evaluate(str(out / "checkpoints" / "checkpoint-3"), store, device="cpu")
+    assert rows[-1]["documents"] == direct["documents"] == len(opened)
+    assert rows[-1]["teacher_kl"] == pytest.approx(direct["fkl"], rel=1e-4)
 
 
 def test_remote_store_through_the_cli_with_cache(
