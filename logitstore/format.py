@@ -526,6 +526,13 @@ def validate_record(data: Mapping[str, Any], what: str) -> None:
         check_relative_path(name, f"{what} field files[{i}]")
 
 
+def stored_bytes(
+    positions: int, tokens: int, documents: int, position_bytes: int, token_bytes: int
+) -> int:
+    """A shard's arrays, uncompressed: its positions, token ids and int64 document offsets."""
+    return positions * position_bytes + tokens * token_bytes + 8 * (documents + 1)
+
+
 def expansion_problem(
     shard: Mapping[str, Any], position_bytes: int, decoded_bytes: int, token_bytes: int
 ) -> str | None:
@@ -538,10 +545,8 @@ def expansion_problem(
         token_bytes: stored bytes of one token id.
     """
     on_disk = sum(size for _, size in shard["files"])
-    stored = (
-        shard["positions"] * position_bytes
-        + shard["tokens"] * token_bytes
-        + 8 * (shard["documents"] + 1)  # the document offsets, int64
+    stored = stored_bytes(
+        shard["positions"], shard["tokens"], shard["documents"], position_bytes, token_bytes
     )
     counts = (
         f"{shard['positions']} positions, {shard['tokens']} tokens and "

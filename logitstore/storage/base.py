@@ -16,7 +16,7 @@ import numpy as np
 
 from logitstore.codecs.base import FieldSpec
 from logitstore.errors import CorruptShardError
-from logitstore.format import MAX_EXPANSION
+from logitstore.format import MAX_EXPANSION, stored_bytes
 
 RESERVED_NAMES = frozenset({"doc_id", "doc_ids", "input_ids", "loss_mask", "offsets"})
 """Array and column names a backend uses itself; codec fields may not take them."""
@@ -58,8 +58,8 @@ def check_expansion(
         raise CorruptShardError(
             f"shard {where}: expected a count of positions, found {positions!r}"
         )
-    row = position_bytes(specs)
-    arrays = positions * row + (positions + documents) * token_bytes + 8 * (documents + 1)
+    tokens = positions + documents
+    arrays = stored_bytes(positions, tokens, documents, position_bytes(specs), token_bytes)
     stored = sum(len(data) for data in files.values())
     if arrays > MAX_EXPANSION * stored:
         raise CorruptShardError(
