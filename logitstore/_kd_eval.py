@@ -122,7 +122,7 @@ def evaluate_store(trainer: Any, data: StoreDataset, prefix: str) -> dict[str, f
     try:
         while True:
             batch = next(batches, None)
-            if batch is not None and spare is None:
+            if distributed and batch is not None and spare is None:
                 spare = _ignored(batch)
             if distributed:  # every rank in every forward, while any rank has a batch
                 if trainer._all_sum([0.0 if batch is None else 1.0])[0] == 0:

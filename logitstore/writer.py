@@ -371,18 +371,22 @@ class StoreWriter:
         on disk (``format.expansion_problem``); data that compresses further than that (one
         text repeated at length, say) is stored uncompressed, so every shard written reads.
         """
-        files = self.backend.encode(
-            rel, arrays, specs, vocab_size=self.vocab_size, compression_level=self.compression_level
-        )
-        counts = {
-            "positions": arrays.num_positions,
-            "tokens": arrays.num_tokens,
-            "documents": arrays.num_documents,
-            "files": [(name, len(data)) for name, data in files.items()],
-        }
         decoded = self.codec.decoded_bytes(self.vocab_size, n_temps)
-        token_bytes = token_dtype(self.vocab_size).itemsize
-        problem = fmt.expansion_problem(counts, position_bytes(specs), decoded, token_bytes)
+        row, token_bytes = position_bytes(specs), token_dtype(self.vocab_size).itemsize
+
+        def encoded(level: int | None) -> tuple[dict[str, bytes], str | None]:
+            files = self.backend.encode(
+                rel, arrays, specs, vocab_size=self.vocab_size, compression_level=level
+            )
+            counts = {
+                "positions": arrays.num_positions,
+                "tokens": arrays.num_tokens,
+                "documents": arrays.num_documents,
+                "files": [(name, len(data)) for name, data in files.items()],
+            }
+            return files, fmt.expansion_problem(counts, row, decoded, token_bytes)
+
+        files, problem = encoded(self.compression_level)
         if problem is None:
             return files
         warnings.warn(
@@ -390,11 +394,7 @@ class StoreWriter:
             "uncompressed (data this repetitive is better deduplicated)",
             stacklevel=3,
         )
-        files = self.backend.encode(
-            rel, arrays, specs, vocab_size=self.vocab_size, compression_level=None
-        )
-        counts["files"] = [(name, len(data)) for name, data in files.items()]
-        problem = fmt.expansion_problem(counts, position_bytes(specs), decoded, token_bytes)
+        files, problem = encoded(None)
         if problem is not None:  # not seen: uncompressed, a shard decodes to < 20x its bytes
             raise DataError(f"{rel}: readers would refuse this shard even uncompressed ({problem})")
         return files
