@@ -68,7 +68,10 @@ class TAIDSchedule:
             return self.t
         rel = (self.prev_loss - j) / (self.prev_loss + 1e-15)
         self.momentum = self.beta * self.momentum + (1.0 - self.beta) * rel
-        sig = 1.0 / (1.0 + math.exp(-self.momentum))
+        # sigmoid(m), written so that neither branch overflows: after a step of loss near 0 the
+        # relative change, and so m, can be of any size.
+        m = self.momentum
+        sig = 1.0 / (1.0 + math.exp(-m)) if m >= 0 else math.exp(m) / (1.0 + math.exp(m))
         proposed = self.t + self.alpha * sig * (1.0 - self.t)
         self.t = min(self.t_end, max(self.t, proposed, self.lower_bound(self.step)))
         self.prev_loss = j

@@ -84,3 +84,15 @@ def test_schedule_t_feeds_the_objective_and_t_one_is_fkl():
     torch.testing.assert_close(
         dense_loss("taid", z, lp, labels, t=s.t), dense_loss("fkl", z, lp, labels)
     )
+
+
+def test_a_step_of_loss_near_zero_does_not_overflow_the_momentum():
+    # After J = 0 the relative change of the next step is about -J / 1e-15: the momentum is of
+    # order -1e13, where exp(-m) overflows a float. Its sigmoid is 0: t only follows the floor.
+    s = TAIDSchedule(100, t_start=0.4, t_end=1.0, alpha=0.5)
+    for j in (1.0, 0.0, 1.0, 2.0):
+        t = s.update(j)
+    assert s.momentum < -1e12
+    # Step 2 improved by 100 %: m = 0.01 (beta 0.99); steps 3 and 4 add nothing but the floor.
+    t2 = max(0.4 + 0.5 * (1 / (1 + math.exp(-0.01))) * 0.6, 0.4 + 0.6 * 2 / 100)
+    assert t == pytest.approx(max(t2, 0.4 + 0.6 * 4 / 100), abs=1e-15)
