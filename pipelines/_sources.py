@@ -18,7 +18,7 @@ import bisect
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,36 +112,47 @@ def _hash_files(root: Path, files: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
-def _open_text(path: Path) -> Any:
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(number, text)`` of each line of a local file (1-based; decompressed as named).
+
+    Raises:
+        DataError: a line that is not UTF-8, named by file and line (``datasets`` and Python
+            would only name a byte offset, in a traceback).
+    """
     import fsspec
 
-    return fsspec.open(str(path), "rt", compression="infer", encoding="utf-8").open()
+    with fsspec.open(str(path), "rb", compression="infer") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path.name}:{n} is not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                    f"{exc.start + 1}); expected UTF-8, e.g. re-encode with iconv -t UTF-8"
+                ) from None
 
 
 def _json_lines(path: Path) -> list[int]:
     """1-based numbers of the non-blank lines of a JSON lines file (one row each)."""
-    with _open_text(path) as f:
-        return [n for n, line in enumerate(f, start=1) if line.strip()]
+    return [n for n, line in _lines(path) if line.strip()]
 
 
 def _bad_json_line(path: Path) -> str | None:
     """``file:line: error`` of a JSON lines file's first line that is not a JSON object."""
-    with _open_text(path) as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                return f"{path.name}:{n} is not valid JSON: {exc}"
-            if not isinstance(record, dict):
-                return f"{path.name}:{n}: expected a JSON object per line"
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"{path.name}:{n} is not valid JSON: {exc}"
+        if not isinstance(record, dict):
+            return f"{path.name}:{n}: expected a JSON object per line"
     return None
 
 
 def _is_empty(path: Path) -> bool:
-    with _open_text(path) as f:
-        return not any(line.strip() for line in f)
+    return not any(line.strip() for _, line in _lines(path))
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -201,10 +212,16 @@ def _prepare(builder: Any, data: str, split: str, streaming: bool, num_proc: int
 def _read_error(data: str, builder: str, files: Sequence[Path], exc: Exception) -> DataError:
     """The clearest error for data ``datasets`` failed to read: a bad line, no rows, or its own."""
     for f in files:
-        if _suffixes(f)[0] in _JSON_LINES:
-            bad = _bad_json_line(f)
-            if bad:
-                return DataError(bad)
+        try:
+            if _suffixes(f)[0] in _JSON_LINES:
+                bad = _bad_json_line(f)
+                if bad:
+                    return DataError(bad)
+            elif builder in ("csv", "text", "json"):
+                for _ in _lines(f):  # a line that is not UTF-8, by number
+                    pass
+        except DataError as error:
+            return error
     if files and builder in ("json", "csv") and all(_is_empty(f) for f in files):
         return DataError(f"{data}: the data source is empty (expected at least one row)")
     cause = f" ({exc.__cause__})" if exc.__cause__ else ""

@@ -219,6 +219,29 @@ def test_unusable_sources_are_refused_clearly(tmp_path, tiny_tokenizer):
         load_rows(str(saved), split="test")
 
 
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("docs.jsonl", lambda rows: b"".join(json.dumps({"text": r}, ensure_ascii=False).encode() + b"\n" for r in rows)),
+        ("docs.jsonl.gz", lambda rows: gzip.compress(b"".join(json.dumps({"text": r}, ensure_ascii=False).encode() + b"\n" for r in rows))),
+        ("docs.csv", lambda rows: b"text\n" + b"".join(b'"' + r.encode() + b'"\n' for r in rows)),
+        ("doc.txt", lambda rows: "\n".join(rows).encode() + b"\n"),
+    ],
+)  # fmt: skip
+def test_a_line_that_is_not_utf8_is_named(tmp_path, name, write):
+    """A Latin-1 byte in one line is a one-line error naming the file and that line."""
+    rows = ["plain ascii text", "more text", "the bad line comes next", "caf\u00e9 au lait"]
+    body = write(rows)
+    raw = gzip.decompress(body) if name.endswith(".gz") else body
+    latin = raw.replace("caf\u00e9".encode(), "caf\u00e9".encode("latin-1"))
+    # the line the bad byte is on, counted independently of the reader
+    line = raw[: raw.index("caf\u00e9".encode())].count(b"\n") + 1
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(latin) if name.endswith(".gz") else latin)
+    with pytest.raises(DataError, match=rf"{name}:{line} is not UTF-8 text \(byte 0xe9"):
+        load_rows(str(path))
+
+
 def test_unknown_hub_id_offline_is_a_data_error(monkeypatch):
     import datasets
     import huggingface_hub.constants
