@@ -39,14 +39,25 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def rotate(root: Path, keep: int | None) -> None:
-    """Keep the ``keep`` newest complete checkpoints; drop torn ones older than the newest."""
+def rotate(root: Path, keep: int | None, best: str | Path | None = None) -> None:
+    """Keep the ``keep`` newest complete checkpoints; drop torn ones older than the newest.
+
+    As ``Trainer`` does, the ``best`` checkpoint (``load_best_model_at_end``) is kept besides
+    the newest even when it is older than the ``keep`` newest: it takes the place of the
+    oldest of them, or adds one to a ``keep`` of 1.
+    """
     found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _CHECKPOINT.match(p.name)))
-    complete = [(s, p) for s, p in found if (p / STATE_NAME).is_file()]
+    complete = [p for _, p in found if (p / STATE_NAME).is_file()]
     if not complete:
         return
-    newest = complete[-1][0]
-    kept = {p for _, p in complete[-keep:]} if keep else {p for _, p in complete}
+    newest = next(step for step, p in found if p == complete[-1])
+    kept = set(complete)
+    if keep:
+        best_name = Path(best).name if best is not None else None
+        protected = {p for p in complete if p == complete[-1] or p.name == best_name}
+        others = [p for p in complete if p not in protected]
+        room = max(keep - len(protected), 0)
+        kept = protected | set(others[max(len(others) - room, 0) :])
     for step, path in found:
         torn = not (path / STATE_NAME).is_file()
         if (torn and step < newest) or (not torn and path not in kept):

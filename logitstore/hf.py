@@ -509,7 +509,7 @@ class KDTrainer(Trainer):
             "run": self.run_info,
         }
         write_json_atomic(folder / STATE_NAME, state)
-        rotate(run_dir, self._keep)
+        rotate(run_dir, self._keep, best=self.state.best_model_checkpoint)
 
     def _gather(self, obj: Any) -> list[Any]:
         if self.accelerator.num_processes <= 1:
