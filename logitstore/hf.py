@@ -38,6 +38,7 @@ How it fits the engine:
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import warnings
@@ -169,7 +170,8 @@ class KDTrainer(Trainer):
             :meth:`DistillationLoss.create`.
         tokens_per_batch: padded tokens per micro-batch (whole documents).
         shuffle_window: shards whose documents are shuffled together.
-        num_workers: DataLoader worker processes decoding the store.
+        num_workers: DataLoader worker processes decoding the store; default the
+            ``dataloader_num_workers`` of ``args``.
         peft_config: a ``peft`` config; the student is wrapped with ``get_peft_model``.
         storage_options: fsspec options when ``train_dataset`` is a remote URL.
         run_info: JSON-able facts saved in every checkpoint's ``logitstore_state.json``.
@@ -192,7 +194,7 @@ class KDTrainer(Trainer):
         chunk_size: int | None = None,
         tokens_per_batch: int = 8192,
         shuffle_window: int = 4,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         peft_config: Any = None,
         storage_options: dict[str, Any] | None = None,
         run_info: dict[str, Any] | None = None,
@@ -209,6 +211,18 @@ class KDTrainer(Trainer):
                 "KDTrainer needs TrainingArguments with max_steps > 0: a store's length in "
                 f"batches is not known before reading it; found max_steps={args.max_steps}"
             )
+        if args.label_smoothing_factor:
+            # Trainer smooths the labels of its own cross-entropy, which KDTrainer replaces by
+            # the objective: the setting would do nothing.
+            raise ConfigError(
+                "label_smoothing_factor smooths Trainer's label cross-entropy, which KDTrainer "
+                "does not compute (its loss is the distillation objective; ce_weight adds the "
+                f"labels' cross-entropy); expected 0, found {args.label_smoothing_factor}"
+            )
+        # The settings changed below are this trainer's: the caller's arguments stay as given.
+        args = copy.copy(args)
+        if num_workers is None:
+            num_workers = args.dataloader_num_workers
         if isinstance(train_dataset, StoreBatches):
             batches = train_dataset
         else:
@@ -284,6 +298,7 @@ class KDTrainer(Trainer):
         self._tokens_since_log = 0.0
         self._metrics = MetricTotals(self.args.device)
         self._step_loss = 0.0
+        self._step_tokens = 0.0
         self._log_clock = time.perf_counter()
         self.add_callback(_StepEnd(self))
 
@@ -330,6 +345,7 @@ class KDTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
         count = float(total)
+        self._step_tokens = count
         self.kd_tokens += int(count)
         self._tokens_since_log += count
         return max(count, 1.0)
@@ -371,10 +387,15 @@ class KDTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _end_step(self) -> None:
-        """After an optimizer step: the objective's schedule sees the step's mean loss."""
-        if self.kd_loss.schedule is not None:
+        """After an optimizer step: the objective's schedule sees the step's mean loss.
+
+        A step that trained no token (every label ignored on every rank, as a window of prompt
+        only can be) measured nothing: its loss of 0 would read to TAID as a perfect student.
+        """
+        if self.kd_loss.schedule is not None and self._step_tokens > 0:
             self.kd_loss.step(self._all_sum([self._step_loss])[0])
         self._step_loss = 0.0
+        self._step_tokens = 0.0
 
     def _all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.args.device)

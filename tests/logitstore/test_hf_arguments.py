@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from logitstore.hf import KDTrainer
+from logitstore.dataset import IGNORE_INDEX, StoreDataset
+from logitstore.errors import ConfigError
+from logitstore.hf import KDTrainer, StoreBatches
 from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
 
@@ -40,6 +42,31 @@ def args(out: Path, **kw) -> TrainingArguments:
     return TrainingArguments(str(out), **base)
 
 
+def test_label_smoothing_is_refused_not_ignored(store, tiny_student_dir, tmp_path):
+    # Trainer smooths its own label cross-entropy; KDTrainer's loss is the objective, so the
+    # setting would change nothing (the losses were equal with and without it).
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    given = args(tmp_path, label_smoothing_factor=0.1)
+    with pytest.raises(ConfigError, match="label_smoothing_factor.*found 0.1"):
+        KDTrainer(model=model, args=given, train_dataset=store, ce_weight=1.0)
+
+
+def test_the_callers_arguments_are_left_as_given_and_reused(store, tiny_student_dir, tmp_path):
+    given = args(tmp_path / "run", save_strategy="steps", save_steps=1, save_total_limit=1,
+                 dataloader_num_workers=1)  # fmt: skip
+    before = given.to_dict()
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    first = KDTrainer(model=model, args=given, train_dataset=store, tokens_per_batch=128)
+    assert given.to_dict() == before
+    assert first.kd_batches.num_workers == 1  # dataloader_num_workers is the default
+    # The same arguments a second time (a notebook's second run): still one checkpoint kept.
+    second = KDTrainer(model=model, args=given, train_dataset=store, tokens_per_batch=128,
+                       num_workers=0)  # fmt: skip
+    second.train()
+    kept = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert kept == ["checkpoint-3"]
+
+
 def test_load_best_model_at_end_keeps_and_loads_the_best_checkpoint(
     store, tiny_student_dir, tmp_path
 ):
@@ -64,3 +91,31 @@ def test_load_best_model_at_end_keeps_and_loads_the_best_checkpoint(
     saved = load_file(out / f"checkpoint-{best}" / "model.safetensors")
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(value, saved[name]), name
+
+
+class EveryOtherBatchWithoutLabels(StoreBatches):
+    """Every other batch has all labels ignored: a window of prompt only, for instance."""
+
+    def __iter__(self):
+        for i, batch in enumerate(super().__iter__()):
+            if i % 2 == 0:
+                batch = {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
+                batch["num_tokens"] = 0
+            yield batch
+
+
+def test_a_step_without_trained_tokens_leaves_taid_schedule_alone(
+    store, tiny_student_dir, tmp_path
+):
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    data = EveryOtherBatchWithoutLabels(StoreDataset(store, tokens_per_batch=128))
+    trainer = KDTrainer(model=model, args=args(tmp_path, max_steps=5), train_dataset=data,
+                        divergence="taid")  # fmt: skip
+    trainer.train()
+    steps = [r for r in trainer.state.log_history if "taid_t" in r]
+    seen = [0] + [r["tokens"] for r in steps]  # tokens trained so far, after each step
+    trained = [r for r, a, b in zip(steps, seen, seen[1:]) if b > a]
+    assert len(steps) == 5 and [r["step"] for r in trained] == [2, 4]
+    state = trainer.kd_loss.state_dict()
+    assert state["step"] == 2 and state["prev_loss"] == pytest.approx(trained[-1]["loss"])
+    assert all(torch.isfinite(torch.tensor(r["taid_t"])) for r in steps)
