@@ -302,13 +302,28 @@ def _load_files(
 
 
 def _load_saved(path: Path, data: str, split: str, streaming: bool) -> Source:
+    """A ``save_to_disk`` folder: a ``DatasetDict`` by split, or one ``Dataset`` (split ``train``).
+
+    A part of a split (``train[:10%]``, ``train[:100]+test[:100]``) is read as ``datasets``'
+    split syntax reads it.
+    """
     import datasets
 
     ds: Any = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DataError(f"{data} has splits {sorted(ds)}, not {split!r}")
-        ds = ds[split]
+    splits = dict(ds) if isinstance(ds, datasets.DatasetDict) else {"train": ds}
+    if any(name not in splits for name in _split_names(split)):
+        hint = "" if isinstance(ds, datasets.DatasetDict) else " (one saved Dataset is one split)"
+        raise DataError(f"{data} has splits {sorted(splits)}{hint}, not {split!r}")
+    try:
+        instruction = datasets.ReadInstruction.from_spec(split)
+        parts = instruction.to_absolute({name: len(d) for name, d in splits.items()})
+    except (AssertionError, ValueError) as exc:
+        raise ConfigError(f"--split {split!r}: not a split or a part of one ({exc})") from None
+    if "[" not in split and len(parts) == 1:
+        ds = splits[parts[0].splitname]
+    else:
+        pieces = [splits[p.splitname].select(range(p.from_, p.to)) for p in parts]
+        ds = pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
     meta = {
         "name": path.name,
         "kind": "saved_dataset",
@@ -316,6 +331,11 @@ def _load_saved(path: Path, data: str, split: str, streaming: bool) -> Source:
         "split": split,
     }
     return Source(ds.to_iterable_dataset() if streaming else ds, RowIds(), meta)
+
+
+def _split_names(split: str) -> list[str]:
+    """The split names of a split expression: ``train[:10%]+test`` names train and test."""
+    return [part.split("[")[0].strip() for part in split.split("+")]
 
 
 def _load_hub(data: str, split: str, subset: str | None, revision: str | None,

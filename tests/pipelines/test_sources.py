@@ -219,6 +219,42 @@ def test_unusable_sources_are_refused_clearly(tmp_path, tiny_tokenizer):
         load_rows(str(saved), split="test")
 
 
+def test_a_part_of_a_saved_split_reads_only_that_part(tmp_path):
+    """``--split train[:N]`` of a ``save_to_disk`` folder reads N rows, not the whole split."""
+    import datasets
+
+    train, test = TEXTS[:4], TEXTS[4:]
+    saved = tmp_path / "saved_dict"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": train}),
+         "test": datasets.Dataset.from_dict({"text": test})}
+    ).save_to_disk(saved)  # fmt: skip
+    one = tmp_path / "saved_one"
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(one)
+    cases = [
+        (saved, "test", test),
+        (saved, "train[:50%]", train[:2]),
+        (saved, "train[1:3]+test[-1:]", train[1:3] + test[-1:]),
+        (one, "train", TEXTS),
+        (one, "train[:3]", TEXTS[:3]),
+    ]
+    for path, split, expected in cases:
+        source = load_rows(str(path), split=split)
+        assert [r["text"] for r in source.dataset] == expected, split
+        assert source.metadata["split"] == split
+    # a part is its own source: its fingerprint differs from the whole split's
+    assert (
+        load_rows(str(one), split="train[:3]").metadata["fingerprint"]
+        != load_rows(str(one)).metadata["fingerprint"]
+    )
+    with pytest.raises(
+        DataError, match=r"has splits \['train'\] \(one saved Dataset is one split\)"
+    ):
+        load_rows(str(one), split="test")
+    with pytest.raises(ConfigError, match=r"--split 'train\[::2\]'"):
+        load_rows(str(one), split="train[::2]")
+
+
 @pytest.mark.parametrize(
     ("name", "write"),
     [
