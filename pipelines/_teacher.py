@@ -236,14 +236,16 @@ def context_length(model: Any) -> int | None:
 
 
 def check_context(teacher: Teacher, windows: Sequence[Any], max_length: int) -> None:
-    """Refuse windows longer than the teacher's positions, before any forward.
+    """Refuse windows the teacher cannot run, before any forward.
 
-    Past them a model with learned positions fails with an index error (on CUDA, a device-side
-    assert) and a rotary one returns logits it was never trained to give.
+    Past its positions a model with learned positions fails with an index error (on CUDA, a
+    device-side assert) and a rotary one returns logits it was never trained to give. A token
+    id past its vocabulary (a tokenizer with tokens added that the teacher's embedding lacks)
+    fails in the embedding the same way.
 
     Raises:
         ConfigError: naming the longest window, the teacher's limit and the ``--max-length``
-            that fits.
+            that fits; or the first window with a token id past the vocabulary.
     """
     limit = context_length(teacher.model)
     longest = max((int(w.input_ids.shape[0]) for w in windows), default=0)
@@ -252,6 +254,16 @@ def check_context(teacher: Teacher, windows: Sequence[Any], max_length: int) -> 
             f"max_length={max_length} gives windows of up to {longest} tokens, more than the "
             f"teacher's {limit} positions; pass --max-length {limit} or less"
         )
+    vocab, tokenizer = teacher.vocab_size, teacher.tokenizer
+    for w in windows:
+        top = int(w.input_ids.max())  # every window has two tokens or more
+        if top >= vocab:
+            raise ConfigError(
+                f"document {w.doc_id!r} has token id {top} "
+                f"({tokenizer.convert_ids_to_tokens(top)!r}), outside the teacher's vocabulary "
+                f"of {vocab}; the tokenizer has {len(tokenizer)} tokens, so it does not match "
+                "the teacher (tokens added without resizing the model's embeddings?)"
+            )
 
 
 def forward_batch(

@@ -309,6 +309,29 @@ def test_windows_longer_than_the_teachers_positions(tiny_teacher_dir, text_jsonl
     assert not out.exists()
 
 
+def test_a_tokenizer_with_tokens_the_teacher_lacks(tiny_teacher_dir, tmp_path, kit):
+    """Tokens added to the tokenizer but not to the teacher's embedding: refused before the
+    forward (which fails with an index error, on CUDA a device-side assert)."""
+    from transformers import AutoTokenizer
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    tokenizer.add_tokens(["<tool_call>"], special_tokens=True)
+    tokenizer.save_pretrained(teacher)
+    rows = json.loads((teacher / "config.json").read_text())["vocab_size"]
+    added = tokenizer.convert_tokens_to_ids("<tool_call>")
+    assert added >= rows  # the premise: an id the embedding has no row for
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": "a call <tool_call> to a tool"}) + "\n")
+    out = tmp_path / "store"
+    result = kit.invoke("teacher-pass", "--teacher", teacher, "--data", data, "--out", out,
+                        "--k", "8", "--no-progress")  # fmt: skip
+    kit.refused(result, f"token id {added} ('<tool_call>')", f"vocabulary of {rows}",
+                f"the tokenizer has {len(tokenizer)} tokens")  # fmt: skip
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("setting", "words"),
     [
