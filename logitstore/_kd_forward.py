@@ -74,8 +74,12 @@ def _kd_forward(
     head = self.get_output_embeddings()
     measured: list[MetricTotals] = []
 
+    vocab = self._logitstore_vocab
+
     def head_loss(h: torch.Tensor) -> torch.Tensor:
-        weight = head.weight
+        # Rows past the teacher's vocabulary (a head padded to a multiple of 64) are no token:
+        # the student's softmax is taken over the teacher's ids, as if its head were cut there.
+        weight = head.weight if vocab is None else head.weight[:vocab]
         if kd_batch.metrics:  # the same measurements as evaluation, on this batch
             found = batch_metrics(
                 h.detach(), weight.detach(), kd_batch.fields, chunk_size=loss_fn.chunk_size
@@ -97,15 +101,19 @@ def causal_lm(model: Any) -> Any:
     return inner
 
 
-def patch_for_distillation(model: Any, loss: DistillationLoss) -> Any:
+def patch_for_distillation(
+    model: Any, loss: DistillationLoss, vocab_size: int | None = None
+) -> Any:
     """Make ``model``'s causal LM compute ``loss`` in its forward when given ``kd_batch``.
 
     Without ``kd_batch`` the forward is the original one (generation, evaluation). Patching
-    twice replaces the loss. Returns ``model``.
+    twice replaces the loss. ``vocab_size``: the teacher's; the loss then uses the head's first
+    ``vocab_size`` rows (the rest pad the head past the vocabulary). Returns ``model``.
     """
     lm = causal_lm(model)
     if "_logitstore_forward" not in vars(lm):
         lm._logitstore_forward = lm.forward
         lm.forward = types.MethodType(_kd_forward, lm)
     lm._logitstore_loss = loss
+    lm._logitstore_vocab = vocab_size
     return model

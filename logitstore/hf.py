@@ -158,7 +158,7 @@ class KDTrainer(Trainer):
 
     Args:
         model: the student, a ``transformers`` causal LM (or a PEFT model of one) whose head
-            has the store's vocabulary size.
+            has at least the store's vocabulary size (more rows: a padded embedding matrix).
         args: the user's ``TrainingArguments``; ``max_steps`` must be set (> 0).
         train_dataset: a store URL, an opened store (``logitstore.open_store``), a
             :class:`StoreDataset` (its ``rank`` and ``world_size`` must be the run's), or a
@@ -254,12 +254,12 @@ class KDTrainer(Trainer):
         vocab = int(manifest["vocab_size"])
         head = causal_lm(model).get_output_embeddings().weight
         rows = int(getattr(head, "ds_shape", head.shape)[0])  # ZeRO-3 partitions at load
-        if rows != vocab:
+        if rows < vocab:  # a head padded past the vocabulary is fine: see check_vocabulary
             raise TokenizerMismatchError(
                 f"the store's teacher has vocabulary size {vocab}; the student's head has "
-                f"{rows} rows"
+                f"{rows} rows: expected at least {vocab}"
             )
-        patch_for_distillation(model, loss)
+        patch_for_distillation(model, loss, vocab)
         if kwargs.get("eval_dataset") is not None:
             kwargs["eval_dataset"] = eval_datasets(
                 kwargs["eval_dataset"], args, tokens_per_batch, manifest, storage_options

@@ -147,7 +147,8 @@ def check_vocabulary(manifest: Mapping[str, Any], model: Any, tokenizer: Any | N
 
     Args:
         manifest: the store's manifest (``vocab_size`` and ``tokenizer``).
-        model: the student; its head must have exactly the store's vocabulary size.
+        model: the student; its head must have at least the store's vocabulary size (more
+            rows: a padded embedding matrix).
         tokenizer: the student's tokenizer, or None (then only the size is checked).
 
     Returns:
@@ -157,10 +158,13 @@ def check_vocabulary(manifest: Mapping[str, Any], model: Any, tokenizer: Any | N
         TokenizerMismatchError: with the teacher's and the student's values.
     """
     vocab = int(manifest["vocab_size"])
-    if head_size(model) != vocab:
+    # Rows past the teacher's vocabulary pad the head (to a multiple of 64, say): they are no
+    # token, and the loss and the metrics use the first ``vocab`` rows. Fewer rows cannot hold
+    # the teacher's ids.
+    if head_size(model) < vocab:
         raise TokenizerMismatchError(
             f"the store's teacher has vocabulary size {vocab}; the student's head has "
-            f"{head_size(model)} rows"
+            f"{head_size(model)} rows: expected at least {vocab}"
         )
     if tokenizer is None:
         return ["no student tokenizer given: only the vocabulary size was checked"]

@@ -85,7 +85,8 @@ def evaluate(
     tokenizer = load_tokenizer(student)
     check_vocabulary(opened.manifest, lm, tokenizer)
     lm.to(dev).eval()
-    weight = lm.get_output_embeddings().weight.float()
+    # A head padded past the teacher's vocabulary is measured on the teacher's ids, as trained.
+    weight = lm.get_output_embeddings().weight.float()[: int(opened.manifest["vocab_size"])]
 
     totals = MetricTotals(device=dev)
     documents = 0

@@ -1,4 +1,5 @@
-"""KDTrainer and the TrainingArguments users set: what it honours, refuses or leaves alone.
+"""KDTrainer set up as users set it up: the TrainingArguments it honours, refuses or leaves
+alone, and students whose head is padded past the teacher's vocabulary.
 
 One process, a tiny student and a store of about 25 documents; each run is a few steps.
 """
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from logitstore.dataset import IGNORE_INDEX, StoreDataset
-from logitstore.errors import ConfigError
+from logitstore.errors import ConfigError, TokenizerMismatchError
 from logitstore.hf import KDTrainer, StoreBatches
 from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
@@ -119,3 +120,40 @@ def test_a_step_without_trained_tokens_leaves_taid_schedule_alone(
     state = trainer.kd_loss.state_dict()
     assert state["step"] == 2 and state["prev_loss"] == pytest.approx(trained[-1]["loss"])
     assert all(torch.isfinite(torch.tensor(r["taid_t"])) for r in steps)
+
+
+def _resized(student_dir: Path, rows: int, out: Path) -> Path:
+    """The student with its embeddings and head cut or padded to ``rows`` (new rows random)."""
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    torch.manual_seed(0)
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    model.save_pretrained(out)
+    return out
+
+
+def test_a_head_padded_past_the_vocabulary_trains_as_the_head_cut_there(
+    store, tiny_student_dir, tmp_path
+):
+    # As a student with its embeddings padded to a multiple of 64: 384 + 64 rows, which are no
+    # token. It trains as the same student with exactly the teacher's 384 rows.
+    padded = _resized(tiny_student_dir, 448, tmp_path / "padded")
+
+    def train(student: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+        model = AutoModelForCausalLM.from_pretrained(student)
+        given = args(tmp_path / student.name, optim="sgd", learning_rate=1.0)
+        trainer = KDTrainer(model=model, args=given, train_dataset=store, tokens_per_batch=128)
+        trainer.train()
+        logs = [r["loss"] for r in trainer.state.log_history if "teacher_kl" in r]
+        return logs, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    (cut_loss, cut), (padded_loss, grown) = train(Path(tiny_student_dir)), train(padded)
+    assert padded_loss == pytest.approx(cut_loss, rel=1e-6, abs=1e-7)
+    start = load_file(padded / "model.safetensors")
+    for name, value in grown.items():
+        if value.shape[0] == 448:  # the head and the embeddings: padding rows untouched
+            assert torch.equal(value[384:], start[name][384:]), name
+            value = value[:384]
+        torch.testing.assert_close(value, cut[name], rtol=1e-5, atol=1e-6, msg=name)
+    fewer = AutoModelForCausalLM.from_pretrained(_resized(tiny_student_dir, 320, tmp_path / "cut"))
+    with pytest.raises(TokenizerMismatchError, match="size 384.*320 rows: expected at least 384"):
+        KDTrainer(model=fewer, args=args(tmp_path / "no"), train_dataset=store)

@@ -186,3 +186,21 @@ def test_generation_diversity_runs_from_prompts(full_store, tiny_teacher_dir, tm
         max_new_tokens=8,
     )
     assert 0 < got["distinct_2"] <= 1 and 0 <= got["self_bleu"] <= 1
+
+
+def test_a_head_padded_past_the_vocabulary_is_measured_on_the_teachers_ids(
+    topk_store, tiny_student_dir, tmp_path
+):
+    # Embeddings padded to a multiple of 64 (384 + 64 rows that are no token): the numbers of
+    # the same student with exactly the teacher's rows.
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    model.resize_token_embeddings(448, mean_resizing=False)
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_student_dir).save_pretrained(tmp_path)
+    got = evaluate(str(tmp_path), topk_store, tokens_per_batch=100, device="cpu")
+    want = evaluate(str(tiny_student_dir), topk_store, tokens_per_batch=100, device="cpu")
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
