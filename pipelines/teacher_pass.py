@@ -203,6 +203,34 @@ def _submit(worker: Worker | None, tp_group: Any, device: torch.device, *job: An
         raise failure
 
 
+LOG_INTERVAL = 60.0
+"""Seconds between progress lines where stderr is a log file, not a terminal."""
+
+
+class _LogLines:
+    """A stream for tqdm that turns each refresh into one line (a log file has no ``\\r``)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _progress_bar(total: int, *, show: bool) -> tqdm:
+    """A bar on a terminal; elsewhere (nohup, a job scheduler's log) a line every
+    :data:`LOG_INTERVAL` seconds, none for a run shorter than that."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, unit="doc", disable=not show, dynamic_ncols=True)
+    return tqdm(total=total, unit="doc", disable=not show, file=_LogLines(sys.stderr),
+                mininterval=LOG_INTERVAL, delay=LOG_INTERVAL, ncols=100)  # fmt: skip
+
+
 # -- the pass ----------------------------------------------------------------------------------
 
 
@@ -328,9 +356,8 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
     }
 
     # ---- loop
-    show = cfg.progress and rank == 0 and sys.stderr.isatty()
     total_docs = sum(len(shards[i]) for i in state["todo"])
-    progress = tqdm(total=total_docs, unit="doc", disable=not show, dynamic_ncols=True)
+    progress = _progress_bar(total_docs, show=cfg.progress and rank == 0)
     # The group's other ranks only take part in the forwards.
     worker = Worker(writer, codec, temperatures=temps, seed=cfg.seed) if group_rank == 0 else None
     tp_group = tensor_parallel_group(placement.tensor_parallel)

@@ -358,3 +358,22 @@ def test_compression_level_changes_bytes_not_values(tmp_path, tiny_teacher_dir, 
     for a, b in zip(stores[1][1], stores[19][1], strict=True):
         np.testing.assert_array_equal(a.support_ids, b.support_ids)
         np.testing.assert_array_equal(a.support_logprobs, b.support_logprobs)
+
+
+def test_progress_reaches_a_log_file_as_lines(
+    tmp_path, tiny_teacher_dir, text_jsonl, monkeypatch, capsys
+):
+    """Where stderr is not a terminal (nohup, a job's log), progress comes as whole lines."""
+    import logitstore.pipelines.teacher_pass as teacher_pass
+
+    monkeypatch.setattr(teacher_pass, "LOG_INTERVAL", 0.0, raising=False)  # a line a batch
+    out = tmp_path / "store"
+    cfg = TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl), out=str(out),
+                            k=8, max_length=64, limit=6, batch_size=4, docs_per_shard=8)  # fmt: skip
+    run_teacher_pass(cfg)
+    lines = capsys.readouterr().err.split("\n")  # only newlines: a bar's \r stays in its line
+    total = logitstore.open_store(str(out)).num_documents  # read back from the store
+    counts = [line for line in lines if "doc" in line and "tok/s" in line]
+    assert len(counts) >= 2, lines
+    assert all("\r" not in line for line in counts)
+    assert f"{total}/{total}" in counts[-1]
