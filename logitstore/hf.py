@@ -137,6 +137,16 @@ class StoreBatches:
         return self.dataset.state_dict()
 
     def load_state_dict(self, state: Any) -> None:
+        # The read position is one count per reading stream (DataLoader worker): refused here,
+        # in one line, rather than by the first worker, inside torch's traceback of it.
+        consumed = list(state.get("samples_consumed") or [])
+        streams = max(1, self.num_workers)
+        if any(consumed) and len(consumed) != streams:
+            raise ConfigError(
+                f"the checkpoint's read position was written by {len(consumed)} reader(s) per "
+                f"process (DataLoader workers); this run has {streams} (num_workers="
+                f"{self.num_workers}): resume with the num_workers of the run that wrote it"
+            )
         self.dataset.load_state_dict(state)
 
 

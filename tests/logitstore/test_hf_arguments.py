@@ -157,3 +157,17 @@ def test_a_head_padded_past_the_vocabulary_trains_as_the_head_cut_there(
     fewer = AutoModelForCausalLM.from_pretrained(_resized(tiny_student_dir, 320, tmp_path / "cut"))
     with pytest.raises(TokenizerMismatchError, match="size 384.*320 rows: expected at least 384"):
         KDTrainer(model=fewer, args=args(tmp_path / "no"), train_dataset=store)
+
+
+def test_resuming_with_other_dataloader_workers_is_refused_in_one_line(
+    store, tiny_student_dir, tmp_path
+):
+    def trainer(workers: int, steps: int) -> KDTrainer:
+        model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+        given = args(tmp_path, max_steps=steps, save_strategy="steps", save_steps=2)
+        return KDTrainer(model=model, args=given, train_dataset=store, tokens_per_batch=128,
+                         num_workers=workers)  # fmt: skip
+
+    trainer(0, 2).train()
+    with pytest.raises(ConfigError, match=r"written by 1 reader.*this run has 2 \(num_workers=2\)"):
+        trainer(2, 4).train(resume_from_checkpoint=True)
