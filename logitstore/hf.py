@@ -182,7 +182,8 @@ class KDTrainer(Trainer):
         shuffle_window: shards whose documents are shuffled together.
         num_workers: DataLoader worker processes decoding the store; default the
             ``dataloader_num_workers`` of ``args``.
-        peft_config: a ``peft`` config; the student is wrapped with ``get_peft_model``.
+        peft_config: a ``peft`` config; the student is wrapped with ``get_peft_model``, its
+            adapters initialised from ``args.seed``.
         storage_options: fsspec options when ``train_dataset`` is a remote URL.
         run_info: JSON-able facts saved in every checkpoint's ``logitstore_state.json``.
         **kwargs: passed to ``Trainer`` (``processing_class``, ``callbacks``, ...).
@@ -259,7 +260,11 @@ class KDTrainer(Trainer):
             )
         if peft_config is not None:
             from peft import get_peft_model
+            from transformers import set_seed
 
+            # The adapters are initialised at random here, before Trainer seeds itself: from
+            # args.seed, so that they do not depend on what the process drew before.
+            set_seed(int(args.seed))
             model = get_peft_model(model, peft_config)
         vocab = int(manifest["vocab_size"])
         head = causal_lm(model).get_output_embeddings().weight

@@ -171,3 +171,22 @@ def test_resuming_with_other_dataloader_workers_is_refused_in_one_line(
     trainer(0, 2).train()
     with pytest.raises(ConfigError, match=r"written by 1 reader.*this run has 2 \(num_workers=2\)"):
         trainer(2, 4).train(resume_from_checkpoint=True)
+
+
+def test_lora_adapters_start_from_the_runs_seed(store, tiny_student_dir, tmp_path):
+    # Two runs of one seed in one process (a notebook, a sweep) start from the same adapters,
+    # whatever the process drew before; another seed starts elsewhere.
+    import peft
+
+    def adapters(seed: int, drawn_before: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(drawn_before)
+        model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+        lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        trainer = KDTrainer(model=model, args=args(tmp_path, seed=seed), train_dataset=store,
+                            peft_config=lora)  # fmt: skip
+        return {k: v.clone() for k, v in trainer.model.named_parameters() if "lora_A" in k}
+
+    first, again, other = adapters(7, 1), adapters(7, 2), adapters(8, 1)
+    assert first.keys() == again.keys() == other.keys() and len(first) == 4
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)
