@@ -205,8 +205,11 @@ def load_teacher(
             model = load_device_map(teacher, torch_dtype, placement, kwargs)
             dev = output_device(model)
         else:
-            model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch_dtype, **kwargs)
-            model = model.to(dev)
+            # Straight onto the device: without a device map, transformers builds the model in
+            # host memory first (a 30B teacher: 60 GB of RAM per rank), then .to() copies it.
+            model = AutoModelForCausalLM.from_pretrained(
+                teacher, dtype=torch_dtype, device_map=dev, **kwargs
+            )
     model.eval()
     vocab_size = int(model.get_output_embeddings().weight.shape[0])  # global shape, also TP
     metadata: dict[str, Any] = {

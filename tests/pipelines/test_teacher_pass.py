@@ -377,3 +377,23 @@ def test_progress_reaches_a_log_file_as_lines(
     assert len(counts) >= 2, lines
     assert all("\r" not in line for line in counts)
     assert f"{total}/{total}" in counts[-1]
+
+
+def test_the_teacher_is_loaded_onto_its_device_not_moved_there(tiny_teacher_dir, monkeypatch):
+    """``from_pretrained`` places every weight on the device itself: no whole-model copy in host
+    memory moved afterwards (each rank would hold the full teacher in RAM while loading)."""
+    from transformers import PreTrainedModel
+
+    from logitstore.pipelines._teacher import load_teacher
+
+    moved: list[tuple] = []
+    real = PreTrainedModel.to
+
+    def spy(self, *args, **kwargs):
+        moved.append(args or tuple(kwargs.values()))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "to", spy)
+    teacher = load_teacher(str(tiny_teacher_dir), device="cpu")
+    assert moved == []
+    assert {p.device for p in teacher.model.parameters()} == {torch.device("cpu")}
