@@ -63,6 +63,20 @@ def _hub_id(name: Any) -> str | None:
     return name
 
 
+def _mixed_teachers(mixture: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The teacher section of each store of a mixture (``teacher.mixture.stores``).
+
+    The manifest's metadata sections are the store's own JSON, checked by no schema: a
+    ``stores`` that is not a list counts as none, and an entry or teacher that is not an
+    object as a teacher of no known name.
+    """
+    stores = mixture.get("stores")
+    if not isinstance(stores, list):
+        return []
+    teachers = [s.get("teacher") if isinstance(s, Mapping) else None for s in stores]
+    return [t if isinstance(t, Mapping) else {} for t in teachers]
+
+
 def base_models(teacher: Mapping[str, Any]) -> list[str]:
     """The Hub ids of the teacher (each teacher of a mixture); local teachers are left out.
 
@@ -71,7 +85,7 @@ def base_models(teacher: Mapping[str, Any]) -> list[str]:
     """
     mixture = teacher.get("mixture")
     if isinstance(mixture, Mapping):
-        found = [base_models(s.get("teacher", {})) for s in mixture.get("stores", [])]
+        found = [base_models(t) for t in _mixed_teachers(mixture)]
         return list(dict.fromkeys(m for ms in found for m in ms))
     if teacher.get("weights"):
         return []
@@ -94,7 +108,7 @@ def pretty_name(manifest: Mapping[str, Any]) -> str:
     teacher = manifest["teacher"]
     mixture = teacher.get("mixture")
     if isinstance(mixture, Mapping):
-        what = f"Mixed logits of {len(mixture.get('stores', []))} teachers"
+        what = f"Mixed logits of {len(_mixed_teachers(mixture))} teachers"
     else:
         what = (
             _short(str(teacher.get("model") or teacher.get("id") or "teacher")) + " teacher logits"
@@ -237,10 +251,7 @@ def _mixture_note(teacher: Mapping[str, Any]) -> str:
     mixture = teacher.get("mixture")
     if not isinstance(mixture, Mapping):
         return ""
-    names = [
-        s.get("teacher", {}).get("model") or s.get("teacher", {}).get("id")
-        for s in mixture.get("stores", [])
-    ]
+    names = [t.get("model") or t.get("id") for t in _mixed_teachers(mixture)]
     return (
         "\n## Mixture of teachers\n\n"
         f"{mixture.get('approximation', '')}\n\nWeights: `{_plain(mixture.get('weights'))}`; "

@@ -497,3 +497,32 @@ def test_the_shard_read_at_once_is_fetched_by_the_reader_and_the_next_ahead(tmp_
     fresh = open_store(one, readahead=2)
     fresh.prefetch([0])  # asked for explicitly, it is still fetched ahead
     assert fresh._executor is not None and 0 in fresh._pending
+
+
+@pytest.mark.parametrize(
+    "mixture",
+    [
+        {"stores": 5},
+        {"stores": "ab"},
+        {"stores": {"a": {"teacher": {"id": "org/x"}}}},
+        {"stores": [1, None, "x", [], {"teacher": 5}, {"teacher": [1]}, {}]},
+        {"stores": [{"teacher": {"mixture": {"stores": 7}}}], "weights": {"a": [1]}},
+    ],
+)
+def test_a_malformed_mixture_section_still_makes_a_card(tmp_path, mixture):
+    """``teacher`` is the store's own JSON, checked by no schema: a ``mixture`` of any shape
+    gives a card (its teachers unnamed), never a TypeError or AttributeError."""
+    import json
+
+    from huggingface_hub import DatasetCard
+
+    src = make_store(str(tmp_path / "src"), "topk", {"k": 8}, backend="parquet", shards=1)
+    path = tmp_path / "src" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["teacher"] = {"model": "org/teacher", "mixture": mixture}
+    path.write_text(json.dumps(manifest))
+    hub.export_store(src, str(tmp_path / "out"), license="mit")
+    card = DatasetCard.load(tmp_path / "out" / "README.md")
+    assert "base_model" not in card.data.to_dict()  # no teacher named by a Hub id
+    assert card.data.pretty_name.startswith("Mixed logits of ")
+    assert "## Mixture of teachers" in card.text
