@@ -156,10 +156,10 @@ class ParquetBackend(Backend):
                 f"found {sorted(files)}"
             )
         pf = _open(files[shard_path], shard_path)
+        names = pf.schema_arrow.names
+        # (by position: a file may name a column twice, and a lookup by name then raises)
         tok_type = (
-            pf.schema_arrow.field("input_ids").type
-            if "input_ids" in pf.schema_arrow.names
-            else None
+            pf.schema_arrow.field(names.index("input_ids")).type if "input_ids" in names else None
         )
         tok = _value_dtype(tok_type)
         if tok is None or tok.kind != "u":

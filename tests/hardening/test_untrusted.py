@@ -544,6 +544,19 @@ def test_a_parquet_schema_mismatch_is_told_in_one_short_line(tmp_path, form, kit
     assert ("2009 columns, expected 9" if form == "many-columns" else "'input_ids'") in message
 
 
+@pytest.mark.parametrize("column", ["input_ids", "doc_id", "values"])
+def test_a_parquet_column_named_twice_is_refused(tmp_path, column, kit):
+    # pyarrow's lookup by name raises a KeyError when a file names a column twice
+    root = build(tmp_path / "store", "parquet")
+    path = root / manifest(root)["shards"][0]["path"]
+    table = pq.read_table(path)
+    table = table.append_column(table.schema.field(column), table[column])
+    pq.write_table(table, path, compression="zstd")
+    kit.reseal(root, 0)
+    with pytest.raises(CorruptShardError, match="shards/000000.parquet: schema"):
+        open_store(str(root)).read_shard(0)
+
+
 @pytest.mark.parametrize("control", ["\n", "\r", "\x1b[2J", "\x9b"])
 def test_control_characters_in_manifest_paths_are_refused(store, control):
     # A path is named in messages as it is; a newline or an escape sequence in one reached
@@ -717,3 +730,22 @@ def test_the_hole_check_leaves_the_file_read_from_its_start(tmp_path):
         assert _sparse(f.fileno(), st)
         assert os.lseek(f.fileno(), 0, os.SEEK_CUR) == 0
         assert f.read(4) == b"head"
+
+
+# -- keys the format does not define ---------------------------------------------------------
+
+
+def test_unknown_fidelity_keys_are_carried_past_by_convert(store, tmp_path):
+    # A shard's fidelity is an object of finite numbers, any keys (a newer writer may add
+    # some); summing them for the converted store's statistics raised a KeyError.
+    from logitstore.storage.convert import convert_store
+
+    data = manifest(store)
+    data["shards"][0]["fidelity"] = {"count": 4.0, "mass_captured_sum": 2.0, "newer_sum": 1.0}
+    data["shards"][1]["fidelity"] = {"count": 4.0, "mass_captured_sum": 4.0, "x_max": 9.0}
+    rewrite(store, data)
+    other = "parquet" if (store / "shards" / "000000.zarr").exists() else "zarr"
+    out = convert_store(str(store), str(tmp_path / "out"), backend=other)
+    assert out["statistics"]["fidelity"]["positions"] == 8.0
+    assert out["statistics"]["fidelity"]["mass_captured"] == 0.75
+    assert out["shards"][0]["fidelity"] == data["shards"][0]["fidelity"]  # copied as found
