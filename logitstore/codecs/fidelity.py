@@ -103,11 +103,17 @@ def fidelity_sums(
 
 
 def merge_fidelity(parts: Iterable[dict[str, float]]) -> dict[str, float]:
-    """Combine totals from several shards (sums add, maxima take the max)."""
+    """Combine totals from several shards (sums add, maxima take the max).
+
+    Keys other than ``count`` and the ``KEYS`` sums and ``MAX_KEYS`` maxima are left out: a
+    store's shard entries (a manifest or records being converted or resumed) may carry keys of
+    another version, or a stranger's, which mean nothing here.
+    """
     out = {"count": 0.0, **{f"{k}_sum": 0.0 for k in KEYS}, **{f"{k}_max": 0.0 for k in MAX_KEYS}}
     for part in parts:
         for key, value in part.items():
-            out[key] = max(out[key], value) if key.endswith("_max") else out[key] + value
+            if key in out:
+                out[key] = max(out[key], value) if key.endswith("_max") else out[key] + value
     return out
 
 
