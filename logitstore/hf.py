@@ -107,7 +107,8 @@ class StoreBatches:
 
     Each batch is recorded as consumed when handed out, so :meth:`state_dict` after an
     optimizer step is the exact read position. With ``num_workers`` the documents are decoded
-    in DataLoader worker processes.
+    in DataLoader worker processes. The next batch is read before one is handed out, so each
+    says whether it ends its epoch (``epoch_ends``): Trainer's "epoch" strategies act on it.
     """
 
     def __init__(self, dataset: StoreDataset, num_workers: int = 0) -> None:
@@ -119,17 +120,21 @@ class StoreBatches:
 
         data = self.dataset
         while True:
-            empty = True
             source: Any = (
                 DataLoader(data, batch_size=None, num_workers=self.num_workers)
                 if self.num_workers
                 else data
             )
+            pending = None
             for batch in source:
-                empty = False
-                data.record(batch)
-                yield batch
-            if empty and data.state_dict()["samples_consumed"] == [0] * max(1, self.num_workers):
+                if pending is not None:
+                    data.record(pending)
+                    yield {**pending, "epoch_ends": False}
+                pending = batch
+            if pending is not None:
+                data.record(pending)
+                yield {**pending, "epoch_ends": True}
+            elif data.state_dict()["samples_consumed"] == [0] * max(1, self.num_workers):
                 raise DataError(f"rank {data.rank} has no documents in epoch {data.epoch}")
             data.set_epoch(data.epoch + 1)
 
@@ -154,13 +159,19 @@ class StoreBatches:
 
 
 class _StepEnd(TrainerCallback):
-    """After each optimizer step: advance the objective's schedule (every rank)."""
+    """After each optimizer step: advance the objective's schedule (every rank), and after the
+    step that ends a pass over the store on every rank, log, evaluate and save as the "epoch"
+    strategies ask (Trainer's own epoch is the whole run: the loader is endless)."""
 
     def __init__(self, trainer: KDTrainer) -> None:
         self.trainer = trainer
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._end_step()
+        if self.trainer._epoch_ended:
+            control.should_log |= args.logging_strategy == "epoch"
+            control.should_evaluate |= args.eval_strategy == "epoch"
+            control.should_save |= args.save_strategy == "epoch"
 
 
 class KDTrainer(Trainer):
@@ -314,6 +325,8 @@ class KDTrainer(Trainer):
         self._metrics = MetricTotals(self.args.device)
         self._step_loss = 0.0
         self._step_tokens = 0.0
+        self._epochs_done = int(dataset.epoch)  # passes over the store every rank completed
+        self._epoch_ended = False
         self._log_clock = time.perf_counter()
         self.add_callback(_StepEnd(self))
 
@@ -351,15 +364,25 @@ class KDTrainer(Trainer):
             self.kd_batches.load_state_dict(state["loader"][int(self.args.process_index)])
             self.kd_loss.load_state_dict(state["loss_schedule"])
             self.kd_tokens = int(state["tokens"])
+            epochs = [s["epoch"] for s in state["loader"] if isinstance(s, dict) and "epoch" in s]
+            self._epochs_done = int(state.get("epochs_done", min(epochs, default=0)))
         return self.kd_batches
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
-        """The trained tokens of the whole optimizer step: all micro-batches, all ranks."""
+        """The trained tokens of the whole optimizer step: all micro-batches, all ranks.
+
+        Also whether the step ends a pass over the store: the passes every rank has completed
+        (its last batch's epoch, plus one if that batch ended it), least over ranks, grew.
+        """
         local = float(sum(int(b["num_tokens"]) for b in batch_samples))
-        total = torch.tensor(local, dtype=torch.float64, device=device)
-        if self.accelerator.num_processes > 1:
-            total = self.accelerator.reduce(total, reduction="sum")
-        count = float(total)
+        last = batch_samples[-1] if batch_samples else {}
+        done = int(last.get("epoch", self._epochs_done)) + int(bool(last.get("epoch_ends")))
+        mine = torch.tensor([[local, done]], dtype=torch.float64, device=device)
+        ranks = self.accelerator.gather(mine) if self.accelerator.num_processes > 1 else mine
+        count = float(ranks[:, 0].sum())
+        done = int(ranks[:, 1].min())
+        self._epoch_ended = done > self._epochs_done
+        self._epochs_done = max(done, self._epochs_done)
         self._step_tokens = count
         self.kd_tokens += int(count)
         self._tokens_since_log += count
@@ -368,6 +391,8 @@ class KDTrainer(Trainer):
     def _logs_this_step(self) -> bool:
         step = self.state.global_step + 1
         every = int(self.state.logging_steps or 0)
+        if self.args.logging_strategy == "epoch":
+            return self._epoch_ended
         return self.args.logging_strategy == "steps" and (
             (every > 0 and step % every == 0) or (step == 1 and self.args.logging_first_step)
         )
@@ -538,6 +563,7 @@ class KDTrainer(Trainer):
         state = {
             "step": self.state.global_step,
             "tokens": self.kd_tokens,
+            "epochs_done": self._epochs_done,
             "world_size": int(self.args.world_size),
             "loader": loader,
             "loss_schedule": self.kd_loss.state_dict(),

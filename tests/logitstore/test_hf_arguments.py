@@ -6,13 +6,16 @@ One process, a tiny student and a store of about 25 documents; each run is a few
 
 from __future__ import annotations
 
+import itertools
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
+from logitstore import open_store
 from logitstore.dataset import IGNORE_INDEX, StoreDataset
 from logitstore.errors import ConfigError, TokenizerMismatchError
 from logitstore.hf import KDTrainer, StoreBatches
@@ -190,3 +193,47 @@ def test_lora_adapters_start_from_the_runs_seed(store, tiny_student_dir, tmp_pat
     assert first.keys() == again.keys() == other.keys() and len(first) == 4
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not any(torch.equal(first[k], other[k]) for k in first)
+
+
+class Recording(KDTrainer):
+    def compute_loss(self, model, inputs, *rest, **kw):
+        self.seen = [*getattr(self, "seen", []), inputs]
+        return super().compute_loss(model, inputs, *rest, **kw)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        control.should_training_stop |= state.global_step == self.step
+
+
+def test_epoch_strategies_act_at_the_end_of_each_pass_over_the_store(
+    store, tiny_student_dir, tmp_path
+):
+    # Trainer's own epoch is the whole run here (the loader is endless): without KDTrainer's
+    # help a run with save_strategy="epoch" saved once, at its last step.
+    out, documents = tmp_path / "run", open_store(store).num_documents
+    every = dict(save_strategy="epoch", eval_strategy="epoch", logging_strategy="epoch")
+
+    def trainer(steps: int, *callbacks) -> Recording:
+        model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+        return Recording(model=model, args=args(out, max_steps=steps, **every), train_dataset=store,
+                         eval_dataset=store, tokens_per_batch=128, callbacks=list(callbacks))  # fmt: skip
+
+    whole = trainer(30)
+    whole.train()
+    trained = list(itertools.accumulate(len(b["doc_ids"]) for b in whole.seen))
+    ends = [next(i + 1 for i, n in enumerate(trained) if n >= k * documents) for k in (1, 2)]
+    assert ends[1] < 30  # two passes end inside the run, the run ends in a third
+    logged = [r["step"] for r in whole.state.log_history if "teacher_kl" in r]
+    evaluated = [r["step"] for r in whole.state.log_history if "eval_loss" in r]
+    assert logged == evaluated == [*ends, 30]
+    assert sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) == [*ends, 30]
+    # Resumed after the first pass: the next save is at the end of the second, not at once.
+    shutil.rmtree(out)
+    trainer(30, StopAt(ends[0])).train()
+    resumed = trainer(30)
+    resumed.train(resume_from_checkpoint=True)
+    assert sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) == [*ends, 30]
