@@ -293,7 +293,7 @@ def forward_batch(
     ids = torch.zeros(len(windows), max(lengths), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, w in enumerate(windows):
-        ids[b, : lengths[b]] = torch.from_numpy(w.input_ids)
+        ids[b, : lengths[b]] = torch.tensor(w.input_ids)  # a copy: windows are read-only views
         mask[b, : lengths[b]] = 1
     ids, mask = ids.to(device), mask.to(device)
     # No KV cache: one forward per window, and a 70B teacher's cache is gigabytes per batch.

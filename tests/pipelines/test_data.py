@@ -234,3 +234,29 @@ def test_parallel_tokenization_gives_the_same_windows(tmp_path, tiny_tokenizer):
     one = build_windows(load_rows(str(path)), tiny_tokenizer, max_length=40)
     two = build_windows(load_rows(str(path), num_proc=2), tiny_tokenizer, max_length=40, num_proc=2)
     assert [w.doc_id for w in one] == [w.doc_id for w in two] and len(one) > 8
+
+
+def test_windows_from_the_cache_share_it_instead_of_copying_it(tmp_path, tiny_tokenizer):
+    """Every torchrun rank reads the same cached windows: their token ids are views of the
+    memory-mapped cache file, not a private copy per rank (8 bytes a token)."""
+    import tracemalloc
+    from pydoc_data.topics import topics
+
+    texts = [topics[k] for k in sorted(topics)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    build_windows(load_rows(str(path)), tiny_tokenizer, max_length=1024)  # fills the cache
+    source = load_rows(str(path))
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    try:
+        windows = build_windows(source, tiny_tokenizer, max_length=1024)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    ids_bytes = sum(w.input_ids.nbytes for w in windows)
+    assert ids_bytes > 2_000_000  # enough tokens for the ids to dominate what the windows hold
+    assert held < ids_bytes / 4, (held, ids_bytes)
+    first = {w.doc_id.split("/")[0]: w for w in windows if "/w0/" in w.doc_id}
+    for row, text in enumerate(texts[:3]):  # and still the right tokens
+        expected = tokenize_text(tiny_tokenizer, text)[0][:1024]
+        np.testing.assert_array_equal(first[f"docs.jsonl:{row + 1}"].input_ids, expected)
