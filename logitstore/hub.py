@@ -37,7 +37,7 @@ import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -49,7 +49,11 @@ from logitstore._hub_card import VIEW_DIR, dataset_card
 from logitstore.errors import ConfigError, HubAuthError
 from logitstore.reader import LogitStore, open_store
 from logitstore.storage import _fs
+from logitstore.storage._remote import describe, printable
 from logitstore.storage.convert import convert_store
+
+if TYPE_CHECKING:
+    from huggingface_hub import DatasetCard
 
 CARD_NAME = "README.md"
 VIEW_ROW_GROUP_BYTES = 32 << 20
@@ -269,20 +273,46 @@ def is_export(path: str | os.PathLike[str]) -> bool:
 # -- push ------------------------------------------------------------------------------------
 
 
-def _card_license(folder: str) -> str | None:
-    """The license in an export's card, or None."""
+def _load_card(folder: str) -> DatasetCard:
+    """An export's card, parsed; it may be a stranger's (an export downloaded to re-publish).
+
+    Raises:
+        ConfigError: not UTF-8 text with valid YAML metadata (too deeply nested, malformed).
+    """
+    import yaml
     from huggingface_hub import DatasetCard
 
-    license = DatasetCard.load(Path(folder) / CARD_NAME).data.license
-    return str(license) if license else None
+    path = Path(folder) / CARD_NAME
+    try:
+        return DatasetCard.load(path)
+    except (UnicodeDecodeError, yaml.YAMLError, ValueError, TypeError, RecursionError) as exc:
+        raise ConfigError(
+            f"{path} must be a dataset card (UTF-8 Markdown with YAML metadata); found one "
+            f"that cannot be parsed ({describe(exc)})"
+        ) from None
+
+
+def _card_license(folder: str) -> str | None:
+    """The license in an export's card, or None.
+
+    Raises:
+        ConfigError: the card cannot be parsed, or its license is not a Hub license identifier.
+    """
+    license = _load_card(folder).data.license
+    if not license:
+        return None
+    if not isinstance(license, str) or not _LICENSE_ID.fullmatch(license):
+        raise ConfigError(
+            f"{Path(folder) / CARD_NAME}: expected its license to be one Hub license identifier "
+            f"(apache-2.0, mit, cc-by-4.0, other, ...); found {printable(repr(license))[:200]}"
+        )
+    return license
 
 
 def _set_card_license(folder: str, license: str) -> None:
     """Write ``license`` into an export's card, keeping the rest of the card."""
-    from huggingface_hub import DatasetCard
-
     path = Path(folder) / CARD_NAME
-    card = DatasetCard.load(path)
+    card = _load_card(folder)
     if card.data.license != license:
         card.data.license = license
         card.save(path)

@@ -526,3 +526,31 @@ def test_a_malformed_mixture_section_still_makes_a_card(tmp_path, mixture):
     assert "base_model" not in card.data.to_dict()  # no teacher named by a Hub id
     assert card.data.pretty_name.startswith("Mixed logits of ")
     assert "## Mixture of teachers" in card.text
+
+
+@pytest.mark.parametrize(
+    "front",
+    [
+        b"license: " + b"[" * 5000 + b"]" * 5000,  # nested past Python's recursion limit
+        b"license: [mit",  # not YAML
+        b"license: \xff",  # not UTF-8
+        b"license: [mit, apache-2.0]",  # not one identifier
+        b"license: '../x y'",
+    ],
+)
+def test_pushing_an_export_whose_card_is_malformed_is_a_clear_error(tmp_path, monkeypatch, front):
+    """An export folder may be a stranger's (downloaded to be re-published): its card is
+    refused with a ConfigError, never a RecursionError, YAML or Unicode error."""
+    import huggingface_hub
+
+    src = make_store(str(tmp_path / "src"), "topk", {"k": 8}, shards=1)
+    hub.export_store(src, str(tmp_path / "export"))
+    card = tmp_path / "export" / "README.md"
+    card.write_bytes(b"---\n" + front + b"\n---\n" + card.read_bytes().split(b"\n---\n", 1)[1])
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_secret")
+    result = CliRunner().invoke(main, ["push", str(tmp_path / "export"), "org/name"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "README.md" in result.output and "Traceback" not in result.output
+    assert FakeApi.calls == []
