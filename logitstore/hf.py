@@ -197,7 +197,8 @@ class KDTrainer(Trainer):
             adapters initialised from ``args.seed``.
         storage_options: fsspec options when ``train_dataset`` is a remote URL.
         run_info: JSON-able facts saved in every checkpoint's ``logitstore_state.json``.
-        **kwargs: passed to ``Trainer`` (``processing_class``, ``callbacks``, ...).
+        **kwargs: passed to ``Trainer`` (``processing_class``, ``callbacks``, ...). A tokenizer
+            as ``processing_class`` must be the teacher's (the store's fingerprint of it).
     """
 
     def __init__(
@@ -285,6 +286,14 @@ class KDTrainer(Trainer):
                 f"the store's teacher has vocabulary size {vocab}; the student's head has "
                 f"{rows} rows: expected at least {vocab}"
             )
+        tokenizer = kwargs.get("processing_class")
+        if hasattr(tokenizer, "get_added_vocab") and manifest.get("tokenizer"):
+            # The teacher pass fingerprinted its tokenizer in the manifest; the command line's
+            # check compares the student's tokenizer with it field by field (ids, specials,
+            # chat template): two vocabularies of one size are not one tokenizer.
+            from logitstore.pipelines._student import check_vocabulary
+
+            check_vocabulary(manifest, causal_lm(model), tokenizer)
         patch_for_distillation(model, loss, vocab)
         if kwargs.get("eval_dataset") is not None:
             kwargs["eval_dataset"] = eval_datasets(

@@ -7,6 +7,7 @@ One process, a tiny student and a store of about 25 documents; each run is a few
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 from pathlib import Path
 
@@ -237,3 +238,21 @@ def test_epoch_strategies_act_at_the_end_of_each_pass_over_the_store(
     resumed = trainer(30)
     resumed.train(resume_from_checkpoint=True)
     assert sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) == [*ends, 30]
+
+
+def test_a_tokenizer_other_than_the_teachers_is_refused(store, tiny_student_dir, tmp_path):
+    # Same size, two ids swapped: the head fits, the tokens do not mean the teacher's.
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    AutoTokenizer.from_pretrained(tiny_student_dir).save_pretrained(other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    ours, theirs = (AutoTokenizer.from_pretrained(p) for p in (tiny_student_dir, other))
+    with pytest.raises(TokenizerMismatchError, match="vocab_sha256 differs: teacher"):
+        KDTrainer(model=model, args=args(tmp_path), train_dataset=store, processing_class=theirs)
+    KDTrainer(model=model, args=args(tmp_path), train_dataset=store, processing_class=ours)
