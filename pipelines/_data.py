@@ -72,7 +72,10 @@ def tokenize_text(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray]:
         ``(ids, trained)``: int64 ``(n,)`` and bool ``(n,)``; ``trained[t]`` says whether token
         ``t`` is a training label (the loss mask is ``trained[1:]``).
     """
-    ids = np.asarray(tokenizer(text, add_special_tokens=True)["input_ids"], dtype=np.int64)
+    # verbose=False: no "longer than the maximum sequence length" alarm, the windows see to it
+    ids = np.asarray(
+        tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"], dtype=np.int64
+    )
     return ids, np.ones(ids.shape, dtype=bool)
 
 
@@ -130,7 +133,7 @@ def tokenize_chat(
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError("--messages-field needs a teacher tokenizer with a chat template")
     text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64).reshape(-1)
     trained = np.zeros(ids.shape, dtype=bool)

@@ -260,3 +260,25 @@ def test_windows_from_the_cache_share_it_instead_of_copying_it(tmp_path, tiny_to
     for row, text in enumerate(texts[:3]):  # and still the right tokens
         expected = tokenize_text(tiny_tokenizer, text)[0][:1024]
         np.testing.assert_array_equal(first[f"docs.jsonl:{row + 1}"].input_ids, expected)
+
+
+def test_documents_longer_than_the_tokenizer_maximum_raise_no_false_alarm(tiny_teacher_dir, caplog):
+    """A document past the tokenizer's model_max_length is windowed, so transformers' "will
+    result in indexing errors" warning would be a false alarm; the tokens are all kept."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)  # fresh: it warns once
+    tokenizer.model_max_length = 16
+    text = " ".join(TEXTS * 8)
+    chat = [{"role": "user", "content": text}, {"role": "assistant", "content": text}]
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            ids, _ = tokenize_text(tokenizer, text)
+            chat_ids, _ = tokenize_chat(tokenizer, chat)
+    finally:
+        hf_logging.disable_propagation()
+    assert not [r for r in caplog.records if "maximum sequence length" in r.getMessage()]
+    assert len(ids) == len(tokenizer.backend_tokenizer.encode(text).ids) > 16
+    assert len(chat_ids) > 2 * len(ids)
