@@ -138,7 +138,18 @@ class TeacherPassConfig:
     def build_codec(self) -> Codec:
         """The codec ``codec`` describes, validated by the codec class."""
         params = dict(nested_codec(self.codec, {}))
-        return get_codec(params.pop("name"), **params)
+        name = params.pop("name")
+        try:
+            return get_codec(name, **params)
+        except ConfigError as exc:
+            # The codec names its own parameters; say which option sets one named otherwise
+            # (--draws is sampled's n), so "n must be ..." names what the user typed.
+            aliases = [
+                f"--{o} sets {p}" for o, p in CODEC_OPTIONS.items() if o != p and p in params
+            ]
+            if not aliases:
+                raise
+            raise ConfigError(f"codec {name}: {exc} ({'; '.join(aliases)})") from None
 
     def extra_temperatures(self) -> list[float]:
         """Temperatures besides 1 whose tail log-sum-exp is stored, in column order."""

@@ -76,6 +76,11 @@ def test_unknown_codecs_and_parameters_name_what_is_known():
         cfg(values="q5").build_codec()
     with pytest.raises(ConfigError, match="bits must be 8 or 4"):
         cfg(codec="dense", bits=5).build_codec()
+    for draws in (0, -3):  # the codec calls it n: the message says which option that is
+        with pytest.raises(
+            ConfigError, match=rf"n must be a positive integer, found {draws} \(--draws sets n\)"
+        ):
+            cfg(codec="sampled", draws=draws).build_codec()
 
 
 def test_yaml_takes_the_nested_form_and_the_old_flat_keys(tmp_path):
