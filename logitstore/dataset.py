@@ -22,8 +22,10 @@ documents. Padding costs compute on ragged batches; packing with per-document ma
 but needs attention kernels that honour block-diagonal masks, which plain ``transformers``
 models on CPU do not guarantee. Padding was chosen for exactness and simplicity.
 
-Resume. The state is ``{"seed", "epoch", "samples_consumed", "next_worker"}`` with one count
-per DataLoader worker (a single entry without workers). Each batch says which worker made it
+Resume. The state is ``{"seed", "epoch", "samples_consumed", "next_worker", "shuffle",
+"shuffle_window", "layout"}`` with one count per DataLoader worker (a single entry without
+workers); the last three fix the order (with the seed), and a loader whose order differs
+refuses the state rather than skip other documents than those trained. Each batch says which worker made it
 and how many of that worker's documents it has handed out, so :meth:`StoreDataset.record` keeps
 the counts in the main process, and resuming skips exactly those documents (whole windows
 without decoding). The DataLoader takes batches from its workers in turn, so the state also
@@ -35,6 +37,8 @@ Prefetch. Each reader decodes and collates in a background thread, ``prefetch`` 
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import os
 import queue
 import threading
@@ -275,19 +279,42 @@ class StoreDataset(IterableDataset):
         self._next_worker = (int(batch["worker"]) + 1) % workers
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"seed", "epoch", "samples_consumed", "next_worker"}``: enough to resume exactly."""
+        """The read position (``epoch``, ``samples_consumed``, ``next_worker``) and what fixes
+        the order it counts in (``seed``, ``shuffle``, ``shuffle_window``, ``layout``)."""
         consumed = list(self._consumed) if self._consumed is not None else [0]
         return {
             "seed": self.seed,
             "epoch": self.epoch,
             "samples_consumed": consumed,
             "next_worker": self._next_worker,
+            **self._order(),
         }
 
+    def _order(self) -> dict[str, Any]:
+        """What, besides the seed and the epoch, fixes the order of the documents: shuffling,
+        the window, and the shards' document ranges (``layout``, a digest)."""
+        ranges = [list(self.store.shard_document_range(j)) for j in range(self.store.num_shards)]
+        layout = hashlib.sha256(json.dumps(ranges).encode()).hexdigest()[:16]
+        return {"shuffle": self.shuffle, "shuffle_window": self.shuffle_window, "layout": layout}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next iteration skips the documents ``state`` counts as consumed."""
+        """Resume: the next iteration skips the documents ``state`` counts as consumed.
+
+        Raises:
+            ConfigError: the state was written by a loader of another order (seed, shuffling,
+                window, or a store whose shards hold other document ranges): skipping its
+                count of documents would skip others than those it trained.
+        """
         if int(state["seed"]) != self.seed:
             raise ConfigError(f"loader state has seed {state['seed']}, this loader {self.seed}")
+        ours = self._order()
+        for key in ("shuffle", "shuffle_window", "layout"):  # absent from older states
+            if key in state and state[key] != ours[key]:
+                what = "shard layout (another store)" if key == "layout" else key
+                raise ConfigError(
+                    f"loader state was written with {what} {state[key]!r}, this loader has "
+                    f"{ours[key]!r}: the read position counts documents in another order"
+                )
         self.epoch = int(state["epoch"])
         consumed = [int(c) for c in state["samples_consumed"]]
         self._consumed = consumed if any(consumed) else None

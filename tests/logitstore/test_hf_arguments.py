@@ -256,3 +256,27 @@ def test_a_tokenizer_other_than_the_teachers_is_refused(store, tiny_student_dir,
     with pytest.raises(TokenizerMismatchError, match="vocab_sha256 differs: teacher"):
         KDTrainer(model=model, args=args(tmp_path), train_dataset=store, processing_class=theirs)
     KDTrainer(model=model, args=args(tmp_path), train_dataset=store, processing_class=ours)
+
+
+def test_resuming_in_another_document_order_is_refused(
+    store, tiny_teacher_dir, text_jsonl, tiny_student_dir, tmp_path
+):
+    # The read position is a count of documents in the order of the run that wrote it; with
+    # another shuffle_window (or another store) the same count skipped other documents: 3 of
+    # the first epoch's 24 were trained twice and 3 never.
+    def trainer(data: str, window: int) -> KDTrainer:
+        model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+        given = args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2)
+        return KDTrainer(model=model, args=given, train_dataset=data, tokens_per_batch=128,
+                         shuffle_window=window)  # fmt: skip
+
+    trainer(store, 4).train()
+    with pytest.raises(ConfigError, match="shuffle_window 4, this loader has 1"):
+        trainer(store, 1).train(resume_from_checkpoint=True)
+    other = tmp_path / "other"  # the same documents, 5 to a shard
+    config = dict(k=16, values="float32", max_length=64, limit=2, docs_per_shard=5)
+    run_teacher_pass(TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl),
+                                       out=str(other), progress=False, **config))  # fmt: skip
+    with pytest.raises(ConfigError, match="shard layout"):
+        trainer(str(other), 4).train(resume_from_checkpoint=True)
+    trainer(store, 4).train(resume_from_checkpoint=True)  # the same order resumes

@@ -155,7 +155,8 @@ def test_resume_equals_uninterrupted(store, tiny_student_dir, tmp_path):
         assert torch.equal(x, y), name
     state = json.loads((tmp_path / "b" / "checkpoints" / "checkpoint-6" / STATE_NAME).read_text())
     assert state["step"] == 6 and state["loss_schedule"]["step"] == 6
-    assert set(state["loader"][0]) == {"seed", "epoch", "samples_consumed", "next_worker"}
+    assert set(state["loader"][0]) == {"seed", "epoch", "samples_consumed", "next_worker",
+                                       "shuffle", "shuffle_window", "layout"}  # fmt: skip
     assert not torn.exists()  # rotation removed the torn checkpoint
     # Trainer's own state file keeps its own layout.
     hf_state = json.loads(
