@@ -43,7 +43,7 @@ WINDOWING_POLICY = (
 )
 ISOLATION = "one window per sequence, right padding with an attention mask"
 # Bumped whenever tokenizing or windowing changes, so old cached windows are not reused.
-_WINDOWS_VERSION = 2
+_WINDOWS_VERSION = 3
 
 
 @dataclass
@@ -245,12 +245,30 @@ def _check_messages(row_id: str, field: str, messages: list[Any]) -> None:
             raise DataError(f"row {row_id!r}: message {j} of {field!r} ({role}) has no content")
 
 
+def without_nulls(value: Any) -> Any:
+    """``value`` with every mapping's null entries left out, at any depth.
+
+    Arrow stores a column of messages as one struct type, the union of every message's keys,
+    so rows read from Parquet or the Hub give each message, and each tool call in it, every
+    key any of them has, ``None`` where it had none: a call written with arguments
+    ``{"city": "Paris"}`` reads back as ``{"city": "Paris", "query": None}`` and a template
+    renders ``{"city": "Paris", "query": null}``. ``apply_chat_template`` drops a message's
+    own null keys, not nested ones; this drops both, handing over the messages as written.
+    """
+    if isinstance(value, Mapping):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
 def _tokenize_row(tokenizer: Any, row_id: str, field: str, value: Any, chat: bool) -> tuple:
     if value is None:
         raise DataError(f"row {row_id!r} has no field {field!r} (missing or null)")
     if chat:
         if not isinstance(value, list):
             raise DataError(f"row {row_id!r}: {field!r} must be a list of messages")
+        value = [without_nulls(m) for m in value]
         _check_messages(row_id, field, value)
         try:
             return tokenize_chat(tokenizer, value)

@@ -282,3 +282,44 @@ def test_documents_longer_than_the_tokenizer_maximum_raise_no_false_alarm(tiny_t
     assert not [r for r in caplog.records if "maximum sequence length" in r.getMessage()]
     assert len(ids) == len(tokenizer.backend_tokenizer.encode(text).ids) > 16
     assert len(chat_ids) > 2 * len(ids)
+
+
+TOOL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}"
+    "{{ c.function.arguments | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)  # as Qwen 2.5's: a tool call's arguments, a mapping, rendered as JSON
+
+
+def test_tool_calls_from_parquet_render_as_they_were_written(tmp_path, tiny_tokenizer):
+    """Arrow stores a column of messages as one struct type, so a tool call read from Parquet
+    has every argument any call in the column has, None where it had none; the template must
+    render the calls as written ({"city": "Paris"}), not {"city": "Paris", "query": null}."""
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = TOOL_TEMPLATE
+
+    def chat(name, arguments, answer):
+        call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        return [{"role": "user", "content": "Please look it up."},
+                {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "content": "done"},
+                {"role": "assistant", "content": answer}]  # fmt: skip
+
+    chats = [chat("get_weather", {"city": "Paris"}, "It is 22 C."),
+             chat("search", {"query": "cats", "limit": 3}, "Found cats.")]  # fmt: skip
+    path = tmp_path / "chats.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": c} for c in chats]), path)
+    stored = pq.read_table(path).to_pylist()[0]["messages"][1]["tool_calls"][0]
+    assert stored["function"]["arguments"] == {"city": "Paris", "query": None, "limit": None}
+    windows = build_windows(
+        load_rows(str(path)), tokenizer, max_length=4096, messages_field="messages"
+    )
+    assert len(windows) == len(chats)
+    for w, written in zip(windows, chats):
+        ids, trained = tokenize_chat(tokenizer, written)  # the rows as written
+        assert tokenizer.decode(w.input_ids) == tokenizer.decode(ids)
+        np.testing.assert_array_equal(w.input_ids, ids)
+        np.testing.assert_array_equal(w.loss_mask, trained[1:])
