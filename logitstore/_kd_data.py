@@ -39,6 +39,12 @@ class StoreBatches:
     """
 
     def __init__(self, dataset: StoreDataset, num_workers: int = 0) -> None:
+        if not (isinstance(num_workers, int) and not isinstance(num_workers, bool)) or (
+            num_workers < 0
+        ):
+            raise ConfigError(
+                f"num_workers must be an integer >= 0 (DataLoader workers); found {num_workers!r}"
+            )
         self.dataset = dataset
         self.num_workers = int(num_workers)
 

@@ -183,10 +183,11 @@ class StoreDataset(IterableDataset):
         world_size: int | None = None,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        if tokens_per_batch < 1 or shuffle_window < 1 or prefetch < 1:
+        sizes = (tokens_per_batch, shuffle_window, prefetch)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
             raise ConfigError(
-                "tokens_per_batch, shuffle_window and prefetch must be positive; found "
-                f"{tokens_per_batch}, {shuffle_window}, {prefetch}"
+                "tokens_per_batch, shuffle_window and prefetch must be positive integers; found "
+                f"{tokens_per_batch!r}, {shuffle_window!r}, {prefetch!r}"
             )
         if rank is None or world_size is None:
             dist = torch.distributed

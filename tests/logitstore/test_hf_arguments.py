@@ -280,3 +280,21 @@ def test_resuming_in_another_document_order_is_refused(
     with pytest.raises(ConfigError, match="shard layout"):
         trainer(str(other), 4).train(resume_from_checkpoint=True)
     trainer(store, 4).train(resume_from_checkpoint=True)  # the same order resumes
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"tokens_per_batch": "4096"}, r"positive integers; found '4096'"),
+        ({"tokens_per_batch": 0}, r"positive integers; found 0"),
+        ({"shuffle_window": 2.5}, r"positive integers; found 8192, 2.5"),
+        ({"num_workers": -1}, r"num_workers must be an integer >= 0.*found -1"),
+    ],
+)
+def test_bad_loader_settings_are_refused_in_one_line(
+    store, tiny_student_dir, tmp_path, given, message
+):
+    # They failed inside torch or numpy (a TypeError, or a ValueError once training started).
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    with pytest.raises(ConfigError, match=message):
+        KDTrainer(model=model, args=args(tmp_path), train_dataset=store, **given)
