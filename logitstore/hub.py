@@ -37,7 +37,7 @@ import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -51,9 +51,6 @@ from logitstore.reader import LogitStore, open_store
 from logitstore.storage import _fs
 from logitstore.storage._remote import describe, printable
 from logitstore.storage.convert import convert_store
-
-if TYPE_CHECKING:
-    from huggingface_hub import DatasetCard
 
 CARD_NAME = "README.md"
 VIEW_ROW_GROUP_BYTES = 32 << 20
@@ -273,8 +270,9 @@ def is_export(path: str | os.PathLike[str]) -> bool:
 # -- push ------------------------------------------------------------------------------------
 
 
-def _load_card(folder: str) -> DatasetCard:
-    """An export's card, parsed; it may be a stranger's (an export downloaded to re-publish).
+def _load_card(folder: str) -> Any:
+    """An export's ``huggingface_hub.DatasetCard``, parsed; it may be a stranger's (an export
+    downloaded to be re-published).
 
     Raises:
         ConfigError: not UTF-8 text with valid YAML metadata (too deeply nested, malformed).
