@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import ShardingCodec, ZstdCodec
 from zarr.registry import fully_qualified_name, register_codec
 
 from logitstore.storage._limits import zstd_content_size, zstd_decode_exact
@@ -175,13 +175,45 @@ class BoundedZstdCodec(ZstdCodec):
         return chunk_spec.prototype.buffer.from_array_like(out)
 
 
+_EMPTY = 2**64 - 1
+_MAX_OFFSET = 2**62
+"""Largest offset or length a shard index entry may hold (any real shard is far smaller)."""
+
+
+class BoundedShardingCodec(ShardingCodec):
+    """zarr's sharding codec, refusing an index entry beyond any file before it is used.
+
+    zarr-python adds an entry's offset and length as ``uint64`` scalars, so an entry near
+    ``2^64`` (other than the all-ones pair that marks an empty chunk) overflowed with a numpy
+    warning before the read failed.
+    """
+
+    async def _decode_shard_index(self, index_bytes: Any, chunks_per_shard: Any) -> Any:
+        index = await super()._decode_shard_index(index_bytes, chunks_per_shard)
+        pairs = index.offsets_and_lengths.reshape(-1, 2)
+        empty = (pairs == _EMPTY).all(axis=1)
+        bad = ~empty & (pairs > _MAX_OFFSET).any(axis=1)
+        if bad.any():
+            offset, length = (int(v) for v in pairs[np.argmax(bad)])
+            raise ValueError(
+                f"a shard index entry declares offset {offset} and length {length}; expected "
+                f"both below 2^62, or both 2^64 - 1 (an empty chunk)"
+            )
+        return index
+
+
 register_codec("zstd", BoundedZstdCodec)
-_BOUNDED = {"codecs.zstd": fully_qualified_name(BoundedZstdCodec)}
+register_codec("sharding_indexed", BoundedShardingCodec)
+_BOUNDED = {
+    "codecs.zstd": fully_qualified_name(BoundedZstdCodec),
+    "codecs.sharding_indexed": fully_qualified_name(BoundedShardingCodec),
+}
 
 
 @contextlib.contextmanager
 def bounded_zstd() -> Iterator[None]:
-    """zarr-python decodes zstd with :class:`BoundedZstdCodec` inside this block.
+    """zarr-python decodes zstd with :class:`BoundedZstdCodec` and shard indexes with
+    :class:`BoundedShardingCodec` inside this block.
 
     zarr picks a codec's implementation from its configuration when it parses metadata;
     the setting is restored on exit (other zarr users in the process keep the stock codec).

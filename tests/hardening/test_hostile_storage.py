@@ -154,6 +154,30 @@ def test_a_zstd_bomb_in_another_layout_is_bounded_in_zarr_python(zarr_store, for
     refused(run_verify(zarr_store), "shards/000000.zarr", "zstd frame")
 
 
+@pytest.mark.parametrize(
+    "entry", [(2**64 - 1, 40), (40, 2**64 - 1), (2**63, 40), (0, 2**64 - 2)]
+)  # fmt: skip
+def test_a_shard_index_entry_beyond_any_file_is_refused_without_a_warning(zarr_store, entry, kit):
+    # zarr-python added a (crc-valid) entry's offset and length as uint64 scalars: a numpy
+    # overflow warning came before the refusal
+    import warnings
+
+    from numcodecs import CRC32C
+
+    from logitstore.errors import CorruptShardError
+
+    shard = zarr_store / manifest(zarr_store)["shards"][0]["path"]
+    blob = shard / "values" / "c" / "0" / "0"
+    index = np.array(entry, "<u8").tobytes()
+    blob.write_bytes(blob.read_bytes()[:-20] + bytes(CRC32C().encode(index)))
+    kit.reseal(zarr_store)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CorruptShardError, match="array 'values' cannot be read"):
+            open_store(str(zarr_store)).read_shard(0)
+    assert not [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
 # -- array metadata that declares more than is stored ----------------------------------------
 
 
