@@ -88,6 +88,25 @@ TEACHER_FIELDS = (
 # ---- the trainer -----------------------------------------------------------------------------
 
 
+# Settings of Trainer's own loss and loader, which KDTrainer replaces: set, they would do nothing.
+_UNUSED = {
+    "label_smoothing_factor": (0, "smooths Trainer's label cross-entropy, which KDTrainer does not "
+    "compute (its loss is the objective; ce_weight adds the labels' cross-entropy)"),
+    "auto_find_batch_size": (False, "halves per_device_train_batch_size after an out-of-memory "
+    "error; KDTrainer's micro-batches are tokens_per_batch padded tokens (lower that instead)"),
+    "train_sampling_strategy": ("random", "picks Trainer's sampler of a map-style dataset; a store "
+    "is read as whole documents in shuffled windows of shards (shuffle_window; a StoreDataset "
+    "with shuffle=False reads in store order)"),
+}  # fmt: skip
+
+
+def _refuse_unused(args: Any) -> None:
+    for name, (default, why) in _UNUSED.items():
+        value = getattr(args, name, default)
+        if value != default:
+            raise ConfigError(f"{name} {why}; expected {default}, found {value}")
+
+
 class _StepEnd(TrainerCallback):
     """After each optimizer step: advance the objective's schedule (every rank), and after the
     step that ends a pass over the store on every rank, log, evaluate and save as the "epoch"
@@ -164,14 +183,7 @@ class KDTrainer(Trainer):
                 "KDTrainer needs TrainingArguments with max_steps > 0: a store's length in "
                 f"batches is not known before reading it; found max_steps={args.max_steps}"
             )
-        if args.label_smoothing_factor:
-            # Trainer smooths the labels of its own cross-entropy, which KDTrainer replaces by
-            # the objective: the setting would do nothing.
-            raise ConfigError(
-                "label_smoothing_factor smooths Trainer's label cross-entropy, which KDTrainer "
-                "does not compute (its loss is the distillation objective; ce_weight adds the "
-                f"labels' cross-entropy); expected 0, found {args.label_smoothing_factor}"
-            )
+        _refuse_unused(args)
         # The settings changed below are this trainer's: the caller's arguments stay as given.
         args = copy.copy(args)
         if num_workers is None:

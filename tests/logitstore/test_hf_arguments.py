@@ -47,12 +47,20 @@ def args(out: Path, **kw) -> TrainingArguments:
     return TrainingArguments(str(out), **base)
 
 
-def test_label_smoothing_is_refused_not_ignored(store, tiny_student_dir, tmp_path):
-    # Trainer smooths its own label cross-entropy; KDTrainer's loss is the objective, so the
-    # setting would change nothing (the losses were equal with and without it).
+@pytest.mark.parametrize(
+    ("setting", "found"),
+    [({"label_smoothing_factor": 0.1}, "expected 0, found 0.1"),
+     ({"auto_find_batch_size": True}, "expected False, found True"),
+     ({"train_sampling_strategy": "sequential"}, "expected random, found sequential")],
+)  # fmt: skip
+def test_settings_of_trainers_own_loss_and_loader_are_refused_not_ignored(
+    store, tiny_student_dir, tmp_path, setting, found
+):
+    # KDTrainer replaces Trainer's label loss and its loader, so these would change nothing:
+    # with label_smoothing_factor=0.1 the losses were those without it.
     model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
-    given = args(tmp_path, label_smoothing_factor=0.1)
-    with pytest.raises(ConfigError, match="label_smoothing_factor.*found 0.1"):
+    given = args(tmp_path, **setting)
+    with pytest.raises(ConfigError, match=f"{next(iter(setting))} .*; {found}"):
         KDTrainer(model=model, args=given, train_dataset=store, ce_weight=1.0)
 
 
