@@ -342,8 +342,8 @@ class KDTrainer(Trainer):
     def _logs_this_step(self) -> bool:
         step = self.state.global_step + 1
         every = int(self.state.logging_steps or 0)
-        if self.args.logging_strategy == "epoch":
-            return self._epoch_ended
+        if self.args.logging_strategy == "epoch":  # Trainer's own epoch ends with the run
+            return self._epoch_ended or step == self.state.max_steps
         return self.args.logging_strategy == "steps" and (
             (every > 0 and step % every == 0) or (step == 1 and self.args.logging_first_step)
         )

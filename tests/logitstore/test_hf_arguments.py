@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -239,6 +240,9 @@ def test_epoch_strategies_act_at_the_end_of_each_pass_over_the_store(
     logged = [r["step"] for r in whole.state.log_history if "teacher_kl" in r]
     evaluated = [r["step"] for r in whole.state.log_history if "eval_loss" in r]
     assert logged == evaluated == [*ends, 30]
+    # Each logged step measured the teacher metrics on its own batches, the last one too.
+    kls = [r["teacher_kl"] for r in whole.state.log_history if "teacher_kl" in r]
+    assert all(math.isfinite(v) and v > 0 for v in kls)
     assert sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) == [*ends, 30]
     # Resumed after the first pass: the next save is at the end of the second, not at once.
     shutil.rmtree(out)
