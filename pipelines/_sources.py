@@ -363,6 +363,17 @@ def _load_hub(data: str, split: str, subset: str | None, revision: str | None,
     return Source(ds, RowIds(), meta)
 
 
+def _looks_local(data: str) -> bool:
+    """Whether ``data`` can only be a local path: a Hub id is ``NAME`` or ``OWNER/NAME``,
+    without a data file's suffix."""
+    return (
+        data.startswith(("/", ".", "~", "\\"))
+        or data.count("/") > 1
+        or "\\" in data
+        or _suffixes(Path(data))[0] in FORMATS
+    )
+
+
 def load_rows(
     data: str,
     *,
@@ -406,6 +417,11 @@ def load_rows(
         source = _load_saved(path, data, split, streaming)
     elif path.exists():
         source = _load_files(path, data, split, subset, streaming, opts)
+    elif _looks_local(data):  # not worth asking the Hub (which retries for many seconds)
+        raise DataError(
+            f"{data} does not exist; expected a local file or folder, a save_to_disk folder, "
+            "or a Hub dataset id (NAME or OWNER/NAME)"
+        )
     else:
         source = _load_hub(data, split, subset, revision, streaming, opts)
     if limit is not None:

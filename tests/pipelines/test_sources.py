@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 from pydoc_data.topics import topics
 
 import numpy as np
@@ -276,6 +277,30 @@ def test_a_line_that_is_not_utf8_is_named(tmp_path, name, write):
     path.write_bytes(gzip.compress(latin) if name.endswith(".gz") else latin)
     with pytest.raises(DataError, match=rf"{name}:{line} is not UTF-8 text \(byte 0xe9"):
         load_rows(str(path))
+
+
+@pytest.mark.parametrize(
+    "data", ["missing/docs.jsonl", "docs.parquet", "./corpus", "/no/such/folder", "a/b/c"]
+)
+def test_a_missing_local_path_is_not_looked_up_on_the_hub(data, tmp_path, monkeypatch):
+    """A path that cannot be a Hub id (a suffix, ./, /, two slashes) is refused at once; asking
+    the Hub first took 20 s of retries offline and then said it could not reach the Hub."""
+    import logitstore.pipelines._sources as sources
+
+    asked: list[str] = []
+
+    def hub(data, *args, **kwargs):
+        asked.append(data)
+        raise DataError("asked the Hub")
+
+    monkeypatch.setattr(sources, "_load_hub", hub)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"{re.escape(data)} does not exist; expected a local"):
+        load_rows(data)
+    assert asked == []
+    with pytest.raises(DataError, match="asked the Hub"):
+        load_rows("owner/name")  # a Hub id is still asked for
+    assert asked == ["owner/name"]
 
 
 def test_unknown_hub_id_offline_is_a_data_error(monkeypatch):
