@@ -68,11 +68,16 @@ def _lists(values: np.ndarray, offsets: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), child)
 
 
+_WINDOW = re.compile(r"w[0-9]{1,9}")
+"""A window part of a document id: ASCII digits that fit the view's int32 ``window`` column
+(``str.isdigit`` also takes ``"²"``, which ``int`` refuses)."""
+
+
 def _split_doc_id(doc_id: str) -> tuple[str, int]:
     """``"{row}/w{window}/{hash}"`` -> ``(row, window)``; other ids -> ``(doc_id, 0)``."""
     head, _, _digest = doc_id.rpartition("/")
     row, _, window = head.rpartition("/")
-    if row and window.startswith("w") and window[1:].isdigit():
+    if row and _WINDOW.fullmatch(window):
         return row, int(window[1:])
     return doc_id, 0
 

@@ -554,3 +554,34 @@ def test_pushing_an_export_whose_card_is_malformed_is_a_clear_error(tmp_path, mo
     assert result.exit_code == 2, (result.output, result.exception)
     assert "README.md" in result.output and "Traceback" not in result.output
     assert FakeApi.calls == []
+
+
+def test_document_ids_of_any_form_give_a_view(tmp_path):
+    """A store's document ids are its own strings: a window part of Unicode digits or beyond
+    int32 is no window (the id is kept whole as ``source_row``), never a ValueError."""
+    codec = get_codec("topk", k=8)
+    w = StoreWriter(
+        str(tmp_path / "src"), codec=codec, backend="parquet", metadata=METADATA, vocab_size=V
+    )
+    ids = [
+        "r/w\u00b2/h",
+        "r/w\u0663/h",
+        "r/w99999999999/h",
+        "r/w" + "9" * 5000 + "/h",
+        "r/w012/h",
+        "r/w12/h",
+    ]
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for doc_id in ids:
+        tokens = torch.randint(0, V, (4,), generator=g)
+        lp = torch.log_softmax(torch.randn(3, V, generator=g), dim=-1)
+        enc = codec.encode(lp, tokens[1:], temperatures=TEMPS)
+        fields = {k: v.numpy() for k, v in enc.items()}
+        docs.append(EncodedDocument(doc_id, tokens.numpy(), np.ones(3, bool), fields))
+    w.write_shard(0, docs)
+    w.finalize(1)
+    hub.export_store(str(tmp_path / "src"), str(tmp_path / "out"))
+    view = pq.read_table(tmp_path / "out" / "data" / "000000.parquet")
+    assert view["source_row"].to_pylist() == [*ids[:4], "r", "r"]
+    assert view["window"].to_pylist() == [0, 0, 0, 0, 12, 12]
