@@ -100,6 +100,18 @@ _UNUSED = {
 }  # fmt: skip
 
 
+# KDTrainer's defaults of the settings it binds into a DistillationLoss.
+_LOSS_DEFAULTS = {
+    "divergence_params": None,
+    "temperature": 1.0,
+    "approximate_tail": False,
+    "tau_squared": False,
+    "use_counts": False,
+    "ce_weight": 0.0,
+    "chunk_size": None,
+}
+
+
 def _refuse_unused(args: Any) -> None:
     for name, (default, why) in _UNUSED.items():
         value = getattr(args, name, default)
@@ -198,6 +210,23 @@ class KDTrainer(Trainer):
         dataset = batches.dataset
         manifest = dataset.store.manifest
         if isinstance(divergence, DistillationLoss):
+            given = dict(
+                divergence_params=divergence_params,
+                temperature=temperature,
+                approximate_tail=approximate_tail,
+                tau_squared=tau_squared,
+                use_counts=use_counts,
+                ce_weight=ce_weight,
+                chunk_size=chunk_size,
+            )
+            unused = [k for k, v in given.items() if v != _LOSS_DEFAULTS[k]]
+            if unused:  # a bound loss carries its own: these would do nothing
+                raise ConfigError(
+                    f"divergence is a ready DistillationLoss, which holds its own settings; "
+                    f"expected none of {', '.join(unused)} besides it, found "
+                    f"{', '.join(f'{k}={given[k]!r}' for k in unused)} (give them to "
+                    "DistillationLoss.create)"
+                )
             loss = divergence
         else:
             loss = DistillationLoss.create(

@@ -229,8 +229,9 @@ def test_epoch_strategies_act_at_the_end_of_each_pass_over_the_store(
 
     def trainer(steps: int, *callbacks) -> Recording:
         model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
-        return Recording(model=model, args=args(out, max_steps=steps, **every), train_dataset=store,
-                         eval_dataset=store, tokens_per_batch=128, callbacks=list(callbacks))  # fmt: skip
+        given = args(out, max_steps=steps, **every)
+        return Recording(model=model, args=given, train_dataset=store, eval_dataset=store,
+                         tokens_per_batch=128, callbacks=list(callbacks))  # fmt: skip
 
     whole = trainer(30)
     whole.train()
@@ -310,3 +311,17 @@ def test_bad_loader_settings_are_refused_in_one_line(
     model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
     with pytest.raises(ConfigError, match=message):
         KDTrainer(model=model, args=args(tmp_path), train_dataset=store, **given)
+
+
+def test_loss_settings_beside_a_ready_loss_are_refused(store, tiny_student_dir, tmp_path):
+    # A bound DistillationLoss holds its temperature and parameters; given again beside it they
+    # were dropped without a word.
+    from logitstore.divergences import DistillationLoss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    ready = DistillationLoss.create("jsd", {"beta": 0.3})
+    with pytest.raises(ConfigError, match=r"none of divergence_params, ce_weight.*found .*0\.9"):
+        KDTrainer(model=model, args=args(tmp_path), train_dataset=store, divergence=ready,
+                  divergence_params={"beta": 0.9}, ce_weight=0.5)  # fmt: skip
+    trainer = KDTrainer(model=model, args=args(tmp_path), train_dataset=store, divergence=ready)
+    assert trainer.kd_loss is ready
