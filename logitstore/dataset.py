@@ -25,11 +25,11 @@ models on CPU do not guarantee. Padding was chosen for exactness and simplicity.
 Resume. The state is ``{"seed", "epoch", "samples_consumed", "next_worker", "shuffle",
 "shuffle_window", "layout"}`` with one count per DataLoader worker (a single entry without
 workers); the last three fix the order (with the seed), and a loader whose order differs
-refuses the state rather than skip other documents than those trained. Each batch says which worker made it
-and how many of that worker's documents it has handed out, so :meth:`StoreDataset.record` keeps
-the counts in the main process, and resuming skips exactly those documents (whole windows
-without decoding). The DataLoader takes batches from its workers in turn, so the state also
-says whose turn is next.
+refuses the state rather than skip other documents than those trained. Each batch says which
+worker made it and how many of that worker's documents it has handed out, so
+:meth:`StoreDataset.record` keeps the counts in the main process, and resuming skips exactly
+those documents (whole windows without decoding). The DataLoader takes batches from its
+workers in turn, so the state also says whose turn is next.
 
 Prefetch. Each reader decodes and collates in a background thread, ``prefetch`` batches ahead.
 """
