@@ -329,6 +329,25 @@ def _from_table(table: Any) -> Iterable[Window]:
             )
 
 
+def source_field(source: Source, text_field: str | None, messages_field: str | None) -> str:
+    """The field the pass reads (``messages_field`` or else ``text_field``), checked against the
+    source's columns where they are known (a stream may not know them before its first row).
+
+    Raises:
+        ConfigError: no field named.
+        DataError: the rows have no such field, listing the fields they have.
+    """
+    field = messages_field or text_field
+    if not field:
+        raise ConfigError("name a --text-field or a --messages-field")
+    columns = source.dataset.column_names
+    if columns is not None and field not in columns:
+        raise DataError(
+            f"{source.metadata.get('name')}: no field {field!r}; found {sorted(columns)}"
+        )
+    return field
+
+
 def build_windows(
     source: Source,
     tokenizer: Any,
@@ -354,15 +373,9 @@ def build_windows(
 
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, found {max_length}")
-    field = messages_field or text_field
-    if not field:
-        raise ConfigError("name a --text-field or a --messages-field")
+    field = source_field(source, text_field, messages_field)
     ds = source.dataset
     columns = ds.column_names
-    if columns is not None and field not in columns:
-        raise DataError(
-            f"{source.metadata.get('name')}: no field {field!r}; found {sorted(columns)}"
-        )
     settings = {"max_length": max_length, "windowing": windowing, "field": field,
                 "chat": bool(messages_field)}  # fmt: skip
     features = datasets.Features(

@@ -42,8 +42,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed
@@ -51,7 +51,15 @@ from tqdm import tqdm
 
 from logitstore.codecs import Codec, codec_from_json
 from logitstore.errors import ConfigError, LogitstoreError
-from logitstore.pipelines._data import ISOLATION, WINDOWING_POLICY, Window, build_windows, load_rows
+from logitstore.pipelines._data import (
+    ISOLATION,
+    WINDOWING_POLICY,
+    Source,
+    Window,
+    build_windows,
+    load_rows,
+    source_field,
+)
 from logitstore.pipelines._distributed import (
     agree,
     any_failed,
@@ -81,6 +89,8 @@ __all__ = [
     "plan_shards",
     "run_teacher_pass",
 ]
+
+_T = TypeVar("_T")
 
 # -- shard policy --------------------------------------------------------------------------
 
@@ -138,49 +148,57 @@ def _fitted_codec(
     return codec, forwarded
 
 
-def _read_data(
-    cfg: TeacherPassConfig, tokenizer: Any, rank: int, world: int
-) -> tuple[dict[str, Any], list[Window]]:
-    """Load, tokenize and window the data: rank 0 first, the others from its cache.
-
-    Rank 0 downloads and prepares the dataset and writes its windows into ``datasets``' cache;
-    the other ranks wait, then find both there (on a machine that does not share rank 0's
-    cache, they compute them again, with the same result).
-    """
-
-    def read() -> tuple[dict[str, Any], list[Window]]:
-        source = load_rows(
-            cfg.data, split=cfg.split, subset=cfg.subset, revision=cfg.data_revision,
-            streaming=cfg.streaming, limit=cfg.limit, cache_dir=cfg.cache_dir,
-            num_proc=cfg.num_proc,
-        )  # fmt: skip
-        windows = build_windows(
-            source, tokenizer, max_length=cfg.max_length, text_field=cfg.text_field,
-            messages_field=cfg.messages_field, windowing=cfg.windowing, num_proc=cfg.num_proc,
-            cache_dir=cfg.cache_dir,
-        )  # fmt: skip
-        return source.metadata, windows
-
+@contextlib.contextmanager
+def _datasets_bars(show: bool) -> Iterator[None]:
+    """``datasets``' own progress bars (preparing, tokenizing) only where ``show``."""
     import datasets
 
-    result: tuple[dict[str, Any], list[Window]] | None = None
-    error: BaseException | None = None
-    hide, shown = not (cfg.progress and rank == 0), datasets.is_progress_bar_enabled()
+    hide, shown = not show, datasets.is_progress_bar_enabled()
     if hide:
-        datasets.disable_progress_bars()  # datasets' own bars: preparing, tokenizing
+        datasets.disable_progress_bars()
     try:
-        for turn in (True, False):  # rank 0's turn, then everyone else's
-            if (rank == 0) == turn:
-                try:
-                    result = read()
-                except LogitstoreError as exc:
-                    error = exc
-            agree(error, world, "reading the data")
+        yield
     finally:
         if hide and shown:
             datasets.enable_progress_bars()
+
+
+def _rank_0_first(work: Callable[[], _T], rank: int, world: int, what: str) -> _T:
+    """``work()`` on rank 0, then on the other ranks, which find its results in the cache.
+
+    Rank 0 downloads and prepares the dataset and writes its windows into ``datasets``' cache;
+    the other ranks wait, then find both there (on a machine that does not share rank 0's
+    cache, they compute them again, with the same result). A failure on any rank stops all.
+    """
+    result: _T | None = None
+    error: BaseException | None = None
+    for turn in (True, False):  # rank 0's turn, then everyone else's
+        if (rank == 0) == turn:
+            try:
+                result = work()
+            except LogitstoreError as exc:
+                error = exc
+        agree(error, world, what)
     assert result is not None
     return result
+
+
+def _load_source(cfg: TeacherPassConfig) -> Source:
+    """The rows of ``cfg.data``, with the field the pass reads checked (no tokenizer needed)."""
+    source = load_rows(
+        cfg.data, split=cfg.split, subset=cfg.subset, revision=cfg.data_revision,
+        streaming=cfg.streaming, limit=cfg.limit, cache_dir=cfg.cache_dir, num_proc=cfg.num_proc,
+    )  # fmt: skip
+    source_field(source, cfg.text_field, cfg.messages_field)
+    return source
+
+
+def _windows(cfg: TeacherPassConfig, source: Source, tokenizer: Any) -> list[Window]:
+    return build_windows(
+        source, tokenizer, max_length=cfg.max_length, text_field=cfg.text_field,
+        messages_field=cfg.messages_field, windowing=cfg.windowing, num_proc=cfg.num_proc,
+        cache_dir=cfg.cache_dir,
+    )  # fmt: skip
 
 
 def _submit(worker: Worker | None, tp_group: Any, device: torch.device, *job: Any) -> None:
@@ -305,6 +323,11 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
     rank, world = init_processes(device)
     # A tensor-parallel group works as one rank did: it owns shards, its first rank commits them.
     group, groups, group_rank = tensor_parallel_groups(rank, world, placement.tensor_parallel)
+    bars = cfg.progress and rank == 0
+    # The data before the teacher: a wrong path, split or field fails in seconds, not after
+    # minutes of loading a 70B teacher.
+    with _datasets_bars(bars):
+        source = _rank_0_first(lambda: _load_source(cfg), rank, world, "reading the data")
     teacher = teacher or load_teacher(
         cfg.teacher,
         gguf_file=cfg.gguf_file,
@@ -315,14 +338,18 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
         placement=placement,
     )
     codec.fields(teacher.vocab_size, len(temps))  # k > V and friends fail here, before any work
-    source_meta, windows = _read_data(cfg, teacher.tokenizer, rank, world)
+    tokenizer = teacher.tokenizer
+    with _datasets_bars(bars):
+        windows = _rank_0_first(
+            lambda: _windows(cfg, source, tokenizer), rank, world, "tokenizing the data"
+        )
     check_context(teacher, windows, cfg.max_length)  # every rank has the same windows
     shards = plan_shards(windows, cfg.docs_per_shard)
     codec, first_batch = _fitted_codec(codec, cfg, teacher, shards, rank, world, group)
     open_args: dict[str, Any] = {
         "codec": codec,
         "backend": cfg.backend,
-        "metadata": build_metadata(cfg, teacher, source_meta),
+        "metadata": build_metadata(cfg, teacher, source.metadata),
         "vocab_size": teacher.vocab_size,
         "temperatures": temps,
         "storage_options": cfg.storage_options,

@@ -17,7 +17,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import logitstore
 from logitstore.codecs._quant import grid, grid_max
-from logitstore.errors import ConfigError, DataError, NonFiniteTeacherError, SettingsMismatchError
+from logitstore.errors import (
+    ConfigError,
+    DataError,
+    LogitstoreError,
+    NonFiniteTeacherError,
+    SettingsMismatchError,
+)
 from logitstore.pipelines._data import load_rows, tokenize_chat, tokenize_text
 from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
@@ -397,3 +403,35 @@ def test_the_teacher_is_loaded_onto_its_device_not_moved_there(tiny_teacher_dir,
     teacher = load_teacher(str(tiny_teacher_dir), device="cpu")
     assert moved == []
     assert {p.device for p in teacher.model.parameters()} == {torch.device("cpu")}
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"data": "missing/docs.jsonl"}, "missing/docs.jsonl"),
+        ({"split": "test"}, "one split, 'train'"),
+        ({"text_field": "body"}, "no field 'body'; found ['text']"),
+        ({"limit": -1}, "limit must be >= 0"),
+    ],
+)
+def test_bad_data_settings_fail_before_the_teacher_loads(
+    change, words, tmp_path, tiny_teacher_dir, text_jsonl, monkeypatch
+):
+    """A wrong path, split or field is found in seconds, not after loading a large teacher."""
+    import logitstore.pipelines.teacher_pass as teacher_pass
+
+    loaded: list[str] = []
+    real = teacher_pass.load_teacher
+    monkeypatch.setattr(
+        teacher_pass, "load_teacher", lambda *a, **k: loaded.append(a[0]) or real(*a, **k)
+    )
+    settings = {
+        "teacher": str(tiny_teacher_dir),
+        "data": str(text_jsonl),
+        "out": str(tmp_path / "s"),
+    }
+    with pytest.raises(LogitstoreError) as info:
+        run_teacher_pass(TeacherPassConfig(**{**settings, **change}, progress=False))
+    assert words in str(info.value)
+    assert loaded == []
+    assert not (tmp_path / "s").exists()
