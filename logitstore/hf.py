@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from logitstore._kd_arguments import refuse_loss_settings, refuse_unused_settings
 from logitstore._kd_checkpoints import STATE_NAME, latest_checkpoint, rotate, write_json_atomic
 from logitstore._kd_data import KDCollator, StoreBatches
 from logitstore._kd_eval import eval_datasets, evaluate_store
@@ -86,37 +87,6 @@ TEACHER_FIELDS = (
 
 
 # ---- the trainer -----------------------------------------------------------------------------
-
-
-# Settings of Trainer's own loss and loader, which KDTrainer replaces: set, they would do nothing.
-_UNUSED = {
-    "label_smoothing_factor": (0, "smooths Trainer's label cross-entropy, which KDTrainer does not "
-    "compute (its loss is the objective; ce_weight adds the labels' cross-entropy)"),
-    "auto_find_batch_size": (False, "halves per_device_train_batch_size after an out-of-memory "
-    "error; KDTrainer's micro-batches are tokens_per_batch padded tokens (lower that instead)"),
-    "train_sampling_strategy": ("random", "picks Trainer's sampler of a map-style dataset; a store "
-    "is read as whole documents in shuffled windows of shards (shuffle_window; a StoreDataset "
-    "with shuffle=False reads in store order)"),
-}  # fmt: skip
-
-
-# KDTrainer's defaults of the settings it binds into a DistillationLoss.
-_LOSS_DEFAULTS = {
-    "divergence_params": None,
-    "temperature": 1.0,
-    "approximate_tail": False,
-    "tau_squared": False,
-    "use_counts": False,
-    "ce_weight": 0.0,
-    "chunk_size": None,
-}
-
-
-def _refuse_unused(args: Any) -> None:
-    for name, (default, why) in _UNUSED.items():
-        value = getattr(args, name, default)
-        if value != default:
-            raise ConfigError(f"{name} {why}; expected {default}, found {value}")
 
 
 class _StepEnd(TrainerCallback):
@@ -195,7 +165,7 @@ class KDTrainer(Trainer):
                 "KDTrainer needs TrainingArguments with max_steps > 0: a store's length in "
                 f"batches is not known before reading it; found max_steps={args.max_steps}"
             )
-        _refuse_unused(args)
+        refuse_unused_settings(args)
         # The settings changed below are this trainer's: the caller's arguments stay as given.
         args = copy.copy(args)
         if num_workers is None:
@@ -210,7 +180,7 @@ class KDTrainer(Trainer):
         dataset = batches.dataset
         manifest = dataset.store.manifest
         if isinstance(divergence, DistillationLoss):
-            given = dict(
+            refuse_loss_settings(
                 divergence_params=divergence_params,
                 temperature=temperature,
                 approximate_tail=approximate_tail,
@@ -219,14 +189,6 @@ class KDTrainer(Trainer):
                 ce_weight=ce_weight,
                 chunk_size=chunk_size,
             )
-            unused = [k for k, v in given.items() if v != _LOSS_DEFAULTS[k]]
-            if unused:  # a bound loss carries its own: these would do nothing
-                raise ConfigError(
-                    f"divergence is a ready DistillationLoss, which holds its own settings; "
-                    f"expected none of {', '.join(unused)} besides it, found "
-                    f"{', '.join(f'{k}={given[k]!r}' for k in unused)} (give them to "
-                    "DistillationLoss.create)"
-                )
             loss = divergence
         else:
             loss = DistillationLoss.create(
