@@ -92,6 +92,12 @@ class TeacherPassConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{name} must be an integer, found {value!r}")
+        # "~" as a shell would expand it: a YAML file or a quoted option gets no shell (out is
+        # expanded by fsspec; a Hub id never starts with "~").
+        for name in ("teacher", "data", "cache_dir", "offload_folder", "device_map"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
         short = {"k": k, "values": values, "draws": draws, "bits": bits}
         self.codec = nested_codec(self.codec, {o: v for o, v in short.items() if v is not None})
 

@@ -80,3 +80,32 @@ def test_errors_exit_non_zero_with_a_message(tmp_path, tiny_teacher_dir, text_js
     bad.write_text("teacher: x\ndata: y\nout: z\nbatchsize: 3\n")
     result = invoke("--config", str(bad))
     assert result.exit_code == 2 and "batchsize" in result.output and "batch_size" in result.output
+
+
+def test_a_home_relative_path_in_a_yaml_config_is_expanded(
+    tmp_path, tiny_teacher_dir, text_jsonl, monkeypatch
+):
+    """A YAML file gets no shell: ``~/...`` names the home folder, as on a command line."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_teacher_dir, home / "models" / "teacher")
+    shutil.copy(text_jsonl, home / "docs.jsonl")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "pass.yaml"
+    config.write_text(yaml.safe_dump({
+        "teacher": "~/models/teacher", "data": "~/docs.jsonl", "out": "~/store",
+        "k": 4, "max_length": 24, "limit": 2, "progress": False,
+    }))  # fmt: skip
+    result = invoke("--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "~").exists()
+    store = logitstore.open_store(str(home / "store"))
+    direct = tmp_path / "direct"  # the same run with the paths written out
+    result = invoke("--teacher", str(home / "models" / "teacher"), "--data", str(home / "docs.jsonl"),
+                    "--out", str(direct), "--k", "4", "--max-length", "24", "--limit", "2",
+                    "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [d.doc_id for d in store] == [d.doc_id for d in logitstore.open_store(str(direct))]
+    assert store.manifest["teacher"] == logitstore.open_store(str(direct)).manifest["teacher"]
