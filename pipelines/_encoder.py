@@ -19,7 +19,7 @@ import torch
 
 from logitstore.codecs import Codec, fidelity_sums, merge_fidelity
 from logitstore.pipelines._data import Window
-from logitstore.pipelines._teacher import window_logits
+from logitstore.pipelines._teacher import memory_hint, window_logits
 from logitstore.writer import EncodedDocument, StoreWriter
 
 
@@ -89,7 +89,8 @@ class Worker:
                     continue
                 try:
                     if len(job) == 4:
-                        self._encode(*job)
+                        with memory_hint(job[1]):
+                            self._encode(*job)
                     else:
                         self._commit(*job)
                 except BaseException as exc:  # noqa: BLE001 - handed to the main thread

@@ -9,6 +9,7 @@ run information, never a setting.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -269,6 +270,23 @@ def check_context(teacher: Teacher, windows: Sequence[Any], max_length: int) -> 
             )
 
 
+@contextlib.contextmanager
+def memory_hint(windows: Sequence[Any]) -> Iterator[None]:
+    """Turn running out of device memory on a batch into a one-line :class:`ConfigError` that
+    says which settings shrink the batch (a traceback from deep in the model said none)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        longest = max(int(w.input_ids.shape[0]) for w in windows)
+        said = str(exc).strip().split("\n")[0]
+        raise ConfigError(
+            f"out of device memory on a batch of {len(windows)} windows of up to {longest} "
+            f"tokens ({said}); expected it to fit: lower --batch-size or --max-length (--resume "
+            "keeps the shards committed so far), or spread the teacher with --device-map or "
+            "--tensor-parallel"
+        ) from exc
+
+
 def forward_batch(
     model: Any, windows: Sequence[Any], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,7 +315,8 @@ def forward_batch(
         mask[b, : lengths[b]] = 1
     ids, mask = ids.to(device), mask.to(device)
     # No KV cache: one forward per window, and a 70B teacher's cache is gigabytes per batch.
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    with memory_hint(windows):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     # One host sync per batch: the positions that predict a real next token must be finite.
     # NaN and Inf survive a float32 sum over the vocabulary (finite logits cannot overflow it),
     # which costs one read of the logits instead of a (B, T, V) boolean tensor.

@@ -174,6 +174,33 @@ def test_teacher_nan_on_one_document_keeps_committed_shards_finite(
                 assert not np.isnan(values).any(), (j, name)
 
 
+def test_a_batch_too_big_for_device_memory_says_which_settings_shrink_it(
+    tiny_teacher_dir, text_jsonl, tmp_path, kit, monkeypatch
+):
+    """Running out of device memory is a one-line refusal naming --batch-size and --max-length;
+    the committed shards stay and a --resume with a smaller batch finishes the store."""
+    from transformers import LlamaForCausalLM
+
+    real = LlamaForCausalLM.forward
+
+    def forward(self, input_ids=None, **kwargs):  # a device that holds two windows at most
+        if input_ids is not None and input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\n...")
+        return real(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", forward)
+    out = tmp_path / "store"
+    args = ["teacher-pass", "--teacher", tiny_teacher_dir, "--data", text_jsonl, "--out", out,
+            "--k", "8", "--max-length", "64", "--limit", "4", "--no-progress"]  # fmt: skip
+    result = kit.invoke(*args, "--batch-size", "4")
+    kit.refused(result, "out of device memory on a batch of 4 windows of up to 64 tokens",
+                "CUDA out of memory. Tried to allocate 20.00 GiB.", "--batch-size")  # fmt: skip
+    assert not (out / "manifest.json").exists()
+    result = kit.invoke(*args, "--batch-size", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert (out / "manifest.json").exists()
+
+
 # ---- where the output goes -----------------------------------------------------------------------
 
 
