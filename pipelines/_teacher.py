@@ -151,6 +151,44 @@ def hub_commit(
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
+def _located(teacher: str, gguf_file: str | None) -> tuple[str, Path, str | None, str]:
+    """``(teacher, path, gguf_file, name)``: a ``.gguf`` path split into its folder and file,
+    checked to hold a model, and the name to say in errors."""
+    path = Path(teacher)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        if gguf_file is not None and gguf_file != path.name:
+            raise ConfigError(f"--teacher names {path.name} but --gguf-file is {gguf_file}")
+        path, gguf_file = path.parent, path.name
+        teacher = str(path)
+    check_model_location(teacher, "teacher", gguf_file=gguf_file)
+    named = str(path / gguf_file) if gguf_file is not None and path.is_dir() else teacher
+    return teacher, path, gguf_file, named
+
+
+def _hub_kwargs(gguf_file: str | None, trust_remote_code: bool, revision: str | None) -> dict:
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    return kwargs
+
+
+def load_tokenizer(
+    teacher: str,
+    *,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> Any:
+    """The teacher's tokenizer alone (seconds), named as for :func:`load_teacher`: the data can
+    be tokenized, and its errors found, before the weights load (minutes for a 70B teacher)."""
+    from transformers import AutoTokenizer
+
+    teacher, _, gguf_file, named = _located(teacher, gguf_file)
+    with loading("teacher", named):
+        kwargs = _hub_kwargs(gguf_file, trust_remote_code, revision)
+        return AutoTokenizer.from_pretrained(teacher, **kwargs)
+
+
 def load_teacher(
     teacher: str,
     *,
@@ -160,6 +198,7 @@ def load_teacher(
     trust_remote_code: bool = False,
     revision: str | None = None,
     placement: Placement | None = None,
+    tokenizer: Any = None,
 ) -> Teacher:
     """Load a teacher the way users name it: Hub id, local directory, or GGUF file.
 
@@ -174,6 +213,7 @@ def load_teacher(
         revision: Hub revision (branch, tag or commit).
         placement: a device map or tensor parallelism; by default the whole model on
             ``device``. Tensor parallelism needs the process group to be initialised.
+        tokenizer: the teacher's tokenizer, already loaded by :func:`load_tokenizer`.
 
     Raises:
         ConfigError: an unknown dtype, ``--gguf-file`` naming another file than
@@ -183,21 +223,13 @@ def load_teacher(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     placement = placement or Placement()
-    path = Path(teacher)
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        if gguf_file is not None and gguf_file != path.name:
-            raise ConfigError(f"--teacher names {path.name} but --gguf-file is {gguf_file}")
-        path, gguf_file = path.parent, path.name
-        teacher = str(path)
-    check_model_location(teacher, "teacher", gguf_file=gguf_file)
+    teacher, path, gguf_file, named = _located(teacher, gguf_file)
     dev = parse_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
-    named = str(path / gguf_file) if gguf_file is not None and path.is_dir() else teacher
+    kwargs = _hub_kwargs(gguf_file, trust_remote_code, revision)
     with loading("teacher", named):
-        tokenizer = AutoTokenizer.from_pretrained(teacher, **kwargs)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(teacher, **kwargs)
         model: Any
         if placement.tensor_parallel > 1:
             config = AutoConfig.from_pretrained(teacher, **kwargs)

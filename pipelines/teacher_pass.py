@@ -76,6 +76,7 @@ from logitstore.pipelines._teacher import (
     fit_codec,
     forward_batch,
     load_teacher,
+    load_tokenizer,
     tokenizer_fingerprint,
 )
 from logitstore.pipelines._teacher_config import TeacherPassConfig
@@ -328,6 +329,15 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
     # minutes of loading a 70B teacher.
     with _datasets_bars(bars):
         source = _rank_0_first(lambda: _load_source(cfg), rank, world, "reading the data")
+    # Then the tokens, with the tokenizer alone: bad rows, too, fail before the weights load.
+    tokenizer = teacher.tokenizer if teacher else load_tokenizer(
+        cfg.teacher, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+    )  # fmt: skip
+    with _datasets_bars(bars):
+        windows = _rank_0_first(
+            lambda: _windows(cfg, source, tokenizer), rank, world, "tokenizing the data"
+        )
     teacher = teacher or load_teacher(
         cfg.teacher,
         gguf_file=cfg.gguf_file,
@@ -336,13 +346,9 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
         trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision,
         placement=placement,
+        tokenizer=tokenizer,
     )
     codec.fields(teacher.vocab_size, len(temps))  # k > V and friends fail here, before any work
-    tokenizer = teacher.tokenizer
-    with _datasets_bars(bars):
-        windows = _rank_0_first(
-            lambda: _windows(cfg, source, tokenizer), rank, world, "tokenizing the data"
-        )
     check_context(teacher, windows, cfg.max_length)  # every rank has the same windows
     shards = plan_shards(windows, cfg.docs_per_shard)
     codec, first_batch = _fitted_codec(codec, cfg, teacher, shards, rank, world, group)

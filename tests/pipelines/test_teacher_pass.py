@@ -412,12 +412,14 @@ def test_the_teacher_is_loaded_onto_its_device_not_moved_there(tiny_teacher_dir,
         ({"split": "test"}, "one split, 'train'"),
         ({"text_field": "body"}, "no field 'body'; found ['text']"),
         ({"limit": -1}, "limit must be >= 0"),
+        ({"messages_field": "text"}, "'text' must be a list of messages"),  # found tokenizing
     ],
 )
 def test_bad_data_settings_fail_before_the_teacher_loads(
     change, words, tmp_path, tiny_teacher_dir, text_jsonl, monkeypatch
 ):
-    """A wrong path, split or field is found in seconds, not after loading a large teacher."""
+    """A wrong path, split or field, or rows that do not tokenize, are found before the teacher's
+    weights load (minutes for a 70B teacher); tokenizing needs its tokenizer alone."""
     import logitstore.pipelines.teacher_pass as teacher_pass
 
     loaded: list[str] = []
