@@ -1,8 +1,8 @@
 """Stage one: run a teacher once over a dataset and store its distributions compressed.
 
-Reads top to bottom: setup (teacher, codec, data, shard plan, store), loop (the main thread runs
-each batch's forward in inference mode and checks its logits for NaN/Inf; a background worker
-takes the logits and encodes them on the device (the codec normalises each row, computing the
+Reads top to bottom: setup (data and its windows, then the teacher, codec, shard plan, store),
+loop (the main thread runs each batch's forward in inference mode and checks its logits for
+NaN/Inf; a background worker takes the logits and encodes them on the device (the codec normalises each row, computing the
 log-softmax, entropy and tail in one pass over the vocabulary), copies only the encoded arrays
 to the host and commits each finished shard, so all of that overlaps the next
 forward), save (finalize the manifest, summary). All resume state is one dict, ``state``; the
