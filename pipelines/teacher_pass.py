@@ -2,11 +2,12 @@
 
 Reads top to bottom: setup (data and its windows, then the teacher, codec, shard plan, store),
 loop (the main thread runs each batch's forward in inference mode and checks its logits for
-NaN/Inf; a background worker takes the logits and encodes them on the device (the codec normalises each row, computing the
-log-softmax, entropy and tail in one pass over the vocabulary), copies only the encoded arrays
-to the host and commits each finished shard, so all of that overlaps the next
-forward), save (finalize the manifest, summary). All resume state is one dict, ``state``; the
-store itself is the checkpoint: committed shards are skipped on ``--resume``.
+NaN/Inf; a background worker takes the logits and encodes them on the device (the codec
+normalises each row, computing the log-softmax, entropy and tail in one pass over the
+vocabulary), copies only the encoded arrays to the host and commits each finished shard, so all
+of that overlaps the next forward), save (finalize the manifest, summary). All resume state is
+one dict, ``state``; the store itself is the checkpoint: committed shards are skipped on
+``--resume``.
 
 Memory: at most three batches of logits are alive (one in the forward, one queued, one being
 encoded), plus a few float32 ``(T, V)`` temporaries of one window while it is encoded (one
