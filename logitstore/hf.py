@@ -58,6 +58,7 @@ from logitstore._kd_forward import (
     causal_lm,
     patch_for_distillation,
 )
+from logitstore._tokenizer import check_tokenizer
 from logitstore.dataset import StoreDataset
 from logitstore.divergences import DistillationLoss, MetricTotals
 from logitstore.errors import ConfigError, TokenizerMismatchError
@@ -224,9 +225,7 @@ class KDTrainer(Trainer):
             # The teacher pass fingerprinted its tokenizer in the manifest; the command line's
             # check compares the student's tokenizer with it field by field (ids, specials,
             # chat template): two vocabularies of one size are not one tokenizer.
-            from logitstore.pipelines._student import check_vocabulary
-
-            check_vocabulary(manifest, causal_lm(model), tokenizer)
+            check_tokenizer(manifest, tokenizer)
         patch_for_distillation(model, loss, vocab)
         if kwargs.get("eval_dataset") is not None:
             kwargs["eval_dataset"] = eval_datasets(

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from logitstore._tokenizer import check_tokenizer
 from logitstore.errors import ConfigError, TokenizerMismatchError
 from logitstore.pipelines._models import (
     EXPECTED_STUDENT,
@@ -168,25 +169,7 @@ def check_vocabulary(manifest: Mapping[str, Any], model: Any, tokenizer: Any | N
         )
     if tokenizer is None:
         return ["no student tokenizer given: only the vocabulary size was checked"]
-    # The teacher pass wrote the manifest's section with this function: compare like for like.
-    from logitstore.pipelines._teacher import tokenizer_fingerprint
-
-    expected = dict(manifest.get("tokenizer") or {})
-    found = tokenizer_fingerprint(tokenizer, vocab)
-    notes = []
-    for key, value in expected.items():
-        if key not in found:
-            notes.append(f"tokenizer field {key!r} not checked")
-        elif _canonical(found[key]) != _canonical(value):
-            raise TokenizerMismatchError(
-                f"tokenizer {key} differs: teacher (store) has {value!r}, student has "
-                f"{found[key]!r}"
-            )
-    return notes
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+    return check_tokenizer(manifest, tokenizer)
 
 
 # ---- the student's final hidden states (never full logits) ----

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from logitstore._tokenizer import tokenizer_fingerprint as tokenizer_fingerprint
 from logitstore.codecs import Codec
 from logitstore.errors import ConfigError, NonFiniteTeacherError
 from logitstore.pipelines._distributed import parse_device
@@ -92,46 +92,6 @@ def weights_fingerprint(directory: Path, gguf_file: str | None = None) -> dict[s
             else:
                 h.update(fh.read(1 << 20))
     return {"sha256": h.hexdigest(), "kind": "full" if full else "names-sizes-headers"}
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
-    """The store's ``tokenizer`` section: what a student's tokenizer must match.
-
-    Args:
-        tokenizer: a ``transformers`` tokenizer.
-        vocab_size: the teacher's output dimension (may exceed ``len(tokenizer)``: padded
-            embedding matrices).
-
-    Returns:
-        ``vocab_sha256`` (vocabulary and merges), ``vocab_size``, ``num_tokens``
-        (``len(tokenizer)``), ``special_tokens`` (name to ``[token, id]``) and
-        ``chat_template_sha256`` (``None`` without a template).
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        model = json.loads(backend.to_str()).get("model", {})
-        model = {k: model.get(k) for k in ("type", "vocab", "merges")}
-    else:
-        model = {"vocab": tokenizer.get_vocab()}
-    added = {str(k): str(v) for k, v in sorted(tokenizer.get_added_vocab().items())}
-    canonical = json.dumps({"model": model, "added": added}, sort_keys=True, ensure_ascii=True)
-    special = {}
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        token = getattr(tokenizer, name, None)
-        if token is not None:
-            special[name] = [str(token), int(tokenizer.convert_tokens_to_ids(str(token)))]
-    template = getattr(tokenizer, "chat_template", None)
-    return {
-        "vocab_sha256": _sha(canonical),
-        "vocab_size": int(vocab_size),
-        "num_tokens": len(tokenizer),
-        "special_tokens": special,
-        "chat_template_sha256": _sha(template) if isinstance(template, str) else None,
-    }
 
 
 def hub_commit(
