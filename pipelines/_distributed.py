@@ -45,9 +45,16 @@ def pick_device(name: str | None) -> torch.device:
     """This rank's device: ``name``, or CUDA when available, else the CPU (:func:`parse_device`).
 
     A CUDA device without an index (``"cuda"`` or the default) is GPU ``LOCAL_RANK`` (0 when not
-    under torchrun), made the current device, so every rank of a node uses its own GPU.
+    under torchrun), made the current device, so every rank of a node uses its own GPU. A GPU
+    index is refused where a node runs several processes: they would all share that GPU.
     """
     device = parse_device(name)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cuda" and device.index is not None and local > 1:
+        raise ConfigError(
+            f"device {name}: with {local} processes on this node every rank would use GPU "
+            f"{device.index}; give --device cuda and each rank takes its own (GPU LOCAL_RANK)"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":

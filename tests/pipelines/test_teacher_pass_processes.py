@@ -123,3 +123,27 @@ def test_torchrun_two_processes_write_one_store(tmp_path, tiny_teacher_dir, text
         np.testing.assert_allclose(a.label_logprob, b.label_logprob, atol=1e-5)
     got, want = tree(out), tree(ref_path)
     assert got == want  # byte-identical, manifest included
+
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """torch sees two GPUs, and setting the current one is recorded (this runs on any machine)."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    return chosen
+
+
+def test_each_rank_of_a_node_takes_its_own_gpu_and_an_index_is_refused(monkeypatch, two_gpus):
+    from logitstore.errors import ConfigError
+    from logitstore.pipelines._distributed import pick_device
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pick_device("cuda") == torch.device("cuda", 1)
+    assert two_gpus == [torch.device("cuda", 1)]
+    with pytest.raises(ConfigError, match=r"device cuda:0: with 2 processes .* GPU 0"):
+        pick_device("cuda:0")  # both ranks would have run on GPU 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert pick_device("cuda:1") == torch.device("cuda", 1)  # one process: its index is obeyed
