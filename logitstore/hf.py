@@ -490,7 +490,33 @@ class KDTrainer(Trainer):
                     f"{path} is not a complete logitstore checkpoint (no {STATE_NAME})"
                 )
         self._resume = json.loads((path / STATE_NAME).read_text()) if path else None
+        if path is not None and self._resume is not None:
+            self._check_objective(path, self._resume.get("objective"))
         return super().train(resume_from_checkpoint=str(path) if path else None, **kwargs)
+
+    def _objective(self) -> dict[str, Any]:
+        """What the loss is, as a checkpoint records it (JSON types)."""
+        loss = self.kd_loss
+        return json.loads(json.dumps({
+            "name": loss.name, "params": loss.params, "temperature": loss.temperature,
+            "approximate_tail": loss.approximate_tail, "tau_squared": loss.tau_squared,
+            "use_counts": loss.use_counts, "ce_weight": loss.ce_weight,
+        }, default=str))  # fmt: skip
+
+    def _check_objective(self, path: Path, saved: Any) -> None:
+        """Refuse to continue a checkpoint under another objective (its schedule, its optimizer
+        state and its curve belong to the one it was trained with). A checkpoint of an older
+        version records the name and parameters only: those are compared."""
+        if not isinstance(saved, dict):
+            return
+        mine = self._objective()
+        differ = sorted(k for k in saved if k in mine and saved[k] != mine[k])
+        if differ:
+            found = ", ".join(f"{k} {saved[k]!r} there, {mine[k]!r} here" for k in differ)
+            raise ConfigError(
+                f"checkpoint {path.name} was trained with another objective: {found}; resume "
+                "with the objective it was started with, or train into a new output_dir"
+            )
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
@@ -508,7 +534,7 @@ class KDTrainer(Trainer):
             "world_size": int(self.args.world_size),
             "loader": loader,
             "loss_schedule": self.kd_loss.state_dict(),
-            "objective": {"name": self.kd_loss.name, "params": self.kd_loss.params},
+            "objective": self._objective(),
             "run": self.run_info,
         }
         write_json_atomic(folder / STATE_NAME, state)

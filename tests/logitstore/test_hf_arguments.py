@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -325,3 +326,29 @@ def test_loss_settings_beside_a_ready_loss_are_refused(store, tiny_student_dir, 
                   divergence_params={"beta": 0.9}, ce_weight=0.5)  # fmt: skip
     trainer = KDTrainer(model=model, args=args(tmp_path), train_dataset=store, divergence=ready)
     assert trainer.kd_loss is ready
+
+
+def test_resuming_under_another_objective_is_refused(store, tiny_student_dir, tmp_path):
+    # The optimizer state, the schedule and the logged curve belong to the objective a
+    # checkpoint was trained with; the command line compared it, KDTrainer went on silently.
+    def trainer(steps: int, **loss) -> KDTrainer:
+        model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+        given = args(tmp_path / "run", max_steps=steps, save_strategy="steps", save_steps=2)
+        return KDTrainer(model=model, args=given, train_dataset=store, tokens_per_batch=128,
+                         **loss)  # fmt: skip
+
+    trainer(2, divergence="jsd", divergence_params={"beta": 0.3}).train()
+    saved = json.loads((tmp_path / "run" / "checkpoint-2" / "logitstore_state.json").read_text())
+    assert saved["objective"]["params"] == {"beta": 0.3}
+    assert saved["objective"]["ce_weight"] == 0.0
+    for loss, named in [
+        ({"divergence": "rkl"}, "name 'jsd' there, 'rkl' here"),
+        ({"divergence": "jsd", "divergence_params": {"beta": 0.7}}, "params {'beta': 0.3} there"),
+        ({"divergence": "jsd", "divergence_params": {"beta": 0.3}, "ce_weight": 0.5},
+         "ce_weight 0.0 there, 0.5 here"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            trainer(4, **loss).train(resume_from_checkpoint=True)
+    resumed = trainer(4, divergence="jsd", divergence_params={"beta": 0.3})
+    resumed.train(resume_from_checkpoint=True)  # the same objective goes on
+    assert resumed.state.global_step == 4
