@@ -204,6 +204,11 @@ class KDTrainer(Trainer):
                 chunk_size=chunk_size,
                 total_steps=args.max_steps,
             )
+        if loss.use_counts and not dataset.store.codec.has_counts:
+            raise ConfigError(
+                "use_counts (RS-KD) needs a store of draw counts, a sampled one; this store's "
+                f"codec is {dataset.store.codec.name}"
+            )
         if peft_config is not None:
             from peft import get_peft_model
             from transformers import set_seed

@@ -352,3 +352,9 @@ def test_resuming_under_another_objective_is_refused(store, tiny_student_dir, tm
     resumed = trainer(4, divergence="jsd", divergence_params={"beta": 0.3})
     resumed.train(resume_from_checkpoint=True)  # the same objective goes on
     assert resumed.state.global_step == 4
+
+
+def test_counts_on_a_store_without_them_are_refused_when_built(store, tiny_student_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    with pytest.raises(ConfigError, match="needs a store of draw counts.*codec is topk"):
+        KDTrainer(model=model, args=args(tmp_path), train_dataset=store, use_counts=True)
