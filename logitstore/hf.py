@@ -269,7 +269,7 @@ class KDTrainer(Trainer):
         self._resume: dict[str, Any] | None = None
         self._tokens_since_log = 0.0
         self._metrics = MetricTotals(self.args.device)
-        self._step_loss = 0.0
+        self._step_loss: Any = 0.0
         self._step_tokens = 0.0
         self._epochs_done = int(dataset.epoch)  # passes over the store every rank completed
         self._epoch_ended = False
@@ -363,8 +363,10 @@ class KDTrainer(Trainer):
         )
         loss = outputs["loss"]
         if training:
-            value = float(loss.detach())
-            self._step_loss += value
+            if self.kd_loss.schedule is not None:
+                # Kept on the device: reading it here would wait for the forward before the
+                # backward is queued, every micro-batch. The schedule reads it once a step.
+                self._step_loss = self._step_loss + loss.detach().double()
             if outputs.get("metrics") is not None:
                 self._metrics.merge(outputs["metrics"])
             # DDP, FSDP and DeepSpeed average gradients over ranks; the loss is already divided
@@ -379,7 +381,10 @@ class KDTrainer(Trainer):
         only can be) measured nothing: its loss of 0 would read to TAID as a perfect student.
         """
         if self.kd_loss.schedule is not None and self._step_tokens > 0:
-            self.kd_loss.step(self._all_sum([self._step_loss])[0])
+            total = torch.as_tensor(self._step_loss, dtype=torch.float64, device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                total = self.accelerator.reduce(total.reshape(1), reduction="sum")
+            self.kd_loss.step(float(total.sum()))
         self._step_loss = 0.0
         self._step_tokens = 0.0
 

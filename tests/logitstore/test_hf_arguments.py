@@ -358,3 +358,21 @@ def test_counts_on_a_store_without_them_are_refused_when_built(store, tiny_stude
     model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
     with pytest.raises(ConfigError, match="needs a store of draw counts.*codec is topk"):
         KDTrainer(model=model, args=args(tmp_path), train_dataset=store, use_counts=True)
+
+
+def test_taid_schedule_sees_each_steps_loss_over_its_micro_batches(
+    store, tiny_student_dir, tmp_path
+):
+    # The step's loss is summed on the device over gradient accumulation's micro-batches and
+    # read once a step: the schedule gets what Trainer logs as the step's loss.
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    given = args(tmp_path, max_steps=3, gradient_accumulation_steps=2)
+    trainer = KDTrainer(model=model, args=given, train_dataset=store, tokens_per_batch=128,
+                        divergence="taid")  # fmt: skip
+    seen: list[float] = []
+    step = trainer.kd_loss.step
+    trainer.kd_loss.step = lambda loss: (seen.append(loss), step(loss))[1]  # type: ignore[method-assign]
+    trainer.train()
+    logged = [r["loss"] for r in trainer.state.log_history if "taid_t" in r]
+    assert len(seen) == 3 and all(isinstance(v, float) for v in seen)
+    assert seen == pytest.approx(logged, abs=1e-4)
