@@ -148,15 +148,40 @@ def _check_same_documents(
 
 
 class _Lookup:
-    """Documents of one store by id, decoding each needed shard once in turn."""
+    """Documents of one store by id, fetched a shard's worth of ids at a time."""
 
     def __init__(self, store: LogitStore) -> None:
         self.store = store
         self.index = _doc_index(store)
 
-    def get(self, doc_id: str) -> Document:
-        j, d = self.index[doc_id]
-        return self.store.read_shard(j)[d]  # the reader keeps the last shard decoded
+    def get_many(self, doc_ids: Sequence[str]) -> list[Document]:
+        """The documents ``doc_ids`` (one output shard's), in that order.
+
+        Each shard they lie in is decoded once, in shard order, and the documents are copied
+        out of it, so it is freed before the next. Fetched one by one, documents that the two
+        stores order differently (every other one in another shard) cost a whole shard's
+        decoding each: a store of a few thousand documents took minutes to mix.
+        """
+        wanted: dict[int, list[tuple[int, int]]] = {}
+        for i, doc_id in enumerate(doc_ids):
+            j, d = self.index[doc_id]
+            wanted.setdefault(j, []).append((i, d))
+        found: dict[int, Document] = {}
+        for j in sorted(wanted):
+            docs = self.store.read_shard(j)  # (the reader keeps the last shard decoded)
+            found.update((i, _owned(docs[d])) for i, d in wanted[j])
+        return [found[i] for i in range(len(doc_ids))]
+
+
+def _owned(doc: Document) -> Document:
+    """``doc`` with arrays of its own, not views of its shard's (which can then be freed)."""
+    p = doc.positions
+    counts = None if p.support_counts is None else p.support_counts.copy()
+    positions = Positions(
+        p.support_ids.copy(), p.support_logprobs.copy(), p.tail_logmass.copy(),
+        p.label_logprob.copy(), p.tail_logsumexp.copy(), p.entropy.copy(), counts,
+    )  # fmt: skip
+    return Document(doc.doc_id, doc.input_ids.copy(), doc.loss_mask.copy(), positions)
 
 
 def _mix_document(
@@ -271,9 +296,11 @@ def mix_stores(
         compression_level=compression_level,
     )
     for j in range(opened[0].num_shards):
+        docs = opened[0].read_shard(j)
+        others = [lk.get_many([doc.doc_id for doc in docs]) for lk in lookups[1:]]
         mixed = [
-            _mix_document([doc, *(lk.get(doc.doc_id) for lk in lookups[1:])], w, vocab, codec)
-            for doc in opened[0].read_shard(j)
+            _mix_document([doc, *(o[i] for o in others)], w, vocab, codec)
+            for i, doc in enumerate(docs)
         ]
         writer.write_shard(j, mixed)
         if on_shard is not None:
@@ -297,8 +324,10 @@ def _largest_union(stores: Sequence[LogitStore], lookups: Sequence[_Lookup]) -> 
     """
     largest = 1
     for j in range(stores[0].num_shards):
-        for doc in stores[0].read_shard(j):
-            parts = [doc.support_ids, *(lk.get(doc.doc_id).support_ids for lk in lookups[1:])]
+        docs = stores[0].read_shard(j)
+        others = [lk.get_many([doc.doc_id for doc in docs]) for lk in lookups[1:]]
+        for i, doc in enumerate(docs):
+            parts = [doc.support_ids, *(o[i].support_ids for o in others)]
             if len(doc.label_logprob):
                 largest = max(largest, int(union_sizes(parts).max()))
     return min(largest, stores[0].vocab_size)

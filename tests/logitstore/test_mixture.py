@@ -187,3 +187,40 @@ def test_mix_cli(tmp_path, corpus):
     assert manifest["teacher"]["mixture"]["weights"] == [0.25, 0.75]
     assert manifest["codec"]["configuration"]["k"] == 6
     assert manifest["teacher"]["model"] == "A + B"
+
+
+def test_documents_ordered_differently_are_read_a_shard_at_a_time(tmp_path):
+    """A store holding the documents in another order (every other one in the other shard)
+    is decoded a few times per shard, not once per document: one by one, a store of a few
+    thousand documents took minutes to mix."""
+    g = np.random.default_rng(3)
+    codec = get_codec("topk", k=8)
+    docs = []
+    for d in range(24):
+        ids = g.integers(0, V, size=4).astype(np.int64)
+        lp = teacher_logprobs(d, [4])[0].astype(np.float32)
+        enc = codec.encode(torch.from_numpy(lp), torch.from_numpy(ids[1:]))
+        fields = {k: v.numpy() for k, v in enc.items()}
+        docs.append(EncodedDocument(f"row{d}/w0/{d:016x}", ids, np.ones(3, bool), fields))
+    meta = {"teacher": {"model": "t"}, "tokenizer": TOKENIZER, "capture": {}, "source": {}}
+    for name, shards in [("a", [docs[:12], docs[12:]]), ("b", [docs[0::2], docs[1::2]])]:
+        w = StoreWriter(
+            str(tmp_path / name), codec=codec, backend="zarr", metadata=meta, vocab_size=V
+        )
+        for j, part in enumerate(shards):
+            w.write_shard(j, part)
+        w.finalize(2)
+    b = open_store(str(tmp_path / "b"))
+    reads = []
+    read = b.read_shard_arrays
+
+    def counted(j):
+        reads.append(j)
+        return read(j)
+
+    b.read_shard_arrays = counted
+    out = mix_stores([str(tmp_path / "a"), b], str(tmp_path / "mix"))
+    assert out["statistics"]["documents"] == 24
+    # indexing reads each shard once; then each output shard reads both of b's, once for
+    # sizing k and once to mix (one by one, that was one read per document and pass: 50)
+    assert len(reads) <= 2 + 2 * 2 * 2, reads
