@@ -6,6 +6,8 @@ import json
 
 import click
 
+from logitstore.cli._options import storage_options as _storage_options
+
 
 @click.command("eval")
 @click.option("--student", required=True, help="Model directory or Hub id (e.g. a checkpoint).")
@@ -28,6 +30,8 @@ import click
 @click.option("--tokens-per-batch", type=int, default=8192, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", help="torch device (default: CUDA if available).")
+@_storage_options()
+@click.option("--no-progress", is_flag=True, default=False, help="No progress bar.")
 def command(
     student,
     store,
@@ -39,6 +43,8 @@ def command(
     tokens_per_batch,
     seed,
     device,
+    storage_options,
+    no_progress,
 ) -> None:
     """Per-token teacher KL, top-1 agreement, calibration and entropy of a student.
 
@@ -46,6 +52,8 @@ def command(
     Examples:
       logitstore eval --student run/checkpoints/checkpoint-1000 --store heldout/
       logitstore eval --student run/final --store heldout/ --prompts prompts.txt --json
+      logitstore eval --student run/final --store s3://bucket/heldout \\
+          --storage-options '{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}'
     """
     from logitstore.pipelines.evaluate import evaluate
 
@@ -59,6 +67,8 @@ def command(
         max_documents=max_documents,
         seed=seed,
         device=device,
+        storage_options=storage_options,
+        progress=not no_progress,
     )
     if as_json:
         click.echo(json.dumps(result, indent=1))

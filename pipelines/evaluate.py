@@ -27,6 +27,7 @@ import torch
 from logitstore.dataset import StoreDataset
 from logitstore.divergences import MetricTotals, batch_metrics
 from logitstore.pipelines._distributed import parse_device
+from logitstore.pipelines._progress import progress_bar
 from logitstore.pipelines._student import (
     check_vocabulary,
     final_hidden,
@@ -49,6 +50,7 @@ def evaluate(
     seed: int = 0,
     device: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Metrics of ``student`` against ``store``'s teacher; see the module docstring.
 
@@ -61,6 +63,9 @@ def evaluate(
         prompts: a text file, one prompt per line (or JSONL with ``prompt`` or ``text``),
             for generation diversity; None skips it.
         num_samples, max_new_tokens, seed: sampling settings for diversity.
+        device: torch device (default: CUDA if available).
+        storage_options: fsspec options for a remote store.
+        progress: show progress over the store's documents on stderr.
 
     Returns:
         ``tokens``, ``documents``, ``fkl``, ``rkl``, ``top1_agreement``,
@@ -93,13 +98,16 @@ def evaluate(
     dataset = StoreDataset(
         opened, tokens_per_batch=tokens_per_batch, shuffle=False, rank=0, world_size=1
     )
-    for batch in dataset:
-        batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-        hidden = final_hidden(lm, batch).float()
-        totals.add(batch_metrics(hidden, weight, batch, chunk_size=chunk_size))
-        documents += len(batch["doc_ids"])
-        if max_documents is not None and documents >= max_documents:
-            break
+    total = min(opened.num_documents, max_documents or opened.num_documents)
+    with progress_bar(total, show=progress, desc="eval") as bar:
+        for batch in dataset:
+            batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+            hidden = final_hidden(lm, batch).float()
+            totals.add(batch_metrics(hidden, weight, batch, chunk_size=chunk_size))
+            documents += len(batch["doc_ids"])
+            bar.update(len(batch["doc_ids"]))
+            if max_documents is not None and documents >= max_documents:
+                break
 
     summary = totals.summary()
     result: dict[str, Any] = {"tokens": summary.pop("tokens"), "documents": documents, **summary}

@@ -48,7 +48,6 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed
-from tqdm import tqdm
 
 from logitstore.codecs import Codec, codec_from_json
 from logitstore.errors import ConfigError, LogitstoreError
@@ -71,6 +70,7 @@ from logitstore.pipelines._distributed import (
     tensor_parallel_groups,
 )
 from logitstore.pipelines._encoder import ShardBuffer, Worker
+from logitstore.pipelines._progress import progress_bar
 from logitstore.pipelines._teacher import (
     Teacher,
     check_context,
@@ -223,34 +223,6 @@ def _submit(worker: Worker | None, tp_group: Any, device: torch.device, *job: An
         raise failure
 
 
-LOG_INTERVAL = 60.0
-"""Seconds between progress lines where stderr is a log file, not a terminal."""
-
-
-class _LogLines:
-    """A stream for tqdm that turns each refresh into one line (a log file has no ``\\r``)."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        line = text.replace("\r", "").strip()
-        if line:
-            self.stream.write(line + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def _progress_bar(total: int, *, show: bool) -> tqdm:
-    """A bar on a terminal; elsewhere (nohup, a job scheduler's log) a line every
-    :data:`LOG_INTERVAL` seconds, none for a run shorter than that."""
-    if sys.stderr.isatty():
-        return tqdm(total=total, unit="doc", disable=not show, dynamic_ncols=True)
-    return tqdm(total=total, unit="doc", disable=not show, file=_LogLines(sys.stderr),
-                mininterval=LOG_INTERVAL, delay=LOG_INTERVAL, ncols=100)  # fmt: skip
-
-
 # -- the pass ----------------------------------------------------------------------------------
 
 
@@ -391,7 +363,7 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
 
     # ---- loop
     total_docs = sum(len(shards[i]) for i in state["todo"])
-    progress = _progress_bar(total_docs, show=cfg.progress and rank == 0)
+    progress = progress_bar(total_docs, show=cfg.progress and rank == 0)
     # The group's other ranks only take part in the forwards.
     worker = Worker(writer, codec, temperatures=temps, seed=cfg.seed) if group_rank == 0 else None
     tp_group = tensor_parallel_group(placement.tensor_parallel)

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from logitstore.cli import main
+from logitstore.pipelines.evaluate import evaluate
 
 pytestmark = pytest.mark.integration
 
@@ -110,6 +111,20 @@ def test_teacher_pass_verify_inspect_train_on_s3(
     ]
     steps = [m for m in metrics if "loss" in m]
     assert len(steps) == 2 and all(math.isfinite(m["loss"]) for m in steps)
+
+    # eval of the remote store, its endpoint given on the command line, equals eval of a copy
+    with monkeypatch.context() as m:
+        m.setattr(fsspec.config, "conf", {})
+        code, out = run(
+            "eval", "--student", str(tiny_student_dir), "--store", url, "--json",
+            "--device", "cpu", "--no-progress", "--storage-options", opts,
+        )  # fmt: skip
+    assert code == 0, out
+    s3_env.get(f"{BUCKET}/store", str(tmp_path / "copy"), recursive=True)
+    want = evaluate(str(tiny_student_dir), str(tmp_path / "copy"), device="cpu")
+    got = json.loads(out[out.index("{") :])  # after transformers' loading bar on stderr
+    assert got["tokens"] == want["tokens"] == manifest["statistics"]["tokens"] - got["documents"]
+    assert got["fkl"] == pytest.approx(want["fkl"], rel=1e-6)
 
     victim = shards[-1]
     s3_env.rm(f"{BUCKET}/store/{victim}", recursive=True)

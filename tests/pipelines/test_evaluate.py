@@ -154,6 +154,19 @@ def test_a_student_equal_to_its_teacher_has_zero_kl_and_full_agreement(
     assert got["student_ece"] == pytest.approx(got["teacher_ece"], abs=1e-5)
 
 
+def test_progress_counts_the_documents_read(full_store, tiny_teacher_dir, monkeypatch, capsys):
+    from logitstore import open_store
+    from logitstore.pipelines import _progress
+
+    monkeypatch.setattr(_progress, "LOG_INTERVAL", 0.0)  # stderr is no terminal here: lines
+    got = evaluate(str(tiny_teacher_dir), full_store, device="cpu", progress=True,
+                   tokens_per_batch=64)  # fmt: skip
+    lines = [line for line in capsys.readouterr().err.split("\n") if line.startswith("eval")]
+    total = open_store(full_store).num_documents
+    assert got["documents"] == total and f"{total}/{total}" in lines[-1], lines
+    assert len(lines) >= 2  # several batches, several lines
+
+
 def test_distinct_n_counts_unique_ngrams():
     seqs = [[1, 2, 3, 1, 2], [3, 1, 2], [7]]
     grams = {f"{a},{b}" for s in seqs for a, b in zip(s, s[1:])}

@@ -370,9 +370,9 @@ def test_progress_reaches_a_log_file_as_lines(
     tmp_path, tiny_teacher_dir, text_jsonl, monkeypatch, capsys
 ):
     """Where stderr is not a terminal (nohup, a job's log), progress comes as whole lines."""
-    import logitstore.pipelines.teacher_pass as teacher_pass
+    from logitstore.pipelines import _progress
 
-    monkeypatch.setattr(teacher_pass, "LOG_INTERVAL", 0.0, raising=False)  # a line a batch
+    monkeypatch.setattr(_progress, "LOG_INTERVAL", 0.0)  # a line a batch
     out = tmp_path / "store"
     cfg = TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl), out=str(out),
                             k=8, max_length=64, limit=6, batch_size=4, docs_per_shard=8)  # fmt: skip

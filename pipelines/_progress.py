@@ -1,0 +1,42 @@
+"""Progress of long work: a bar on a terminal, a line a minute in a log file.
+
+Under ``nohup`` or a job scheduler stderr is a file, which has no carriage return: a bar would
+show nothing until the end, or one line per refresh. There progress is written as whole lines,
+one every :data:`LOG_INTERVAL` seconds, and none for work shorter than that.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+LOG_INTERVAL = 60.0
+"""Seconds between progress lines where stderr is a log file, not a terminal."""
+
+
+class _LogLines:
+    """A stream for tqdm that turns each refresh into one line (a log file has no ``\\r``)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(
+    total: int | None, *, show: bool, unit: str = "doc", desc: str | None = None
+) -> tqdm:
+    """A tqdm bar on stderr: on a terminal, redrawn in place; elsewhere a line every
+    :data:`LOG_INTERVAL` seconds (read at each call, so tests can shorten it)."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, unit=unit, desc=desc, disable=not show, dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, desc=desc, disable=not show, file=_LogLines(sys.stderr),
+                mininterval=LOG_INTERVAL, delay=LOG_INTERVAL, ncols=100)  # fmt: skip
