@@ -3,7 +3,8 @@
 Fused-loss libraries patch a causal LM's ``forward`` so that the loss is computed from the
 final hidden states and the head weight without ``[batch, seq, vocab]`` logits; this module
 does the same for the sparse teacher. The loss runs as the output head module's own forward,
-so engines that shard the head (FSDP, DeepSpeed ZeRO-3) gather it in their hooks.
+so engines that shard the head (FSDP, DeepSpeed ZeRO-3) gather it in their hooks; a head split
+by transformers' tensor parallelism is gathered here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers.utils import ModelOutput
 
 from logitstore.divergences import DistillationLoss, MetricTotals, batch_metrics
@@ -76,10 +78,17 @@ def _kd_forward(
 
     vocab = self._logitstore_vocab
 
+    tensor_parallel = int(getattr(self, "_tp_size", None) or 1) > 1
+
     def head_loss(h: torch.Tensor) -> torch.Tensor:
+        weight = head.weight
+        if tensor_parallel and isinstance(weight, DTensor):
+            # transformers' tensor parallelism splits the head's rows over the ranks: gathered
+            # whole (vocab x hidden, as FSDP gathers it), its gradient goes back to the shards.
+            weight = weight.full_tensor()
         # Rows past the teacher's vocabulary (a head padded to a multiple of 64) are no token:
         # the student's softmax is taken over the teacher's ids, as if its head were cut there.
-        weight = head.weight if vocab is None else head.weight[:vocab]
+        weight = weight if vocab is None else weight[:vocab]
         if kd_batch.metrics:  # the same measurements as evaluation, on this batch
             found = batch_metrics(
                 h.detach(), weight.detach(), kd_batch.fields, chunk_size=loss_fn.chunk_size
@@ -87,7 +96,9 @@ def _kd_forward(
             measured.append(MetricTotals(h.device).add(found))
         return loss_fn(h, weight, kd_batch.fields, num_items_in_batch)
 
-    loss = _run_as_forward(head, head_loss, hidden)
+    # Under tensor parallelism the head's hooks would shard this input and gather the output
+    # as logits: the loss is computed beside them, on the gathered weight.
+    loss = head_loss(hidden) if tensor_parallel else _run_as_forward(head, head_loss, hidden)
     return KDOutput(loss=loss, metrics=measured[0] if measured else None)
 
 

@@ -217,6 +217,15 @@ class KDTrainer(Trainer):
             # args.seed, so that they do not depend on what the process drew before.
             set_seed(int(args.seed))
             model = get_peft_model(model, peft_config)
+        if int(getattr(causal_lm(model), "_tp_size", None) or 1) > 1:
+            # Ranks of a tensor-parallel group must read the same batches and count their tokens
+            # once; this loader gives every rank its own share. The fused forward does take a
+            # tensor-parallel head, for loops of one's own (see patch_for_distillation).
+            raise ConfigError(
+                "KDTrainer does not train a student loaded with tensor parallelism (tp_plan): "
+                "its loader gives every process its own documents; shard the student with FSDP "
+                "(fsdp in TrainingArguments) or DeepSpeed ZeRO-3 instead"
+            )
         vocab = int(manifest["vocab_size"])
         head = causal_lm(model).get_output_embeddings().weight
         rows = int(getattr(head, "ds_shape", head.shape)[0])  # ZeRO-3 partitions at load

@@ -206,6 +206,39 @@ def test_fused_forward_under_fsdp2_matches_one_process(store, tiny_student_dir, 
 
 
 @pytest.mark.integration
+def test_fused_forward_with_a_tensor_parallel_head_matches_one_process(
+    store, tiny_student_dir, tmp_path
+):
+    # transformers' tensor parallelism (tp_plan="auto", two ranks over gloo) splits the head's
+    # rows over the ranks as a DTensor: the fused loss gathers it, and the losses and weights
+    # after 3 steps equal the unsplit student's on the same batches. KDTrainer refuses such a
+    # student, since its loader would give the group's two ranks different documents.
+    script = Path(__file__).with_name("tp_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    common = [store, str(tiny_student_dir)]
+    one = subprocess.run(
+        [sys.executable, str(script), *common, str(tmp_path / "one"), "3"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), *common, str(tmp_path / "two"), "3"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "losses.json").read_text())
+    b = json.loads((tmp_path / "two" / "losses.json").read_text())
+    assert b == pytest.approx(a, rel=1e-5) and a[-1] < a[0]
+    wa = load_file(tmp_path / "one" / "final.safetensors")
+    wb = load_file(tmp_path / "two" / "final.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:  # Adam's steps are lr-sized (1e-2): float rounding in its normaliser aside
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+    assert "tensor parallelism" in (tmp_path / "two" / "refusal.txt").read_text()
+
+
+@pytest.mark.integration
 def test_killed_and_resumed_run_continues_the_same_data_order(store, tiny_student_dir, tmp_path):
     done = run(store, tiny_student_dir, tmp_path / "whole", "one", 6, 2)
     assert done.returncode == 0, done.stderr[-3000:]
