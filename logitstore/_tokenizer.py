@@ -77,10 +77,17 @@ def check_tokenizer(manifest: Mapping[str, Any], tokenizer: Any) -> list[str]:
             notes.append(f"tokenizer field {key!r} not checked")
         elif _canonical(found[key]) != _canonical(value):
             raise TokenizerMismatchError(
-                f"tokenizer {key} differs: teacher (store) has {value!r}, student has "
-                f"{found[key]!r}"
+                f"tokenizer {key} differs: teacher (store) has {_shown(value)}, student has "
+                f"{_shown(found[key])}"
             )
     return notes
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """``repr`` (control characters escaped), cut to ``limit`` characters: the store's side
+    comes from a file that may be anyone's."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _canonical(value: Any) -> str:
