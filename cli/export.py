@@ -26,6 +26,7 @@ from logitstore.cli._options import storage_options as _storage_options
     "other, ...); `logitstore push` needs one, here or there.",
 )
 @_storage_options()
+@click.option("--no-progress", is_flag=True, default=False, help="No progress bar.")
 def command(
     store: str,
     out: str,
@@ -33,6 +34,7 @@ def command(
     repo_id: str | None,
     license_id: str | None,
     storage_options: dict | None,
+    no_progress: bool,
 ) -> None:
     """Export STORE to OUT: a parquet store plus a decoded view and a dataset card.
 
@@ -44,13 +46,12 @@ def command(
       logitstore export store/ export/ --repo-id my-org/smollm2-logits --license mit
       logitstore export s3://bucket/store export/ --max-support 64
     """
-    from tqdm import tqdm
-
     from logitstore import open_store
     from logitstore.hub import export_store
+    from logitstore.pipelines._progress import progress_bar
 
     total = open_store(store, storage_options).num_shards
-    with tqdm(total=total, unit="shard", desc="export") as bar:
+    with progress_bar(total, show=not no_progress, unit="shard", desc="export") as bar:
         manifest = export_store(
             store,
             out,

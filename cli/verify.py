@@ -12,7 +12,8 @@ from logitstore.cli._options import storage_options as _storage_options
 @click.command("verify")
 @click.argument("store")
 @_storage_options()
-def command(store: str, storage_options: dict | None) -> None:
+@click.option("--no-progress", is_flag=True, default=False, help="No progress bar.")
+def command(store: str, storage_options: dict | None, no_progress: bool) -> None:
     """Check STORE's manifest and every shard; name each problem, exit 1 if any.
 
     Reads every shard in full (checksums, file sizes, array shapes, counts, decoding) and
@@ -26,9 +27,11 @@ def command(store: str, storage_options: dict | None) -> None:
       logitstore verify s3://bucket/stores/smollm2
     """
     from logitstore import open_store
+    from logitstore.pipelines._progress import progress_bar
 
     opened = open_store(store, storage_options)
-    problems = opened.verify()
+    with progress_bar(opened.num_shards, show=not no_progress, unit="shard", desc="verify") as bar:
+        problems = opened.verify(on_shard=lambda _: bar.update(1))
     for problem in problems:
         click.echo(f"problem: {problem}", err=True)
     if problems:

@@ -445,10 +445,13 @@ class LogitStore:
 
     # -- checking ----------------------------------------------------------------------------
 
-    def verify(self) -> list[str]:
+    def verify(self, on_shard: Callable[[int], None] | None = None) -> list[str]:
         """Every problem found: manifest totals, then each shard's files, checksum, shapes and
         values (for every position; the first bad one of each shard is named), and document ids
         that repeat.
+
+        Args:
+            on_shard: called with each shard's index once it is checked (progress).
 
         Returns:
             One message per problem, each naming the shard or field; empty when all is well.
@@ -475,6 +478,8 @@ class LogitStore:
                 self.decode_shard(j, arrays, exhaustive=True)
             except LogitstoreError as exc:
                 problems.append(str(exc))
+                if on_shard is not None:
+                    on_shard(j)
                 continue
             counts = Counter(arrays.doc_ids)
             twice = [d for d, n in counts.items() if n > 1]
@@ -485,6 +490,8 @@ class LogitStore:
                     "document"
                 )
             ledger.add(j, arrays.doc_ids)
+            if on_shard is not None:
+                on_shard(j)
 
         def doc_ids_of(j: int) -> list[str] | None:
             try:

@@ -76,6 +76,28 @@ def test_verify_ok_and_damaged(store, tmp_path):
     assert "shards/000002.zarr" in problems[1] and "missing" in problems[1]
 
 
+@pytest.mark.parametrize("command", ["verify", "convert", "export", "mix"])
+def test_long_commands_report_progress_shard_by_shard(store, tmp_path, monkeypatch, command):
+    from logitstore.pipelines import _progress
+
+    monkeypatch.setattr(_progress, "LOG_INTERVAL", 0.0)  # no terminal here: a line a refresh
+    args = {
+        "verify": ["verify", store],
+        "convert": ["convert", store, "--backend", "parquet", tmp_path / "out"],
+        "export": ["export", store, tmp_path / "out"],
+        "mix": ["mix", store, store, "--out", tmp_path / "out"],
+    }[command]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith(f"{command}:")]
+    assert lines and "3/3" in lines[-1] and "\r" not in result.output, result.output
+    quiet = run(*args[:-1], tmp_path / "quiet", "--no-progress") if command != "verify" else None
+    quiet = quiet or run(*args, "--no-progress")
+    assert quiet.exit_code == 0 and not any(
+        line.startswith(f"{command}:") for line in quiet.output.splitlines()
+    )
+
+
 def test_unreadable_manifest_is_an_error(store, tmp_path):
     bad = tmp_path / "store"
     shutil.copytree(store, bad)

@@ -15,6 +15,7 @@ import fsspec.config
 import pytest
 from click.testing import CliRunner
 
+from logitstore import open_store
 from logitstore.cli import main
 from logitstore.pipelines.evaluate import evaluate
 
@@ -119,8 +120,15 @@ def test_teacher_pass_verify_inspect_train_on_s3(
             "eval", "--student", str(tiny_student_dir), "--store", url, "--json",
             "--device", "cpu", "--no-progress", "--storage-options", opts,
         )  # fmt: skip
-    assert code == 0, out
+        assert code == 0, out
+        code, out_convert = run(
+            "convert", url, "--backend", "parquet", str(tmp_path / "parquet"),
+            "--no-progress", "--storage-options", opts,
+        )  # fmt: skip
+    assert code == 0, out_convert
     s3_env.get(f"{BUCKET}/store", str(tmp_path / "copy"), recursive=True)
+    converted = open_store(str(tmp_path / "parquet"))
+    assert converted.verify() == [] and converted.num_tokens == manifest["statistics"]["tokens"]
     want = evaluate(str(tiny_student_dir), str(tmp_path / "copy"), device="cpu")
     got = json.loads(out[out.index("{") :])  # after transformers' loading bar on stderr
     assert got["tokens"] == want["tokens"] == manifest["statistics"]["tokens"] - got["documents"]
