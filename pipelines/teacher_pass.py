@@ -399,6 +399,8 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
         with contextlib.suppress(BaseException):  # the first error is the one to report
             if worker is not None:
                 worker.close()
+        with contextlib.suppress(BaseException):
+            writer.close()  # a resume may start once this process is gone or has given up
         error = exc
     finally:
         progress.close()
@@ -408,6 +410,7 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
     if world > 1:
         torch.distributed.barrier()
     run = {"placement": placement.describe()}  # information, not a setting of the store
+    writer.close()
     manifest = writer.finalize(len(shards), run) if rank == 0 else None
     if world > 1:
         torch.distributed.barrier()  # nobody reports success before the manifest exists

@@ -117,7 +117,9 @@ def test_exception_mid_write_leaves_nothing_committed(tmp_path, monkeypatch):
         w.write_shard(0, docs)
     monkeypatch.undo()
     assert w.committed_shards() == set()
-    assert files_under(tmp_path / "s") == ["settings.json"]  # no shard, claim, temp or manifest
+    # No shard, claim, temporary or manifest: only the settings, and the open writer's own file.
+    own = w._owner_file.rpartition("/s/")[2]
+    assert files_under(tmp_path / "s") == sorted([own, "settings.json"])
     with pytest.raises(CorruptShardError, match=r"missing: 0"):
         w.finalize(1)
     assert not (tmp_path / "s" / "manifest.json").exists()
@@ -149,7 +151,8 @@ def test_exception_while_writing_files_on_an_object_store(monkeypatch):
         w.write_shard(0, encode(w.codec, 2, 0))
     monkeypatch.undo()
     assert w.committed_shards() == set()
-    assert [p.rpartition("/")[2] for p in fs.find(url)] == ["settings.json"]
+    own = w._owner_file.rpartition("/")[2]
+    assert sorted(p.rpartition("/")[2] for p in fs.find(url)) == sorted([own, "settings.json"])
 
 
 def test_two_writers_cannot_claim_one_shard(tmp_path, monkeypatch):
@@ -355,3 +358,48 @@ def test_racing_processes_commit_each_shard_exactly_once(tmp_path):
     assert won == list(range(8))  # every shard committed by exactly one process
     w.finalize(8)
     assert open_store(url).verify() == []
+
+
+def test_resume_refuses_while_another_process_of_this_host_writes(tmp_path):
+    # Resuming removes the claims and temporaries of the run it continues: under a live run it
+    # would pull them from under that run's feet. A killed run's files are stale and go.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    url = tmp_path / "s"
+    writer(url).write_shard(0, encode(codec(), 2, 0))
+    script = (
+        "import sys, time\n"
+        "from logitstore import StoreWriter\n"
+        "from logitstore.codecs import get_codec\n"
+        f"StoreWriter(sys.argv[1], mode='join', codec=get_codec('topk', k=8), metadata={META!r},"
+        f" vocab_size={V})\n"
+        "print('open', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(url)], stdout=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "open\n"
+        with pytest.raises(ShardClaimError, match=rf"written by pid {child.pid} on this host"):
+            writer(url, mode="resume")
+        assert writer(url, mode="join").committed_shards() == {0}  # joining is what ranks do
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    time.sleep(0.1)
+    resumed = writer(url, mode="resume")  # the killed writer's file is stale now
+    resumed.write_shard(1, encode(codec(), 1, 1))
+    resumed.close()
+    resumed.finalize(2)
+    assert not any("claims" in f for f in files_under(url))
+
+
+def test_a_closed_writer_leaves_no_trace_of_itself(tmp_path):
+    w = writer(tmp_path / "s")
+    assert [p.name.startswith("writer-") for p in (tmp_path / "s" / "claims").iterdir()] == [True]
+    w.close()
+    assert list((tmp_path / "s" / "claims").iterdir()) == []
+    writer(tmp_path / "s", mode="resume").close()  # this process's own file never blocks it
