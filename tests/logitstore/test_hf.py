@@ -172,31 +172,36 @@ def test_zero3_partitioned_student_matches_one_process(store, tiny_student_dir, 
     assert got["eval_teacher_kl"] == pytest.approx(want["eval_teacher_kl"], rel=1e-3)
 
 
+def one_process_and_two_ranks(script: str, args: list[str], steps: int, out: Path) -> tuple:
+    """Run ``script`` alone (the reference) and under a two-rank ``torchrun`` (gloo); return
+    each run's losses and final weights (``out/one`` and ``out/two``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    path = str(Path(__file__).with_name(script))
+    launch = {
+        "one": [sys.executable, path],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", path],
+    }  # fmt: skip
+    found = []
+    for name, command in launch.items():
+        done = subprocess.run([*command, *args, str(out / name), str(steps)], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses = json.loads((out / name / "losses.json").read_text())
+        found.append((losses, load_file(out / name / "final.safetensors")))
+    return found[0], found[1]
+
+
 @pytest.mark.integration
 def test_fused_forward_under_fsdp2_matches_one_process(store, tiny_student_dir, tmp_path):
     # accelerate applies FSDP on accelerators only (CPU processes get DDP), so on this CPU the
     # patched forward is run under torch's own fully_shard: the head is a sharded DTensor
     # outside the forward and is gathered by FSDP for it, and the gradients, reduced by FSDP,
     # must equal one process's over the same tokens.
-    script = Path(__file__).with_name("fsdp_run.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    common = [store, str(tiny_student_dir)]
-    one = subprocess.run(
-        [sys.executable, str(script), *common, str(tmp_path / "one"), "4"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), *common, str(tmp_path / "two"), "4"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = json.loads((tmp_path / "one" / "losses.json").read_text())
-    b = json.loads((tmp_path / "two" / "losses.json").read_text())
+    (a, wa), (b, wb) = one_process_and_two_ranks(
+        "fsdp_run.py", [store, str(tiny_student_dir)], 4, tmp_path
+    )
     assert b == pytest.approx(a, rel=1e-5) and a[-1] < a[0]
-    wa = load_file(tmp_path / "one" / "final.safetensors")
-    wb = load_file(tmp_path / "two" / "final.safetensors")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
     heads = {
@@ -213,25 +218,10 @@ def test_fused_forward_with_a_tensor_parallel_head_matches_one_process(
     # rows over the ranks as a DTensor: the fused loss gathers it, and the losses and weights
     # after 3 steps equal the unsplit student's on the same batches. KDTrainer refuses such a
     # student, since its loader would give the group's two ranks different documents.
-    script = Path(__file__).with_name("tp_run.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    common = [store, str(tiny_student_dir)]
-    one = subprocess.run(
-        [sys.executable, str(script), *common, str(tmp_path / "one"), "3"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), *common, str(tmp_path / "two"), "3"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = json.loads((tmp_path / "one" / "losses.json").read_text())
-    b = json.loads((tmp_path / "two" / "losses.json").read_text())
+    (a, wa), (b, wb) = one_process_and_two_ranks(
+        "tp_run.py", [store, str(tiny_student_dir)], 3, tmp_path
+    )
     assert b == pytest.approx(a, rel=1e-5) and a[-1] < a[0]
-    wa = load_file(tmp_path / "one" / "final.safetensors")
-    wb = load_file(tmp_path / "two" / "final.safetensors")
     assert wa.keys() == wb.keys()
     for name in wa:  # Adam's steps are lr-sized (1e-2): float rounding in its normaliser aside
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
