@@ -169,6 +169,8 @@ class KDTrainer(Trainer):
         refuse_unused_settings(args)
         # The settings changed below are this trainer's: the caller's arguments stay as given.
         args = copy.copy(args)
+        # Chosen here or in a ready StoreBatches; else a resume reads with the checkpoint's.
+        self._workers_chosen = num_workers is not None or isinstance(train_dataset, StoreBatches)
         if num_workers is None:
             num_workers = args.dataloader_num_workers
         if isinstance(train_dataset, StoreBatches):
@@ -316,12 +318,30 @@ class KDTrainer(Trainer):
                     f"checkpoint was written by {state['world_size']} processes; this run has "
                     f"{world}"
                 )
+            self._match_checkpoint_workers(state["loader"][int(self.args.process_index)])
             self.kd_batches.load_state_dict(state["loader"][int(self.args.process_index)])
             self.kd_loss.load_state_dict(state["loss_schedule"])
             self.kd_tokens = int(state["tokens"])
             epochs = [s["epoch"] for s in state["loader"] if isinstance(s, dict) and "epoch" in s]
             self._epochs_done = int(state.get("epochs_done", min(epochs, default=0)))
         return self.kd_batches
+
+    def _match_checkpoint_workers(self, saved: Any) -> None:
+        """Without a num_workers of the caller's, read on with the workers the checkpoint was
+        written with (one count per worker): its read position is theirs. Checkpoints of
+        versions that ignored dataloader_num_workers were written by one reader."""
+        consumed = saved.get("samples_consumed") if isinstance(saved, dict) else None
+        streams = max(1, self.kd_batches.num_workers)
+        if self._workers_chosen or not consumed or len(consumed) == streams:
+            return
+        workers = 0 if len(consumed) == 1 else len(consumed)
+        warnings.warn(
+            f"resuming with {workers} DataLoader workers, as the checkpoint was written, not "
+            f"dataloader_num_workers={self.args.dataloader_num_workers}: the read position is "
+            "one count per worker (pass num_workers to KDTrainer to be told instead)",
+            stacklevel=3,
+        )
+        self.kd_batches.num_workers = workers
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
         """The trained tokens of the whole optimizer step: all micro-batches, all ranks.

@@ -187,6 +187,29 @@ def test_resuming_with_other_dataloader_workers_is_refused_in_one_line(
         trainer(2, 4).train(resume_from_checkpoint=True)
 
 
+def test_a_checkpoint_resumes_with_its_own_workers_unless_told_otherwise(
+    store, tiny_student_dir, tmp_path
+):
+    # dataloader_num_workers sets the loader's workers, but a checkpoint's read position is one
+    # count per worker: without num_workers of the caller's, a resume reads on with the
+    # checkpoint's (as checkpoints of versions that ignored the setting need).
+    def trainer(out: Path, steps: int, workers: int) -> KDTrainer:
+        model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+        given = args(out, max_steps=steps, save_strategy="steps", save_steps=2,
+                     dataloader_num_workers=workers, lr_scheduler_type="constant")  # fmt: skip
+        return KDTrainer(model=model, args=given, train_dataset=store, tokens_per_batch=128)
+
+    whole = trainer(tmp_path / "whole", 4, 0)
+    whole.train()
+    trainer(tmp_path / "cut", 2, 0).train()
+    resumed = trainer(tmp_path / "cut", 4, 2)
+    with pytest.warns(UserWarning, match="resuming with 0 DataLoader workers"):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.kd_batches.num_workers == 0 and resumed.state.global_step == 4
+    for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(b, a, msg=name)  # the same batches in the same order
+
+
 def test_lora_adapters_start_from_the_runs_seed(store, tiny_student_dir, tmp_path):
     # Two runs of one seed in one process (a notebook, a sweep) start from the same adapters,
     # whatever the process drew before; another seed starts elsewhere.
