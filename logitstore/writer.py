@@ -16,10 +16,7 @@ reads the records and writes ``manifest.json`` atomically, only when every shard
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import re
-import socket
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from logitstore import _owners
 from logitstore import format as fmt
 from logitstore.codecs.base import Codec, FieldSpec
 from logitstore.errors import (
@@ -132,8 +130,8 @@ class StoreWriter:
             {"create": self._create, "resume": self._resume, "join": self._join}[mode]()
             # Who writes this store, until close() or finalize(): a resume elsewhere on this
             # host refuses to start while this process lives (see _refuse_live_writers).
-            self._owner_file = self._path(f"{fmt.CLAIMS_DIR}/writer-{_host_key()}-{os.getpid()}")
-            _fs.write_bytes_atomic(self.fs, self._owner_file, _owner().encode())
+            self._owner_file = _owners.writer_file(self._path(fmt.CLAIMS_DIR))
+            _fs.write_bytes_atomic(self.fs, self._owner_file, _owners.owner().encode())
 
     def close(self) -> None:
         """Say that this process writes no more (``finalize`` says it for every writer)."""
@@ -201,19 +199,14 @@ class StoreWriter:
     def _refuse_live_writers(self) -> None:
         """Refuse to resume a store that a process of this host still writes: resuming removes
         the claims and temporary files of the run it continues, which would pull them from
-        under a live one. (A writer on another host cannot be told from a crashed one.)"""
-        folder = self._path(fmt.CLAIMS_DIR)
-        for name in _fs.list_names(self.fs, folder):
-            try:
-                text = _fs.read_bytes(self.fs, _fs.join(folder, name))[:200].decode("utf-8")
-            except (FileNotFoundError, UnicodeDecodeError):
-                continue  # released meanwhile, or not a writer's
-            pid = _live_here(text)
-            if pid is not None:
-                raise ShardClaimError(
-                    f"{self.url} is being written by pid {pid} on this host ({fmt.CLAIMS_DIR}/"
-                    f"{name}); let that run finish or stop it, then resume"
-                )
+        under a live one (see :mod:`logitstore._owners`)."""
+        live = _owners.live_writers(self.fs, self._path(fmt.CLAIMS_DIR))
+        if live:
+            name, pid = live[0]
+            raise ShardClaimError(
+                f"{self.url} is being written by pid {pid} on this host ({fmt.CLAIMS_DIR}/"
+                f"{name}); let that run finish or stop it, then resume"
+            )
 
     def _join(self) -> None:
         stored = self._stored_settings()
@@ -433,7 +426,7 @@ class StoreWriter:
         if self.fs.exists(record_path):
             raise ShardClaimError(f"shard {index} is already committed ({fmt.record_name(index)})")
         claim = self._path(fmt.claim_name(index))
-        owner = _owner().encode()
+        owner = _owners.owner().encode()
         if not _fs.create_exclusive(self.fs, claim, owner):
             try:
                 holder = _fs.read_bytes(self.fs, claim).decode(errors="replace").strip()
@@ -573,30 +566,3 @@ def stored_settings(
     """The settings a (possibly unfinished) store at ``url`` was created with, or ``None``."""
     fs, root = _fs.url_to_fs(str(url), storage_options)
     return _read_settings(fs, root, str(url))
-
-
-def _owner() -> str:
-    """What a claim or a writer's file says of its process."""
-    return f"pid {os.getpid()} on {socket.gethostname()}\n"
-
-
-def _host_key() -> str:
-    """This host in a file name: the first 8 hex digits of the SHA-256 of its name."""
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def _live_here(owner: str) -> int | None:
-    """The pid an owner text names, if it is another live process of this host; else None."""
-    found = re.fullmatch(r"pid (\d{1,10}) on (.*)", owner.strip())
-    if found is None or found.group(2) != socket.gethostname():
-        return None
-    pid = int(found.group(1))
-    if pid == os.getpid() or pid < 1:
-        return None
-    try:
-        os.kill(pid, 0)  # signal 0: is there such a process (nothing is sent)
-    except PermissionError:
-        return pid  # there is: another user's
-    except (OverflowError, OSError):  # ProcessLookupError: there is none
-        return None
-    return pid

@@ -407,10 +407,10 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
     agree(error, world, "the teacher pass")
 
     # ---- save
+    writer.close()  # before the barrier: finalize removes claims/ with every writer's file in it
     if world > 1:
         torch.distributed.barrier()
     run = {"placement": placement.describe()}  # information, not a setting of the store
-    writer.close()
     manifest = writer.finalize(len(shards), run) if rank == 0 else None
     if world > 1:
         torch.distributed.barrier()  # nobody reports success before the manifest exists

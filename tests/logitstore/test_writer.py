@@ -366,7 +366,6 @@ def test_resume_refuses_while_another_process_of_this_host_writes(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     url = tmp_path / "s"
     writer(url).write_shard(0, encode(codec(), 2, 0))
@@ -389,7 +388,6 @@ def test_resume_refuses_while_another_process_of_this_host_writes(tmp_path):
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=60)
-    time.sleep(0.1)
     resumed = writer(url, mode="resume")  # the killed writer's file is stale now
     resumed.write_shard(1, encode(codec(), 1, 1))
     resumed.close()
@@ -403,3 +401,30 @@ def test_a_closed_writer_leaves_no_trace_of_itself(tmp_path):
     w.close()
     assert list((tmp_path / "s" / "claims").iterdir()) == []
     writer(tmp_path / "s", mode="resume").close()  # this process's own file never blocks it
+
+
+def test_a_claim_whose_pid_now_names_another_process_is_stale(tmp_path):
+    # A container restarted in place numbers its processes from 1 again: a crashed writer's
+    # pid can belong to an unrelated process, which the recorded start time tells apart.
+    import socket
+    import subprocess
+
+    from logitstore import _owners
+
+    url = tmp_path / "s"
+    writer(url).write_shard(0, encode(codec(), 2, 0))
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        start = _owners._start_time(other.pid)
+        claim = url / "claims" / "000001.claim"
+        if start is None:
+            pytest.skip("no /proc start times here: a live pid counts as the writer")
+        claim.write_text(f"pid {other.pid} start {start} on {socket.gethostname()}\n")
+        with pytest.raises(ShardClaimError, match=f"pid {other.pid} on this host"):
+            writer(url, mode="resume")
+        claim.write_text(f"pid {other.pid} start {start + 1} on {socket.gethostname()}\n")
+        writer(url, mode="resume").close()  # same pid, started at another time: stale
+        assert not claim.exists()
+    finally:
+        other.kill()
+        other.wait(timeout=60)
