@@ -241,7 +241,8 @@ class KDTrainer(Trainer):
             # The teacher pass fingerprinted its tokenizer in the manifest; the command line's
             # check compares the student's tokenizer with it field by field (ids, specials,
             # chat template): two vocabularies of one size are not one tokenizer.
-            check_tokenizer(manifest, tokenizer)
+            for note in check_tokenizer(manifest, tokenizer):
+                warnings.warn(note, stacklevel=2)
         patch_for_distillation(model, loss, vocab)
         if kwargs.get("eval_dataset") is not None:
             kwargs["eval_dataset"] = eval_datasets(

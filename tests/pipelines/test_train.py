@@ -165,7 +165,11 @@ def test_resume_equals_uninterrupted(store, tiny_student_dir, tmp_path):
     assert hf_state["global_step"] == 6
 
 
-def test_tokenizer_mismatch_is_refused(store, tiny_student_dir, tmp_path):
+def test_another_chat_template_is_a_note_and_other_ids_are_refused(
+    store, tiny_student_dir, tmp_path
+):
+    # A base student distilled from an instruct teacher: same ids, another (or no) chat
+    # template. The stored ids train as they are; the run says so. Other ids are refused.
     student = tmp_path / "student"
     shutil.copytree(tiny_student_dir, student)
     cfg_path = student / "tokenizer_config.json"
@@ -173,10 +177,17 @@ def test_tokenizer_mismatch_is_refused(store, tiny_student_dir, tmp_path):
     cfg["chat_template"] = "{{ messages }}"
     cfg_path.write_text(json.dumps(cfg))
     (student / "chat_template.jinja").unlink(missing_ok=True)
-    with pytest.raises(TokenizerMismatchError, match="chat_template") as err:
-        train(config(store, student, tmp_path / "run"))
+    summary = train(config(store, student, tmp_path / "run", max_steps=1))
+    assert [n for n in summary["notes"] if "chat_template_sha256 differs" in n]
+    spec = json.loads((student / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]  # same size, two ids swapped
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (student / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(TokenizerMismatchError, match="vocab_sha256") as err:
+        train(config(store, student, tmp_path / "other"))
     assert "teacher" in str(err.value) and "student" in str(err.value)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "other" / "checkpoints").exists()
 
 
 def test_vocabulary_size_mismatch_is_refused(store, tmp_path):
