@@ -314,15 +314,20 @@ def _load_saved(path: Path, data: str, split: str, streaming: bool) -> Source:
     if any(name not in splits for name in _split_names(split)):
         hint = "" if isinstance(ds, datasets.DatasetDict) else " (one saved Dataset is one split)"
         raise DataError(f"{data} has splits {sorted(splits)}{hint}, not {split!r}")
-    try:
-        instruction = datasets.ReadInstruction.from_spec(split)
-        parts = instruction.to_absolute({name: len(d) for name, d in splits.items()})
-    except (AssertionError, ValueError) as exc:
-        raise ConfigError(f"--split {split!r}: not a split or a part of one ({exc})") from None
-    if "[" not in split and len(parts) == 1:
-        ds = splits[parts[0].splitname]
+    if split in splits:  # a whole split, whatever its name (datasets' syntax may not parse it)
+        ds = splits[split]
     else:
-        pieces = [splits[p.splitname].select(range(p.from_, p.to)) for p in parts]
+        try:
+            instruction = datasets.ReadInstruction.from_spec(split)
+            parts = instruction.to_absolute({name: len(d) for name, d in splits.items()})
+        except (AssertionError, ValueError) as exc:
+            raise ConfigError(f"--split {split!r}: not a split or a part of one ({exc})") from None
+        # A bound past the end reads to the end, as datasets does for the Hub and files.
+        ranges = [(p.splitname, min(p.from_, len(splits[p.splitname])),
+                   min(p.to, len(splits[p.splitname]))) for p in parts]  # fmt: skip
+        if not any(hi > lo for _, lo, hi in ranges):
+            raise DataError(f"--split {split!r} selects no row of {data}")
+        pieces = [splits[name].select(range(lo, hi)) for name, lo, hi in ranges]
         ds = pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
     meta = {
         "name": path.name,

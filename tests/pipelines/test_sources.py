@@ -254,6 +254,20 @@ def test_a_part_of_a_saved_split_reads_only_that_part(tmp_path):
         load_rows(str(one), split="test")
     with pytest.raises(ConfigError, match=r"--split 'train\[::2\]'"):
         load_rows(str(one), split="train[::2]")
+    # a bound past the end reads to the end; a part holding no row is refused
+    assert [r["text"] for r in load_rows(str(one), split="train[2:99]").dataset] == TEXTS[2:]
+    with pytest.raises(DataError, match=r"--split 'train\[50:\]' selects no row"):
+        load_rows(str(one), split="train[50:]")  # 6 rows
+
+
+def test_a_saved_split_whose_name_is_no_split_expression_is_read_whole(tmp_path):
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train-clean-100": datasets.Dataset.from_dict({"text": TEXTS[:3]})}
+                         ).save_to_disk(saved)  # fmt: skip
+    source = load_rows(str(saved), split="train-clean-100")
+    assert [r["text"] for r in source.dataset] == TEXTS[:3]
 
 
 @pytest.mark.parametrize(
