@@ -100,7 +100,8 @@ class _StepEnd(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._end_step()
-        if self.trainer._epoch_ended:
+        # At the last step Trainer's own epoch ends and acts: acting here too did it twice.
+        if self.trainer._epoch_ended and state.global_step < state.max_steps:
             control.should_log |= args.logging_strategy == "epoch"
             control.should_evaluate |= args.eval_strategy == "epoch"
             control.should_save |= args.save_strategy == "epoch"

@@ -275,6 +275,11 @@ def test_epoch_strategies_act_at_the_end_of_each_pass_over_the_store(
     resumed = trainer(30)
     resumed.train(resume_from_checkpoint=True)
     assert sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) == [*ends, 30]
+    # A run whose last step ends a pass acts there once (Trainer's own epoch ends there too).
+    shutil.rmtree(out)
+    last = trainer(ends[1])
+    last.train()
+    assert [r["step"] for r in last.state.log_history if "eval_loss" in r] == ends
 
 
 def test_a_tokenizer_other_than_the_teachers_is_refused(store, tiny_student_dir, tmp_path):
