@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 
 import click
 import yaml
@@ -197,5 +199,8 @@ def command(config_file, params, keep_layers, betas, lora_targets, no_progress, 
         if missing:
             raise click.UsageError(f"missing {', '.join('--' + m for m in missing)} (or --config)")
         config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-    summary = train(config)
+    # stdout holds the summary alone, so that ``> summary.json`` is JSON: what libraries print
+    # while training (DeepSpeed's accelerator notice, Trainer's log lines) goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = train(config)
     click.echo(json.dumps(summary, indent=1, default=str))

@@ -54,6 +54,10 @@ from logitstore.pipelines._train_checks import (
 )
 from logitstore.pipelines._yaml import read_settings
 
+# Settings that name a local file or directory (or a URL, which never starts with ``~``).
+_PATHS = ("store", "student", "out", "tokenizer", "init_from", "deepspeed", "eval_store",
+          "cache_dir")  # fmt: skip
+
 
 @dataclass
 class TrainConfig:
@@ -106,6 +110,15 @@ class TrainConfig:
     cache_dir: str | None = None  # keep verified shards of a remote store here (epochs, reruns)
     readahead: int = 2  # shards fetched in the background while training
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # The shell expands ``~`` on a command line, but not in a YAML file or a Python call;
+        # left as it is, Trainer would expand ``out`` for the checkpoints while the metrics
+        # went to a directory named ``~`` under the working directory.
+        for name in _PATHS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:

@@ -147,6 +147,34 @@ def test_lora_bf16_checkpointing_and_a_tracker_from_the_command_line(
     assert len(acc.Scalars("train/teacher_kl")) == 2
 
 
+def test_a_config_files_home_paths_hold_the_whole_run(
+    store, tiny_student_dir, tmp_path, monkeypatch
+):
+    # The shell expands ~ on a command line, never in a YAML file: there, Trainer expanded it
+    # for the checkpoints while metrics.jsonl went to a folder named ~ in the working directory.
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"store: {store}\nstudent: {tiny_student_dir}\nout: ~/runs/a\n")
+    args = ["--max-steps", "2", "--tokens-per-step", "48", "--tokens-per-batch", "48"]
+    result = CliRunner().invoke(main, ["train", "--config", str(config), *args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    run = home / "runs" / "a"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert list(cwd.iterdir()) == []  # no folder named ~
+    # stdout is the summary alone (progress went to stderr): it parses as JSON as it is.
+    summary = json.loads(result.stdout)
+    assert Path(summary["checkpoint"]) == run / "checkpoints" / "checkpoint-2"
+    # The run is found again by the same file: a second start is refused, --resume accepted.
+    again = CliRunner().invoke(main, ["train", "--config", str(config), *args, "--device", "cpu"])
+    assert again.exit_code == 2 and "already holds a run" in again.output
+
+
 def test_errors_become_messages(store, tiny_student_dir, tmp_path):
     result = CliRunner().invoke(
         main,
