@@ -188,12 +188,35 @@ def check_config(config: TrainConfig) -> None:
         )
     if not (_integer(config.lora_r) and config.lora_r >= 0):
         raise ConfigError(f"lora_r must be an integer >= 0; found {config.lora_r!r}")
+    _check_lists(config)
     if config.eval_every and not config.eval_store:
         raise ConfigError("eval_every sets how often the eval_store is read; give eval_store too")
     if config.eval_store is not None and not (
         isinstance(config.eval_store, str) and config.eval_store
     ):
         raise ConfigError(f"eval_store must be a store URL; found {config.eval_store!r}")
+
+
+def _check_lists(config: TrainConfig) -> None:
+    """``keep_layers`` and ``lora_targets`` are lists (a YAML string would be read character
+    by character), and ``keep_layers`` comes with the teacher it picks layers of."""
+    layers, targets = config.keep_layers, config.lora_targets
+    if layers is not None and not (
+        isinstance(layers, (list, tuple)) and all(_integer(j) for j in layers)
+    ):
+        raise ConfigError(f"keep_layers must be a list of teacher layer indices, e.g. [0, 2, 4]; "
+                          f"found {layers!r}")  # fmt: skip
+    if layers and not config.init_from:
+        raise ConfigError(
+            f"keep_layers {list(layers)} picks the layers init_from copies, but no init_from "
+            "(the teacher) is given: give --init-from too, or drop --keep-layers"
+        )
+    if targets is not None and not (
+        isinstance(targets, (list, tuple)) and all(isinstance(t, str) and t for t in targets)
+    ):
+        raise ConfigError(
+            f"lora_targets must be a list of module names, e.g. [q_proj, v_proj]; found {targets!r}"
+        )
 
 
 def check_lora_targets(lm: Any, targets: list[str]) -> None:

@@ -141,6 +141,8 @@ OUT_OF_RANGE = [
     (["--report-to", "nonsense"], ["report_to names unknown trackers", "nonsense", "tensorboard"]),
     (["--device", "tpu9"], ["device must be a torch device", "'tpu9'"]),
     (["--fsdp"], ["fsdp shards the student over the processes", "torchrun"]),
+    # Without a teacher to copy from, the layers would be ignored: a random student trained.
+    (["--keep-layers", "0,1"], ["keep_layers [0, 1]", "no init_from", "--init-from"]),
 ]
 
 
@@ -288,6 +290,25 @@ def test_lora_targets_that_name_no_module(store, tiny_student_dir, tmp_path, kit
                         "--out", tmp_path / "run", *kit.TRAIN, "--lora-r", "2",
                         "--lora-targets", "q_proj,qkv_proj")  # fmt: skip
     kit.refused(result, "lora_targets ['qkv_proj'] name no module", "q_proj", "v_proj")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ({"lora_r": 2, "lora_targets": "q_proj"}, ["lora_targets must be a list", "'q_proj'"]),
+        ({"lora_r": 2, "lora_targets": ["q_proj", 3]}, ["lora_targets must be a list", "3"]),
+        ({"keep_layers": "0,1"}, ["keep_layers must be a list", "'0,1'"]),
+    ],
+)
+def test_yaml_lists_given_as_strings(setting, words, store, tiny_student_dir, tmp_path, kit):
+    # A string where a list belongs was read character by character: lora_targets 'q_proj'
+    # became the modules q, _, p, r, o and j.
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(setting))
+    result = kit.invoke("train", "--config", path, "--store", store, "--student",
+                        tiny_student_dir, "--out", tmp_path / "run", *kit.TRAIN)  # fmt: skip
+    kit.refused(result, *words)
     assert not (tmp_path / "run").exists()
 
 
