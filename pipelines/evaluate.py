@@ -120,6 +120,7 @@ def evaluate(
                 num_samples=num_samples,
                 max_new_tokens=max_new_tokens,
                 seed=seed,
+                vocab_size=int(opened.manifest["vocab_size"]),
             )
         )
     return result
@@ -214,14 +215,21 @@ def diversity(
     num_samples: int,
     max_new_tokens: int,
     seed: int,
+    vocab_size: int | None = None,
 ) -> dict[str, float]:
-    """Sample ``num_samples`` continuations per prompt; distinct-2 and self-BLEU on token ids."""
+    """Sample ``num_samples`` continuations per prompt; distinct-2 and self-BLEU on token ids.
+
+    With ``vocab_size`` (the teacher's), rows of the head past it (a head padded to a multiple
+    of 64) are never sampled: the student is measured on the teacher's ids, as it was trained.
+    """
     if tokenizer is None:
         from logitstore.errors import ConfigError
 
         raise ConfigError("generation diversity needs the student's tokenizer")
     device = next(lm.parameters()).device
     torch.manual_seed(seed)
+    rows = int(lm.get_output_embeddings().weight.shape[0])
+    padded = list(range(vocab_size, rows)) if vocab_size is not None else []
     groups = []
     for prompt in prompts:
         enc = tokenizer(prompt, return_tensors="pt").to(device)
@@ -234,6 +242,7 @@ def diversity(
             max_new_tokens=max_new_tokens,
             num_return_sequences=num_samples,
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            **({"suppress_tokens": padded} if padded else {}),
         )
         groups.append(
             [_until_eos(row[enc["input_ids"].shape[1] :].tolist(), tokenizer) for row in out]

@@ -217,3 +217,26 @@ def test_a_head_padded_past_the_vocabulary_is_measured_on_the_teachers_ids(
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_diversity_never_samples_the_rows_of_a_padded_head(tiny_student_dir, tiny_tokenizer):
+    from logitstore.pipelines.evaluate import diversity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    model.resize_token_embeddings(448)  # new rows at the mean of the others: often sampled
+    sampled: list[torch.Tensor] = []
+    generate = model.generate
+
+    def recording(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        sampled.append(out)
+        return out
+
+    model.generate = recording
+    prompts = ["The list type", "A function definition"]
+    settings = dict(num_samples=8, max_new_tokens=16, seed=0)
+    diversity(model, tiny_tokenizer, prompts, **settings)
+    assert any(int(o.max()) >= 384 for o in sampled)  # the padding rows are sampled without
+    sampled.clear()
+    diversity(model, tiny_tokenizer, prompts, **settings, vocab_size=384)
+    assert len(sampled) == 2 and all(int(o.max()) < 384 for o in sampled)
