@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from logitstore.pipelines.train import TrainConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+FLAGS = ("approximate_tail", "use_counts", "resume", "fsdp", "gradient_checkpointing", "progress")
 
 
 # Settings a resumed run must share with its checkpoint: they define the objective and the order
@@ -145,6 +146,10 @@ def check_config(config: TrainConfig) -> None:
     """
     _check_optimizer(config)
     _check_environment(config)
+    for name in FLAGS:
+        # YAML reads a quoted "false" as a string, which Python takes as true.
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name} must be true or false; found {getattr(config, name)!r}")
     if config.precision not in PRECISIONS:
         raise ConfigError(
             f"precision must be one of {', '.join(PRECISIONS)}; found {config.precision!r}"

@@ -416,6 +416,10 @@ class _RunCallback(TrainerCallback):
         if self.stop_after is not None and state.global_step >= self.stop_after:
             control.should_training_stop = True
             control.should_save = True
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            # The last step is logged whatever log_every is: its row is the summary's "last",
+            # and the steps since the previous row would otherwise go unlogged.
+            control.should_log = True
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any

@@ -175,6 +175,29 @@ def test_a_config_files_home_paths_hold_the_whole_run(
     assert again.exit_code == 2 and "already holds a run" in again.output
 
 
+@pytest.mark.parametrize(("max_steps", "stop_after"), [(5, None), (8, 4)])
+def test_the_last_step_is_logged_whatever_log_every(
+    max_steps, stop_after, store, tiny_student_dir, tmp_path
+):
+    # With --log-every 3 the run's last step (5, or 4 where --stop-after stops it) went
+    # unlogged, and the summary's "last" row was of an earlier step than the summary's.
+    log_every, end = 3, stop_after or max_steps
+    args = ["train", "--store", store, "--student", str(tiny_student_dir), "--out",
+            str(tmp_path / "run"), "--max-steps", str(max_steps), "--log-every", str(log_every),
+            "--tokens-per-step", "48", "--tokens-per-batch", "48", "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+    if stop_after:
+        args += ["--stop-after", str(stop_after)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    expected = sorted({s for s in range(1, end + 1) if s % log_every == 0} | {end})
+    assert [r["step"] for r in rows] == expected
+    assert summary["step"] == summary["last"]["step"] == end
+    assert summary["tokens"] == rows[-1]["tokens"]
+
+
 def test_errors_become_messages(store, tiny_student_dir, tmp_path):
     result = CliRunner().invoke(
         main,

@@ -299,9 +299,15 @@ def test_lora_targets_that_name_no_module(store, tiny_student_dir, tmp_path, kit
         ({"lora_r": 2, "lora_targets": "q_proj"}, ["lora_targets must be a list", "'q_proj'"]),
         ({"lora_r": 2, "lora_targets": ["q_proj", 3]}, ["lora_targets must be a list", "3"]),
         ({"keep_layers": "0,1"}, ["keep_layers must be a list", "'0,1'"]),
+        # Python takes the string "false" as true: the uncaptured temperature was approximated.
+        (
+            {"approximate_tail": "false", "temperature": 3},
+            ["approximate_tail must be true or false", "'false'"],
+        ),
+        ({"resume": "no"}, ["resume must be true or false", "'no'"]),
     ],
 )
-def test_yaml_lists_given_as_strings(setting, words, store, tiny_student_dir, tmp_path, kit):
+def test_yaml_settings_of_the_wrong_type(setting, words, store, tiny_student_dir, tmp_path, kit):
     # A string where a list belongs was read character by character: lora_targets 'q_proj'
     # became the modules q, _, p, r, o and j.
     path = tmp_path / "train.yaml"
