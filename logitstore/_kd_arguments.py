@@ -1,4 +1,5 @@
-"""``KDTrainer``'s arguments that would do nothing, refused in one line each.
+"""``KDTrainer``'s arguments checked: those that would do nothing, refused in one line each,
+and the student the store must be able to train.
 
 KDTrainer replaces Trainer's label loss and its loader, and binds its loss settings into a
 ``DistillationLoss``: a setting of the replaced parts, or a loss setting given beside a ready
@@ -7,9 +8,12 @@ loss, would be dropped without a word.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
-from logitstore.errors import ConfigError
+from logitstore._tokenizer import check_tokenizer
+from logitstore.errors import ConfigError, TokenizerMismatchError
 
 # Settings of Trainer's own loss and loader, which KDTrainer replaces: set, they would do nothing.
 _UNUSED = {
@@ -54,3 +58,40 @@ def refuse_loss_settings(**given: Any) -> None:
             f"{', '.join(f'{k}={given[k]!r}' for k in unused)} (give them to "
             "DistillationLoss.create)"
         )
+
+
+def check_student(lm: Any, manifest: Mapping[str, Any], tokenizer: Any = None) -> None:
+    """Refuse a student the store cannot train; warn of what differs but trains.
+
+    Args:
+        lm: the student's causal LM (the base of a PEFT model).
+        manifest: the store's manifest (``vocab_size`` and the teacher's ``tokenizer``).
+        tokenizer: the ``processing_class`` given to the trainer, if any.
+
+    Raises:
+        ConfigError: a student split by tensor parallelism.
+        TokenizerMismatchError: a head with fewer rows than the teacher's vocabulary, or a
+            tokenizer whose ids mean other text than the teacher's.
+    """
+    if int(getattr(lm, "_tp_size", None) or 1) > 1:
+        # Ranks of a tensor-parallel group must read the same batches and count their tokens
+        # once; KDTrainer's loader gives every rank its own share. The fused forward does take
+        # a tensor-parallel head, for loops of one's own (see patch_for_distillation).
+        raise ConfigError(
+            "KDTrainer does not train a student loaded with tensor parallelism (tp_plan): "
+            "its loader gives every process its own documents; shard the student with FSDP "
+            "(fsdp in TrainingArguments) or DeepSpeed ZeRO-3 instead"
+        )
+    vocab = int(manifest["vocab_size"])
+    head = lm.get_output_embeddings().weight
+    rows = int(getattr(head, "ds_shape", head.shape)[0])  # ZeRO-3 partitions at load
+    if rows < vocab:  # a head padded past the vocabulary trains on its first rows
+        raise TokenizerMismatchError(
+            f"the store's teacher has vocabulary size {vocab}; the student's head has "
+            f"{rows} rows: expected at least {vocab}"
+        )
+    if hasattr(tokenizer, "get_added_vocab") and manifest.get("tokenizer"):
+        # The teacher pass fingerprinted its tokenizer in the manifest: two vocabularies of
+        # one size are not one tokenizer.
+        for note in check_tokenizer(manifest, tokenizer):
+            warnings.warn(note, stacklevel=3)

@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from logitstore.errors import ConfigError
+
 STATE_NAME = "logitstore_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -62,3 +64,31 @@ def rotate(root: Path, keep: int | None, best: str | Path | None = None) -> None
         torn = not (path / STATE_NAME).is_file()
         if (torn and step < newest) or (not torn and path not in kept):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def objective_record(loss: Any) -> dict[str, Any]:
+    """What a bound ``DistillationLoss`` is, as a checkpoint records it (JSON types)."""
+    return json.loads(json.dumps({
+        "name": loss.name, "params": loss.params, "temperature": loss.temperature,
+        "approximate_tail": loss.approximate_tail, "tau_squared": loss.tau_squared,
+        "use_counts": loss.use_counts, "ce_weight": loss.ce_weight,
+    }, default=str))  # fmt: skip
+
+
+def check_objective(path: Path, saved: Any, mine: dict[str, Any]) -> None:
+    """Refuse to continue checkpoint ``path`` under another objective: its schedule, optimizer
+    state and curve belong to the one it was trained with. A checkpoint of an older version
+    records the name and parameters only: those are compared.
+
+    Raises:
+        ConfigError: naming each field that differs, with both values.
+    """
+    if not isinstance(saved, dict):
+        return
+    differ = sorted(k for k in saved if k in mine and saved[k] != mine[k])
+    if differ:
+        found = ", ".join(f"{k} {saved[k]!r} there, {mine[k]!r} here" for k in differ)
+        raise ConfigError(
+            f"checkpoint {path.name} was trained with another objective: {found}; resume "
+            "with the objective it was started with, or train into a new output_dir"
+        )

@@ -8,6 +8,7 @@ passes batches through.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,6 +74,22 @@ class StoreBatches:
 
     def state_dict(self) -> Any:
         return self.dataset.state_dict()
+
+    def adopt_workers(self, saved: Any, configured: str) -> None:
+        """Read with the number of workers checkpoint state ``saved`` was written with (its read
+        position is one count per worker), warning that ``configured`` is not followed.
+        Checkpoints of versions that ignored dataloader_num_workers were written by one."""
+        consumed = saved.get("samples_consumed") if isinstance(saved, dict) else None
+        if not consumed or len(consumed) == max(1, self.num_workers):
+            return
+        workers = 0 if len(consumed) == 1 else len(consumed)
+        warnings.warn(
+            f"resuming with {workers} DataLoader workers, as the checkpoint was written, not "
+            f"{configured}: the read position is one count per worker (pass num_workers to "
+            "KDTrainer to be told instead)",
+            stacklevel=4,
+        )
+        self.num_workers = workers
 
     def load_state_dict(self, state: Any) -> None:
         # The read position is one count per reading stream (DataLoader worker): refused here,

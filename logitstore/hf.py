@@ -48,8 +48,15 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from logitstore._kd_arguments import refuse_loss_settings, refuse_unused_settings
-from logitstore._kd_checkpoints import STATE_NAME, latest_checkpoint, rotate, write_json_atomic
+from logitstore._kd_arguments import check_student, refuse_loss_settings, refuse_unused_settings
+from logitstore._kd_checkpoints import (
+    STATE_NAME,
+    check_objective,
+    latest_checkpoint,
+    objective_record,
+    rotate,
+    write_json_atomic,
+)
 from logitstore._kd_data import KDCollator, StoreBatches
 from logitstore._kd_eval import eval_datasets, evaluate_store
 from logitstore._kd_forward import (
@@ -58,10 +65,9 @@ from logitstore._kd_forward import (
     causal_lm,
     patch_for_distillation,
 )
-from logitstore._tokenizer import check_tokenizer
 from logitstore.dataset import StoreDataset
 from logitstore.divergences import DistillationLoss, MetricTotals
-from logitstore.errors import ConfigError, TokenizerMismatchError
+from logitstore.errors import ConfigError
 from logitstore.format import tail_temperatures
 
 __all__ = [
@@ -220,30 +226,8 @@ class KDTrainer(Trainer):
             # args.seed, so that they do not depend on what the process drew before.
             set_seed(int(args.seed))
             model = get_peft_model(model, peft_config)
-        if int(getattr(causal_lm(model), "_tp_size", None) or 1) > 1:
-            # Ranks of a tensor-parallel group must read the same batches and count their tokens
-            # once; this loader gives every rank its own share. The fused forward does take a
-            # tensor-parallel head, for loops of one's own (see patch_for_distillation).
-            raise ConfigError(
-                "KDTrainer does not train a student loaded with tensor parallelism (tp_plan): "
-                "its loader gives every process its own documents; shard the student with FSDP "
-                "(fsdp in TrainingArguments) or DeepSpeed ZeRO-3 instead"
-            )
         vocab = int(manifest["vocab_size"])
-        head = causal_lm(model).get_output_embeddings().weight
-        rows = int(getattr(head, "ds_shape", head.shape)[0])  # ZeRO-3 partitions at load
-        if rows < vocab:  # a head padded past the vocabulary is fine: see check_vocabulary
-            raise TokenizerMismatchError(
-                f"the store's teacher has vocabulary size {vocab}; the student's head has "
-                f"{rows} rows: expected at least {vocab}"
-            )
-        tokenizer = kwargs.get("processing_class")
-        if hasattr(tokenizer, "get_added_vocab") and manifest.get("tokenizer"):
-            # The teacher pass fingerprinted its tokenizer in the manifest; the command line's
-            # check compares the student's tokenizer with it field by field (ids, specials,
-            # chat template): two vocabularies of one size are not one tokenizer.
-            for note in check_tokenizer(manifest, tokenizer):
-                warnings.warn(note, stacklevel=2)
+        check_student(causal_lm(model), manifest, kwargs.get("processing_class"))
         patch_for_distillation(model, loss, vocab)
         if kwargs.get("eval_dataset") is not None:
             kwargs["eval_dataset"] = eval_datasets(
@@ -320,30 +304,17 @@ class KDTrainer(Trainer):
                     f"checkpoint was written by {state['world_size']} processes; this run has "
                     f"{world}"
                 )
-            self._match_checkpoint_workers(state["loader"][int(self.args.process_index)])
+            if not self._workers_chosen:  # read on with the workers the checkpoint was written by
+                self.kd_batches.adopt_workers(
+                    state["loader"][int(self.args.process_index)],
+                    f"dataloader_num_workers={self.args.dataloader_num_workers}",
+                )
             self.kd_batches.load_state_dict(state["loader"][int(self.args.process_index)])
             self.kd_loss.load_state_dict(state["loss_schedule"])
             self.kd_tokens = int(state["tokens"])
             epochs = [s["epoch"] for s in state["loader"] if isinstance(s, dict) and "epoch" in s]
             self._epochs_done = int(state.get("epochs_done", min(epochs, default=0)))
         return self.kd_batches
-
-    def _match_checkpoint_workers(self, saved: Any) -> None:
-        """Without a num_workers of the caller's, read on with the workers the checkpoint was
-        written with (one count per worker): its read position is theirs. Checkpoints of
-        versions that ignored dataloader_num_workers were written by one reader."""
-        consumed = saved.get("samples_consumed") if isinstance(saved, dict) else None
-        streams = max(1, self.kd_batches.num_workers)
-        if self._workers_chosen or not consumed or len(consumed) == streams:
-            return
-        workers = 0 if len(consumed) == 1 else len(consumed)
-        warnings.warn(
-            f"resuming with {workers} DataLoader workers, as the checkpoint was written, not "
-            f"dataloader_num_workers={self.args.dataloader_num_workers}: the read position is "
-            "one count per worker (pass num_workers to KDTrainer to be told instead)",
-            stacklevel=3,
-        )
-        self.kd_batches.num_workers = workers
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
         """The trained tokens of the whole optimizer step: all micro-batches, all ranks.
@@ -532,32 +503,8 @@ class KDTrainer(Trainer):
                 )
         self._resume = json.loads((path / STATE_NAME).read_text()) if path else None
         if path is not None and self._resume is not None:
-            self._check_objective(path, self._resume.get("objective"))
+            check_objective(path, self._resume.get("objective"), objective_record(self.kd_loss))
         return super().train(resume_from_checkpoint=str(path) if path else None, **kwargs)
-
-    def _objective(self) -> dict[str, Any]:
-        """What the loss is, as a checkpoint records it (JSON types)."""
-        loss = self.kd_loss
-        return json.loads(json.dumps({
-            "name": loss.name, "params": loss.params, "temperature": loss.temperature,
-            "approximate_tail": loss.approximate_tail, "tau_squared": loss.tau_squared,
-            "use_counts": loss.use_counts, "ce_weight": loss.ce_weight,
-        }, default=str))  # fmt: skip
-
-    def _check_objective(self, path: Path, saved: Any) -> None:
-        """Refuse to continue a checkpoint under another objective (its schedule, its optimizer
-        state and its curve belong to the one it was trained with). A checkpoint of an older
-        version records the name and parameters only: those are compared."""
-        if not isinstance(saved, dict):
-            return
-        mine = self._objective()
-        differ = sorted(k for k in saved if k in mine and saved[k] != mine[k])
-        if differ:
-            found = ", ".join(f"{k} {saved[k]!r} there, {mine[k]!r} here" for k in differ)
-            raise ConfigError(
-                f"checkpoint {path.name} was trained with another objective: {found}; resume "
-                "with the objective it was started with, or train into a new output_dir"
-            )
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
@@ -575,7 +522,7 @@ class KDTrainer(Trainer):
             "world_size": int(self.args.world_size),
             "loader": loader,
             "loss_schedule": self.kd_loss.state_dict(),
-            "objective": self._objective(),
+            "objective": objective_record(self.kd_loss),
             "run": self.run_info,
         }
         write_json_atomic(folder / STATE_NAME, state)
