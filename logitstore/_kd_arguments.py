@@ -1,5 +1,7 @@
-"""``KDTrainer``'s arguments checked: those that would do nothing, refused in one line each,
-and the student the store must be able to train.
+"""``KDTrainer``'s arguments checked: settings that would do nothing, and the student.
+
+Settings that would do nothing are refused in one line each; the student must be one the store
+can train (its head, its tokenizer, no tensor parallelism).
 
 KDTrainer replaces Trainer's label loss and its loader, and binds its loss settings into a
 ``DistillationLoss``: a setting of the replaced parts, or a loss setting given beside a ready
