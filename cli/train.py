@@ -11,6 +11,7 @@ import yaml
 
 from logitstore.cli._options import storage_options as _storage_options
 from logitstore.errors import ConfigError
+from logitstore.pipelines._yaml import load_yaml
 
 
 def parse_params(pairs: tuple[str, ...]) -> dict:
@@ -21,7 +22,7 @@ def parse_params(pairs: tuple[str, ...]) -> dict:
         if not sep or not key:
             raise ConfigError(f"--param expects KEY=VALUE, found {pair!r}")
         try:
-            params[key.strip()] = yaml.safe_load(value)
+            params[key.strip()] = load_yaml(value)
         except yaml.YAMLError:
             raise ConfigError(
                 f"--param {key.strip()}: cannot read {value!r} as a value (a YAML number, "

@@ -51,12 +51,14 @@ def load_student(spec: str, *, seed: int = 0, dtype: str = "auto") -> Any:
     if is_config_file(spec):
         import yaml
 
+        from logitstore.pipelines._yaml import load_yaml
+
         text = Path(spec).read_text()
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:  # YAML 1.1 would read JSON's 1e-06 as a string
+        except json.JSONDecodeError:
             try:
-                data = yaml.safe_load(text)
+                data = load_yaml(text)
             except yaml.YAMLError as exc:
                 message = " ".join(str(exc).split())
                 raise ConfigError(

@@ -69,6 +69,22 @@ def test_param_parsing():
         parse_params(("gamma",))
 
 
+@pytest.mark.parametrize("number", ["5e-1", "1E-4", "-2e3", "1.5e-2", "3"])
+def test_numbers_with_an_exponent_are_numbers_in_params_and_config_files(number, tmp_path):
+    # YAML 1.1 (PyYAML) reads 5e-1 as a string, so --param gamma=5e-1 was refused and a config
+    # file's params: {gamma: 5e-1} too; JSON reads it as the number it spells.
+    from logitstore.pipelines.train import TrainConfig
+
+    expected = json.loads(number)
+    got = parse_params((f"gamma={number}",))["gamma"]
+    assert got == expected and type(got) is type(expected)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"store: s\nstudent: m\nout: o\nparams: {{gamma: {number}}}\n")
+    got = TrainConfig.from_yaml(path).params["gamma"]
+    assert got == expected and type(got) is type(expected)
+    assert parse_params(("target=e5", "name=v1e3")) == {"target": "e5", "name": "v1e3"}
+
+
 def test_train_then_eval(store, tiny_student_dir, tmp_path):
     out = tmp_path / "run"
     args = [
