@@ -65,6 +65,40 @@ def check_resumable(config: TrainConfig, checkpoint: Path) -> None:
             )
 
 
+def check_same_student(lm: Any, checkpoint: Path, student: str) -> None:
+    """Refuse to resume ``checkpoint`` with a student whose weights have other names or shapes
+    (Trainer's load would fail after loading, with a traceback of every mismatch).
+
+    Only a checkpoint of whole weights (``model*.safetensors``) is compared; LoRA adapters and
+    sharded optimiser states are left to Trainer.
+
+    Raises:
+        ConfigError: naming the first weight that differs, in the checkpoint and in ``student``.
+    """
+    from safetensors import safe_open
+
+    saved: dict[str, tuple[int, ...] | None] = {}
+    for path in sorted(checkpoint.glob("model*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            saved.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
+    if not saved:
+        return
+    state = lm.state_dict()
+    ours = {k: tuple(v.shape) for k, v in state.items()}
+    # A weight tied to a saved one (the head to the embeddings) is not saved itself.
+    tied = {state[k].data_ptr() for k in saved if k in state}
+    extra = {k: None for k, v in state.items() if k not in saved and v.data_ptr() not in tied}
+    for name, shape in [*saved.items(), *extra.items()]:
+        if ours.get(name) != shape:
+            there = "absent" if shape is None else str(shape)
+            here = "absent" if name not in ours else str(ours[name])
+            raise ConfigError(
+                f"cannot resume {checkpoint} with another student: weight {name} is {there} in "
+                f"the checkpoint but {here} in {student}; resume with the run's student, or "
+                "start a new run with another --out"
+            )
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -126,7 +160,10 @@ def _check_environment(config: TrainConfig) -> None:
             f"bfloat16; found {config.student_dtype!r}"
         )
     try:  # the trackers this transformers knows (a private table: where it moved, Trainer checks)
-        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+        from transformers.integrations.integration_utils import (
+            INTEGRATION_TO_CALLBACK,
+            get_available_reporting_integrations,
+        )
     except ImportError:
         return
     names = [n.strip() for n in str(config.report_to).split(",") if n.strip()]
@@ -135,6 +172,14 @@ def _check_environment(config: TrainConfig) -> None:
         raise ConfigError(
             f"report_to names unknown trackers {unknown}; known: none, all, "
             f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+        )
+    # A known tracker whose package is not installed: Trainer raises only once it is built.
+    available = set(get_available_reporting_integrations())
+    absent = [n for n in names if n not in {"none", "all", *available}]
+    if absent:
+        raise ConfigError(
+            f"report_to {absent[0]} needs its package, which is not installed (pip install "
+            f"{absent[0]}); trackers installed here: {', '.join(sorted(available)) or 'none'}"
         )
 
 

@@ -50,6 +50,7 @@ from logitstore.pipelines._train_checks import (
     check_config,
     check_lora_targets,
     check_resumable,
+    check_same_student,
     saved_state,
 )
 from logitstore.pipelines._yaml import read_settings
@@ -196,6 +197,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.lora_r and config.lora_targets:
         check_lora_targets(lm, config.lora_targets)
     resume_from = newest(args.output_dir) if config.resume else None
+    if resume_from is not None:
+        check_same_student(lm, resume_from, config.student)
     rank0 = args.process_index == 0
     metrics_path = out / "metrics.jsonl"
     eval_path = out / "eval.jsonl"

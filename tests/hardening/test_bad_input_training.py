@@ -235,6 +235,42 @@ def test_resume_with_other_objective_or_data_order(
     assert kit.snapshot(run_dir) == before
 
 
+@pytest.mark.parametrize("change", [{"hidden_size": 48}, {"num_hidden_layers": 3}])
+def test_resume_with_another_student(change, store, run_dir, tiny_student_dir, tmp_path, kit):
+    # Trainer's load failed only after loading, with a traceback of every size mismatch (or,
+    # for a deeper student, of the optimizer's parameter groups).
+    spec = json.loads((tiny_student_dir / "config.json").read_text())
+    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")  # fmt: skip
+    student = tmp_path / "other.json"
+    student.write_text(json.dumps({**{k: spec[k] for k in keys if k in spec}, **change}))
+    before = kit.snapshot(run_dir)
+    result = kit.invoke("train", "--store", store, "--student", student, "--out", run_dir,
+                        "--resume", *kit.TRAIN, "--max-steps", "2")  # fmt: skip
+    if "hidden_size" in change:  # every weight's shape differs: the first named is a matrix
+        v, h = spec["vocab_size"], spec["hidden_size"]
+        words = [f"is ({v}, {h}) in the checkpoint", f"but ({v}, {change['hidden_size']}) in"]
+    else:  # one layer more: weights the run never had
+        words = [f"model.layers.{spec['num_hidden_layers']}.", "is absent in the checkpoint"]
+    kit.refused(result, "cannot resume", "with another student", "other.json", *words)
+    assert kit.snapshot(run_dir) == before
+
+
+def test_a_tracker_that_is_not_installed(store, tiny_student_dir, tmp_path, kit):
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    absent = sorted(set(INTEGRATION_TO_CALLBACK) - set(get_available_reporting_integrations()))
+    if not absent:
+        pytest.skip("every tracker transformers knows is installed")
+    result = kit.invoke("train", "--store", store, "--student", tiny_student_dir, "--out",
+                        tmp_path / "run", *kit.TRAIN, "--report-to", absent[0])  # fmt: skip
+    kit.refused(result, f"report_to {absent[0]} needs its package", "not installed")
+    assert not (tmp_path / "run").exists()
+
+
 def test_resuming_a_finished_run_trains_no_step_past_max_steps(
     store, run_dir, tiny_student_dir, kit
 ):
