@@ -29,7 +29,7 @@ FLAGS = ("approximate_tail", "use_counts", "resume", "fsdp", "gradient_checkpoin
 # of the data, whose state (the loss schedule, the read positions) the checkpoint holds.
 RESUME_SETTINGS = ("divergence", "params", "temperature", "approximate_tail", "use_counts",
                    "ce_weight", "tokens_per_step", "tokens_per_batch", "seed", "shuffle_window",
-                   "lora_r")  # fmt: skip
+                   "lora_r", "lora_alpha", "lora_targets")  # fmt: skip
 
 
 def saved_state(checkpoint: Path) -> dict[str, Any]:

@@ -256,6 +256,26 @@ def test_resume_with_another_student(change, store, run_dir, tiny_student_dir, t
     assert kit.snapshot(run_dir) == before
 
 
+def test_resume_with_other_lora_adapters(store, tiny_student_dir, tmp_path, kit):
+    # Other targets resumed without a word: the trained q_proj adapters were dropped and fresh
+    # v_proj ones trained on; another alpha rescaled the trained adapters.
+    pytest.importorskip("peft")
+    run = tmp_path / "run"
+    lora = ["--lora-r", "2", "--max-steps", "2", "--stop-after", "1", "--save-every", "1"]
+    first = kit.invoke("train", "--store", store, "--student", tiny_student_dir, "--out", run,
+                       *kit.TRAIN, *lora, "--lora-targets", "q_proj")  # fmt: skip
+    assert first.exit_code == 0, first.output
+    before = kit.snapshot(run)
+    for args, words in [
+        (["--lora-targets", "v_proj"], "lora_targets is ['q_proj'] in the checkpoint but ['v_proj']"),
+        (["--lora-targets", "q_proj", "--lora-alpha", "4"], "lora_alpha is 16 in the checkpoint but 4"),
+    ]:  # fmt: skip
+        result = kit.invoke("train", "--store", store, "--student", tiny_student_dir, "--out",
+                            run, "--resume", *kit.TRAIN, *lora, *args)  # fmt: skip
+        kit.refused(result, "cannot resume", words)
+        assert kit.snapshot(run) == before
+
+
 def test_a_tracker_that_is_not_installed(store, tiny_student_dir, tmp_path, kit):
     from transformers.integrations.integration_utils import (
         INTEGRATION_TO_CALLBACK,
