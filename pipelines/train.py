@@ -189,9 +189,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
             cache_dir=config.cache_dir,
         )
         check_held_out(store.manifest, held_out.manifest, config.eval_store)
+    same = held_out is not None and held_out.manifest == store.manifest
     if previous is not None:
         check_resumable(config, previous)
     notes = list(loss.notes)
+    if same:
+        notes.append(
+            f"the evaluation store {config.eval_store} is the training store {config.store}: "
+            "its metrics are of documents the student trains on, not held-out ones"
+        )
     lm, tokenizer = _load_student(config)
     notes += check_vocabulary(store.manifest, lm, tokenizer)
     if config.lora_r and config.lora_targets:
@@ -202,11 +208,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     rank0 = args.process_index == 0
     metrics_path = out / "metrics.jsonl"
     eval_path = out / "eval.jsonl"
-    if resume_from is not None and _step_of(resume_from) >= config.max_steps:
-        # Trainer would take one more step past the end of the schedule on every resume.
+    # Trainer would take one more step past the end (of the schedule, or of stop_after) on
+    # every resume.
+    end, setting = min(
+        (config.max_steps, "max_steps"), (config.stop_after or math.inf, "stop_after")
+    )
+    if resume_from is not None and _step_of(resume_from) >= end:
         notes.append(
-            f"the run already reached step {_step_of(resume_from)} of max_steps "
-            f"{config.max_steps}: nothing to train (raise --max-steps to train further)"
+            f"the run already reached step {_step_of(resume_from)} of {setting} {end}: nothing "
+            f"to train (raise --{setting.replace('_', '-')} to train further)"
         )
         if rank0:
             for note in notes:

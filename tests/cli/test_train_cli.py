@@ -214,6 +214,29 @@ def test_the_last_step_is_logged_whatever_log_every(
     assert summary["tokens"] == rows[-1]["tokens"]
 
 
+def test_a_run_resumed_at_its_stop_after_trains_nothing(store, tiny_student_dir, tmp_path):
+    # The same command run again with --resume trained one step past --stop-after each time.
+    run = tmp_path / "run"
+    args = ["train", "--store", store, "--student", str(tiny_student_dir), "--out", str(run),
+            "--max-steps", "8", "--tokens-per-step", "48", "--tokens-per-batch", "48",
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+
+    def steps() -> list[int]:
+        return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    first = CliRunner().invoke(main, [*args, "--stop-after", "2"])
+    assert first.exit_code == 0, first.output
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    again = CliRunner().invoke(main, [*args, "--stop-after", "2", "--resume"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["step"] == 2 and "stop_after 2" in again.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
+    assert steps() == [1, 2]
+    further = CliRunner().invoke(main, [*args, "--stop-after", "3", "--resume"])
+    assert further.exit_code == 0, further.output
+    assert json.loads(further.stdout)["step"] == 3 and steps() == [1, 2, 3]
+
+
 def test_errors_become_messages(store, tiny_student_dir, tmp_path):
     result = CliRunner().invoke(
         main,

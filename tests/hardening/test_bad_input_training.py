@@ -276,6 +276,19 @@ def test_resume_with_other_lora_adapters(store, tiny_student_dir, tmp_path, kit)
         assert kit.snapshot(run) == before
 
 
+def test_an_evaluation_store_that_is_the_training_store(store, tiny_student_dir, tmp_path, kit):
+    # Its "held-out" metrics were of the documents trained on, without a word. (A note, not a
+    # refusal: a smoke test may evaluate on its training store on purpose.)
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    for i, held_out in enumerate((store, copy)):
+        result = kit.invoke("train", "--store", store, "--student", tiny_student_dir, "--out",
+                            tmp_path / f"run{i}", *kit.TRAIN, "--eval-store", held_out)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        notes = json.loads(result.stdout)["notes"]
+        assert [n for n in notes if f"evaluation store {held_out} is the training store" in n]
+
+
 def test_a_tracker_that_is_not_installed(store, tiny_student_dir, tmp_path, kit):
     from transformers.integrations.integration_utils import (
         INTEGRATION_TO_CALLBACK,
