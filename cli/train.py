@@ -171,14 +171,21 @@ def command(config_file, params, keep_layers, betas, lora_targets, no_progress, 
           --out run/ --tokens-per-step 65536 --save-every 200
       logitstore train --store train-store/ --eval-store held-out-store/ --eval-every 100 \\
           --student config.json --out run/ --max-steps 1000
+      logitstore train --store store/ --student small.json --init-from teacher/ \\
+          --keep-layers 0,2,4,6 --out run/ --temperature 2.0 --ce-weight 0.1
+      logitstore train --config run.yaml --stop-after 300
       logitstore train --config run.yaml --resume
       torchrun --nproc-per-node 2 $(which logitstore) train --config run.yaml
       torchrun --nproc-per-node 8 $(which logitstore) train --config run.yaml \\
           --fsdp --precision bf16 --gradient-checkpointing --report-to tensorboard
       logitstore train --store store/ --student HuggingFaceTB/SmolLM2-1.7B \\
           --out run/ --lora-r 16 --lora-targets q_proj,v_proj --max-steps 500
+      torchrun --nproc-per-node 8 $(which logitstore) train --config run.yaml \\
+          --deepspeed zero3.json --precision bf16
       logitstore train --store hf://datasets/ORG/NAME --student config.json --out run/ \\
           --cache-dir ~/.cache/logitstore
+      logitstore train --store s3://bucket/store --storage-options '{"anon": true}' \\
+          --student config.json --out run/
     """
     from logitstore.pipelines.train import TrainConfig, train
 

@@ -59,6 +59,24 @@ def test_help_shows_examples():
         assert result.exit_code == 0 and "Examples:" in result.output
 
 
+def test_help_has_an_example_for_every_group_of_options():
+    help_text = CliRunner().invoke(main, ["train", "--help"]).output
+    examples = help_text[help_text.index("Examples:") : help_text.index("Options:")]
+    options = {o for o in help_text[help_text.index("Options:") :].split() if o.startswith("--")}
+    groups = [  # one option of each group must be shown in use
+        ["--store", "--student", "--out"], ["--divergence", "--param"],
+        ["--init-from", "--keep-layers"], ["--temperature", "--ce-weight"],
+        ["--max-steps", "--stop-after", "--resume"], ["--tokens-per-step", "--save-every"],
+        ["--eval-store", "--eval-every"], ["--fsdp", "--deepspeed", "--precision"],
+        ["--lora-r", "--lora-targets", "--gradient-checkpointing", "--report-to"],
+        ["--cache-dir", "--storage-options"], ["--config"],
+    ]  # fmt: skip
+    for group in groups:
+        assert set(group) <= options, group  # the group names real options
+        missing = [o for o in group if f"{o} " not in examples and f"{o}\n" not in examples]
+        assert not missing, (missing, examples)
+
+
 def test_param_parsing():
     assert parse_params(("gamma=0.5", "target=label", "n=3")) == {
         "gamma": 0.5,
