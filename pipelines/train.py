@@ -131,7 +131,11 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown training settings {sorted(unknown)}; known: {sorted(known)}"
             )
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if isinstance(data.get("params"), dict) and isinstance(given.get("params"), dict):
+            # --param gamma=0.3 changes one parameter of the file's objective, not all of them.
+            given["params"] = {**data["params"], **given["params"]}
+        data.update(given)
         for f in dataclasses.fields(cls):
             # YAML 1.1 reads 3e-4 (no dot) as a string: take it as the number it spells.
             if f.type == "float" and isinstance(data.get(f.name), str):

@@ -77,6 +77,18 @@ def test_help_has_an_example_for_every_group_of_options():
         assert not missing, (missing, examples)
 
 
+def test_command_line_params_override_a_config_files_params_one_by_one(tmp_path):
+    # --param target=... replaced the file's whole params mapping: its gamma was dropped.
+    from logitstore.pipelines.train import TrainConfig
+
+    path = tmp_path / "run.yaml"
+    in_file = {"gamma": 0.3, "target": "teacher"}
+    path.write_text(json.dumps({"store": "s", "student": "m", "out": "o", "params": in_file}))
+    given = parse_params(("target=student", "extra=1"))
+    config = TrainConfig.from_yaml(path, params=given)
+    assert config.params == {k: given.get(k, in_file.get(k)) for k in {*in_file, *given}}
+
+
 def test_param_parsing():
     assert parse_params(("gamma=0.5", "target=label", "n=3")) == {
         "gamma": 0.5,
