@@ -289,6 +289,20 @@ def test_an_evaluation_store_that_is_the_training_store(store, tiny_student_dir,
         assert [n for n in notes if f"evaluation store {held_out} is the training store" in n]
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "eval.jsonl"])
+def test_an_out_holding_another_file_of_a_logs_name(name, store, tiny_student_dir, tmp_path, kit):
+    # Rewriting it to cut it back to the resumed step raised KeyError: 'step' (a traceback).
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text('{"accuracy": 0.5}\n')
+    (out / "notes.txt").write_text("mine\n")
+    before = kit.snapshot(out)
+    result = kit.invoke("train", "--store", store, "--student", tiny_student_dir, "--out", out,
+                        *kit.TRAIN)  # fmt: skip
+    kit.refused(result, f"{out / name} is not a training metrics log", "accuracy", "integer 'step'")
+    assert kit.snapshot(out) == before
+
+
 def test_a_tracker_that_is_not_installed(store, tiny_student_dir, tmp_path, kit):
     from transformers.integrations.integration_utils import (
         INTEGRATION_TO_CALLBACK,
