@@ -202,6 +202,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             f"the evaluation store {config.eval_store} is the training store {config.store}: "
             "its metrics are of documents the student trains on, not held-out ones"
         )
+    if config.resume and previous is None:  # a mistyped --out would start over without a word
+        notes.append(f"resume: {checkpoints} holds no complete checkpoint; starting at step 0")
     lm, tokenizer = _load_student(config)
     notes += check_vocabulary(store.manifest, lm, tokenizer)
     if config.lora_r and config.lora_targets:

@@ -254,8 +254,10 @@ def test_a_run_resumed_at_its_stop_after_trains_nothing(store, tiny_student_dir,
     def steps() -> list[int]:
         return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
 
-    first = CliRunner().invoke(main, [*args, "--stop-after", "2"])
+    first = CliRunner().invoke(main, [*args, "--stop-after", "2", "--resume"])
     assert first.exit_code == 0, first.output
+    # --resume with nothing to resume starts over, and says so (a mistyped --out would not).
+    assert "holds no complete checkpoint; starting at step 0" in first.stderr
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     again = CliRunner().invoke(main, [*args, "--stop-after", "2", "--resume"])
     assert again.exit_code == 0, again.output
