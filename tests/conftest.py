@@ -98,6 +98,16 @@ def save_tiny_causal_lm(
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module's tiny models (a module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tokenizer()

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from click.testing import CliRunner, Result
 
 from logitstore.cli import main
@@ -105,16 +104,6 @@ def kit():
         teacher_pass=teacher_pass,
         tree_checksum=tree_checksum,
     )
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread for the module's tiny models (a module asks for it with
-    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ from logitstore.errors import ConfigError, TokenizerMismatchError
 from logitstore.hf import KDTrainer, StoreBatches
 from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,7 @@ from logitstore.pipelines._student import final_hidden, init_from_teacher, load_
 from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 from logitstore.pipelines.train import TrainConfig, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread is fastest, and avoids spinning threads on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 @pytest.fixture(scope="module")
