@@ -251,6 +251,8 @@ def check_context(teacher: Teacher, windows: Sequence[Any], max_length: int) -> 
             f"teacher's {limit} positions; pass --max-length {limit} or less"
         )
     vocab, tokenizer = teacher.vocab_size, teacher.tokenizer
+    if max(tokenizer.get_vocab().values(), default=-1) < vocab:
+        return  # no id this tokenizer gives lies past the vocabulary: no pass over the tokens
     for w in windows:
         top = int(w.input_ids.max())  # every window has two tokens or more
         if top >= vocab:
