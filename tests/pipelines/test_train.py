@@ -378,7 +378,7 @@ def test_checkpoints_keep_the_students_own_dtype(store, tiny_student_dir, tmp_pa
 
 
 def test_a_store_without_trained_positions_says_nothing_was_learned(
-    tiny_teacher_dir, tiny_student_dir, text_jsonl, tmp_path, monkeypatch
+    tiny_store, tiny_student_dir, tmp_path, monkeypatch
 ):
     # A store whose every loss mask is empty (e.g. chat data without assistant turns, which the
     # teacher pass now refuses, but an older store may hold it): training must say so.
@@ -393,18 +393,15 @@ def test_a_store_without_trained_positions_says_nothing_was_learned(
         return found
 
     monkeypatch.setattr(pass_module, "build_windows", untrained)
-    out = tmp_path / "untrained"
-    run_teacher_pass(TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl),
-                                       out=str(out), k=8, max_length=32, limit=1,
-                                       progress=False))  # fmt: skip
-    assert not any(doc.loss_mask.any() for doc in open_store(str(out)))
-    summary = train(config(str(out), tiny_student_dir, tmp_path / "run", max_steps=1))
+    out = tiny_store(tmp_path / "untrained", k=8, max_length=32, limit=1)
+    assert not any(doc.loss_mask.any() for doc in open_store(out))
+    summary = train(config(out, tiny_student_dir, tmp_path / "run", max_steps=1))
     assert summary["tokens"] == 0
     assert any("no trained token was read" in note for note in summary["notes"])
 
 
 def test_a_held_out_store_is_read_during_training_and_at_its_end(
-    store, tiny_student_dir, tiny_teacher_dir, text_jsonl, tmp_path
+    store, tiny_student_dir, tiny_store, tmp_path
 ):
     from logitstore.pipelines.evaluate import evaluate
 
@@ -422,10 +419,7 @@ def test_a_held_out_store_is_read_during_training_and_at_its_end(
         assert rows[-1][key] == pytest.approx(want["fkl" if key == "teacher_kl" else key], rel=1e-4)
     with pytest.raises(ConfigError, match="give eval_store too"):
         train(config(store, tiny_student_dir, tmp_path / "b", eval_every=2))
-    other = tmp_path / "one-temperature"
-    run_teacher_pass(TeacherPassConfig(teacher=str(tiny_teacher_dir), data=str(text_jsonl),
-                                       out=str(other), k=16, max_length=64, limit=1,
-                                       progress=False))  # fmt: skip
+    other = tiny_store(tmp_path / "one-temperature", k=16, max_length=64, limit=1)
     with pytest.raises(ConfigError, match=r"captured the temperatures \[1.0\], the training"):
-        train(config(store, tiny_student_dir, tmp_path / "c", eval_store=str(other)))
+        train(config(store, tiny_student_dir, tmp_path / "c", eval_store=other))
     assert not (tmp_path / "c").exists()  # refused before anything was written
