@@ -91,18 +91,20 @@ def _numbers(option: str, text: str, kind: type, example: str) -> list:
     help="Evaluate on --eval-store every N steps; the last step always is. [default: 0, "
     "the last step only]",
 )
-@click.option("--resume", is_flag=True, default=None, help="Continue from the last checkpoint.")
+@click.option(
+    "--resume/--no-resume",
+    default=None,
+    help="Continue from the last checkpoint (--no-resume: start over, as a config file may not).",
+)
 @click.option("--temperature", type=float, help="Distillation temperature (must be captured).")
 @click.option("--ce-weight", type=float, help="Weight of cross-entropy with the labels.")
 @click.option(
-    "--approximate-tail",
-    is_flag=True,
+    "--approximate-tail/--no-approximate-tail",
     default=None,
     help="Allow an uncaptured temperature: spread the teacher's tail uniformly (approximate).",
 )
 @click.option(
-    "--use-counts",
-    is_flag=True,
+    "--use-counts/--no-use-counts",
     default=None,
     help="RS-KD: fkl against the draw counts of a sampled store.",
 )
@@ -124,7 +126,7 @@ def _numbers(option: str, text: str, kind: type, example: str) -> list:
     "--student-dtype",
     help="dtype the student is loaded and saved in: auto (its own) or e.g. float32.",
 )
-@click.option("--fsdp", is_flag=True, default=None, help="Shard the student with FSDP2 (torchrun).")
+@click.option("--fsdp/--no-fsdp", default=None, help="Shard the student with FSDP2 (torchrun).")
 @click.option(
     "--deepspeed",
     type=click.Path(exists=True, dir_okay=False),
@@ -137,8 +139,7 @@ def _numbers(option: str, text: str, kind: type, example: str) -> list:
 @click.option("--lora-dropout", type=float, help="LoRA dropout. [default: 0]")
 @click.option("--lora-targets", help="Comma-separated module names for LoRA (default: all linear).")
 @click.option(
-    "--gradient-checkpointing",
-    is_flag=True,
+    "--gradient-checkpointing/--no-gradient-checkpointing",
     default=None,
     help="Recompute activations in backward (less memory, more time).",
 )

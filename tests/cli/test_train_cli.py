@@ -84,6 +84,30 @@ def test_command_line_params_override_a_config_files_params_one_by_one(tmp_path)
     assert config.params == {k: given.get(k, in_file.get(k)) for k in {*in_file, *given}}
 
 
+SWITCHES = ["resume", "approximate_tail", "use_counts", "fsdp", "gradient_checkpointing"]
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_a_config_files_switch_can_be_turned_off_and_on_from_the_command_line(
+    switch, tmp_path, monkeypatch
+):
+    # `resume: true` in a config file could not be switched off: the flags had no --no- form.
+    import logitstore.pipelines.train as pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "train", lambda config: seen.append(config) or {})
+    flag = "--" + switch.replace("_", "-")
+    for in_file in (True, False):
+        path = tmp_path / "run.yaml"
+        path.write_text(json.dumps({"store": "s", "student": "m", "out": "o", switch: in_file}))
+        for given, expected in ((flag, True), (flag.replace("--", "--no-", 1), False)):
+            result = CliRunner().invoke(main, ["train", "--config", str(path), given])
+            assert result.exit_code == 0, result.output
+            assert getattr(seen.pop(), switch) is expected, (in_file, given)
+        assert CliRunner().invoke(main, ["train", "--config", str(path)]).exit_code == 0
+        assert getattr(seen.pop(), switch) is in_file
+
+
 def test_param_parsing():
     assert parse_params(("gamma=0.5", "target=label", "n=3")) == {
         "gamma": 0.5,
