@@ -112,6 +112,35 @@ def causal_lm(model: Any) -> Any:
     return inner
 
 
+# Settings by which a causal LM's forward changes its logits after the head's product: the fused
+# loss takes ``hidden @ head.T`` as the logits, so with one set it would train logits the student's
+# own forward never gives (and Gemma 2 sets a cap by default). Each with its neutral value.
+_AFTER_HEAD = {
+    "final_logit_softcapping": (None, "caps its logits with tanh"),
+    "logit_scale": (1.0, "multiplies its logits"),
+    "logits_scaling": (1.0, "scales its logits"),
+    "lm_head_multiplier": (1.0, "multiplies its logits"),
+}
+
+
+def refuse_logits_after_head(lm: Any) -> None:
+    """Refuse a causal LM whose forward changes the head's logits (``_AFTER_HEAD``): a
+    softcap (Gemma 2), a scale (Cohere, Granite, MiniCPM3, Falcon-H1)."""
+    config: Any = getattr(lm, "config", None)
+    # Read from the config at each forward, or copied from it at load (Cohere's logit_scale).
+    holders = [config, config.get_text_config()] if hasattr(config, "get_text_config") else []
+    for name, (neutral, what) in _AFTER_HEAD.items():
+        for holder in [*holders, lm]:
+            value = vars(holder).get(name) if holder is lm else getattr(holder, name, None)
+            if isinstance(value, (int, float)) and value != neutral:
+                raise ConfigError(
+                    f"{type(lm).__name__} {what} after its head ({name}={value}); the fused "
+                    "loss takes the head's product as the logits and would train ones this "
+                    f"student never gives: expected {name}={neutral} (load the student with "
+                    f"from_pretrained(..., {name}={neutral}) to train and generate without it)"
+                )
+
+
 def patch_for_distillation(
     model: Any, loss: DistillationLoss, vocab_size: int | None = None
 ) -> Any:
@@ -120,8 +149,12 @@ def patch_for_distillation(
     Without ``kd_batch`` the forward is the original one (generation, evaluation). Patching
     twice replaces the loss. ``vocab_size``: the teacher's; the loss then uses the head's first
     ``vocab_size`` rows (the rest pad the head past the vocabulary). Returns ``model``.
+
+    Raises:
+        ConfigError: ``model``'s forward changes the head's logits (a softcap, a scale).
     """
     lm = causal_lm(model)
+    refuse_logits_after_head(lm)
     if "_logitstore_forward" not in vars(lm):
         lm._logitstore_forward = lm.forward
         lm.forward = types.MethodType(_kd_forward, lm)

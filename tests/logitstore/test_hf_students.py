@@ -1,0 +1,76 @@
+"""KDTrainer with students of other families than Llama: what their forward does past the head.
+
+The fused loss takes ``hidden @ head.T`` as the student's logits. Gemma 2 caps its logits after
+the head, Granite and Cohere scale them: trained through the product alone, they would learn
+logits their own forward never gives. Tiny models built from ``transformers`` configs, saved
+with ``save_pretrained`` and loaded back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+
+from logitstore import open_store
+from logitstore.dataset import collate_documents
+from logitstore.divergences import sparse_loss
+from logitstore.errors import ConfigError
+from logitstore.hf import TEACHER_FIELDS, KDTrainer, TeacherBatch
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_store) -> str:
+    return tiny_store(tmp_path_factory.mktemp("kd-students") / "store", k=16, values="float32",
+                      max_length=64, limit=1, docs_per_shard=4)  # fmt: skip
+
+
+def _student(family: str, setting: dict, out: Path):
+    # initializer_range=1: logits of a few units, where a cap or a scale changes them clearly.
+    config = AutoConfig.for_model(family, vocab_size=384, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, initializer_range=1.0,
+                                  **setting)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("family", "setting", "neutral"),
+    [("gemma2", {"final_logit_softcapping": 2.0}, {"final_logit_softcapping": None}),
+     ("granite", {"logits_scaling": 8.0}, {"logits_scaling": 1.0}),
+     ("cohere", {"logit_scale": 0.0625}, {"logit_scale": 1.0})],
+)  # fmt: skip
+def test_a_student_whose_forward_changes_the_heads_logits_is_refused(
+    store, tmp_path, family, setting, neutral
+):
+    model = _student(family, setting, tmp_path / family)
+    batch = collate_documents(open_store(store).read_shard(0))
+    ids, mask, rows = batch["input_ids"], batch["attention_mask"], batch["position_mask"]
+
+    def own_logits() -> torch.Tensor:  # the student's own forward, as it generates
+        with torch.no_grad():
+            return model(ids, attention_mask=mask).logits[:, :-1][rows]
+
+    with torch.no_grad():
+        hidden = model.get_decoder()(ids, attention_mask=mask).last_hidden_state[:, :-1][rows]
+    product = hidden @ model.get_output_embeddings().weight.T
+    assert (own_logits() - product).abs().max() > 0.1  # what the fused loss would have trained
+    given = TrainingArguments(str(tmp_path / "run"), max_steps=1, report_to="none", use_cpu=True)
+    name = next(iter(setting))
+    with pytest.raises(ConfigError, match=f"after its head \\({name}=.*expected {name}="):
+        KDTrainer(model=model, args=given, train_dataset=store)
+    # Loaded with the neutral value, it trains on the logits its own forward gives.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / family, dtype=torch.float32, **neutral)
+    KDTrainer(model=model, args=given, train_dataset=store)
+    fields = {k: batch[k] for k in TEACHER_FIELDS}
+    with torch.no_grad():
+        fused = model(ids, mask, kd_batch=TeacherBatch(rows, fields, False)).loss
+    dense = sparse_loss("fkl", own_logits(), *[batch[k] for k in TEACHER_FIELDS[1:5]],
+                        batch["labels"]).sum() / batch["num_tokens"]  # fmt: skip
+    assert float(fused) == pytest.approx(float(dense), rel=1e-5)
