@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import sys
-
 import click
 import yaml
 
@@ -188,7 +184,7 @@ def command(config_file, params, keep_layers, betas, lora_targets, no_progress, 
       logitstore train --store s3://bucket/store --storage-options '{"anon": true}' \\
           --student config.json --out run/
     """
-    from logitstore.pipelines.train import TrainConfig, train
+    from logitstore.pipelines.train import TrainConfig, train_and_print
 
     overrides = dict(options)
     if params:
@@ -208,8 +204,4 @@ def command(config_file, params, keep_layers, betas, lora_targets, no_progress, 
         if missing:
             raise click.UsageError(f"missing {', '.join('--' + m for m in missing)} (or --config)")
         config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-    # stdout holds the summary alone, so that ``> summary.json`` is JSON: what libraries print
-    # while training (DeepSpeed's accelerator notice, Trainer's log lines) goes to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
-        summary = train(config)
-    click.echo(json.dumps(summary, indent=1, default=str))
+    train_and_print(config)  # the JSON summary alone on stdout, once under torchrun

@@ -28,7 +28,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,14 +243,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
         truncate_metrics(eval_path, _step_of(resume_from))
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
+    run = _RunCallback(out, config.stop_after)
     try:
-        trainer = _run(config, args, lm, tokenizer, (store, held_out), loss, out, resume_from)
+        trainer = _run(config, args, lm, tokenizer, (store, held_out), loss, run, resume_from)
     except BaseException:
         # A run refused before its first step (a damaged store) leaves no empty run folder.
         if not existed and checkpoints.is_dir() and not any(checkpoints.iterdir()):
             checkpoints.rmdir()
         raise
-    if held_out is not None and not _evaluated_at(trainer.state, trainer.state.global_step):
+    step = trainer.state.global_step
+    if run.stopped_by:  # the job is ending: no evaluation, the checkpoint is what counts
+        notes.append(
+            f"stopped by {run.stopped_by} at step {step} of {config.max_steps}, with a "
+            "checkpoint: run the same command with --resume to continue"
+        )
+        if rank0:
+            print(f"note: {notes[-1]}", file=sys.stderr)
+    elif held_out is not None and not _evaluated_at(trainer.state, step):
         trainer.evaluate()  # the end of every run is evaluated (every rank takes part)
     trainer.accelerator.wait_for_everyone()
     if trainer.kd_tokens == 0:
@@ -261,7 +272,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     path = newest(args.output_dir)
     last = _last_row(metrics_path) if rank0 else {}
     return {
-        "step": trainer.state.global_step,
+        "step": step,
         "tokens": trainer.kd_tokens,
         "checkpoint": str(path),
         "last": last,
@@ -277,7 +288,7 @@ def _run(
     tokenizer: Any,
     stores: tuple[Any, Any],
     loss: Any,
-    out: Path,
+    run: _RunCallback,
     resume_from: Path | None,
 ) -> Any:
     """Build the ``KDTrainer`` of the run and train; the trainer when done."""
@@ -295,7 +306,7 @@ def _run(
         num_workers=config.num_workers,
         peft_config=_lora(config),
         processing_class=tokenizer,
-        callbacks=[_RunCallback(out, config.stop_after)],
+        callbacks=[run],
         run_info={"config": dataclasses.asdict(config)},
     )
     if not config.progress:  # metrics go to metrics.jsonl; stdout keeps the summary alone
@@ -422,17 +433,57 @@ def _last_row(path: Path) -> dict[str, Any]:
     return json.loads(rows[-1]) if rows else {}
 
 
+# Sent before a job is ended: by a scheduler's cancel or pre-emption (SLURM, Kubernetes), by
+# torchrun to its workers when it is itself ended, or chosen with SLURM's --signal=USR1@SECONDS.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
+
+
 class _RunCallback(TrainerCallback):
-    """``metrics.jsonl`` and ``eval.jsonl`` rows (rank 0) and ``stop_after`` (stop and
-    checkpoint early)."""
+    """``metrics.jsonl`` and ``eval.jsonl`` rows (rank 0), ``stop_after`` (stop and
+    checkpoint early), and a stop signal (SIGTERM, SIGUSR1): the step under way ends, every
+    rank saves a checkpoint of it and the run returns, to be continued with ``resume``."""
 
     def __init__(self, out: Path, stop_after: int | None) -> None:
         self.metrics_path = out / "metrics.jsonl"
         self.eval_path = out / "eval.jsonl"
         self.stop_after = stop_after
+        self.received: int | None = None  # the stop signal this process received
+        self.stopped_by: str | None = None  # the signal the run stopped on, on every rank
+        self._handlers: dict[int, Any] = {}
+
+    def _receive(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._handlers = {s: signal.signal(s, self._receive) for s in STOP_SIGNALS}
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
+
+    def _signalled(self, args: Any) -> int:
+        """The stop signal received by any rank (0: none). The ranks agree on it at every step,
+        since they must all stop and save at the same one."""
+        received = self.received or 0
+        if args.world_size > 1:
+            import torch
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                flag = torch.tensor([received], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                received = int(flag.item())
+        return received
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.stop_after is not None and state.global_step >= self.stop_after:
+            control.should_training_stop = True
+            control.should_save = True
+        signalled = self._signalled(args)
+        if signalled:
+            self.stopped_by = signal.Signals(signalled).name
             control.should_training_stop = True
             control.should_save = True
         if control.should_training_stop or state.global_step >= state.max_steps:
@@ -472,5 +523,15 @@ class _RunCallback(TrainerCallback):
             f.write(json.dumps(row) + "\n")
 
 
+def train_and_print(config: TrainConfig) -> None:
+    """Train, then print the run's JSON summary on stdout, alone and once (rank 0 of a
+    ``torchrun`` group), so that ``> summary.json`` is JSON: what libraries print while
+    training (DeepSpeed's accelerator notice, Trainer's log lines) goes to stderr."""
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=1, default=str))
+
+
 if __name__ == "__main__":  # torchrun --nproc-per-node N -m logitstore.pipelines.train CONFIG.yaml
-    print(json.dumps(train(TrainConfig.from_yaml(sys.argv[1])), indent=1, default=str))
+    train_and_print(TrainConfig.from_yaml(sys.argv[1]))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -429,3 +432,102 @@ def test_remote_store_through_the_cli_with_cache(
         + ["--storage-options", "[1, 2]"],
     )
     assert result.exit_code == 2 and "--storage-options must be a JSON object" in result.output
+
+
+def _when_step_logged(out: Path, step: int, action, timeout: float = 120.0) -> threading.Thread:
+    """Run ``action()`` on a thread once ``out/metrics.jsonl`` has a row of ``step``."""
+
+    def wait() -> None:
+        end = time.monotonic() + timeout
+        path = out / "metrics.jsonl"
+        while time.monotonic() < end:
+            rows = path.read_text().splitlines() if path.exists() else []
+            if len(rows) >= step:
+                action()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_stop_signal_saves_the_step_under_way_and_the_run_resumes_from_it(
+    store, tiny_student_dir, tmp_path
+):
+    # A scheduler's SIGTERM (pre-emption, scancel) killed the run: every step since the last
+    # checkpoint was lost.
+    out = tmp_path / "run"
+    common = ["train", "--store", store, "--student", str(tiny_student_dir), "--out", str(out)]
+    common += ["--tokens-per-step", "100", "--tokens-per-batch", "100", "--no-progress"]
+    watcher = _when_step_logged(out, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    result = CliRunner().invoke(main, [*common, "--max-steps", "100000"])
+    watcher.join()
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    step = summary["step"]
+    assert 2 <= step < 100000 and summary["checkpoint"].endswith(f"checkpoint-{step}")
+    assert (out / "checkpoints" / f"checkpoint-{step}" / STATE_NAME).exists()
+    assert any("stopped by SIGTERM" in n and "--resume" in n for n in summary["notes"])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handed back after the run
+    result = CliRunner().invoke(
+        main, [*common, "--max-steps", "100000", "--stop-after", str(step + 2), "--resume"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["step"] == step + 2
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, step + 3))
+
+
+@pytest.mark.integration
+def test_a_stop_signal_to_one_torchrun_rank_stops_every_rank_at_one_step(
+    store, tiny_student_dir, tmp_path
+):
+    config = tmp_path / "run.yaml"
+    out = tmp_path / "run"
+    config.write_text(
+        json.dumps(
+            {
+                "store": store,
+                "student": str(tiny_student_dir),
+                "out": str(out),
+                "max_steps": 100000,
+                "tokens_per_step": 200,
+                "tokens_per_batch": 100,
+                "progress": False,
+                "device": "cpu",
+            }
+        )
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "logitstore.pipelines.train", str(config)]
+    agent = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+    def signal_the_last_worker() -> None:  # one rank only: the other must stop with it
+        workers = [
+            p for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == agent.pid
+        ]
+        os.kill(max(int(p.name) for p in workers), signal.SIGUSR1)
+
+    watcher = _when_step_logged(out, 2, signal_the_last_worker)
+    try:
+        stdout, stderr = agent.communicate(timeout=240)
+    finally:
+        agent.kill()
+    watcher.join()
+    assert agent.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout)
+    step = summary["step"]
+    assert 2 <= step < 100000 and "stopped by SIGUSR1" in " ".join(summary["notes"])
+    state = json.loads((out / "checkpoints" / f"checkpoint-{step}" / STATE_NAME).read_text())
+    assert state["world_size"] == 2 and len(state["loader"]) == 2
+
+
+def _parent(proc: Path) -> int:
+    try:  # the field after the parenthesised command name, state, then the parent's pid
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
