@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import uuid
 from collections.abc import Iterable, Mapping
@@ -288,6 +289,31 @@ class _Resolver:
         return real
 
 
+_HUB_REPO = re.compile(r"(models|datasets|spaces)--[^/]+")
+
+
+def hub_cache_blobs(real_root: str) -> str | None:
+    """The ``blobs`` folder of the Hugging Face cache repository that ``real_root`` is a
+    snapshot of (or lies in), or ``None``.
+
+    ``huggingface_hub`` downloads into ``<cache>/datasets--ORG--NAME/blobs/<hash>`` and makes
+    each file of a revision a link ``snapshots/<revision>/<path> -> ../../blobs/<hash>``: a
+    store downloaded there is all links out of its folder, into files of the same download.
+    Those (and only those: a file right in that repository's own ``blobs`` folder, which is
+    no link itself) are read as the store's own.
+    """
+    parts = real_root.split("/")
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and _HUB_REPO.fullmatch(parts[i - 1]):
+            blobs = "/".join([*parts[:i], "blobs"])
+            try:
+                plain = stat.S_ISDIR(os.lstat(blobs).st_mode)
+            except OSError:
+                return None
+            return blobs if plain else None
+    return None
+
+
 def refuse_links_out(fs: Any, root: str, paths: Iterable[str], where: str) -> None:
     """Refuse files that a symbolic link resolves to outside the store's root, or that are
     not regular files (a FIFO would block a reader, a device would never end).
@@ -304,11 +330,13 @@ def refuse_links_out(fs: Any, root: str, paths: Iterable[str], where: str) -> No
         return
     real_root = os.path.realpath(local_root)
     resolve = _Resolver(local_root, real_root)
+    blobs = hub_cache_blobs(real_root)
     for path in paths:
         local = local_target(fs, path)
         real = resolve(local if local is not None else path)
         rel = path[len(root) + 1 :] if path.startswith(root + "/") else path
-        if os.path.commonpath([real_root, real]) != real_root:
+        inside = os.path.commonpath([real_root, real]) == real_root
+        if not inside and not (blobs is not None and os.path.dirname(real) == blobs):
             raise UnsafePathError(
                 f"{where}: {rel} is a link to {_remote.printable(real)}, outside the store's "
                 f"root {real_root}; expected files inside the store"

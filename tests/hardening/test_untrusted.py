@@ -164,6 +164,51 @@ def test_a_linked_shards_folder_is_refused(store, tmp_path):
         open_store(str(store)).read_shard(0)
 
 
+def hub_cache_download(store: Path, cache: Path) -> Path:
+    """``store`` laid out as ``huggingface_hub`` downloads a repository into its cache: each
+    file a blob named by its hash, and the revision's folder of links to the blobs."""
+    import hashlib
+
+    repo = cache / "datasets--org--name"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    for path in sorted(p for p in store.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        shutil.copyfile(path, blob)
+        link = snapshot / path.relative_to(store)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+def test_a_store_downloaded_into_the_hub_cache_reads_through_its_links(store, tmp_path, kit):
+    snapshot = hub_cache_download(store, tmp_path / "hub")
+    opened = open_store(str(snapshot))
+    assert opened.verify() == []
+    assert [d.doc_id for d in opened] == [d.doc_id for d in open_store(str(store))]
+    result = kit.invoke("verify", snapshot, "--no-progress")
+    assert result.exit_code == 0, result.output
+
+    # Only links into that repository's own blobs are the store's: one to another file, or
+    # through a blobs folder that is itself a link, still is refused.
+    shard = snapshot / manifest(store)["shards"][0]["files"][0][0]
+    target = shard.resolve()
+    shard.unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(target, elsewhere / target.name)
+    shard.symlink_to(elsewhere / target.name)
+    with pytest.raises(UnsafePathError, match="outside the store's root"):
+        open_store(str(snapshot)).read_shard(0)
+    shard.unlink()
+    shard.symlink_to(target)
+    blobs = snapshot.parent.parent / "blobs"
+    shutil.move(blobs, elsewhere / "blobs")
+    blobs.symlink_to(elsewhere / "blobs", target_is_directory=True)
+    with pytest.raises(UnsafePathError, match="outside the store's root"):
+        open_store(str(snapshot))
+
+
 # -- no code from the store ----------------------------------------------------------------
 
 
