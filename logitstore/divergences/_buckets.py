@@ -170,8 +170,20 @@ def teacher_buckets(
     dev = support_logprobs.device
     ids = support_ids.long()
     present = ids >= 0
-    if bool(((ids >= vocab_size) | (ids < -1)).any()):
+    # A repeated id would be two buckets of one token: its teacher and student mass counted
+    # twice, and the student's tail short by that much. One host sync for both checks.
+    srt = ids.sort(dim=1).values
+    checks = torch.stack(
+        [
+            ((ids >= vocab_size) | (ids < -1)).any(),
+            ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(),
+        ]
+    )
+    out_of_range, repeated = checks.tolist()
+    if out_of_range:
         raise DataError(f"support ids must be -1 (padding) or in [0, {vocab_size})")
+    if repeated:
+        raise DataError("support ids must be distinct within a row (padding -1 aside)")
     y = labels.long()
     label_in_s = ((ids == y[:, None]) & present).any(dim=1)
     all_ids = torch.cat([ids.clamp(min=0), y[:, None]], dim=1)

@@ -14,6 +14,7 @@ import torch
 from logitstore.divergences import DIVERGENCES, dense_loss, sparse_loss
 from logitstore.errors import (
     ConfigError,
+    DataError,
     NonFiniteTeacherError,
     TemperatureNotCapturedError,
     UnknownNameError,
@@ -318,6 +319,21 @@ def test_degenerate_teacher_values_stay_finite_and_nan_is_refused():
     bad[1, 1] = float("nan")
     with pytest.raises(NonFiniteTeacherError):
         sparse_loss("fkl", z, ids, bad, tail, lab, labels)
+
+
+def test_a_repeated_support_id_is_refused_not_counted_twice():
+    # A repeated id is one token in two buckets: its mass counted twice and the student's tail
+    # short by as much (fkl was 0.33 nats off, rkl 0.09); the draw counts' value as well.
+    z, u, labels = data(4, seed=12)
+    ids, vals, tail, lab, _ = teacher_cache(u, labels, 3)
+    ids[2, 2], vals[2, 2] = ids[2, 1], vals[2, 1]
+    counts = torch.ones(ids.shape)
+    for name, extra in (("fkl", {}), ("rkl", {}), ("fkl", {"support_counts": counts})):
+        with pytest.raises(DataError, match="distinct"):
+            sparse_loss(name, z, ids, vals, tail, lab, labels, **extra)
+    # Padding (-1) repeats freely.
+    ids[2, 1:], vals[2, 1:] = -1, -math.inf
+    assert torch.isfinite(sparse_loss("fkl", z, ids, vals, tail, lab, labels)).all()
 
 
 @pytest.mark.parametrize("name", [n for n in DIVERGENCES if n not in ("akl", "taid")])
