@@ -275,6 +275,21 @@ def is_export(path: str | os.PathLike[str]) -> bool:
 # -- push ------------------------------------------------------------------------------------
 
 
+def check_links(folder: str) -> None:
+    """Refuse a local export holding a link that resolves outside it, or a file that is not a
+    regular file: the upload reads every file it lists through its links, so a link to
+    ``~/.ssh/id_rsa`` would publish the key, and a FIFO would block it.
+
+    Raises:
+        UnsafePathError: naming the path inside ``folder``.
+    """
+    fs, root = _fs.url_to_fs(folder)
+    paths = []
+    for parent, folders, files in os.walk(root):  # (links to folders are listed, not entered)
+        paths += [os.path.join(parent, name) for name in (*folders, *files)]
+    _fs.refuse_links_out(fs, root, paths, f"export {folder}")
+
+
 def _load_card(folder: str) -> Any:
     """An export's ``huggingface_hub.DatasetCard``, parsed; it may be a stranger's (an export
     downloaded to be re-published).
@@ -399,6 +414,8 @@ def push_store(
     check_license(license)
     folder = str(store)
     ready = _fs.is_local(_fs.url_to_fs(folder)[0]) and is_export(folder)
+    if ready:
+        check_links(folder)  # uploaded as it is
     license = license or (_card_license(folder) if ready else None)
     if license is None:
         raise ConfigError(

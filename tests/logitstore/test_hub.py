@@ -556,6 +556,37 @@ def test_pushing_an_export_whose_card_is_malformed_is_a_clear_error(tmp_path, mo
     assert FakeApi.calls == []
 
 
+@pytest.mark.parametrize("link", ["file", "folder", "fifo"])
+def test_pushing_an_export_with_a_link_out_of_it_uploads_nothing(tmp_path, monkeypatch, link):
+    """An export folder is uploaded as it is, and the upload reads each file through its
+    links: one leading outside the folder (to a key, a home folder) is refused before anything
+    is sent, as is a FIFO (which would block the upload)."""
+    import os
+
+    import huggingface_hub
+
+    src = make_store(str(tmp_path / "src"), "topk", {"k": 8}, shards=1)
+    export = tmp_path / "export"
+    hub.export_store(src, str(export), license="mit")
+    secret = tmp_path / "home" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_bytes(b"SECRET KEY")
+    if link == "file":
+        (export / "data" / "extra.parquet").symlink_to(secret)
+    elif link == "folder":
+        (export / "data" / "more").symlink_to(secret.parent, target_is_directory=True)
+    else:
+        os.mkfifo(export / "data" / "extra.parquet")
+    FakeApi.calls, FakeApi.snapshot = [], tmp_path / "uploaded"
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_secret")
+    result = CliRunner().invoke(main, ["push", str(export), "org/name"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Traceback" not in result.output and "SECRET" not in result.output
+    assert "data/" in result.output and len(result.output.strip().splitlines()) == 1
+    assert FakeApi.calls == [] and not FakeApi.snapshot.exists()
+
+
 def test_document_ids_of_any_form_give_a_view(tmp_path):
     """A store's document ids are its own strings: a window part of Unicode digits or beyond
     int32 is no window (the id is kept whole as ``source_row``), never a ValueError."""
