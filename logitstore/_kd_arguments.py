@@ -49,6 +49,27 @@ def refuse_unused_settings(args: Any) -> None:
             raise ConfigError(f"{name} {why}; expected {default}, found {value}")
 
 
+def liger_kernel_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``liger_kernel_config`` with Liger's fused cross-entropy forward off, for
+    ``use_liger_kernel``: Liger replaces the causal LM's forward with one of the labels'
+    cross-entropy, on by default, which would drop the distillation forward (Trainer then found
+    no loss: KeyError 'loss'). Its other kernels (RMSNorm, RoPE, SwiGLU) run in the body.
+
+    Raises:
+        ConfigError: ``fused_linear_cross_entropy`` asked for.
+    """
+    config = dict(config or {})
+    if config.get("fused_linear_cross_entropy", False):
+        raise ConfigError(
+            "liger_kernel_config's fused_linear_cross_entropy replaces the student's forward "
+            "with Liger's label cross-entropy, dropping the distillation loss (already fused: "
+            "no [batch, seq, vocab] logits); expected it unset or False, found "
+            f"{config['fused_linear_cross_entropy']!r} (Liger's other kernels still apply)"
+        )
+    config["fused_linear_cross_entropy"] = False
+    return config
+
+
 def refuse_loss_settings(**given: Any) -> None:
     """Refuse loss settings (``_LOSS_DEFAULTS``' names) that differ from KDTrainer's defaults,
     given beside a ready ``DistillationLoss``, which holds its own."""

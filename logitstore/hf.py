@@ -48,7 +48,12 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from logitstore._kd_arguments import check_student, refuse_loss_settings, refuse_unused_settings
+from logitstore._kd_arguments import (
+    check_student,
+    liger_kernel_config,
+    refuse_loss_settings,
+    refuse_unused_settings,
+)
 from logitstore._kd_checkpoints import (
     STATE_NAME,
     check_objective,
@@ -176,6 +181,8 @@ class KDTrainer(Trainer):
         refuse_unused_settings(args)
         # The settings changed below are this trainer's: the caller's arguments stay as given.
         args = copy.copy(args)
+        if args.use_liger_kernel:  # Liger's kernels in the body; the loss stays this trainer's
+            args.liger_kernel_config = liger_kernel_config(args.liger_kernel_config)
         # Chosen here or in a ready StoreBatches; else a resume reads with the checkpoint's.
         self._workers_chosen = num_workers is not None or isinstance(train_dataset, StoreBatches)
         if num_workers is None:

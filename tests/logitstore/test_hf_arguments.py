@@ -72,6 +72,31 @@ def test_the_callers_arguments_are_left_as_given_and_reused(store, tiny_student_
     assert kept == ["checkpoint-3"]
 
 
+def test_liger_kernels_run_in_the_body_and_the_loss_stays_the_distillation_loss(
+    store, tiny_student_dir, tmp_path
+):
+    # use_liger_kernel's fused cross-entropy, on by default, replaced the student's forward with
+    # one of the labels' cross-entropy: Trainer then found no loss (KeyError 'loss').
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    asked = args(tmp_path / "asked", use_liger_kernel=True,
+                 liger_kernel_config={"fused_linear_cross_entropy": True})  # fmt: skip
+    with pytest.raises(ConfigError, match="fused_linear_cross_entropy replaces.*found True"):
+        KDTrainer(model=model, args=asked, train_dataset=store)
+    pytest.importorskip("liger_kernel")
+
+    def losses(**settings) -> list[float]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+        given = args(tmp_path / "run", max_steps=2, **settings)
+        trainer = KDTrainer(model=model, args=given, train_dataset=store, tokens_per_batch=128)
+        trainer.train()
+        return [r["loss"] for r in trainer.state.log_history if "teacher_kl" in r]
+
+    # Liger's Triton kernels need a GPU: here Liger replaces the forward alone, as it would.
+    body = {"rms_norm": False, "swiglu": False, "rope": False}
+    with_liger = losses(use_liger_kernel=True, liger_kernel_config=body)
+    assert with_liger == pytest.approx(losses(), rel=1e-6)
+
+
 def test_load_best_model_at_end_keeps_and_loads_the_best_checkpoint(
     store, tiny_student_dir, tmp_path
 ):
