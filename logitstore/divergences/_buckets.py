@@ -259,7 +259,8 @@ def student_buckets(zt_gathered: Tensor, lse: Tensor, teacher: TeacherBuckets) -
     """
     tok_valid = teacher.valid[:, :-1]
     head = zt_gathered - lse[:, None]
-    head = torch.where(tok_valid, head, torch.full_like(head, NEG))
+    # Absent buckets, and tokens whose student logit is -inf (q = 0, no gradient), get NEG.
+    head = torch.where(tok_valid & (head > -math.inf), head, torch.full_like(head, NEG))
     log_t = log1mexp(masked_logsumexp(head, tok_valid))
     log_t = torch.where(teacher.valid[:, -1], log_t, torch.full_like(log_t, NEG))
     return torch.cat([head, log_t[:, None]], dim=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -154,7 +155,10 @@ def dense_loss(
         raise DataError(f"labels must be ({n},); found {tuple(labels.shape)}")
     rows = valid_rows(labels, v)
     dtype = compute_dtype(student_logits.dtype)
+    # A -inf logit (a token the student rules out) is q = 0: NEG like an absent bucket, so that
+    # 0 * log 0 terms are 0, not NaN.
     logq = F.log_softmax(student_logits[rows].to(dtype) / tau, dim=-1)
+    logq = logq.masked_fill(logq == -math.inf, NEG)
     logp = F.log_softmax(teacher_logprobs[rows].detach().to(dtype) / tau, dim=-1).clamp(min=NEG)
     values = objective(Buckets(logq, logp, None, None, labels[rows].long()), resolved)
     if tau_squared:

@@ -321,6 +321,43 @@ def test_degenerate_teacher_values_stay_finite_and_nan_is_refused():
         sparse_loss("fkl", z, ids, bad, tail, lab, labels)
 
 
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+def test_a_token_both_models_rule_out_with_minus_inf_logits_changes_nothing(name):
+    # A vocabulary padded past the real tokens (logits -inf in both models) is the smaller
+    # problem: q log q at q = 0 is 0, not NaN (rkl, jsd, srkl, akl, drkl, fkl, taid and dkd were
+    # NaN in dense mode, and in sparse mode when such a token was in the support).
+    z, u, labels = data(5, seed=13)
+    labels[labels == V - 1] = 0
+    z[:, V - 1] = u[:, V - 1] = -math.inf
+    za = z[:, : V - 1].clone().requires_grad_(True)
+    want = dense_loss(name, za, u[:, : V - 1], labels, **PARAMS[name])
+    want.sum().backward()
+    for k in (V, 3):
+        ids, vals, tail, lab, _ = teacher_cache(u, labels, k)
+        zd, zs = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+        dense = dense_loss(name, zd, u, labels, **PARAMS[name])
+        sparse = sparse_loss(name, zs, ids, vals, tail, lab, labels, **PARAMS[name])
+        (dense.sum() + sparse.sum()).backward()
+        torch.testing.assert_close(dense, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(zd.grad[:, : V - 1], za.grad, rtol=1e-9, atol=1e-12)
+        assert (zd.grad[:, V - 1] == 0).all() and (zs.grad[:, V - 1] == 0).all()
+        if k == V:  # the whole vocabulary, the ruled-out token included, as the support
+            torch.testing.assert_close(sparse, want, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(zs.grad[:, : V - 1], za.grad, rtol=1e-9, atol=1e-12)
+        assert torch.isfinite(sparse).all() and torch.isfinite(zs.grad).all()
+
+
+def test_reverse_kl_of_a_student_that_rules_a_token_out_is_finite_and_exact():
+    z, u, labels = data(5, seed=14)
+    z[:, 0] = -math.inf
+    q, p = z.softmax(-1), u.softmax(-1)
+    want = (q[:, 1:] * (q[:, 1:] / p[:, 1:]).log()).sum(-1)
+    ids, vals, tail, lab, _ = teacher_cache(u, labels, V)
+    torch.testing.assert_close(dense_loss("rkl", z, u, labels), want, rtol=1e-10, atol=1e-12)
+    got = sparse_loss("rkl", z, ids, vals, tail, lab, labels)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_a_repeated_support_id_is_refused_not_counted_twice():
     # A repeated id is one token in two buckets: its mass counted twice and the student's tail
     # short by as much (fkl was 0.33 nats off, rkl 0.09); the draw counts' value as well.
