@@ -29,6 +29,19 @@ _UNUSED = {
 }  # fmt: skip
 
 
+# Trainer's arguments for its own loss, predictions and models, which KDTrainer does not call.
+_UNUSED_ARGUMENTS = {
+    "compute_loss_func": "replaces Trainer's label loss; KDTrainer's loss is its divergence "
+    "(pass divergence=, or a ready DistillationLoss)",
+    "compute_metrics": "is called on gathered predictions and labels; KDTrainer.evaluate gathers "
+    "none (a store holds the teacher's side) and reports the objective and the teacher metrics",
+    "preprocess_logits_for_metrics": "prepares gathered logits for compute_metrics; "
+    "KDTrainer.evaluate gathers none (it never makes [batch, seq, vocab] logits)",
+    "model_init": "makes a fresh student at train(), which KDTrainer has not checked or given "
+    "its distillation forward; pass the student as model",
+}
+
+
 # KDTrainer's defaults of the settings it binds into a DistillationLoss.
 _LOSS_DEFAULTS = {
     "divergence_params": None,
@@ -47,6 +60,14 @@ def refuse_unused_settings(args: Any) -> None:
         value = getattr(args, name, default)
         if value != default:
             raise ConfigError(f"{name} {why}; expected {default}, found {value}")
+
+
+def refuse_unused_arguments(given: Mapping[str, Any]) -> None:
+    """Refuse a ``Trainer`` argument in ``given`` that KDTrainer never calls
+    (``_UNUSED_ARGUMENTS``): given, it would be dropped without a word."""
+    for name, why in _UNUSED_ARGUMENTS.items():
+        if given.get(name) is not None:
+            raise ConfigError(f"{name} {why}; expected None, found {given[name]!r}")
 
 
 def liger_kernel_config(config: Mapping[str, Any] | None) -> dict[str, Any]:

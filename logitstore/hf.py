@@ -52,6 +52,7 @@ from logitstore._kd_arguments import (
     check_student,
     liger_kernel_config,
     refuse_loss_settings,
+    refuse_unused_arguments,
     refuse_unused_settings,
 )
 from logitstore._kd_checkpoints import (
@@ -179,6 +180,7 @@ class KDTrainer(Trainer):
                 f"batches is not known before reading it; found max_steps={args.max_steps}"
             )
         refuse_unused_settings(args)
+        refuse_unused_arguments(kwargs)
         # The settings changed below are this trainer's: the caller's arguments stay as given.
         args = copy.copy(args)
         if args.use_liger_kernel:  # Liger's kernels in the body; the loss stays this trainer's

@@ -56,6 +56,28 @@ def test_settings_of_trainers_own_loss_and_loader_are_refused_not_ignored(
         KDTrainer(model=model, args=given, train_dataset=store, ce_weight=1.0)
 
 
+@pytest.mark.parametrize(
+    "name", ["compute_loss_func", "compute_metrics", "preprocess_logits_for_metrics", "model_init"]
+)
+def test_trainer_arguments_kdtrainer_never_calls_are_refused_not_ignored(
+    store, tiny_student_dir, tmp_path, name
+):
+    # compute_metrics and its preprocessing were never called (evaluate gathers no predictions),
+    # compute_loss_func never replaced the divergence, and model_init's student (model=None)
+    # was refused as "NoneType is not a causal LM".
+    called: list[str] = []
+
+    def given(*a, **k):
+        called.append(name)
+        return AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+
+    model = None if name == "model_init" else AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    with pytest.raises(ConfigError, match=f"^{name} .*; expected None, found <function"):
+        KDTrainer(model=model, args=args(tmp_path), train_dataset=store, eval_dataset=store,
+                  **{name: given})  # fmt: skip
+    assert not called
+
+
 def test_the_callers_arguments_are_left_as_given_and_reused(store, tiny_student_dir, tmp_path):
     given = args(tmp_path / "run", save_strategy="steps", save_steps=1, save_total_limit=1,
                  dataloader_num_workers=1)  # fmt: skip
