@@ -57,7 +57,7 @@ def _check_taid(p: dict) -> dict:
 
 
 def _check_amid(p: dict) -> dict:
-    return {
+    out = {
         "alpha": _real("amid alpha", p["alpha"]),
         "lam": _between("amid lam", p["lam"], 0.0, 1.0),
         "divergence": _choice("amid divergence", p["divergence"], ("kl", "ab")),
@@ -65,6 +65,15 @@ def _check_amid(p: dict) -> dict:
         "ab_alpha": _real("amid ab_alpha", p["ab_alpha"]),
         "ab_beta": _real("amid ab_beta", p["ab_beta"]),
     }
+    # lam = 1 makes r = p and lam = 0 makes r = q: against that same model the loss would be
+    # identically 0 (as skew alpha = 1).
+    same = {1.0: ("pr", "rp"), 0.0: ("qr", "rq")}.get(out["lam"], ())
+    if out["order"] in same:
+        raise ConfigError(
+            f"amid lam = {out['lam']:g} makes the assistant r the other side of order "
+            f"{out['order']!r}: the loss would be identically 0"
+        )
+    return out
 
 
 def _check_dkd(p: dict) -> dict:

@@ -297,6 +297,26 @@ def test_unknown_names_and_parameters_list_what_is_known():
         sparse_loss("fkl", z, ids, vals, tail, lab, labels, temperature=0.0)
 
 
+def test_amid_endpoints_are_the_plain_kls_and_the_identically_zero_ones_are_refused():
+    # lam = 1 is r = p and lam = 0 is r = q: against the same model the loss was identically 0
+    # (and its backward raised, as nothing depended on the student), so those are refused.
+    z, u, labels = data(4, seed=15)
+    ids, vals, tail, lab, _ = teacher_cache(u, labels, 3)
+    for lam, order in ((1.0, "pr"), (1.0, "rp"), (0.0, "qr"), (0.0, "rq")):
+        with pytest.raises(ConfigError, match="identically 0"):
+            sparse_loss("amid", z, ids, vals, tail, lab, labels, lam=lam, order=order)
+    q, p = z.softmax(-1), u.softmax(-1)
+    fkl, rkl = (p * (p / q).log()).sum(-1), (q * (q / p).log()).sum(-1)
+    for lam, order, want in (
+        (0.0, "pr", fkl),
+        (0.0, "rp", rkl),
+        (1.0, "qr", rkl),
+        (1.0, "rq", fkl),
+    ):
+        got = dense_loss("amid", z, u, labels, lam=lam, order=order)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_degenerate_teacher_values_stay_finite_and_nan_is_refused():
     z, u, labels = data(4, seed=10)
     ids, vals, tail, lab, _ = teacher_cache(u, labels, 3)
