@@ -141,6 +141,21 @@ def refuse_logits_after_head(lm: Any) -> None:
                 )
 
 
+def refuse_loss_beside_logits(lm: Any) -> None:
+    """Refuse a causal LM whose forward adds a loss of its own beside the logits' one: a
+    mixture of experts' load-balancing loss (``output_router_logits``), which the fused forward
+    would drop without a word."""
+    config: Any = getattr(lm, "config", None)
+    holders = [config, config.get_text_config()] if hasattr(config, "get_text_config") else []
+    if any(getattr(holder, "output_router_logits", False) is True for holder in holders):
+        raise ConfigError(
+            f"{type(lm).__name__} adds its router's load-balancing loss to its loss "
+            "(output_router_logits=True), which the fused distillation forward does not "
+            "compute: expected output_router_logits=False (load the student with "
+            "from_pretrained(..., output_router_logits=False) to train without it)"
+        )
+
+
 def patch_for_distillation(
     model: Any, loss: DistillationLoss, vocab_size: int | None = None
 ) -> Any:
@@ -151,10 +166,12 @@ def patch_for_distillation(
     ``vocab_size`` rows (the rest pad the head past the vocabulary). Returns ``model``.
 
     Raises:
-        ConfigError: ``model``'s forward changes the head's logits (a softcap, a scale).
+        ConfigError: ``model``'s forward changes the head's logits (a softcap, a scale) or
+            adds a loss of its own (a mixture of experts' load balancing).
     """
     lm = causal_lm(model)
     refuse_logits_after_head(lm)
+    refuse_loss_beside_logits(lm)
     if "_logitstore_forward" not in vars(lm):
         lm._logitstore_forward = lm.forward
         lm.forward = types.MethodType(_kd_forward, lm)

@@ -74,3 +74,26 @@ def test_a_student_whose_forward_changes_the_heads_logits_is_refused(
     dense = sparse_loss("fkl", own_logits(), *[batch[k] for k in TEACHER_FIELDS[1:5]],
                         batch["labels"]).sum() / batch["num_tokens"]  # fmt: skip
     assert float(fused) == pytest.approx(float(dense), rel=1e-5)
+
+
+def test_a_mixture_of_experts_whose_forward_adds_its_balancing_loss_is_refused(store, tmp_path):
+    # With output_router_logits the student's own loss is the labels' plus the router's
+    # load-balancing loss; the fused forward trained the distillation loss alone.
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=384, hidden_size=32,
+                                  intermediate_size=64, moe_intermediate_size=16,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, num_experts=4,
+                                  num_experts_per_tok=2, output_router_logits=True)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32)
+    ids = collate_documents(open_store(store).read_shard(0))["input_ids"]
+    with torch.no_grad():
+        assert float(model(ids, labels=ids).aux_loss) > 0  # what the fused forward dropped
+    given = TrainingArguments(str(tmp_path / "run"), max_steps=1, report_to="none", use_cpu=True)
+    with pytest.raises(ConfigError, match="load-balancing loss.*expected output_router_logits"):
+        KDTrainer(model=model, args=given, train_dataset=store)
+    quiet = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "moe", dtype=torch.float32, output_router_logits=False
+    )
+    KDTrainer(model=quiet, args=given, train_dataset=store)
