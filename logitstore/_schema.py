@@ -67,8 +67,17 @@ class Num(Spec):
 
     def check(self, value: Any, where: str) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or (self.positive and value <= 0):
+        if not ok or not _finite(value) or (self.positive and value <= 0):
             self.refuse(value, where)
+
+
+def _finite(value: float) -> bool:
+    """Whether ``value`` is a finite float, or an int a float can hold (JSON's ``1`` followed by
+    400 zeros parses to an int beyond every float, which ``math.isfinite`` cannot take)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 class Str(Spec):

@@ -132,7 +132,8 @@ MANIFEST_FIELDS = [
     ("shards[1].sha256", 5), ("shards[1].sha256", "../../etc"), ("shards[1].files", {}),
     ("shards[1].files[0]", "x"), ("shards[1].files[0][1]", BIG), ("shards[1].files[0][1]", -1),
     ("shards[1].files[0][0]", None), ("shards[1].index", "1"), ("shards[1].fidelity", 0.5),
-    ("shards[1].fidelity.count", None),
+    ("shards[1].fidelity.count", None), ("statistics.bytes_per_token", 10**400),
+    ("tail_temperatures", [10**400]), ("statistics.fidelity.bucket_kl", -(10**400)),
 ]  # fmt: skip
 NON_FINITE = [  # (field, JSON text): parsed to a float that is not finite
     ("vocab_size", "NaN"), ("statistics.bytes_per_token", "Infinity"),
