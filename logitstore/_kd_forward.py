@@ -9,6 +9,7 @@ by transformers' tensor parallelism is gathered here.
 
 from __future__ import annotations
 
+import sys
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,7 @@ def _kd_forward(
     out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out.last_hidden_state[:, :-1][kd_batch.position_mask]
     head = self.get_output_embeddings()
+    refuse_adapted_head(head)
     measured: list[MetricTotals] = []
 
     vocab = self._logitstore_vocab
@@ -156,6 +158,20 @@ def refuse_loss_beside_logits(lm: Any) -> None:
         )
 
 
+def refuse_adapted_head(head: Any) -> None:
+    """Refuse an output head that carries PEFT adapters (LoRA with ``lm_head`` among its target
+    modules): the fused loss reads the head's weight, which leaves out their update."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")  # no adapter without peft imported
+    if tuners is not None and isinstance(head, tuners.BaseTunerLayer):
+        raise ConfigError(
+            f"the student's output head carries PEFT adapters ({type(head).__name__}); the "
+            "fused loss reads the head's weight without their update, so they would train "
+            "nothing and the logits trained would not be the student's: expected a head "
+            "without adapters (leave it out of target_modules, or train it whole with "
+            "modules_to_save=['lm_head'])"
+        )
+
+
 def patch_for_distillation(
     model: Any, loss: DistillationLoss, vocab_size: int | None = None
 ) -> Any:
@@ -167,11 +183,13 @@ def patch_for_distillation(
 
     Raises:
         ConfigError: ``model``'s forward changes the head's logits (a softcap, a scale) or
-            adds a loss of its own (a mixture of experts' load balancing).
+            adds a loss of its own (a mixture of experts' load balancing), or its head carries
+            PEFT adapters.
     """
     lm = causal_lm(model)
     refuse_logits_after_head(lm)
     refuse_loss_beside_logits(lm)
+    refuse_adapted_head(lm.get_output_embeddings())
     if "_logitstore_forward" not in vars(lm):
         lm._logitstore_forward = lm.forward
         lm.forward = types.MethodType(_kd_forward, lm)

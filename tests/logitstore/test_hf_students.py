@@ -97,3 +97,38 @@ def test_a_mixture_of_experts_whose_forward_adds_its_balancing_loss_is_refused(s
         tmp_path / "moe", dtype=torch.float32, output_router_logits=False
     )
     KDTrainer(model=quiet, args=given, train_dataset=store)
+
+
+def test_peft_adapters_on_the_output_head_are_refused(store, tiny_student_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    # LoRA with lm_head among its targets: the fused loss read the head's base weight, so the
+    # head's adapters got no gradient and the loss was not that of the student's own logits.
+    batch = collate_documents(open_store(store).read_shard(0))
+    ids, mask, rows = batch["input_ids"], batch["attention_mask"], batch["position_mask"]
+    fields = {k: batch[k] for k in TEACHER_FIELDS}
+
+    def dense(model) -> float:  # the loss of the student's own logits
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits[:, :-1][rows]
+        found = sparse_loss("fkl", logits, *[batch[k] for k in TEACHER_FIELDS[1:5]],
+                            batch["labels"]).sum() / batch["num_tokens"]  # fmt: skip
+        return float(found)
+
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                           init_lora_weights=False)  # fmt: skip
+    adapted = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_student_dir), lora)
+    head = adapted.get_base_model().lm_head
+    with torch.no_grad():
+        hidden = adapted.get_base_model().model(ids, attention_mask=mask).last_hidden_state
+        assert not torch.allclose(head(hidden), hidden @ head.weight.T)  # the update left out
+    given = TrainingArguments(str(tmp_path / "run"), max_steps=1, report_to="none", use_cpu=True)
+    with pytest.raises(ConfigError, match="output head carries PEFT adapters.*modules_to_save"):
+        KDTrainer(model=adapted, args=given, train_dataset=store)
+    # The head trained whole beside the adapters is the student's own.
+    whole = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                            modules_to_save=["lm_head"], init_lora_weights=False)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    trainer = KDTrainer(model=model, args=given, train_dataset=store, peft_config=whole)
+    with torch.no_grad():
+        fused = trainer.model(ids, mask, kd_batch=TeacherBatch(rows, fields, False)).loss
+    assert float(fused) == pytest.approx(dense(trainer.model), rel=1e-5)
