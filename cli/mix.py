@@ -46,14 +46,15 @@ def command(
     """
     from logitstore import open_store
     from logitstore.codecs import get_codec
-    from logitstore.mixture import mix_stores
+    from logitstore.mixture import mix_stores, naming
     from logitstore.pipelines._progress import progress_bar
 
     try:
         w = None if weights is None else [float(x) for x in weights.split(",")]
     except ValueError:
         raise ConfigError(f"--weights expects comma-separated numbers, found {weights!r}") from None
-    first = open_store(stores[0], storage_options)
+    with naming(stores[0]):
+        first = open_store(stores[0], storage_options)
     codec = None
     if k is not None:
         codec = get_codec("topk", k=min(k, first.vocab_size), values="float32")

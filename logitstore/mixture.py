@@ -34,9 +34,11 @@ document order and shard boundaries.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,7 +48,7 @@ from logitstore import format as fmt
 from logitstore.codecs import get_codec
 from logitstore.codecs.base import Codec, Positions
 from logitstore.document import Document
-from logitstore.errors import ConfigError, DataError, TokenizerMismatchError
+from logitstore.errors import ConfigError, DataError, LogitstoreError, TokenizerMismatchError
 from logitstore.reader import LogitStore, open_store
 from logitstore.writer import EncodedDocument, StoreWriter
 
@@ -122,11 +124,38 @@ def _check_compatible(stores: Sequence[LogitStore]) -> None:
             )
 
 
+@contextlib.contextmanager
+def naming(url: str) -> Iterator[None]:
+    """Errors raised inside name the store ``url`` first: the stores of a mixture have shards
+    and manifests of the same names, so ``shard shards/000001.zarr: checksum mismatch`` alone
+    would not say which store is damaged."""
+    try:
+        yield
+    except LogitstoreError as exc:
+        if str(exc).startswith(url):
+            raise
+        named = copy.copy(exc)  # same class and attributes (a BadValueError's row and field)
+        named.args = (f"store {url}: {exc}",)
+        raise named from None
+
+
+def _open(store: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> LogitStore:
+    with naming(str(store)):
+        return open_store(store, storage_options, readahead=0)
+
+
+def _read_shard(store: LogitStore, j: int) -> list[Document]:
+    with naming(store.url):
+        return store.read_shard(j)
+
+
 def _doc_index(store: LogitStore) -> dict[str, tuple[int, int]]:
     """``doc_id -> (shard, index in shard)``, refusing repeated ids."""
     index: dict[str, tuple[int, int]] = {}
     for j in range(store.num_shards):
-        for d, doc_id in enumerate(store.read_shard_arrays(j).doc_ids):
+        with naming(store.url):
+            doc_ids = store.read_shard_arrays(j).doc_ids
+        for d, doc_id in enumerate(doc_ids):
             if doc_id in index:
                 raise DataError(f"store {store.url}: document id {doc_id!r} appears twice")
             index[doc_id] = (j, d)
@@ -168,7 +197,7 @@ class _Lookup:
             wanted.setdefault(j, []).append((i, d))
         found: dict[int, Document] = {}
         for j in sorted(wanted):
-            docs = self.store.read_shard(j)  # (the reader keeps the last shard decoded)
+            docs = _read_shard(self.store, j)  # (the reader keeps the last shard decoded)
             found.update((i, _owned(docs[d])) for i, d in wanted[j])
         return [found[i] for i in range(len(doc_ids))]
 
@@ -256,10 +285,7 @@ def mix_stores(
     """
     if len(stores) < 2:
         raise ConfigError(f"mixing needs at least two stores, found {len(stores)}")
-    opened = [
-        s if isinstance(s, LogitStore) else open_store(s, storage_options, readahead=0)
-        for s in stores
-    ]
+    opened = [s if isinstance(s, LogitStore) else _open(s, storage_options) for s in stores]
     w = _weights(weights, len(opened))
     _check_compatible(opened)
     lookups = [_Lookup(s) for s in opened]
@@ -296,7 +322,7 @@ def mix_stores(
         compression_level=compression_level,
     )
     for j in range(opened[0].num_shards):
-        docs = opened[0].read_shard(j)
+        docs = _read_shard(opened[0], j)
         others = [lk.get_many([doc.doc_id for doc in docs]) for lk in lookups[1:]]
         mixed = [
             _mix_document([doc, *(o[i] for o in others)], w, vocab, codec)
@@ -324,7 +350,7 @@ def _largest_union(stores: Sequence[LogitStore], lookups: Sequence[_Lookup]) -> 
     """
     largest = 1
     for j in range(stores[0].num_shards):
-        docs = stores[0].read_shard(j)
+        docs = _read_shard(stores[0], j)
         others = [lk.get_many([doc.doc_id for doc in docs]) for lk in lookups[1:]]
         for i, doc in enumerate(docs):
             parts = [doc.support_ids, *(o[i].support_ids for o in others)]

@@ -224,3 +224,40 @@ def test_documents_ordered_differently_are_read_a_shard_at_a_time(tmp_path):
     # indexing reads each shard once; then each output shard reads both of b's, once for
     # sizing k and once to mix (one by one, that was one read per document and pass: 50)
     assert len(reads) <= 2 + 2 * 2 * 2, reads
+
+
+@pytest.mark.parametrize("damaged", [0, 1])
+@pytest.mark.parametrize("damage", ["shard", "manifest"])
+def test_an_error_in_one_of_the_stores_names_that_store(tmp_path, corpus, damaged, damage):
+    """The stores of a mixture have shards and manifests of the same names: an error in one
+    names its store, by the library and by the CLI, and nothing is written."""
+    import json
+
+    from click.testing import CliRunner
+
+    from logitstore.cli import main
+    from logitstore.errors import LogitstoreError
+
+    tokens, lp_a, lp_b = corpus
+    codec = get_codec("topk", k=4, values="q8")
+    stores = [
+        write_store(str(tmp_path / name), codec, tokens, lp, teacher=name)
+        for name, lp in (("a", lp_a), ("b", lp_b))
+    ]
+    bad = tmp_path / ("a", "b")[damaged]
+    manifest = json.loads((bad / "manifest.json").read_text())
+    if damage == "shard":
+        shard = bad / manifest["shards"][1]["path"]
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    else:
+        manifest["vocab_size"] = "40"
+        (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LogitstoreError) as err:
+        mix_stores(stores, str(tmp_path / "m"))
+    assert str(err.value).startswith(f"store {bad}: ")
+    result = CliRunner().invoke(main, ["mix", *stores, "--out", str(tmp_path / "m2")])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: store {bad}: "), result.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m2").exists()
