@@ -82,15 +82,24 @@ def _kd_forward(
 
     tensor_parallel = int(getattr(self, "_tp_size", None) or 1) > 1
 
-    def head_loss(h: torch.Tensor) -> torch.Tensor:
-        weight = head.weight
-        if tensor_parallel and isinstance(weight, DTensor):
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        if tensor_parallel and isinstance(t, DTensor):
             # transformers' tensor parallelism splits the head's rows over the ranks: gathered
             # whole (vocab x hidden, as FSDP gathers it), its gradient goes back to the shards.
-            weight = weight.full_tensor()
+            t = t.full_tensor()
         # Rows past the teacher's vocabulary (a head padded to a multiple of 64) are no token:
         # the student's softmax is taken over the teacher's ids, as if its head were cut there.
-        weight = weight if vocab is None else weight[:vocab]
+        return t if vocab is None else t[:vocab]
+
+    def head_loss(h: torch.Tensor) -> torch.Tensor:
+        weight = whole(head.weight)
+        bias = getattr(head, "bias", None)
+        if bias is not None:
+            # A head with a bias (Phi-2, GPT-J, CodeGen) adds it to each logit: it is one more
+            # column of the weight, beside a 1 after each hidden state, so the product is the
+            # student's logits and the bias gets its gradient.
+            weight = torch.cat([weight, whole(bias).to(weight.dtype).unsqueeze(1)], dim=1)
+            h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
         if kd_batch.metrics:  # the same measurements as evaluation, on this batch
             found = batch_metrics(
                 h.detach(), weight.detach(), kd_batch.fields, chunk_size=loss_fn.chunk_size

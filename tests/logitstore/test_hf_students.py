@@ -132,3 +132,38 @@ def test_peft_adapters_on_the_output_head_are_refused(store, tiny_student_dir, t
     with torch.no_grad():
         fused = trainer.model(ids, mask, kd_batch=TeacherBatch(rows, fields, False)).loss
     assert float(fused) == pytest.approx(dense(trainer.model), rel=1e-5)
+
+
+def test_a_head_with_a_bias_trains_its_logits_and_its_bias(store, tmp_path):
+    # Phi-2, GPT-J and CodeGen add a bias to their logits: the fused loss dropped it, training
+    # logits the student never gives and leaving the bias untrained.
+    config = AutoConfig.for_model("phi", vocab_size=384, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, initializer_range=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    saved = AutoModelForCausalLM.from_config(config)
+    torch.nn.init.normal_(saved.lm_head.bias)
+    saved.save_pretrained(tmp_path / "phi")
+    batch = collate_documents(open_store(store).read_shard(0))
+    ids, mask, rows = batch["input_ids"], batch["attention_mask"], batch["position_mask"]
+    fields = {k: batch[k] for k in TEACHER_FIELDS}
+
+    def gradients(fused: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "phi", dtype=torch.float32)
+        if fused:
+            given = TrainingArguments(str(tmp_path / "run"), max_steps=1, report_to="none",
+                                      use_cpu=True)  # fmt: skip
+            KDTrainer(model=model, args=given, train_dataset=store)
+            loss = model(ids, mask, kd_batch=TeacherBatch(rows, fields, False)).loss
+        else:  # the student's own logits, dense
+            logits = model(ids, attention_mask=mask).logits[:, :-1][rows]
+            loss = sparse_loss("fkl", logits, *[batch[k] for k in TEACHER_FIELDS[1:5]],
+                               batch["labels"]).sum() / batch["num_tokens"]  # fmt: skip
+        loss.backward()
+        return float(loss), {n: p.grad for n, p in model.named_parameters()}
+
+    (loss, grads), (want, dense) = gradients(True), gradients(False)
+    assert loss == pytest.approx(want, rel=1e-5)
+    assert dense["lm_head.bias"].abs().sum() > 0
+    for name, grad in dense.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
