@@ -135,7 +135,8 @@ class KDTrainer(Trainer):
         temperature, approximate_tail, tau_squared, use_counts, ce_weight, chunk_size: see
             :meth:`DistillationLoss.create`.
         tokens_per_batch: padded tokens per micro-batch (whole documents).
-        shuffle_window: shards whose documents are shuffled together.
+        shuffle_window: shards whose documents are shuffled together, in an order drawn from
+            ``data_seed`` of ``args`` (else its ``seed``), as Trainer draws its samplers'.
         num_workers: DataLoader worker processes decoding the store; default the
             ``dataloader_num_workers`` of ``args``.
         peft_config: a ``peft`` config; the student is wrapped with ``get_peft_model``, its
@@ -299,7 +300,8 @@ class KDTrainer(Trainer):
             what="train_dataset",
             storage_options=storage_options,
             tokens_per_batch=tokens_per_batch,
-            seed=int(args.seed),
+            # Trainer's seed of data order: data_seed, else seed.
+            seed=int(args.seed if args.data_seed is None else args.data_seed),
             shuffle_window=shuffle_window,
         )
 

@@ -360,6 +360,24 @@ def test_resuming_in_another_document_order_is_refused(
     trainer(store, 4).train(resume_from_checkpoint=True)  # the same order resumes
 
 
+def test_data_seed_orders_the_documents_apart_from_the_seed(store, tiny_student_dir, tmp_path):
+    # Trainer draws its samplers from data_seed (else seed), "independent of the model seed";
+    # KDTrainer shuffled the store by seed alone, so data_seed changed nothing.
+    def order(**seeds) -> list[str]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+        given = args(tmp_path / "run", **seeds)
+        loader = KDTrainer(model, given, store, tokens_per_batch=128).get_train_dataloader()
+        return [d for batch in itertools.islice(iter(loader), 6) for d in batch["doc_ids"]]
+
+    def shuffled(seed: int) -> list[str]:  # the store's own reader, seeded alone
+        data = StoreDataset(store, tokens_per_batch=128, seed=seed, rank=0, world_size=1)
+        return [d for batch in itertools.islice(iter(data), 6) for d in batch["doc_ids"]]
+
+    assert shuffled(5) != shuffled(0)
+    assert order(seed=0, data_seed=5) == shuffled(5)
+    assert order(seed=0) == shuffled(0)
+
+
 @pytest.mark.parametrize(
     ("given", "message"),
     [
