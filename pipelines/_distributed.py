@@ -4,17 +4,30 @@
 it, or with one process, no group is created and the collectives return their input, so a
 single-process run needs no ``torchrun``. The group uses NCCL when this rank's device is a GPU
 and gloo otherwise. Both stages, the teacher pass and training, use these.
+
+Waits: where ranks wait for one another (rank 0 preparing the data or the store, ranks with fewer
+shards waiting for the others at the end, rank 0 writing the manifest), they meet in a gloo group
+of their own with :data:`WAIT_TIMEOUT`. In the default group such a wait is one collective, and
+its timeout (ten minutes under NCCL, thirty under gloo) would end the run when the wait is longer
+(tokenizing a large dataset; an hour's shard one rank has more than the others). A rank that
+dies does not keep the others waiting: its sockets close, and theirs fail.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from logitstore.errors import ConfigError, LogitstoreError
+
+WAIT_TIMEOUT = timedelta(hours=24)
+"""How long a rank waits for the others in :func:`agree` and :func:`barrier`."""
+
+_waits: Any = None  # the gloo group of the waits, made by init_processes
 
 
 def parse_device(name: str | None) -> torch.device:
@@ -65,13 +78,17 @@ def pick_device(name: str | None) -> torch.device:
 def init_processes(device: torch.device) -> tuple[int, int]:
     """Join the process group torchrun set up, if there is more than one process.
 
+    Collective: every rank also makes the group its waits meet in (see the module's docstring).
+
     Returns:
         this process's rank and the number of processes.
     """
+    global _waits
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _waits = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -98,19 +115,24 @@ def gather(obj: Any) -> list[Any]:
 
 
 def agree(error: BaseException | None, world: int, what: str) -> None:
-    """Collective: raise on every rank when any rank failed (so none waits at a barrier)."""
+    """Collective: raise on every rank when any rank failed (so none waits at a barrier).
+
+    Ranks may reach it hours apart: it waits up to :data:`WAIT_TIMEOUT`, not the default
+    group's timeout.
+    """
     if world > 1:
-        on = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend() == "nccl"
-            else None
-        )  # NCCL reduces CUDA tensors only
-        flag = torch.tensor([0 if error is None else 1], device=on)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([0 if error is None else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_waits)
         if error is None and int(flag.item()):
             raise LogitstoreError(f"another rank failed during {what}; see its error")
     if error is not None:
         raise error
+
+
+def barrier() -> None:
+    """Collective: wait, up to :data:`WAIT_TIMEOUT`, until every rank is here."""
+    if is_distributed():
+        dist.barrier(group=_waits)
 
 
 def tensor_parallel_groups(rank: int, world: int, size: int) -> tuple[int, int, int]:

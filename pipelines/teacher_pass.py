@@ -63,6 +63,7 @@ from logitstore.pipelines._data import (
 from logitstore.pipelines._distributed import (
     agree,
     any_failed,
+    barrier,
     init_processes,
     is_distributed,
     pick_device,
@@ -408,12 +409,10 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
 
     # ---- save
     writer.close()  # before the barrier: finalize removes claims/ with every writer's file in it
-    if world > 1:
-        torch.distributed.barrier()
+    barrier()
     run = {"placement": placement.describe()}  # information, not a setting of the store
     manifest = writer.finalize(len(shards), run) if rank == 0 else None
-    if world > 1:
-        torch.distributed.barrier()  # nobody reports success before the manifest exists
+    barrier()  # nobody reports success before the manifest exists
     return {
         "rank": rank,
         "world_size": world,

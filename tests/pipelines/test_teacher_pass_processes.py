@@ -147,3 +147,56 @@ def test_each_rank_of_a_node_takes_its_own_gpu_and_an_index_is_refused(monkeypat
         pick_device("cuda:0")  # both ranks would have run on GPU 0
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert pick_device("cuda:1") == torch.device("cuda", 1)  # one process: its index is obeyed
+
+
+SLOW_RANK_0 = """
+import os, sys, time
+from datetime import timedelta
+
+import torch.distributed.distributed_c10d as c10d
+
+# A short timeout for the collectives of the default group (NCCL's is ten minutes)
+c10d.default_pg_timeout = timedelta(seconds=2)
+
+import logitstore.pipelines.teacher_pass as tp
+from logitstore.cli import main
+
+
+def slow(work):
+    slept = []
+
+    def run(*args, **kwargs):
+        if os.environ["RANK"] == "0" and not slept:
+            time.sleep(4)
+            slept.append(True)
+        return work(*args, **kwargs)
+    return run
+
+
+tp._windows = slow(tp._windows)  # the others wait for rank 0's tokens
+tp._submit = slow(tp._submit)  # rank 1, with no shard, waits at the end for rank 0's
+main(["teacher-pass", *sys.argv[1:]])
+"""
+
+
+def test_ranks_wait_for_a_slow_rank_past_the_collective_timeout(
+    tmp_path, tiny_teacher_dir, text_jsonl
+):
+    """Waits longer than the process group's timeout: rank 0 tokenizing, rank 0's last shard.
+
+    One shard, so rank 1 has none and waits for rank 0 at the end of the pass. The default
+    group's timeout is cut to 2 s and rank 0 sleeps 4 s at each wait; the store is the one a
+    single process writes.
+    """
+    settings = {**SETTINGS, "docs_per_shard": 1000}
+    script, out = tmp_path / "slow.py", tmp_path / "ranks"
+    script.write_text(SLOW_RANK_0)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(script), *cli_args(tiny_teacher_dir, text_jsonl, out, **settings),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(re.findall(r"wrote (\d+) of 1 shards", result.stdout)) == ["0", "1"]
+    ref = reference(tmp_path, tiny_teacher_dir, text_jsonl, threads=1, **settings)
+    assert tree(out) == tree(ref)
