@@ -438,7 +438,8 @@ class KDTrainer(Trainer):
         Args:
             eval_dataset: a store URL, an opened store, a ``StoreDataset(shuffle=False)`` or a
                 dict of them (metrics ``eval_{name}_...``); default the ``eval_dataset`` given
-                to the trainer, which ``eval_strategy`` evaluates during training.
+                to the trainer, which ``eval_strategy`` evaluates during training. A name of
+                that ``eval_dataset`` dict is its store, as in Trainer.
             ignore_keys: unused (no predictions are gathered).
             metric_key_prefix: prefix of the metric names.
 
@@ -447,6 +448,8 @@ class KDTrainer(Trainer):
             ``logitstore/_kd_eval.py``, logged and handed to the callbacks as Trainer does.
         """
         source = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(self.eval_dataset, dict) and isinstance(eval_dataset, str):
+            source = self.eval_dataset.get(eval_dataset, eval_dataset)
         if source is None:
             raise ConfigError(
                 "KDTrainer.evaluate needs a held-out store: pass eval_dataset (a store URL, an "

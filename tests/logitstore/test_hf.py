@@ -444,6 +444,8 @@ def test_evaluation_during_training_reads_the_held_out_store_as_logitstore_eval_
     assert trainer.state.best_metric == during[1]["eval_held_teacher_kl"]
     assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-4"
     found = trainer.evaluate(eval_dataset=store)
+    # A name of the eval_dataset dict is its store, as in Trainer (it was read as a store URL).
+    assert trainer.evaluate("held")["eval_teacher_kl"] == found["eval_teacher_kl"]
     assert found["eval_teacher_kl"] == pytest.approx(during[1]["eval_held_teacher_kl"], rel=1e-6)
     # The same student read by the evaluation command: its own loop, the plain forward.
     trainer.save_model(str(tmp_path / "student"))
