@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ WINDOWING_POLICY = (
 )
 ISOLATION = "one window per sequence, right padding with an attention mask"
 # Bumped whenever tokenizing or windowing changes, so old cached windows are not reused.
-_WINDOWS_VERSION = 3
+_WINDOWS_VERSION = 4
 
 
 @dataclass
@@ -87,11 +88,30 @@ def _render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], generation: b
     )
 
 
+def _opening(tokenizer: Any, text: str) -> str:
+    """What a template writes before the content of a conversation's first message, when that
+    message is the assistant's: a default system prompt and the assistant's header, say (an empty
+    conversation renders neither, in templates that write the default system prompt in their
+    loop over the messages). Found as the common start of two renderings that differ in that
+    content alone; "" when it is not the start of ``text``."""
+    try:
+        one, other = (
+            _render(tokenizer, [{"role": "assistant", "content": c}], generation=False)
+            for c in ("a", "b")
+        )
+    except Exception:  # noqa: BLE001 - a template may refuse a lone reply; then none is known
+        return ""
+    common = os.path.commonprefix([one, other])
+    return common if text.startswith(common) else ""
+
+
 def assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> tuple[str, list]:
     """Render a chat and locate each assistant turn by incremental templating.
 
     Turn ``i``'s span runs from the end of ``render(messages[:i], add_generation_prompt=True)``
     to the end of ``render(messages[:i + 1])``: the reply and the template's end-of-turn text.
+    A first message of the assistant starts after what the template writes before it
+    (:func:`_opening`), not at the start of the text.
     This needs no template markers, only that rendering a prefix of the chat gives a prefix of
     the text, which is checked.
 
@@ -106,7 +126,7 @@ def assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> tu
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        head = _render(tokenizer, messages[:i], generation=True) if i else ""
+        head = _render(tokenizer, messages[:i], generation=True) if i else _opening(tokenizer, text)
         upto = _render(tokenizer, messages[: i + 1], generation=False)
         if not (text.startswith(upto) and upto.startswith(head)):
             raise DataError(

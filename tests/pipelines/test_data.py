@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -323,3 +324,29 @@ def test_tool_calls_from_parquet_render_as_they_were_written(tmp_path, tiny_toke
         assert tokenizer.decode(w.input_ids) == tokenizer.decode(ids)
         np.testing.assert_array_equal(w.input_ids, ids)
         np.testing.assert_array_equal(w.loss_mask, trained[1:])
+
+
+# Qwen2.5's and SmolLM2's way: a default system prompt written inside the loop over messages,
+# so an empty conversation renders none.
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_conversation_the_assistant_opens_trains_its_replies_alone(tiny_tokenizer):
+    """The template's default system prompt and header before a first reply are not trained."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = DEFAULT_SYSTEM_TEMPLATE
+    chat = [
+        {"role": "assistant", "content": "Hello, what shall we read?"},
+        {"role": "user", "content": "A tuple."},
+        {"role": "assistant", "content": "An immutable sequence."},
+    ]
+    ids, trained = tokenize_chat(tokenizer, chat)
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert tokenizer.decode(ids) == text and text.startswith("<|im_start|>system\nYou are")
+    replies = "".join(m["content"] + "<|im_end|>\n" for m in chat if m["role"] == "assistant")
+    assert tokenizer.decode(ids[trained]) == replies
