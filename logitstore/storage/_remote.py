@@ -125,7 +125,10 @@ def cat(
                 got = fs.cat(pending, on_error="return")
             else:
                 ends = [limits[path] for path in pending]
-                ranged = fs.cat_ranges(pending, [0] * len(pending), ends, on_error="return")
+                if _is_http(fs):
+                    ranged = _http_heads(fs, pending, ends)
+                else:
+                    ranged = fs.cat_ranges(pending, [0] * len(pending), ends, on_error="return")
                 got = dict(zip(pending, ranged, strict=True))
         except LogitstoreError:
             raise
@@ -148,6 +151,49 @@ def cat(
         pending = list(failed)
     path, last = next(iter(failed.items()))
     raise _read_error(fs, path, last, len(RETRY_DELAYS) + 1) from None
+
+
+def _is_http(fs: Any) -> bool:
+    try:
+        from fsspec.implementations.http import HTTPFileSystem
+    except ImportError:  # (aiohttp is not installed: no http:// store can be open)
+        return False
+    return isinstance(fs, HTTPFileSystem)
+
+
+def _http_heads(fs: Any, paths: list[str], ends: list[int]) -> list[bytes | BaseException]:
+    """The first ``end`` bytes of each URL, fetched together and never more.
+
+    fsspec's HTTP ``cat_ranges`` asks for the range but reads the whole response: a server
+    that ignores ``Range`` (many simple ones do), or one that sends a small gzip body of
+    gigabytes (``Content-Encoding`` is decoded on the way), made a reader hold all of it. Here
+    the response is read as it streams (and decoded as it is read) up to ``end`` bytes, then
+    dropped.
+    """
+    import fsspec.asyn
+
+    async def head(path: str, end: int) -> bytes | BaseException:
+        kwargs = dict(fs.kwargs)
+        headers = {**kwargs.pop("headers", {}), "Range": f"bytes=0-{max(end - 1, 0)}"}
+        try:
+            session = await fs.set_session()
+            async with session.get(fs.encode_url(path), headers=headers, **kwargs) as response:
+                fs._raise_not_found_for_status(response, path)
+                out = bytearray()
+                while len(out) < end:
+                    chunk = await response.content.read(min(end - len(out), 1 << 20))
+                    if not chunk:
+                        break
+                    out += chunk
+                response.close()  # (what is left of a longer body is not read)
+                return bytes(out)
+        except Exception as exc:  # one path's failure, as cat_ranges(on_error="return")
+            return exc
+
+    async def heads() -> list[bytes | BaseException]:
+        return list(await asyncio.gather(*(head(p, e) for p, e in zip(paths, ends, strict=True))))
+
+    return list(fsspec.asyn.sync(fs.loop, heads))
 
 
 def _read_error(fs: Any, path: str, exc: BaseException, attempts: int) -> StoreReadError:

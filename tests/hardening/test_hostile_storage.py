@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -571,3 +572,88 @@ def test_parquet_reading_processes_all_exit_cleanly(tmp_path):
         codes.append((proc.wait(timeout=300), proc.stderr.read()))  # type: ignore[union-attr]
     assert len(codes) == 30
     assert [code for code, _ in codes] == [0] * 30, [err[-500:] for code, err in codes if code]
+
+
+# -- a store served over HTTP by a server that sends more than it is asked for ---------------
+
+
+def gzip_of_zeros(gib: int) -> bytes:
+    """A gzip stream of ``gib`` GiB of zero bytes in about a MiB per GiB: one fully flushed
+    deflate block of a MiB, repeated (its trailer's checksum is wrong, found only at the end)."""
+    import zlib
+
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    first = z.compress(bytes(2**20)) + z.flush(zlib.Z_FULL_FLUSH)
+    block = z.compress(bytes(2**20)) + z.flush(zlib.Z_FULL_FLUSH)
+    return first + block * (gib * 1024 - 1) + z.flush()
+
+
+def serve(root: Path, hostile: str, form: str) -> tuple[str, Any, dict[str, int]]:
+    """``root`` over HTTP as a simple server serves it (no ``Range``: every file whole), but the
+    file ``hostile`` comes with 2 GiB more after its bytes (``padded``) or as a gzip body of
+    2 GiB (``gzip``). Returns the URL, the server and the bytes it managed to send of it."""
+    import http.server
+    import threading
+
+    sent = {"bytes": 0}
+    bomb = gzip_of_zeros(2) if form == "gzip" else b""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_HEAD(self) -> None:
+            self.reply(body=False)
+
+        def do_GET(self) -> None:
+            self.reply(body=True)
+
+        def reply(self, body: bool) -> None:
+            path = root / self.path.lstrip("/")
+            if not path.is_file():
+                self.send_response(404)
+                self.end_headers()
+                return
+            data = path.read_bytes()
+            special = body and self.path.lstrip("/") == hostile
+            self.send_response(200)
+            if special and form == "gzip":
+                self.send_header("Content-Encoding", "gzip")
+                data = bomb
+            length = len(data) + (2 * GIB if special and form == "padded" else 0)
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            if not body:
+                return
+            try:
+                self.wfile.write(data)
+                if special:
+                    sent["bytes"] += len(data)
+                for _ in range(2048 if special and form == "padded" else 0):
+                    self.wfile.write(bytes(2**20))
+                    sent["bytes"] += 2**20
+            except OSError:
+                pass  # the reader stopped reading: what it did not take was never sent
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server, sent
+
+
+@pytest.mark.parametrize("form", ["padded", "gzip"])
+def test_a_server_sending_more_than_a_file_holds_is_read_no_further(store, form):
+    """A reader asks for a file's declared size and one byte more; a server may ignore the
+    range and send 2 GiB, or send a 2 MiB gzip body of 2 GiB (decoded on the way). Either way
+    the reader takes what it asked for and refuses the file as longer than declared."""
+    pytest.importorskip("aiohttp")
+    entry = manifest(store)["shards"][0]
+    name = entry["files"][-1][0]
+    url, server, sent = serve(store, name, form)
+    try:
+        out = refused(run_verify(url), name, "has more than")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "MemoryError" not in out and "Payload" not in out, out
+    if form == "padded":
+        assert sent["bytes"] < 256 * 2**20, sent  # the rest was never read
