@@ -245,23 +245,54 @@ def _tail_without_label(tail: Tensor, lab: Tensor, label_in_s: Tensor) -> Tensor
     return torch.where(label_in_s, tail, log_sub(tail, lab))
 
 
-def student_buckets(zt_gathered: Tensor, lse: Tensor, teacher: TeacherBuckets) -> Tensor:
+def token_ids(teacher: TeacherBuckets) -> Tensor:
+    """``(n, K + 1)`` the ids of the token buckets, each absent one replaced by a present id of
+    its row: indexing with it reaches exactly ``S'`` (every row has a present token bucket,
+    the label's or a support entry's), so a scatter over it never touches the tail."""
+    tok_valid = teacher.valid[:, :-1]
+    first = tok_valid.int().argmax(dim=1, keepdim=True)
+    return torch.where(tok_valid, teacher.ids, teacher.ids.gather(1, first))
+
+
+def student_tail_lse(zt: Tensor, teacher: TeacherBuckets) -> Tensor:
+    """``(n,)`` ``logsumexp`` of the student logits ``zt`` ``(n, V)`` over the tail ``V \\ S'``.
+
+    ``S'`` is masked with the most negative finite value rather than ``-inf``, so that an empty
+    tail has a finite result (it is absent) and a finite gradient.
+    """
+    fill = torch.finfo(zt.dtype).min
+    return torch.logsumexp(zt.scatter(1, token_ids(teacher), fill), dim=-1)
+
+
+def student_buckets(
+    zt_gathered: Tensor, lse: Tensor, tail_lse: Tensor, teacher: TeacherBuckets
+) -> Tensor:
     """Student log-probabilities on the teacher's buckets.
 
     Args:
         zt_gathered: ``(n, K + 1)`` student logits divided by ``tau`` at ``teacher.ids``.
         lse: ``(n,)`` ``logsumexp(z / tau)`` over the whole vocabulary.
+        tail_lse: ``(n,)`` ``logsumexp(z / tau)`` over the tail ``V \\ S'`` (any value where
+            the tail is absent).
         teacher: the teacher buckets (their ``valid`` mask decides what is present).
 
     Returns:
-        ``(n, K + 2)`` log-probabilities, ``NEG`` where absent. The tail is
-        ``log1mexp(LSE(z_S') - LSE(z))``, floored at ``FLOOR``.
+        ``(n, K + 2)`` log-probabilities, ``NEG`` where absent. The tail is floored at
+        ``FLOOR`` and computed in two branches, like :func:`log1mexp`: below ``1/2`` as
+        ``tail_lse - lse``, the tail's own log-sum-exp, and above as
+        ``log1mexp(LSE(z_S') - LSE(z))``. Either one alone loses the tail in float32 at one
+        end: the first leaves a tail near 1 with the error of ``lse``; the second rounds a tail
+        below about ``1e-6`` (the two log-sum-exps agree to their last bits), which left the
+        student's tail mass, and so its pull towards the teacher's, wrong or zero.
     """
     tok_valid = teacher.valid[:, :-1]
     head = zt_gathered - lse[:, None]
     # Absent buckets, and tokens whose student logit is -inf (q = 0, no gradient), get NEG.
     head = torch.where(tok_valid & (head > -math.inf), head, torch.full_like(head, NEG))
-    log_t = log1mexp(masked_logsumexp(head, tok_valid))
+    own = tail_lse - lse
+    log_t = torch.where(
+        own < -math.log(2.0), own, log1mexp(masked_logsumexp(head, tok_valid))
+    ).clamp(min=LOG_FLOOR, max=0.0)
     log_t = torch.where(teacher.valid[:, -1], log_t, torch.full_like(log_t, NEG))
     return torch.cat([head, log_t[:, None]], dim=1)
 

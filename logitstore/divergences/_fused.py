@@ -2,12 +2,14 @@
 
 Why it chunks: the student's logits for a batch are ``N x V`` floats (8192 x 128256 float32 is
 4 GiB, twice that with their gradient), yet every bucket objective needs from them only the
-log-sum-exp and the ``K + 1`` logits on ``S'`` (docs/divergences.md, sections 3 and 8). So the
-tokens are processed ``chunk_size`` at a time: compute the chunk's float32 logits, take the
-log-sum-exp and the gathered logits, evaluate the objective on ``[chunk, K + 2]`` buckets with
-plain autograd, and turn its two small gradients into the chunk's logit gradient
+log-sum-exp over the vocabulary and over the tail ``T = V \\ S'``, and the ``K + 1`` logits on
+``S'`` (docs/divergences.md, sections 3 and 8). So the tokens are processed ``chunk_size`` at a
+time: compute the chunk's float32 logits, take the two log-sum-exps and the gathered logits,
+evaluate the objective on ``[chunk, K + 2]`` buckets with plain autograd, and turn its three
+small gradients into the chunk's logit gradient
 
-    dL/dz_v = dL/dlse * softmax(z / tau)_v / tau + [v in S'] dL/dz_v(gathered),
+    dL/dz_v = (dL/dlse * softmax(z / tau)_v + [v in T] dL/dlse_T * softmax_T(z / tau)_v) / tau
+              + [v in S'] dL/dz_v(gathered),
 
 which is then pushed through the matmul into the hidden-state and weight gradients. The
 gradients are computed during the forward pass (as Liger-Kernel's fused linear losses do), so
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from logitstore.divergences._buckets import TeacherBuckets, compute_dtype
+from logitstore.divergences._buckets import TeacherBuckets, compute_dtype, token_ids
 from logitstore.divergences._losses import (
     bucket_loss,
     check_temperature,
@@ -56,19 +58,32 @@ def _chunk_grads(
     if tau != 1.0:
         logits.mul_(1.0 / tau)
     zg = logits.gather(1, teacher.ids)
-    # Log-sum-exp in place: the buffer becomes softmax(z / tau), reused for the gradient.
+    # Log-sum-exps in place: the buffer becomes e = exp(z / tau - m), then e with S' zeroed,
+    # whose sum is the tail's own (no cancellation when the tail is tiny), then the gradient.
     m = logits.amax(dim=1, keepdim=True)
     logits.sub_(m).exp_()
-    s = logits.sum(dim=1, keepdim=True)
-    lse = (m + s.log()).squeeze(1)
+    tok_valid = teacher.valid[:, :-1]
+    at = token_ids(teacher)
+    e_head = torch.where(tok_valid, logits.gather(1, at), torch.zeros((), dtype=logits.dtype))
+    logits.scatter_(1, at, 0.0)
+    s_tail = logits.sum(dim=1)
+    s = s_tail + e_head.sum(dim=1)
+    lse = m.squeeze(1) + s.log()
+    tail_lse = m.squeeze(1) + s_tail.log()  # -inf for an empty tail: absent, no gradient
     with torch.enable_grad():
         zg = zg.detach().requires_grad_(need_grad)
         lse_leaf = lse.detach().requires_grad_(need_grad)
-        total = bucket_loss(objective, params, zg, lse_leaf, teacher, target).sum() * scale
+        tail_leaf = tail_lse.detach().requires_grad_(need_grad)
+        total = bucket_loss(objective, params, zg, lse_leaf, tail_leaf, teacher, target)
+        total = total.sum() * scale
         if not need_grad:
             return total.detach(), None
-        g_zg, g_lse = torch.autograd.grad(total, (zg, lse_leaf))
-    grad = logits.div_(s).mul_(g_lse[:, None])
+        g_zg, g_lse, g_tail = torch.autograd.grad(total, (zg, lse_leaf, tail_leaf))
+    # dL/dz_v = g_lse e_v / s + [v in T] g_tail e_v / s_tail + [v in S'] g_zg(v).
+    c_lse = g_lse / s
+    c_tail = torch.where(s_tail > 0, g_tail / s_tail.clamp(min=torch.finfo(s.dtype).tiny), 0.0)
+    grad = logits.mul_((c_lse + c_tail)[:, None])  # the tail tokens; S' is still 0 here
+    grad.scatter_add_(1, at, e_head * c_lse[:, None])
     grad.scatter_add_(1, teacher.ids, g_zg)
     if tau != 1.0:
         grad.mul_(1.0 / tau)

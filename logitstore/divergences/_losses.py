@@ -19,6 +19,7 @@ from logitstore.divergences._buckets import (
     label_bucket,
     sparse_buckets,
     student_buckets,
+    student_tail_lse,
     teacher_buckets,
 )
 from logitstore.divergences._registry import DIVERGENCES, Objective, resolve
@@ -100,20 +101,22 @@ def bucket_loss(
     params: dict,
     zt_gathered: Tensor,
     lse: Tensor,
+    tail_lse: Tensor,
     teacher: TeacherBuckets,
     target: Tensor,
 ) -> Tensor:
-    """Per-token objective values ``(n,)`` from the student's gathered logits and log-sum-exp.
+    """Per-token objective values ``(n,)`` from the student's gathered logits and log-sum-exps.
 
     Args:
         objective: the resolved objective.
         params: its validated parameters.
         zt_gathered: ``(n, K + 1)`` student logits over ``tau`` at ``teacher.ids``.
         lse: ``(n,)`` log-sum-exp of the student logits over ``tau``.
+        tail_lse: ``(n,)`` the same over the tail bucket's tokens only.
         teacher: teacher buckets of the same tokens.
         target: ``(n,)`` label buckets.
     """
-    logq = student_buckets(zt_gathered, lse, teacher)
+    logq = student_buckets(zt_gathered, lse, tail_lse, teacher)
     return objective(sparse_buckets(logq, teacher, target), params)
 
 
@@ -237,7 +240,9 @@ def sparse_loss(
     if tau != 1.0:
         zt = zt / tau
     lse = torch.logsumexp(zt, dim=-1)
-    values = bucket_loss(objective, resolved, zt.gather(1, teacher.ids), lse, teacher, target)
+    tail_lse = student_tail_lse(zt, teacher)
+    zg = zt.gather(1, teacher.ids)
+    values = bucket_loss(objective, resolved, zg, lse, tail_lse, teacher, target)
     if tau_squared:
         values = values * tau**2
     return scatter_rows(values, rows, n)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from logitstore.divergences._buckets import NEG, compute_dtype
+from logitstore.divergences._buckets import NEG, compute_dtype, token_ids
 from logitstore.divergences._fused import DEFAULT_CHUNK_SIZE
 from logitstore.divergences._losses import bucket_loss, prepare_teacher, valid_rows
 from logitstore.divergences._registry import resolve
@@ -173,13 +173,20 @@ def distillation_metrics(
         zg = z.gather(1, teacher.ids[start:stop])
         zmax, arg = z.max(dim=1)
         s = z.sub_(zmax[:, None]).exp_().sum(dim=1)
+        # The tail's own sum: S' zeroed for one pass, then put back (see student_buckets).
+        sub = teacher.rows(start, stop)
+        at = token_ids(sub)
+        kept = z.gather(1, at)
+        s_tail = z.scatter_(1, at, 0.0).sum(dim=1)
+        z.scatter_(1, at, kept)
         # H = log s - sum_v e_v z_v / s with e = exp(z - max); e log e is 0 where e underflows.
         ent = s.log() - z.xlogy_(z).sum(dim=1) / s
         del z
         lse = zmax + s.log()
-        sub = teacher.rows(start, stop)
+        tail_lse = zmax + s_tail.log()
         for name, (objective, params) in objectives.items():
-            out[name].append(bucket_loss(objective, params, zg, lse, sub, target[start:stop]))
+            values = bucket_loss(objective, params, zg, lse, tail_lse, sub, target[start:stop])
+            out[name].append(values)
         out["top"].append(s.reciprocal())
         out["ent"].append(ent)
         out["arg"].append(arg)

@@ -246,3 +246,33 @@ def test_float32_inputs_agree_with_float64():
     ).summary()
     for key, value in exact.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_float32_kl_of_a_confident_student_keeps_its_tail():
+    # A student far more confident than the teacher (tail mass 1e-7 .. 1e-11 against 0.2): the
+    # float32 bucket KLs lost the student's tail (fkl 2.6 for 3.6 at 1e-9). The reference is the
+    # bucket fkl and rkl summed directly from float64 softmaxes.
+    g = torch.Generator().manual_seed(17)
+    n, v, k = 5, 200, 3
+    u = torch.randn(n, v, generator=g, dtype=torch.float64)
+    u[:, :k] += 5.0
+    z = torch.randn(n, v, generator=g, dtype=torch.float64)
+    z[:, :k] += torch.arange(n, dtype=torch.float64)[:, None] * 2.5 + 20.0
+    labels = torch.zeros(n, dtype=torch.long)
+    lp = u.log_softmax(-1)
+    p, q = lp.exp(), z.softmax(-1)
+    pb = torch.cat([p[:, :k], p[:, k:].sum(-1, keepdim=True)], 1)
+    qb = torch.cat([q[:, :k], q[:, k:].sum(-1, keepdim=True)], 1)
+    assert qb[:, -1].max() < 1e-6 and qb[:, -1].min() > 1e-11
+    got = distillation_metrics(
+        z.float(),
+        torch.eye(v),
+        torch.arange(k).repeat(n, 1),
+        lp[:, :k].float(),
+        torch.log1p(-p[:, :k].sum(-1)).float(),
+        lp[:, 0].float(),
+        labels,
+    )
+    fkl, rkl = (pb * (pb / qb).log()).sum(-1), (qb * (qb / pb).log()).sum(-1)
+    torch.testing.assert_close(got.fkl.double(), fkl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.rkl.double(), rkl, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from logitstore.divergences import DIVERGENCES, dense_loss, sparse_loss
+from logitstore.divergences import DIVERGENCES, dense_loss, fused_sparse_loss, sparse_loss
 from logitstore.errors import (
     ConfigError,
     DataError,
@@ -376,6 +376,42 @@ def test_reverse_kl_of_a_student_that_rules_a_token_out_is_finite_and_exact():
     torch.testing.assert_close(dense_loss("rkl", z, u, labels), want, rtol=1e-10, atol=1e-12)
     got = sparse_loss("rkl", z, ids, vals, tail, lab, labels)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_float32_keeps_a_confident_students_tail_and_its_pull(fused):
+    # The student's tail mass q_T ranges from 1e-2 to 1e-11 while the teacher's is about 0.1.
+    # From log1mexp(LSE(z_S') - LSE(z)) alone, float32 lost q_T below about 1e-6: at 1e-9 fkl
+    # was 2.56 for 3.58, and the pull on the tail tokens 3.6e-4 for 0.167 (at 3e-11, the sign
+    # flipped). The bucket fkl and its gradient q - p~ are written here from the spec.
+    g = torch.Generator().manual_seed(16)
+    v, k = 300, 4
+    u = torch.randn(6, v, generator=g, dtype=torch.float64)
+    u[:, :k] += 5.0
+    z = torch.randn(6, v, generator=g, dtype=torch.float64)
+    z[:, :k] += torch.tensor([8.0, 12.0, 16.0, 20.0, 24.0, 28.0], dtype=torch.float64)[:, None]
+    labels = torch.zeros(6, dtype=torch.long)
+    lp = u.log_softmax(-1)
+    vals, ids = lp[:, :k], torch.arange(k).repeat(6, 1)
+    tail, lab = torch.log1p(-vals.exp().sum(-1)), lp[:, 0]
+    p, q = lp.exp(), z.softmax(-1)
+    p_t, q_t = p[:, k:].sum(-1), q[:, k:].sum(-1)
+    assert q_t.min() < 1e-10 and q_t.max() > 1e-3 and (p_t > 0.05).all()
+    want = (p[:, :k] * (p[:, :k] / q[:, :k]).log()).sum(-1) + p_t * (p_t / q_t).log()
+    p_tilde = torch.cat([p[:, :k], q[:, k:] * (p_t / q_t)[:, None]], dim=1)
+    want_grad = q - p_tilde
+    z32 = z.float().requires_grad_(True)
+    cache = (ids, vals.float(), tail.float(), lab.float(), labels)
+    if fused:  # logits = z32 @ I: the fused loss forms them chunk by chunk
+        eye = torch.eye(v, dtype=torch.float32)
+        got = fused_sparse_loss("fkl", z32, eye, *cache, num_items=1, chunk_size=4)
+        got.backward()
+        torch.testing.assert_close(got.double(), want.sum(), rtol=1e-5, atol=1e-5)
+    else:
+        got = sparse_loss("fkl", z32, *cache)
+        got.sum().backward()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z32.grad.double(), want_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_a_repeated_support_id_is_refused_not_counted_twice():
