@@ -126,6 +126,33 @@ def test_manifest_paths_outside_the_root_are_refused(store, tmp_path, form):
         open_store(str(store))
 
 
+@pytest.mark.parametrize("form", ["long-name", "long-path", "long-escape", "long-file"])
+def test_names_too_long_for_any_filesystem_are_refused_in_a_short_line(store, form, kit):
+    """A path no filesystem or bucket holds (a name past 255 bytes, a path past 1024) is
+    refused when the store is opened, and the message quotes it cut short: every message
+    naming the shard used to carry the whole name (a 100,000-character line)."""
+    data = manifest(store)
+    entry = data["shards"][0]
+    new = {
+        "long-name": "shards/" + "a" * 100_000,
+        "long-path": "shards/" + "/".join(["d" * 200] * 6) + "/000000",
+        "long-escape": "../" + "é" * 50_000,
+        "long-file": entry["path"],
+    }[form]
+    old = entry["path"]
+    entry["path"] = new
+    entry["files"] = [[new + n[len(old) :], size] for n, size in entry["files"]]
+    if form == "long-file":
+        entry["files"][0][0] = f"{new}/{'x' * 300}"
+    rewrite(store, data)
+    with pytest.raises(UnsafePathError, match="bytes long") as info:
+        open_store(str(store))
+    assert len(str(info.value)) < 400, len(str(info.value))
+    result = kit.invoke("verify", store, "--no-progress")
+    assert result.exit_code == 2, result.output
+    assert len(result.output) < 400 and "bytes long" in result.output, result.output[:500]
+
+
 def test_a_file_entry_outside_its_shard_is_refused(store):
     data = manifest(store)
     data["shards"][0]["files"][0][0] = data["shards"][1]["files"][0][0]
