@@ -209,8 +209,12 @@ def teacher_buckets(
     sup = support_logprobs.to(dtype)
     lab = label_logprob.to(dtype)
     tail = tail_logmass.to(dtype)
-    if bool(sup[present].isnan().any() or lab.isnan().any() or tail.isnan().any()):
-        raise NonFiniteTeacherError("teacher log-probabilities must not be NaN; found NaN")
+    # NaN or +inf (no log-probability) would make every bucket of the row NaN; -inf is p = 0.
+    given = [sup[present], lab, tail] + ([] if tail_logsumexp is None else [tail_logsumexp])
+    if any(torch.stack([(t.isnan() | (t == math.inf)).any() for t in given]).tolist()):
+        raise NonFiniteTeacherError(
+            "teacher log-probabilities and tail log-sum-exps must not be NaN or +inf; found one"
+        )
     tau = float(temperature)
     # A present id with probability 0 (-inf) becomes an ordinary bucket with p = exp(NEG) = 0.
     head = (torch.cat([sup, lab[:, None]], dim=1) / tau).clamp(min=NEG)

@@ -341,6 +341,30 @@ def test_degenerate_teacher_values_stay_finite_and_nan_is_refused():
         sparse_loss("fkl", z, ids, bad, tail, lab, labels)
 
 
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+@pytest.mark.parametrize("field", ["support", "label", "tail", "tail_logsumexp"])
+def test_a_teacher_value_of_nan_or_plus_inf_is_refused(field, value):
+    # +inf is no log-probability: it made the row's loss NaN without a word, as did NaN in a
+    # captured tail log-sum-exp (only the other fields were checked, and for NaN only).
+    z, u, labels = data(4, seed=18)
+    ids, vals, tail, lab, tail_lse = teacher_cache(u, labels, 3, tau=2.0)
+    given = {"support": vals, "label": lab, "tail": tail, "tail_logsumexp": tail_lse}
+    given = {k: v.clone() for k, v in given.items()}
+    given[field].view(-1)[1] = value
+    with pytest.raises(NonFiniteTeacherError):
+        sparse_loss(
+            "fkl",
+            z,
+            ids,
+            given["support"],
+            given["tail"],
+            given["label"],
+            labels,
+            temperature=2.0,
+            tail_logsumexp=given["tail_logsumexp"],
+        )
+
+
 @pytest.mark.parametrize("name", list(DIVERGENCES))
 def test_a_token_both_models_rule_out_with_minus_inf_logits_changes_nothing(name):
     # A vocabulary padded past the real tokens (logits -inf in both models) is the smaller
