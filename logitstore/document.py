@@ -9,6 +9,13 @@ import numpy as np
 from logitstore.codecs.base import Positions
 
 
+def shown_id(doc_id: str) -> str:
+    """A document id as a message quotes it: ``repr``, cut to 60 characters (an id is the
+    store's string, of any length: a message must stay one line a person reads)."""
+    text = repr(doc_id)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 @dataclass
 class Document:
     """A tokenized document and the teacher's distribution at each of its ``T - 1`` positions.

@@ -47,7 +47,7 @@ import torch
 from logitstore import format as fmt
 from logitstore.codecs import get_codec
 from logitstore.codecs.base import Codec, Positions
-from logitstore.document import Document
+from logitstore.document import Document, shown_id
 from logitstore.errors import ConfigError, DataError, LogitstoreError, TokenizerMismatchError
 from logitstore.reader import LogitStore, open_store
 from logitstore.writer import EncodedDocument, StoreWriter
@@ -157,7 +157,7 @@ def _doc_index(store: LogitStore) -> dict[str, tuple[int, int]]:
             doc_ids = store.read_shard_arrays(j).doc_ids
         for d, doc_id in enumerate(doc_ids):
             if doc_id in index:
-                raise DataError(f"store {store.url}: document id {doc_id!r} appears twice")
+                raise DataError(f"store {store.url}: document id {shown_id(doc_id)} appears twice")
             index[doc_id] = (j, d)
     return index
 
@@ -169,10 +169,10 @@ def _check_same_documents(
     for store, index in zip(stores[1:], indexes[1:], strict=True):
         if set(index) != ids:
             only_a, only_b = sorted(ids - set(index)), sorted(set(index) - ids)
+            a, b = (f"[{', '.join(map(shown_id, only[:3]))}]" for only in (only_a, only_b))
             raise DataError(
                 f"stores hold different documents: {stores[0].url} has {len(ids)}, {store.url} "
-                f"has {len(index)}; e.g. only in the first: {only_a[:3]}, only in the other: "
-                f"{only_b[:3]}"
+                f"has {len(index)}; e.g. only in the first: {a}, only in the other: {b}"
             )
 
 
@@ -219,9 +219,11 @@ def _mix_document(
     first = docs[0]
     for doc in docs[1:]:
         if not np.array_equal(doc.input_ids, first.input_ids):
-            raise DataError(f"document {first.doc_id!r}: the stores hold different tokens")
+            raise DataError(f"document {shown_id(first.doc_id)}: the stores hold different tokens")
         if not np.array_equal(doc.loss_mask, first.loss_mask):
-            raise DataError(f"document {first.doc_id!r}: the stores hold different loss masks")
+            raise DataError(
+                f"document {shown_id(first.doc_id)}: the stores hold different loss masks"
+            )
     labels = first.input_ids[1:].astype(np.int64)
     step = max(1, _CHUNK_ELEMENTS // vocab_size)
     chunks = []

@@ -25,7 +25,7 @@ from logitstore._doc_ids import IdLedger
 from logitstore.codecs._cached import codec_and_specs
 from logitstore.codecs._checks import check_positions
 from logitstore.codecs.base import Codec, FieldSpec, Positions
-from logitstore.document import Document
+from logitstore.document import Document, shown_id
 from logitstore.errors import (
     BadValueError,
     ConfigError,
@@ -385,8 +385,7 @@ class LogitStore:
             if not 0 <= exc.row < len(next(iter(fields.values()), ())):
                 raise BadValueError(f"{where}: {exc}", exc.row, exc.field) from None
             p = locate(exc.row)
-            doc = repr(p.doc_id)
-            doc = doc if len(doc) <= 60 else doc[:57] + "..."
+            doc = shown_id(p.doc_id)
             raise BadValueError(
                 f"shard {p.shard}: document {p.index} ({doc}), position {exc.row - p.start}: {exc}",
                 exc.row,
@@ -485,7 +484,7 @@ class LogitStore:
             twice = [d for d, n in counts.items() if n > 1]
             if twice:
                 problems.append(
-                    f"shard {entry['path']}: document id {twice[0]!r} appears {counts[twice[0]]} "
+                    f"shard {entry['path']}: document id {shown_id(twice[0])} appears {counts[twice[0]]} "
                     f"times in it (repeated ids in this shard: {len(twice)}); an id names one "
                     "document"
                 )
@@ -501,7 +500,7 @@ class LogitStore:
 
         for j, repeat in ledger.repeats(doc_ids_of).items():
             problems.append(
-                f"shard {shards[j]['path']}: document id {repeat.doc_id!r} is held by shard "
+                f"shard {shards[j]['path']}: document id {shown_id(repeat.doc_id)} is held by shard "
                 f"{shards[repeat.earlier_shard]['path']} too (ids of this shard held by earlier "
                 f"shards: {repeat.count}); an id names one document"
             )

@@ -741,6 +741,35 @@ def test_a_lone_surrogate_in_a_document_id_is_refused(tmp_path, kit):
         convert_store(str(root), str(tmp_path / "out"), backend="parquet")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_document_ids_are_quoted_cut_short(tmp_path, backend, kit):
+    """A document id is the store's string, of any length: verify's repeated-id problems and
+    mix's refusals quote it cut to 60 characters (they carried it whole: a line per id of
+    100,000 characters)."""
+    long = "r" * 100_000
+    root = build(tmp_path / "store", backend)
+    for j in range(2):  # both shards hold the long id (as their first document)
+        group = root / "shards" / f"00000{j}.zarr" / "zarr.json"
+        if backend == "zarr":
+            meta = json.loads(group.read_text())
+            meta["attributes"]["doc_ids"][0] = long
+            group.write_text(json.dumps(meta))
+        else:
+            path = root / "shards" / f"00000{j}.parquet"
+            table = pq.read_table(path)
+            ids = table.column("doc_id").to_pylist()
+            table = table.set_column(0, table.schema.field(0), [[long, *ids[1:]]])
+            pq.write_table(table, path, compression="zstd")
+    kit.reseal(root)
+    problems = open_store(str(root)).verify()
+    assert len(problems) == 1 and "is held by shard" in problems[0], problems
+    assert len(problems[0]) < 400, len(problems[0])
+    other = build(tmp_path / "other", backend)
+    result = kit.invoke("mix", root, other, "--out", tmp_path / "mixed", "--no-progress")
+    assert result.exit_code == 2, result.output[:500]
+    assert "appears twice" in result.output and len(result.output) < 400, result.output[:500]
+
+
 @pytest.mark.parametrize("where", ["teacher.model", "source.key"])
 def test_a_lone_surrogate_in_the_manifest_is_refused(store, tmp_path, where):
     # inspect printed it (UnicodeEncodeError on the terminal) and export wrote it into the
