@@ -8,6 +8,7 @@ tensor parallelism), so a resume may use another placement.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import weakref
@@ -178,6 +179,35 @@ def output_device(model: Any) -> torch.device:
     return head.weight.device  # one device: no hooks were attached
 
 
+def check_heads(config: Any, size: int) -> None:
+    """Refuse a tensor-parallel size that does not divide the attention heads, before loading.
+
+    Each rank computes whole heads: the query, key and value projections are split by heads,
+    so ``size`` must divide both head counts (transformers does not check, and the first
+    forward failed deep inside the attention, after every weight was loaded).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    counts = {
+        label: value
+        for label, value in (
+            ("attention heads", getattr(text, "num_attention_heads", None)),
+            ("key-value heads", getattr(text, "num_key_value_heads", None)),
+        )
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0
+    }
+    uneven = {label: n for label, n in counts.items() if n % size}
+    if uneven:
+        common = math.gcd(*counts.values())
+        fits = [str(n) for n in range(2, common + 1) if common % n == 0]
+        said = " and ".join(f"{n} {label.removesuffix('s') if n == 1 else label}"
+                            for label, n in uneven.items())  # fmt: skip
+        instead = f"--tensor-parallel {' or '.join(fits)}, or " if fits else ""
+        raise ConfigError(
+            f"--tensor-parallel {size}: the teacher has {said}, which {size} ranks cannot split "
+            f"evenly (each rank computes whole heads); use {instead}--device-map"
+        )
+
+
 def load_tensor_parallel(
     teacher: str,
     config: Any,
@@ -211,6 +241,7 @@ def load_tensor_parallel(
             f"transformers (its config's base_model_tp_plan is empty), so --tensor-parallel "
             f"{size} cannot shard it; use --device-map, or one replica per device"
         )
+    check_heads(config, size)
     if not dist.is_initialized() or dist.get_world_size() % size:
         found = dist.get_world_size() if dist.is_initialized() else 1
         raise ConfigError(

@@ -165,6 +165,24 @@ def test_a_model_type_without_a_plan_is_refused_before_loading(tmp_path, tiny_to
         load_teacher(str(tmp_path), device="cpu", placement=Placement(tensor_parallel=2))
 
 
+def one_kv_head_llama(path: Path, tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=1,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_size_that_does_not_divide_the_heads_is_refused_before_loading(tmp_path, tiny_tokenizer):
+    teacher = one_kv_head_llama(tmp_path, tiny_tokenizer)
+    with pytest.raises(ConfigError, match=r"has 1 key-value head, which 2 ranks cannot split"):
+        load_teacher(str(teacher), device="cpu", placement=Placement(tensor_parallel=2))
+
+
 # -- device map ------------------------------------------------------------------------------
 
 
@@ -300,6 +318,24 @@ def test_tensor_parallel_refuses_a_model_type_without_a_plan(tmp_path, tiny_toke
     assert result.returncode != 0
     assert "model type 'gpt2' has no tensor-parallel plan" in result.stderr, result.stderr[-6000:]
     assert not out.exists()  # refused before the store, let alone a shard, was written
+
+
+@pytest.mark.integration
+def test_tensor_parallel_refuses_a_size_that_does_not_divide_the_heads(
+    tmp_path, tiny_tokenizer, text_jsonl
+):
+    """transformers splits the key-value heads without a check: the first forward failed with
+    a reshape error deep in the attention, after the weights loaded."""
+    teacher = one_kv_head_llama(tmp_path / "teacher", tiny_tokenizer)
+    out = tmp_path / "store"
+    cmd = torchrun(2, *cli_args(teacher, text_jsonl, out, **SETTINGS), "--tensor-parallel", "2")
+    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "error: --tensor-parallel 2: the teacher has 1 key-value head" in result.stderr, (
+        result.stderr[-6000:]
+    )
+    assert not re.search(r"\[rank\d\]: Traceback", result.stderr)  # one line, no traceback
+    assert not out.exists()
 
 
 @pytest.mark.integration
