@@ -70,6 +70,24 @@ def refuse_unused_arguments(given: Mapping[str, Any]) -> None:
             raise ConfigError(f"{name} {why}; expected None, found {given[name]!r}")
 
 
+def check_kd_arguments(
+    divergence_params: Any, peft_config: Any, run_info: Any, storage_options: Any
+) -> None:
+    """Refuse KDTrainer's own arguments of the wrong kind in one line each (each was a
+    traceback from deep inside: ``dict("gamma=0.5")``, peft's ``str.base_model_name_or_path``)."""
+    for name, value in (("divergence_params", divergence_params), ("run_info", run_info),
+                        ("storage_options", storage_options)):  # fmt: skip
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(
+                f"{name} must be a dict (name -> value); found {type(value).__name__} {value!r}"
+            )
+    if peft_config is not None and not hasattr(peft_config, "peft_type"):
+        raise ConfigError(
+            "peft_config must be a peft config such as peft.LoraConfig(...); found "
+            f"{type(peft_config).__name__} {peft_config!r}"
+        )
+
+
 def liger_kernel_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """``liger_kernel_config`` with Liger's fused cross-entropy forward off, for
     ``use_liger_kernel``: Liger replaces the causal LM's forward with one of the labels'

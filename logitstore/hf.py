@@ -49,6 +49,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from logitstore._kd_arguments import (
+    check_kd_arguments,
     check_student,
     liger_kernel_config,
     refuse_loss_settings,
@@ -182,6 +183,7 @@ class KDTrainer(Trainer):
             )
         refuse_unused_settings(args)
         refuse_unused_arguments(kwargs)
+        check_kd_arguments(divergence_params, peft_config, run_info, storage_options)
         # The settings changed below are this trainer's: the caller's arguments stay as given.
         args = copy.copy(args)
         if args.use_liger_kernel:  # Liger's kernels in the body; the loss stays this trainer's

@@ -385,12 +385,17 @@ def test_data_seed_orders_the_documents_apart_from_the_seed(store, tiny_student_
         ({"tokens_per_batch": 0}, r"positive integers; found 0"),
         ({"shuffle_window": 2.5}, r"positive integers; found 8192, 2.5"),
         ({"num_workers": -1}, r"num_workers must be an integer >= 0.*found -1"),
+        ({"divergence_params": "gamma=0.5"}, r"^divergence_params must be a dict.*found str"),
+        ({"run_info": ["a", "b"]}, r"^run_info must be a dict.*found list"),
+        ({"storage_options": "anon"}, r"^storage_options must be a dict.*found str"),
+        ({"peft_config": "lora"}, r"^peft_config must be a peft config.*found str 'lora'"),
     ],
 )
-def test_bad_loader_settings_are_refused_in_one_line(
+def test_bad_loader_and_argument_kinds_are_refused_in_one_line(
     store, tiny_student_dir, tmp_path, given, message
 ):
-    # They failed inside torch or numpy (a TypeError, or a ValueError once training started).
+    # They failed inside torch or numpy (a TypeError, or a ValueError once training started),
+    # and the arguments of the wrong kind inside dict() or peft (an AttributeError of str).
     model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
     with pytest.raises(ConfigError, match=message):
         KDTrainer(model=model, args=args(tmp_path), train_dataset=store, **given)
