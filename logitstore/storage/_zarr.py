@@ -190,7 +190,7 @@ def _doc_ids(local: Mapping[str, bytes], where: str) -> list[str]:
         raise CorruptShardError(f"shard {where}: zarr.json is not a zarr group")
     if meta.get("zarr_format") != 3:
         raise CorruptShardError(
-            f"shard {where}: zarr.json is Zarr format {meta.get('zarr_format')!r}; "
+            f"shard {where}: zarr.json is Zarr format {checks.shown(meta.get('zarr_format'))}; "
             "only Zarr v3 is read"
         )
     attrs = meta.get("attributes")

@@ -21,6 +21,7 @@ from zarr.codecs import ShardingCodec, ZstdCodec
 from zarr.registry import fully_qualified_name, register_codec
 
 from logitstore.storage._limits import zstd_content_size, zstd_decode_exact
+from logitstore.storage._remote import printable
 
 CHUNK_ROWS = 4096
 MAX_CHUNKS = 1 << 14
@@ -35,6 +36,13 @@ DATA_TYPES = frozenset({
 CODECS = frozenset({"bytes", "zstd", "crc32c", "transpose", "sharding_indexed"})
 """Codecs a reader decodes: the standard ones whose output size the chunk fixes (no blosc or
 gzip, whose output only their own header or stream bounds)."""
+
+
+def shown(value: Any) -> str:
+    """A metadata value as a message quotes it: ``repr``, control characters escaped, cut to
+    60 characters (a ``zarr.json`` may hold a list of a million items where a shape goes)."""
+    text = printable(repr(value))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def v2_metadata(names: Iterable[str]) -> str | None:
@@ -62,7 +70,7 @@ def _chunk_problem(chunk: Any, shape: tuple[int, ...]) -> str | None:
     """
     sizes = _ints(chunk)
     if sizes is None or len(sizes) != len(shape):
-        return f"chunk shape {chunk!r} is not {len(shape)} positive integers"
+        return f"chunk shape {shown(chunk)} is not {len(shape)} positive integers"
     extent = [max(1, s) for s in shape]
     bound = 2 * max(math.prod(extent), CHUNK_ROWS * math.prod(extent[1:]))
     if math.prod(sizes) > bound:
@@ -79,7 +87,7 @@ def _codecs_problem(codecs: Any, chunk: list[int], depth: int = 0) -> str | None
     for codec in codecs:
         name = codec.get("name") if isinstance(codec, dict) else codec
         if name not in CODECS:
-            return f"uses codec {name!r}; a reader decodes only {sorted(CODECS)}"
+            return f"uses codec {shown(name)}; a reader decodes only {sorted(CODECS)}"
         if name != "sharding_indexed":
             continue
         conf = codec.get("configuration")
@@ -130,11 +138,11 @@ def array_problem(meta: Any, shape: tuple[int, ...]) -> str | None:
     if not isinstance(meta, dict) or meta.get("node_type") != "array":
         return "is not an array"
     if meta.get("zarr_format") != 3:
-        return f"is Zarr format {meta.get('zarr_format')!r}; only Zarr v3 is read"
+        return f"is Zarr format {shown(meta.get('zarr_format'))}; only Zarr v3 is read"
     if not isinstance(meta.get("shape"), list) or tuple(meta["shape"]) != shape:
-        return f"has shape {meta.get('shape')!r}, expected {list(shape)}"
+        return f"has shape {shown(meta.get('shape'))}, expected {list(shape)}"
     if meta.get("data_type") not in DATA_TYPES:
-        return f"has data type {meta.get('data_type')!r}, expected a plain numeric type"
+        return f"has data type {shown(meta.get('data_type'))}, expected a plain numeric type"
     if not _fill_fits(meta.get("fill_value"), meta["data_type"]):
         fill = repr(meta.get("fill_value"))
         fill = fill if len(fill) <= 40 else fill[:37] + "..."

@@ -208,6 +208,35 @@ def test_absurd_array_metadata_is_refused_before_allocation(zarr_store, edit, ki
     assert "values" in out
 
 
+HUGE = list(range(200_000))  # a million and a half characters of JSON
+
+
+@pytest.mark.parametrize(
+    ("array", "edit"),
+    [
+        ("values", {"data_type": "x" * 1_000_000}),
+        ("values", {"shape": HUGE}),
+        ("values", {"zarr_format": HUGE}),
+        ("values", {"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": HUGE}}}),
+        ("values", {"codecs": [{"name": "z" * 1_000_000}]}),
+        ("", {"zarr_format": HUGE}),
+    ],
+    ids=["data-type", "shape", "format", "chunk-shape", "codec", "group-format"],
+)
+def test_metadata_values_are_quoted_cut_short(zarr_store, array, edit, kit):
+    """A problem quotes a zarr.json value cut to 60 characters: a shape of 200,000 numbers
+    made a problem line of a million and a half characters."""
+    shard = zarr_store / manifest(zarr_store)["shards"][0]["path"]
+    path = shard / array / "zarr.json"
+    meta = json.loads(path.read_text())
+    meta.update(edit)
+    path.write_text(json.dumps(meta))
+    kit.reseal(zarr_store)
+    problems = open_store(str(zarr_store)).verify()
+    assert len(problems) == 1 and "shards/000000.zarr" in problems[0], problems
+    assert len(problems[0]) < 300, problems[0][:300]
+
+
 @pytest.mark.parametrize(
     ("array", "fill", "refused_fill"),
     [
