@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -258,14 +259,29 @@ def token_ids(teacher: TeacherBuckets) -> Tensor:
     return torch.where(tok_valid, teacher.ids, teacher.ids.gather(1, first))
 
 
-def student_tail_lse(zt: Tensor, teacher: TeacherBuckets) -> Tensor:
-    """``(n,)`` ``logsumexp`` of the student logits ``zt`` ``(n, V)`` over the tail ``V \\ S'``.
+class _TailLogSumExp(torch.autograd.Function):
+    """``logsumexp`` over the tail columns; saves nothing of ``(n, V)`` size but ``zt`` itself
+    (``torch.logsumexp`` of a masked copy would keep the copy until backward)."""
 
-    ``S'`` is masked with the most negative finite value rather than ``-inf``, so that an empty
-    tail has a finite result (it is absent) and a finite gradient.
-    """
-    fill = torch.finfo(zt.dtype).min
-    return torch.logsumexp(zt.scatter(1, token_ids(teacher), fill), dim=-1)
+    @staticmethod
+    def forward(ctx: Any, zt: Tensor, at: Tensor) -> Tensor:  # type: ignore[override]
+        # S' gets the most negative finite value, not -inf: an empty tail stays finite.
+        out = torch.logsumexp(zt.scatter(1, at, torch.finfo(zt.dtype).min), dim=-1)
+        ctx.save_for_backward(zt, at, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        zt, at, out = ctx.saved_tensors
+        # softmax over the tail; the clamp only touches S' (zeroed next), so no exp overflows.
+        g = (zt - out[:, None]).clamp_(max=0.0).exp_().mul_(grad[:, None])
+        return g.scatter_(1, at, 0.0), None
+
+
+def student_tail_lse(zt: Tensor, teacher: TeacherBuckets) -> Tensor:
+    """``(n,)`` ``logsumexp`` of the student logits ``zt`` ``(n, V)`` over the tail ``V \\ S'``
+    (where the tail is empty, a finite value of no consequence: the bucket is absent)."""
+    return _TailLogSumExp.apply(zt, token_ids(teacher))
 
 
 def student_buckets(

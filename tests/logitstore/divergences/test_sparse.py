@@ -438,6 +438,26 @@ def test_float32_keeps_a_confident_students_tail_and_its_pull(fused):
     torch.testing.assert_close(z32.grad.double(), want_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_sparse_loss_keeps_no_copy_of_the_logits_for_backward():
+    # The tail's log-sum-exp over a masked copy of the logits kept that copy until backward:
+    # twice the logits' memory held by the materialising path.
+    z, u, labels = data(8, seed=19)
+    ids, vals, tail, lab, _ = teacher_cache(u, labels, 3)
+    z = z.clone().requires_grad_(True)
+    held: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() >= z.numel():
+            held[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    for name in DIVERGENCES:
+        held.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            sparse_loss(name, z, ids, vals, tail, lab, labels, **PARAMS[name])
+        assert set(held) <= {z.untyped_storage().data_ptr()}, name
+
+
 def test_a_repeated_support_id_is_refused_not_counted_twice():
     # A repeated id is one token in two buckets: its mass counted twice and the student's tail
     # short by as much (fkl was 0.33 nats off, rkl 0.09); the draw counts' value as well.
