@@ -103,6 +103,12 @@ def evaluate_store(trainer: Any, data: StoreDataset, prefix: str) -> dict[str, f
 
     start = time.perf_counter()
     model = trainer._wrap_model(trainer.model, training=False)
+    args = trainer.args
+    if not trainer.is_in_train and (args.fp16_full_eval or args.bf16_full_eval):
+        # As Trainer's evaluation loop does: for a full half-precision evaluation Trainer leaves
+        # the student where it was loaded, to be cast and placed here outside training.
+        half = torch.float16 if args.fp16_full_eval else torch.bfloat16
+        model = model.to(dtype=half, device=args.device)
     if len(trainer.accelerator._models) == 0 and (
         trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     ):

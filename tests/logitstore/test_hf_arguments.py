@@ -119,6 +119,24 @@ def test_liger_kernels_run_in_the_body_and_the_loss_stays_the_distillation_loss(
     assert with_liger == pytest.approx(losses(), rel=1e-6)
 
 
+def test_a_full_half_precision_evaluation_outside_training_casts_the_student(
+    store, tiny_student_dir, tmp_path
+):
+    # With bf16_full_eval Trainer leaves the student where it was loaded, for its evaluation
+    # loop to cast and place it; KDTrainer's evaluation took it as it was: in float32 here, and
+    # on the CPU beside inputs on the GPU there (evaluate() before train() failed).
+    def evaluation(cast: bool, **settings) -> float:
+        model = AutoModelForCausalLM.from_pretrained(tiny_student_dir, dtype=torch.float32)
+        model = model.to(torch.bfloat16) if cast else model
+        trainer = KDTrainer(model, args(tmp_path, **settings), store, tokens_per_batch=128)
+        found = trainer.evaluate(eval_dataset=store)["eval_loss"]
+        assert next(trainer.model.parameters()).dtype == torch.bfloat16
+        return found
+
+    cast = evaluation(True)  # the student cast to bfloat16 by hand, evaluated as it is
+    assert evaluation(False, bf16_full_eval=True) == pytest.approx(cast, rel=1e-6)
+
+
 def test_load_best_model_at_end_keeps_and_loads_the_best_checkpoint(
     store, tiny_student_dir, tmp_path
 ):
