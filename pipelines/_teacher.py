@@ -394,5 +394,8 @@ def fit_codec(
         return codec, None
     with torch.inference_mode():
         logits, ids = forwarded = forward_batch(teacher.model, sample, teacher.device)
-        rows = torch.cat([z for _, z, _ in window_logits(logits, ids, sample)])
-    return codec.fit(rows), forwarded
+        # One copy of the positions, in the model's dtype: ranking them needs no float32 (a
+        # float32 copy of each window, then of them all, was four times the batch's bf16 logits).
+        with memory_hint(sample):
+            rows = torch.cat([logits[b, : w.num_tokens - 1] for b, w in enumerate(sample)])
+            return codec.fit(rows), forwarded

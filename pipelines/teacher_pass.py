@@ -12,7 +12,8 @@ one dict, ``state``; the store itself is the checkpoint: committed shards are sk
 Memory: at most three batches of logits are alive (one in the forward, one queued, one being
 encoded), plus a few float32 ``(T, V)`` temporaries of one window while it is encoded (one
 copy of its logits when the model does not run in float32). The first batch is run once: the
-codec is fitted on it (top-k's id order) and the loop reuses its logits.
+codec is fitted on it (top-k's id order; one copy of its positions' logits in the model's dtype)
+and the loop reuses its logits.
 
 Shard policy: windows (see ``pipelines/_data.py``) in source order, ``docs_per_shard`` per
 shard; shard ``i`` belongs to rank ``i % world_size``. Inside a shard, windows are sorted by

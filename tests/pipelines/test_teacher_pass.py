@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import logitstore
@@ -347,6 +349,47 @@ def test_codec_is_fitted_on_the_first_batch_and_reused_on_resume(
         SettingsMismatchError, match="codec configuration.k is 8 in the store but 9"
     ):
         run(tiny_teacher_dir, text_jsonl, out, resume=True, **{**kw, "k": 9})
+
+
+class Allocations(TorchDispatchMode):
+    """Bytes of every new storage an operator returns (a view or an in-place op adds none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        seen = {t.untyped_storage().data_ptr() for t in leaves}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
+def test_fitting_the_codec_copies_the_first_batch_once_in_the_model_dtype(
+    tiny_teacher_dir, text_jsonl, monkeypatch
+):
+    """Fitting happens before the loop, beside the first batch's logits: its copy of them must
+    not outweigh them (it made a float32 copy of each window, then one of them all: four times
+    a bf16 batch's logits, where the loop holds one float32 window)."""
+    import logitstore.pipelines._teacher as teacher_module
+    from logitstore.codecs import get_codec
+    from logitstore.pipelines._data import build_windows
+
+    teacher = teacher_module.load_teacher(str(tiny_teacher_dir), dtype="bfloat16", device="cpu")
+    windows = build_windows(load_rows(str(text_jsonl), limit=4), teacher.tokenizer, max_length=64)
+    with torch.inference_mode():
+        forwarded = teacher_module.forward_batch(teacher.model, windows, teacher.device)
+    monkeypatch.setattr(teacher_module, "forward_batch", lambda *args: forwarded)
+    with Allocations() as allocated:
+        codec, reused = teacher_module.fit_codec(get_codec("topk", k=8), teacher, windows)
+    assert reused is forwarded and len(codec.hot_ids) > 8
+    logits = forwarded[0]
+    assert logits.dtype == torch.bfloat16 and len(windows) > 2
+    assert allocated.bytes < 1.5 * logits.nbytes, (allocated.bytes, logits.nbytes)
 
 
 def test_compression_level_changes_bytes_not_values(tmp_path, tiny_teacher_dir, text_jsonl):
