@@ -8,6 +8,14 @@ group, and turns it into a message and a non-zero exit.
 from __future__ import annotations
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` as a message quotes a value read from a store: control characters
+    escaped, cut to ``limit`` characters (a stranger's value may be a megabyte long; a message
+    stays one line a person reads)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in repr(value)[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class LogitstoreError(Exception):
     """Base class of every error raised on purpose by logitstore."""
 

@@ -27,6 +27,7 @@ from logitstore.errors import (
     FormatVersionError,
     ManifestError,
     UnsafePathError,
+    shown,
 )
 
 FORMAT_VERSION = 2
@@ -502,7 +503,7 @@ def check_format_version(data: Mapping[str, Any], what: str) -> None:
     version = data["format_version"]
     if version not in SUPPORTED_FORMAT_VERSIONS or isinstance(version, bool):
         raise FormatVersionError(
-            f"{what} has format version {version!r}; this reader supports "
+            f"{what} has format version {shown(version)}; this reader supports "
             f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}"
         )
 

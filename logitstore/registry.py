@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Generic, TypeVar
 
-from logitstore.errors import UnknownNameError
+from logitstore.errors import UnknownNameError, shown
 
 T = TypeVar("T")
 
@@ -27,7 +27,7 @@ class Registry(Mapping[str, T], Generic[T]):
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries))
-            raise UnknownNameError(f"unknown {self.family} {name!r}; known: {known}") from None
+            raise UnknownNameError(f"unknown {self.family} {shown(name)}; known: {known}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

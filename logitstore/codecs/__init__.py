@@ -21,7 +21,7 @@ from logitstore.codecs.fidelity import (
 )
 from logitstore.codecs.sampled import Sampled
 from logitstore.codecs.topk import TopK
-from logitstore.errors import ConfigError, ManifestError
+from logitstore.errors import ConfigError, ManifestError, shown
 from logitstore.registry import Registry
 
 CODECS: Registry[type[Codec]] = Registry(
@@ -41,7 +41,7 @@ def get_codec(name: str, **params: Any) -> Codec:
     unknown = set(params) - known
     if unknown:
         raise ConfigError(
-            f"codec {name!r} has no parameters {sorted(unknown)}; known: {sorted(known)}"
+            f"codec {name!r} has no parameters {shown(sorted(unknown), 120)}; known: {sorted(known)}"
         )
     return cls(**params)
 
@@ -49,7 +49,7 @@ def get_codec(name: str, **params: Any) -> Codec:
 def codec_from_json(data: Mapping[str, Any]) -> Codec:
     """The codec a manifest's ``{"name", "version", "configuration"}`` entry describes."""
     if not isinstance(data, Mapping) or "name" not in data:
-        raise ManifestError(f"expected a codec entry with a 'name', found {data!r}")
+        raise ManifestError(f"expected a codec entry with a 'name', found {shown(data)}")
     return CODECS[data["name"]].from_json(data)
 
 

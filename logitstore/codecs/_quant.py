@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from logitstore.errors import ConfigError
+from logitstore.errors import ConfigError, shown
 
 # (levels, compander scale a) per quantized option; part of the codec version.
 GRIDS: dict[str, tuple[int, float]] = {"q8": (256, 4.0), "q6": (64, 3.0), "q4": (16, 4.0)}
@@ -36,7 +36,7 @@ VALUE_OPTIONS = (*GRIDS, *FLOAT_VALUES)
 
 def check_values(values: str) -> None:
     if values not in VALUE_OPTIONS:
-        raise ConfigError(f"values must be one of {list(VALUE_OPTIONS)}, found {values!r}")
+        raise ConfigError(f"values must be one of {list(VALUE_OPTIONS)}, found {shown(values)}")
 
 
 def grid(values: str) -> np.ndarray:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from logitstore.errors import ConfigError, FormatVersionError
+from logitstore.errors import ConfigError, FormatVersionError, shown
 
 
 @dataclass(frozen=True)
@@ -178,10 +178,10 @@ class Codec(ABC):
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Codec:
         if data.get("name") != cls.name:
-            raise ConfigError(f"expected codec {cls.name!r}, found {data.get('name')!r}")
+            raise ConfigError(f"expected codec {cls.name!r}, found {shown(data.get('name'))}")
         if data.get("version") != cls.version:
             raise FormatVersionError(
-                f"codec {cls.name!r} version {data.get('version')!r} is not supported; "
+                f"codec {cls.name!r} version {shown(data.get('version'))} is not supported; "
                 f"this reader knows version {cls.version}"
             )
         config = dict(data.get("configuration", {}))
@@ -189,6 +189,7 @@ class Codec(ABC):
         unknown = set(config) - known
         if unknown:
             raise ConfigError(
-                f"codec {cls.name!r} has no parameters {sorted(unknown)}; known: {sorted(known)}"
+                f"codec {cls.name!r} has no parameters {shown(sorted(unknown), 120)}; known: "
+                f"{sorted(known)}"
             )
         return cls(**config)

@@ -25,7 +25,7 @@ import torch
 
 from logitstore.codecs import _checks, _quant, _scalars
 from logitstore.codecs.base import Codec, FieldSpec, Positions
-from logitstore.errors import ConfigError
+from logitstore.errors import ConfigError, shown
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Dense(Codec):
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in (8, 4):
-            raise ConfigError(f"bits must be 8 or 4, found {self.bits!r}")
+            raise ConfigError(f"bits must be 8 or 4, found {shown(self.bits)}")
 
     @property
     def _values(self) -> str:

@@ -40,13 +40,13 @@ import torch
 
 from logitstore.codecs import _checks, _ids, _quant, _scalars, _select
 from logitstore.codecs.base import Codec, FieldSpec, Positions
-from logitstore.errors import ConfigError
+from logitstore.errors import ConfigError, shown
 
 
 def check_size(name: str, value: object, vocab_size: int | None = None) -> None:
     """Refuse a support size that is not a positive integer or exceeds the vocabulary."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, found {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, found {shown(value)}")
     if vocab_size is not None and value > vocab_size:
         raise ConfigError(f"{name}={value} exceeds the vocabulary size {vocab_size}")
 

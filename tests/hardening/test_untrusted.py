@@ -236,6 +236,33 @@ def test_a_store_downloaded_into_the_hub_cache_reads_through_its_links(store, tm
         open_store(str(snapshot))
 
 
+LONG = "x" * 1_000_000
+LONG_EDITS = {
+    "codec-name": lambda m: m["codec"].update(name=LONG),
+    "codec-version": lambda m: m["codec"].update(version=LONG),
+    "backend": lambda m: m.update(backend=LONG),
+    "format-version": lambda m: m.update(format_version=LONG),
+    "parameters": lambda m: m["codec"]["configuration"].update(dict.fromkeys(
+        (f"p{i}" * 20 for i in range(20_000)), 1)),
+    "values": lambda m: m["codec"]["configuration"].update(values=LONG),
+    "k": lambda m: m["codec"]["configuration"].update(k=list(range(100_000))),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("edit", sorted(LONG_EDITS))
+def test_long_manifest_values_are_quoted_cut_short(store, edit, kit):
+    """A refusal quotes the manifest's value cut short: a codec name, backend, version or
+    parameter of a megabyte was quoted whole, in a line of a megabyte."""
+    data = manifest(store)
+    LONG_EDITS[edit](data)
+    rewrite(store, data)
+    with pytest.raises(LogitstoreError) as info:
+        open_store(str(store))
+    assert len(str(info.value)) < 300, str(info.value)[:300]
+    result = kit.invoke("inspect", store)
+    assert result.exit_code == 2 and len(result.output) < 300, result.output[:300]
+
+
 # -- no code from the store ----------------------------------------------------------------
 
 
