@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from logitstore.codecs.base import FieldSpec
-from logitstore.errors import CorruptShardError
+from logitstore.errors import CorruptShardError, shown
 from logitstore.format import MAX_EXPANSION
 from logitstore.storage._parquet_pages import PageError, walk
 from logitstore.storage._remote import describe, printable
@@ -153,7 +153,7 @@ class ParquetBackend(Backend):
         if set(files) != {shard_path}:
             raise CorruptShardError(
                 f"shard {shard_path}: expected the single file {shard_path!r}, "
-                f"found {sorted(files)}"
+                f"found {len(files)} files: {shown(sorted(files), 120)}"
             )
         pf = _open(files[shard_path], shard_path)
         names = pf.schema_arrow.names

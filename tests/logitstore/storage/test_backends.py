@@ -123,6 +123,30 @@ def test_backend_encode_is_deterministic_and_round_trips(backend, kit):
         impl.decode(path, one, specs, expected_positions=arrays.num_positions + 1)
 
 
+def test_a_parquet_shard_of_many_files_is_refused_in_a_short_line(kit):
+    """On an object store a key may lie below a shard file's own key: a parquet shard listed
+    with 4,000 such files is refused naming how many, its names cut short (they were all
+    quoted: a line of 900,000 characters)."""
+    codec = kit.make_codec("sampled")
+    docs = kit.make_documents(codec, 2, 7)
+    specs = codec.fields(300, 1)
+    offsets = np.concatenate([[0], np.cumsum([len(d.input_ids) for d in docs])])
+    arrays = ShardArrays(
+        doc_ids=[d.doc_id for d in docs],
+        offsets=offsets,
+        input_ids=np.concatenate([d.input_ids for d in docs]).astype(np.int64),
+        loss_mask=np.concatenate([d.loss_mask for d in docs]),
+        fields={k: np.concatenate([d.fields[k] for d in docs]) for k in specs},
+    )
+    impl = BACKENDS["parquet"]
+    path = "shards/000000.parquet"
+    files = impl.encode(path, arrays, specs, vocab_size=300, compression_level=5)
+    files.update({f"{path}/{'f' * 200}{i}": b"x" for i in range(4000)})
+    with pytest.raises(CorruptShardError, match="4001 files") as info:
+        impl.decode(path, files, specs, expected_positions=arrays.num_positions)
+    assert len(str(info.value)) < 300, str(info.value)[:300]
+
+
 def test_token_dtype_scales_with_the_vocabulary():
     assert token_dtype(256) == np.uint8
     assert token_dtype(49152) == np.uint16
