@@ -340,6 +340,11 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
     error: BaseException | None = None
     if rank == 0:
         try:
+            if cfg.resume and stored_settings(cfg.out, cfg.storage_options) is None:
+                # Not refused: a job requeued with the same command line starts with --resume.
+                print(
+                    f"note: resume: no store at {cfg.out} yet; starting a new one", file=sys.stderr
+                )
             writer = StoreWriter(cfg.out, mode="resume" if cfg.resume else "create", **open_args)
         except LogitstoreError as exc:
             error = exc

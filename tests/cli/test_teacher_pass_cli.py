@@ -109,3 +109,17 @@ def test_a_home_relative_path_in_a_yaml_config_is_expanded(
     assert result.exit_code == 0, result.output
     assert [d.doc_id for d in store] == [d.doc_id for d in logitstore.open_store(str(direct))]
     assert store.manifest["teacher"] == logitstore.open_store(str(direct)).manifest["teacher"]
+
+
+def test_resume_says_when_there_is_no_store_to_resume(tmp_path, tiny_teacher_dir, text_jsonl):
+    """A mistyped --out with --resume started over without a word (hours of a big teacher)."""
+    out = tmp_path / "store"
+    args = ("--teacher", str(tiny_teacher_dir), "--data", str(text_jsonl), "--out", str(out),
+            "--max-length", "40", "--limit", "2", "--no-progress", "--resume")  # fmt: skip
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert f"resume: no store at {out} yet; starting a new one" in first.stderr
+    assert logitstore.open_store(str(out)).num_documents > 0
+    again = invoke(*args)  # a store there: resumed, with no note
+    assert again.exit_code == 0, again.output
+    assert "no store" not in again.stderr and "wrote 0 of 1 shards" in again.stdout
