@@ -246,10 +246,35 @@ def loads(raw: bytes, what: str) -> dict[str, Any]:
             non_finite.append(text[:20])
         return value
 
+    repeated: list[str] = []  # keys given twice in one object: parsed, then refused
+
+    def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs) and not repeated:
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    repeated.append(key)
+                    break
+                seen.add(key)
+        return out
+
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_constant, parse_float=_float)
+        data = json.loads(
+            raw.decode("utf-8"),
+            parse_constant=_constant,
+            parse_float=_float,
+            object_pairs_hook=_object,
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         raise ManifestError(f"{what} is not valid JSON: {exc}") from None
+    if repeated:
+        # JSON leaves a repeated key's meaning open: another reader (a checker, the Hub's
+        # viewer) may take the first value where Python takes the last
+        raise ManifestError(
+            f"{what} is not valid JSON: the key {shown(repeated[0])} appears twice in one object; "
+            "the format writes each key once"
+        )
     if non_finite:
         raise ManifestError(
             f"{what} is not valid JSON: field {_first_non_finite(data)} holds {non_finite[0]}; "

@@ -263,6 +263,32 @@ def test_long_manifest_values_are_quoted_cut_short(store, edit, kit):
     assert result.exit_code == 2 and len(result.output) < 300, result.output[:300]
 
 
+@pytest.mark.parametrize(
+    ("owner", "key", "first"),
+    [("", "shards", []), ("codec", "name", "dense"), ("shards[0]", "sha256", "0" * 64)],
+)
+def test_a_key_given_twice_in_the_manifest_is_refused(store, owner, key, first, kit):
+    """JSON leaves a repeated key's meaning open: Python takes the last value, another checker
+    may take the first (a store one tool verifies and another reads otherwise). A manifest
+    that repeats a key is refused, naming the key."""
+    data = manifest(store)
+    obj = data if not owner else data["codec"] if owner == "codec" else data["shards"][0]
+    twice = "{" + f"{json.dumps(key)}: {json.dumps(first)}, " + json.dumps(obj)[1:]
+    if not owner:
+        raw = twice
+    else:
+        if owner == "codec":
+            data["codec"] = "@@"
+        else:
+            data["shards"][0] = "@@"
+        raw = json.dumps(data).replace('"@@"', twice)
+    (store / "manifest.json").write_text(raw)
+    with pytest.raises(ManifestError, match=f"key '{key}' appears twice"):
+        open_store(str(store))
+    result = kit.invoke("inspect", store)
+    assert result.exit_code == 2 and "appears twice" in result.output, result.output
+
+
 # -- no code from the store ----------------------------------------------------------------
 
 
