@@ -18,6 +18,7 @@ backward only scales them; memory is one ``chunk_size x V`` buffer plus ``O(N K 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -106,12 +107,23 @@ class _FusedLinearBucketLoss(torch.autograd.Function):
         scale: float,
         chunk_size: int,
         want: tuple[bool, bool],
+        softcap: float | None = None,
     ) -> Tensor:
         # Logits in float32 even under autocast (docs/divergences.md, section 1): autocast would
         # run the matmul in bf16 here.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             grad_h, grad_w, total = _FusedLinearBucketLoss._run(
-                hidden, weight, objective, params, teacher, target, tau, scale, chunk_size, want
+                hidden,
+                weight,
+                objective,
+                params,
+                teacher,
+                target,
+                tau,
+                scale,
+                chunk_size,
+                want,
+                softcap,
             )
         ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_h, grad_w)))
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -130,6 +142,7 @@ class _FusedLinearBucketLoss(torch.autograd.Function):
         scale: float,
         chunk_size: int,
         want: tuple[bool, bool],
+        softcap: float | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor]:
         """The chunk loop: ``(grad_hidden (n, H) | None, grad_weight (V, H) | None, loss)``."""
         dtype = compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
@@ -142,6 +155,13 @@ class _FusedLinearBucketLoss(torch.autograd.Function):
             stop = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:stop].to(dtype)
             logits = h @ w.T
+            capped = None
+            if softcap is not None and (need_h or need_w):
+                # Gemma 2's cap: z = c tanh(x / c), so dz/dx = 1 - tanh^2 (kept for the gradient).
+                capped = logits.div(softcap).tanh_()
+                torch.mul(capped, softcap, out=logits)
+            elif softcap is not None:
+                logits.div_(softcap).tanh_().mul_(softcap)
             part, grad = _chunk_grads(
                 objective,
                 params,
@@ -154,11 +174,13 @@ class _FusedLinearBucketLoss(torch.autograd.Function):
             )
             total += part
             if grad is not None:
+                if capped is not None:
+                    grad.mul_(capped.square_().neg_().add_(1.0))
                 if grad_h is not None:
                     grad_h[start:stop] = grad @ w
                 if grad_w is not None:
                     grad_w.addmm_(grad.T, h)
-            del logits, grad
+            del logits, grad, capped
         return grad_h, grad_w, total
 
     @staticmethod
@@ -170,7 +192,7 @@ class _FusedLinearBucketLoss(torch.autograd.Function):
         one = bool(grad_out.eq(1).all())
         gh = (grad_h if one else grad_h * grad_out).to(ctx.dtypes[0]) if need_h else None
         gw = (grad_w if one else grad_w * grad_out).to(ctx.dtypes[1]) if need_w else None
-        return (gh, gw) + (None,) * 8
+        return (gh, gw) + (None,) * 9
 
 
 def fused_sparse_loss(
@@ -190,6 +212,7 @@ def fused_sparse_loss(
     approximate_tail: bool = False,
     support_counts: Tensor | None = None,
     tau_squared: bool = False,
+    softcap: float | None = None,
     **params: Any,
 ) -> Tensor:
     """Sum of per-token sparse losses over ``num_items``, from hidden states, chunked.
@@ -215,6 +238,9 @@ def fused_sparse_loss(
             float32 weight gradient ``V * H * 4``.
         temperature, tail_logsumexp, approximate_tail, support_counts, tau_squared: as in
             ``sparse_loss``.
+        softcap: the student's logits are ``softcap * tanh(hidden @ lm_head_weight.T /
+            softcap)``, as Gemma 2's forward caps them (``final_logit_softcapping``); None:
+            the product itself.
         **params: the objective's parameters.
 
     Returns:
@@ -239,6 +265,7 @@ def fused_sparse_loss(
         approximate_tail=approximate_tail,
         support_counts=support_counts,
         tau_squared=tau_squared,
+        softcap=softcap,
     )
 
 
@@ -260,6 +287,7 @@ def fused_bucket_loss(
     approximate_tail: bool = False,
     support_counts: Tensor | None = None,
     tau_squared: bool = False,
+    softcap: float | None = None,
 ) -> Tensor:
     """:func:`fused_sparse_loss` for an already resolved objective and parameters (what a
     :class:`~logitstore.divergences.DistillationLoss` calls on every micro-batch)."""
@@ -272,6 +300,7 @@ def fused_bucket_loss(
         )
     if int(chunk_size) < 1:
         raise ConfigError(f"chunk_size must be a positive integer; found {chunk_size!r}")
+    softcap = check_softcap(softcap)
     n = hidden.shape[0]
     if labels.shape != (n,):
         raise DataError(f"labels must be ({n},); found {tuple(labels.shape)}")
@@ -304,5 +333,28 @@ def fused_bucket_loss(
     grad_on = torch.is_grad_enabled()
     want = (grad_on and hidden.requires_grad, grad_on and lm_head_weight.requires_grad)
     return _FusedLinearBucketLoss.apply(
-        h, lm_head_weight, objective, resolved, teacher, target, tau, scale, int(chunk_size), want
+        h,
+        lm_head_weight,
+        objective,
+        resolved,
+        teacher,
+        target,
+        tau,
+        scale,
+        int(chunk_size),
+        want,
+        softcap,
     )
+
+
+def check_softcap(softcap: float | None) -> float | None:
+    """``softcap`` as a float, or None; a clean error for anything but a finite positive one."""
+    if softcap is None:
+        return None
+    try:
+        value = float(softcap)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"softcap must be a positive number or None; found {softcap!r}")
+    return value

@@ -166,6 +166,7 @@ class DistillationLoss:
         weight: Tensor,
         batch: Mapping[str, Any],
         num_items: float | Tensor | None = None,
+        softcap: float | None = None,
     ) -> Tensor:
         """Summed per-token loss over the batch's trained tokens, divided by ``num_items``.
 
@@ -176,6 +177,8 @@ class DistillationLoss:
                 ``tail_logmass``, ``label_logprob``, ``tail_logsumexp``, ``support_counts``).
             num_items: the divisor, the trained tokens of the whole optimizer step (all
                 micro-batches and ranks); default: this batch's.
+            softcap: the student's logits are ``softcap * tanh(hidden @ weight.T /
+                softcap)`` (Gemma 2's ``final_logit_softcapping``); None: the product itself.
         """
         counts = batch.get("support_counts") if self.use_counts else None
         if self.use_counts and counts is None:
@@ -200,10 +203,16 @@ class DistillationLoss:
             approximate_tail=self.approximate_tail,
             support_counts=counts,
             tau_squared=self.tau_squared,
+            softcap=softcap,
         )
         if self.ce_weight:
             loss = loss + self.ce_weight * cross_entropy(
-                hidden, weight, batch["labels"], num_items=num_items, chunk_size=self.chunk_size
+                hidden,
+                weight,
+                batch["labels"],
+                num_items=num_items,
+                chunk_size=self.chunk_size,
+                softcap=softcap,
             )
         return loss
 
@@ -236,6 +245,7 @@ def cross_entropy(
     *,
     num_items: float | Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    softcap: float | None = None,
 ) -> Tensor:
     """Cross-entropy with the labels without full logits: FKL against a one-hot teacher.
 
@@ -257,4 +267,5 @@ def cross_entropy(
         labels,
         num_items=num_items,
         chunk_size=chunk_size,
+        softcap=softcap,
     )

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from logitstore.divergences._buckets import NEG, compute_dtype, token_ids
-from logitstore.divergences._fused import DEFAULT_CHUNK_SIZE
+from logitstore.divergences._fused import DEFAULT_CHUNK_SIZE, check_softcap
 from logitstore.divergences._losses import bucket_loss, prepare_teacher, valid_rows
 from logitstore.divergences._registry import resolve
 from logitstore.errors import ConfigError, DataError
@@ -108,6 +108,7 @@ def distillation_metrics(
     *,
     entropy: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    softcap: float | None = None,
 ) -> DistillationMetrics:
     """Every metric of the module docstring, per valid token, in one chunked pass.
 
@@ -121,12 +122,15 @@ def distillation_metrics(
         labels: ``(N,)`` int64 labels, ``-100`` ignored.
         entropy: ``(N,)`` the teacher's entropy in nats as stored, or None.
         chunk_size: tokens per chunk (memory about ``chunk_size * V * 4`` bytes).
+        softcap: the student's logits are ``softcap * tanh(hidden @ lm_head_weight.T /
+            softcap)`` (Gemma 2's ``final_logit_softcapping``); None: the product itself.
 
     Returns:
         A :class:`DistillationMetrics` of the valid tokens.
     """
     if int(chunk_size) < 1:
         raise ConfigError(f"chunk_size must be a positive integer; found {chunk_size!r}")
+    softcap = check_softcap(softcap)
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
         raise DataError(
             f"hidden (N, H) and lm_head_weight (V, H) disagree: {tuple(hidden.shape)}, "
@@ -170,6 +174,8 @@ def distillation_metrics(
         stop = min(start + int(chunk_size), h_all.shape[0])
         # One (c, V) buffer: logits, then shifted logits, then exp, then exp * log(exp).
         z = h_all[start:stop].to(dtype) @ w.T
+        if softcap is not None:
+            z.div_(softcap).tanh_().mul_(softcap)
         zg = z.gather(1, teacher.ids[start:stop])
         zmax, arg = z.max(dim=1)
         s = z.sub_(zmax[:, None]).exp_().sum(dim=1)
@@ -212,6 +218,7 @@ def batch_metrics(
     batch: Mapping[str, Any],
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    softcap: float | None = None,
 ) -> DistillationMetrics:
     """:func:`distillation_metrics` on one collated batch (``logitstore.dataset``).
 
@@ -221,6 +228,7 @@ def batch_metrics(
         batch: from ``collate_documents``: ``support_ids``, ``support_logprobs``,
             ``tail_logmass``, ``label_logprob``, ``labels`` and, if present, ``entropy``.
         chunk_size: tokens per chunk.
+        softcap: as in :func:`distillation_metrics`.
     """
     return distillation_metrics(
         hidden,
@@ -232,6 +240,7 @@ def batch_metrics(
         batch["labels"],
         entropy=batch.get("entropy"),
         chunk_size=chunk_size,
+        softcap=softcap,
     )
 
 

@@ -201,3 +201,59 @@ def test_autocast_does_not_lower_the_logit_precision():
         got = fused("rkl", hidden, weight, cache, chunk_size=8)
     for a, b in zip(got, want):
         close(a, b)
+
+
+def capped_reference(name, hidden, weight, cache, num_items, cap, **kw):
+    """``reference`` with Gemma 2's cap on the materialised logits, through plain autograd."""
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    logits = cap * torch.tanh((h.float() @ w.float().T) / cap)
+    loss = sparse_loss(name, logits, *cache, **kw).sum() / num_items
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    return loss.detach(), gh, gw
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "drkl", "jsd", "tvd"])
+def test_a_softcap_caps_the_logits_in_value_and_in_both_gradients(name):
+    # Gemma 2's forward gives cap * tanh(hidden @ head.T / cap); the fused loss took the bare
+    # product. A cap of 1.5 on weights * 6 keeps most logits in tanh's bend.
+    hidden, weight, cache, tail_lse = batch(seed=7)
+    weight = weight * 6.0
+    n_valid = int((cache[-1] != -100).sum())
+    prm = PARAMS.get(name, {})
+    want = capped_reference(name, hidden, weight, cache, n_valid, 1.5, **prm)
+    got = fused(name, hidden, weight, cache, chunk_size=8, softcap=1.5, **prm)
+    for a, b in zip(got, want):
+        close(a, b)
+    assert not torch.allclose(fused(name, hidden, weight, cache, **prm)[0], want[0], rtol=1e-2)
+    kw = {"temperature": 2.0, "tail_logsumexp": tail_lse}
+    want = capped_reference(name, hidden, weight, cache, n_valid, 1.5, **prm, **kw)
+    got = fused(name, hidden, weight, cache, chunk_size=5, softcap=1.5, **prm, **kw)
+    for a, b in zip(got, want):
+        close(a, b)
+
+
+@pytest.mark.parametrize("softcap", [0.0, -1.0, math.inf, math.nan, "cap"])
+def test_a_softcap_must_be_a_positive_number(softcap):
+    hidden, weight, cache, _ = batch(seed=8)
+    with pytest.raises(ConfigError, match="softcap"):
+        fused_sparse_loss("fkl", hidden, weight, *cache, softcap=softcap)
+
+
+@pytest.mark.parametrize("cap", [None, 1.5])
+def test_the_ce_term_is_cross_entropy_of_the_students_own_logits(cap):
+    from logitstore.divergences.loss import cross_entropy
+
+    hidden, weight, cache, _ = batch(seed=9)
+    weight = weight * 6.0
+    labels = cache[-1]
+    h = hidden.clone().requires_grad_(True)
+    logits = h @ weight.T
+    logits = logits if cap is None else cap * torch.tanh(logits / cap)
+    want = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    (want_grad,) = torch.autograd.grad(want, h)
+    h = hidden.clone().requires_grad_(True)
+    got = cross_entropy(h, weight, labels, chunk_size=8, softcap=cap)
+    (got_grad,) = torch.autograd.grad(got, h)
+    close(got.detach(), want.detach())
+    close(got_grad, want_grad)

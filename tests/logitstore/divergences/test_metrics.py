@@ -49,9 +49,11 @@ def setup(seed: int, *, sampled: bool = False) -> tuple[torch.Tensor, torch.Tens
     return hidden, weight, batch, {"teacher": lp}
 
 
-def reference(hidden, weight, batch, lp) -> list[dict]:
-    """Per valid token, every metric from dense float64 distributions."""
-    logq = torch.log_softmax(hidden @ weight.T, dim=-1).numpy()
+def reference(hidden, weight, batch, lp, cap: float | None = None) -> list[dict]:
+    """Per valid token, every metric from dense float64 distributions (logits capped as
+    ``cap * tanh(z / cap)`` with a ``cap``)."""
+    z = hidden @ weight.T
+    logq = torch.log_softmax(z if cap is None else cap * torch.tanh(z / cap), dim=-1).numpy()
     logp = lp.numpy()
     out = []
     for i, y in enumerate(batch["labels"].tolist()):
@@ -129,6 +131,18 @@ def test_per_token_metrics_match_full_logit_computation(sampled):
     assert m.top1_agreement.tolist() == [r["student_top1"] == r["teacher_top1"] for r in ref]
     assert m.student_hit.tolist() == [r["student_top1"] == r["label"] for r in ref]
     assert m.teacher_hit.tolist() == [r["teacher_top1"] == r["label"] for r in ref]
+
+
+def test_a_softcap_is_measured_on_the_capped_logits():
+    # Gemma 2's logits are cap * tanh(hidden @ head.T / cap): evaluation measured the bare product.
+    hidden, weight, batch, dense = setup(3)
+    m = batch_metrics(hidden, weight, batch, chunk_size=4, softcap=2.0)
+    ref = reference(hidden, weight, batch, dense["teacher"], cap=2.0)
+    for key in ("fkl", "rkl", "student_top1_prob", "student_entropy"):
+        want = torch.tensor([r[key] for r in ref], dtype=torch.float64)
+        torch.testing.assert_close(getattr(m, key), want, rtol=1e-9, atol=1e-10)
+    bare = batch_metrics(hidden, weight, batch, chunk_size=4)
+    assert not torch.allclose(bare.fkl, m.fkl, rtol=1e-2)
 
 
 def test_sampled_support_lets_the_label_be_the_teachers_top1():
