@@ -63,9 +63,16 @@ def eval_datasets(
     tokens_per_batch: int,
     train: Mapping[str, Any],
     storage_options: dict[str, Any] | None,
+    counts: bool = False,
 ) -> StoreDataset | dict[str, StoreDataset]:
     """Held-out stores (a store URL, an opened store or a ``StoreDataset(shuffle=False)``, or a
-    dict of them), each read once in store order and split across the run's ranks."""
+    dict of them), each read once in store order and split across the run's ranks; with
+    ``counts`` (an objective of draw counts, RS-KD) each must hold them.
+
+    Raises:
+        ConfigError: a held-out store without draw counts for an objective of them, here
+            rather than at the first evaluation, which may come after hours of training.
+    """
 
     def one(held_out: Any) -> StoreDataset:
         data = StoreDataset.for_process(
@@ -81,7 +88,14 @@ def eval_datasets(
             raise ConfigError(
                 "an evaluation StoreDataset reads each document once: make it with shuffle=False"
             )
-        check_held_out(train, data.store.manifest, str(getattr(data.store, "url", "given")))
+        where = str(getattr(data.store, "url", "given"))
+        check_held_out(train, data.store.manifest, where)
+        if counts and not data.store.codec.has_counts:
+            raise ConfigError(
+                f"the evaluation store {where} has no draw counts (codec "
+                f"{data.store.codec.name}); the objective uses them (use_counts, RS-KD): "
+                "expected a sampled store, as the training store is"
+            )
         return data
 
     if isinstance(source, Mapping):

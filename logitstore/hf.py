@@ -241,11 +241,11 @@ class KDTrainer(Trainer):
         vocab = int(manifest["vocab_size"])
         check_student(causal_lm(model), manifest, kwargs.get("processing_class"))
         patch_for_distillation(model, loss, vocab)
+        self._eval_settings = (tokens_per_batch, manifest, storage_options, loss.use_counts)
         if kwargs.get("eval_dataset") is not None:
             kwargs["eval_dataset"] = eval_datasets(
-                kwargs["eval_dataset"], args, tokens_per_batch, manifest, storage_options
+                kwargs["eval_dataset"], args, *self._eval_settings
             )
-        self._eval_settings = (tokens_per_batch, manifest, storage_options)
         # Checkpoints are rotated here, counting complete ones only (see the module docstring),
         # and the read position is restored from them rather than by re-reading batches.
         self._keep = args.save_total_limit

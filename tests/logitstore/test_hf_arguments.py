@@ -465,6 +465,19 @@ def test_counts_on_a_store_without_them_are_refused_when_built(store, tiny_stude
         KDTrainer(model=model, args=args(tmp_path), train_dataset=store, use_counts=True)
 
 
+def test_an_evaluation_store_without_counts_for_an_objective_of_counts_is_refused_when_built(
+    store, tiny_store, tiny_student_dir, tmp_path
+):
+    # Such a store failed at the first evaluation, after eval_steps of training, inside the loss.
+    sampled = tiny_store(tmp_path / "sampled", codec="sampled", draws=20, max_length=64, limit=1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    given = args(tmp_path / "run", eval_strategy="steps", eval_steps=2)
+    with pytest.raises(ConfigError, match=f"store {store} has no draw counts \\(codec topk\\)"):
+        KDTrainer(model, given, sampled, use_counts=True, eval_dataset={"a": sampled, "b": store})
+    trainer = KDTrainer(model, given, sampled, use_counts=True, eval_dataset=sampled)
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
+
+
 def test_taid_schedule_sees_each_steps_loss_over_its_micro_batches(
     store, tiny_student_dir, tmp_path
 ):
