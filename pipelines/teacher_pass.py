@@ -22,7 +22,8 @@ stores them in source order. Sampled codecs draw from a generator seeded by ``(s
 so the stored bytes do not depend on batching, ranks or restarts.
 
 Multi-process: launched by ``torchrun`` (``WORLD_SIZE > 1``), rank 0 reads and tokenizes the
-data first and the others then read its windows from the ``datasets`` cache; rank 0 creates or
+data first and the others then read its windows from the ``datasets`` cache (on a node that does
+not share its cache, that node's first rank makes them, then the others read); rank 0 creates or
 resumes the store, the others join it, each writes its own shards, and rank 0 writes the
 manifest after every rank succeeded. Run as ``python -m logitstore.pipelines.teacher_pass`` with the options of
 ``logitstore teacher-pass``.
@@ -42,6 +43,7 @@ The settings (``TeacherPassConfig``) live in ``pipelines/_teacher_config.py``, t
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -168,16 +170,19 @@ def _datasets_bars(show: bool) -> Iterator[None]:
 
 
 def _rank_0_first(work: Callable[[], _T], rank: int, world: int, what: str) -> _T:
-    """``work()`` on rank 0, then on the other ranks, which find its results in the cache.
+    """``work()`` on rank 0, then on the first rank of each other node, then on the rest.
 
     Rank 0 downloads and prepares the dataset and writes its windows into ``datasets``' cache;
-    the other ranks wait, then find both there (on a machine that does not share rank 0's
-    cache, they compute them again, with the same result). A failure on any rank stops all.
+    the other ranks wait, then find both there. A node that does not share rank 0's cache (its
+    own disk) computes them once, in its first rank's turn, and its other ranks find them in
+    its cache (they all computed them at once, each with ``num_proc`` processes). A failure on
+    any rank stops all.
     """
     result: _T | None = None
     error: BaseException | None = None
-    for turn in (True, False):  # rank 0's turn, then everyone else's
-        if (rank == 0) == turn:
+    mine = 0 if rank == 0 else 1 if int(os.environ.get("LOCAL_RANK", rank)) == 0 else 2
+    for turn in (0, 1, 2):  # rank 0's turn, each node's first rank's, everyone else's
+        if mine == turn:
             try:
                 result = work()
             except LogitstoreError as exc:

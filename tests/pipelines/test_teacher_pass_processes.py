@@ -200,3 +200,54 @@ def test_ranks_wait_for_a_slow_rank_past_the_collective_timeout(
     assert sorted(re.findall(r"wrote (\d+) of 1 shards", result.stdout)) == ["0", "1"]
     ref = reference(tmp_path, tiny_teacher_dir, text_jsonl, threads=1, **settings)
     assert tree(out) == tree(ref)
+
+
+COUNT_TOKENIZING = """
+import os, sys
+
+import logitstore.pipelines._data as data
+from logitstore.cli import main
+
+texts = []
+real = data.tokenize_text
+data.tokenize_text = lambda tokenizer, text: texts.append(text) or real(tokenizer, text)
+main(["teacher-pass", *sys.argv[1:]], standalone_mode=False)
+print(f"rank {os.environ['RANK']} tokenized {len(texts)} texts")
+"""
+
+
+@pytest.mark.slow  # four ranks, about 20 s on two cores: make test-all
+def test_a_node_without_rank_0s_cache_tokenizes_once_not_once_per_rank(
+    tmp_path, tiny_teacher_dir, text_jsonl
+):
+    """Two nodes of two ranks, each node with its own datasets cache (a node's local disk)."""
+    import socket
+
+    settings = {**SETTINGS, "docs_per_shard": 10}
+    script, out = tmp_path / "count.py", tmp_path / "ranks"
+    script.write_text(COUNT_TOKENIZING)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = "-m torch.distributed.run --nnodes 2 --nproc-per-node 2 --master-addr 127.0.0.1"
+    launch = [sys.executable, *options.split(), "--master-port", str(port)]
+    args = [str(script), *cli_args(tiny_teacher_dir, text_jsonl, out, **settings)]
+    nodes = [
+        subprocess.Popen(
+            [*launch, "--node-rank", str(node), *args],
+            cwd=ROOT,
+            env={**env(), "HF_DATASETS_CACHE": str(tmp_path / f"cache-{node}")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr[-3000:]
+    counts = dict(re.findall(r"rank (\d) tokenized (\d+) texts", "".join(o for o, _ in outputs)))
+    rows = settings["limit"]
+    assert {r: int(n) for r, n in counts.items()} == {"0": rows, "1": 0, "2": rows, "3": 0}
+    ref = reference(tmp_path, tiny_teacher_dir, text_jsonl, threads=1, **settings)
+    assert tree(out) == tree(ref)
