@@ -35,12 +35,19 @@ METRIC_NAMES = {"fkl": "teacher_kl", "rkl": "teacher_rkl"}
 """Summary keys renamed as training logs them."""
 
 
+def _vocabulary(manifest: Mapping[str, Any]) -> Any:
+    """The teacher pass's fingerprint of its vocabulary in ``manifest``, if any."""
+    tokenizer = manifest.get("tokenizer")
+    return tokenizer.get("vocab_sha256") if isinstance(tokenizer, Mapping) else None
+
+
 def check_held_out(train: Mapping[str, Any], held_out: Mapping[str, Any], where: str) -> None:
     """Refuse a held-out store (manifest ``held_out``, named ``where``) that the objective built
     for the training store's manifest ``train`` cannot read alike.
 
     Raises:
-        TokenizerMismatchError: the vocabulary sizes differ.
+        TokenizerMismatchError: the vocabulary sizes differ, or the vocabularies the teacher
+            passes fingerprinted (one size, other ids: Llama 2's and Mistral's 32000).
         ConfigError: the extra captured temperatures differ (the objective reads their tail
             columns by position).
     """
@@ -48,6 +55,13 @@ def check_held_out(train: Mapping[str, Any], held_out: Mapping[str, Any], where:
         raise TokenizerMismatchError(
             f"the evaluation store {where} has vocabulary size {held_out['vocab_size']}; the "
             f"training store's is {train['vocab_size']}"
+        )
+    theirs_ids, ours_ids = _vocabulary(held_out), _vocabulary(train)
+    if theirs_ids and ours_ids and theirs_ids != ours_ids:
+        raise TokenizerMismatchError(
+            f"the evaluation store {where} was written with another vocabulary than the "
+            f"training store (vocab_sha256 {str(theirs_ids)[:12]}..., the training store's "
+            f"{str(ours_ids)[:12]}...): its token ids mean other text"
         )
     theirs, ours = tail_temperatures(held_out) or [], tail_temperatures(train) or []
     if list(theirs) != list(ours):

@@ -478,6 +478,30 @@ def test_an_evaluation_store_without_counts_for_an_objective_of_counts_is_refuse
     assert math.isfinite(trainer.evaluate()["eval_loss"])
 
 
+def test_an_evaluation_store_of_another_vocabulary_of_one_size_is_refused(
+    store, tiny_teacher_dir, tiny_student_dir, tiny_tokenizer, text_jsonl, tmp_path
+):
+    # Llama 2's and Mistral's vocabularies both have 32000 ids: an evaluation store of the
+    # other was measured as if its ids were the training store's, without a word.
+    from transformers import AutoTokenizer
+
+    from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+
+    teacher = Path(shutil.copytree(tiny_teacher_dir, tmp_path / "teacher"))
+    spec = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = (t for t, i in vocab.items() if i in (200, 201))
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # one size, two ids swapped
+    (teacher / "tokenizer.json").write_text(json.dumps(spec))
+    assert AutoTokenizer.from_pretrained(teacher).decode([200]) != tiny_tokenizer.decode([200])
+    other = tmp_path / "other"
+    run_teacher_pass(TeacherPassConfig(teacher=str(teacher), data=str(text_jsonl), out=str(other),
+                                       k=16, max_length=64, limit=1, progress=False))  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    with pytest.raises(TokenizerMismatchError, match="written with another vocabulary"):
+        KDTrainer(model, args(tmp_path / "run"), store, eval_dataset=str(other))
+
+
 def test_taid_schedule_sees_each_steps_loss_over_its_micro_batches(
     store, tiny_student_dir, tmp_path
 ):
