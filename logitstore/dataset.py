@@ -37,12 +37,13 @@ Prefetch. Each reader decodes and collates in a background thread, ``prefetch`` 
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,12 +82,46 @@ def _block_rows(items: Sequence[_Item]) -> Positions | None:
     return block.slice(items[0].row, row)
 
 
-@dataclass
-class _Window:
-    """Shards to decode and the global indices of the documents to emit, in order."""
+VERIFY_WINDOW_DOCUMENTS = 1 << 20
+"""A window whose shards the manifest says hold more documents than this has those counts read
+from the shards themselves before its document indices (8 bytes each, then permuted) are built:
+a manifest is anyone's file, and one claiming 2^34 documents in a 5 KB store made the loader
+allocate 128 GiB before reading a shard."""
 
-    shards: list[int]
-    docs: np.ndarray
+
+class _Window:
+    """Shards to decode and the global indices of the documents to emit, in order.
+
+    An epoch's plan holds each window's count only: its shards' order and its indices are built
+    when the stream reaches it (or fetches ahead into it) and released once it is read, so a
+    loader holds a window or two of indices, never an epoch's.
+
+    Attributes:
+        count: the documents this stream emits from the window.
+    """
+
+    def __init__(self, count: int, build: Callable[[], tuple[list[int], np.ndarray]]) -> None:
+        self.count = count
+        self._build = build
+        self._built: tuple[list[int], np.ndarray] | None = None
+
+    def _get(self) -> tuple[list[int], np.ndarray]:
+        if self._built is None:
+            self._built = self._build()
+        return self._built
+
+    @property
+    def shards(self) -> list[int]:
+        """The shards in the order their documents first come (read and fetched in it)."""
+        return self._get()[0]
+
+    @property
+    def docs(self) -> np.ndarray:
+        """Global indices of the documents to emit, in order."""
+        return self._get()[1]
+
+    def release(self) -> None:
+        self._built = None
 
 
 def _range(r: Any) -> tuple[int, int]:
@@ -332,10 +367,12 @@ class StoreDataset(IterableDataset):
         by_shard = len(ranges) >= num_streams
         mine = order[stream::num_streams] if by_shard else order
         first_docs = np.array([r[0] for r in ranges], dtype=np.int64)
-        windows = []
-        position = 0  # position in the global stream, for the document-split fallback
-        for w, start in enumerate(range(0, len(mine), self.shuffle_window)):
-            shards = [int(j) for j in mine[start : start + self.shuffle_window]]
+
+        def build(w: int, shards: list[int], position: int) -> tuple[list[int], np.ndarray]:
+            read = getattr(store, "read_shard_arrays", None)
+            if read and sum(ranges[j][1] - ranges[j][0] for j in shards) > VERIFY_WINDOW_DOCUMENTS:
+                for j in shards:  # the counts, as the shards hold them (raises if they differ)
+                    read(j)
             docs = np.concatenate(
                 [np.arange(*ranges[j], dtype=np.int64) for j in shards] or [np.zeros(0, np.int64)]
             )
@@ -343,15 +380,24 @@ class StoreDataset(IterableDataset):
                 seq = [self.seed, epoch, w] + ([stream, num_streams] if by_shard else [])
                 docs = docs[np.random.default_rng(seq).permutation(len(docs))]
             if not by_shard:
-                keep = (position + np.arange(len(docs))) % num_streams == stream
-                position += len(docs)
-                docs = docs[keep]
+                docs = docs[(position + np.arange(len(docs))) % num_streams == stream]
             # The shards in the order their documents first come (the order they are read and
             # fetched ahead in); a shard none of whose documents this stream keeps is not read.
             owner = np.searchsorted(first_docs, docs, side="right") - 1
             _, first = np.unique(owner, return_index=True)  # (no Python int per document)
-            shards = owner[np.sort(first)].tolist()
-            windows.append(_Window(shards, docs))
+            return owner[np.sort(first)].tolist(), docs
+
+        windows = []
+        position = 0  # position in the global stream, for the document-split fallback
+        for w, start in enumerate(range(0, len(mine), self.shuffle_window)):
+            shards = [int(j) for j in mine[start : start + self.shuffle_window]]
+            n = sum(ranges[j][1] - ranges[j][0] for j in shards)
+            count = n
+            if not by_shard:  # positions p in [position, position + n) with p % streams == stream
+                count = len(range(position + (stream - position) % num_streams, position + n,
+                                  num_streams))  # fmt: skip
+            windows.append(_Window(count, functools.partial(build, w, shards, position)))
+            position += n
         return windows
 
     def _documents(self, windows: list[_Window], skip: int) -> Iterator[_Item]:
@@ -359,13 +405,21 @@ class StoreDataset(IterableDataset):
         # Read-ahead: the store fetches the next shards of this stream's order in background
         # threads while these are decoded and trained on (it matters for remote stores); the
         # shard read first is fetched by that read, here, unless it is in flight already.
-        order = [j for window in windows for j in window.shards]
-        ahead, seen = getattr(store, "readahead", 0), 0
+        ahead = getattr(store, "readahead", 0)
         by_block = hasattr(store, "read_block")
-        for window in windows:
-            if skip >= len(window.docs):
-                skip -= len(window.docs)
-                seen += len(window.shards)
+
+        def order(w: int, first: int, count: int) -> list[int]:
+            """``count`` shards of the read order from window ``w``'s shard ``first`` on (the
+            windows ahead are built as the read-ahead reaches them)."""
+            out: list[int] = []
+            while w < len(windows) and len(out) < count:
+                out += windows[w].shards[first : first + count - len(out)]
+                w, first = w + 1, 0
+            return out
+
+        for w, window in enumerate(windows):
+            if skip >= window.count:  # (resuming: a window read before is not built)
+                skip -= window.count
                 continue
             wanted = window.docs[skip:]
             skip = 0
@@ -373,24 +427,22 @@ class StoreDataset(IterableDataset):
                 # The window's documents decoded in the order they are emitted: a batch of
                 # consecutive ones is then one slice of the block (collation copies nothing).
                 if ahead:
-                    store.prefetch(
-                        order[seen : seen + len(window.shards) + ahead], caller_reads_first=True
-                    )
-                seen += len(window.shards)
+                    store.prefetch(order(w, 0, len(window.shards) + ahead), caller_reads_first=True)
                 docs, block = store.read_block(wanted)
+                window.release()
                 row = 0
                 for doc in docs:
                     yield _Item(doc, block, row)
                     row += doc.num_tokens - 1
                 continue
             decoded: dict[int, Document] = {}
-            for j in window.shards:
+            for i, j in enumerate(window.shards):
                 if ahead:
-                    store.prefetch(order[seen : seen + 1 + ahead], caller_reads_first=True)
-                seen += 1
+                    store.prefetch(order(w, i, 1 + ahead), caller_reads_first=True)
                 start, _ = _range(store.shard_document_range(j))
                 for offset, doc in enumerate(store.read_shard(j)):
                     decoded[start + offset] = doc
+            window.release()
             for index in wanted:
                 yield _Item(decoded[int(index)], None, 0)
 

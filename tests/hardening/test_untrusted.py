@@ -759,6 +759,26 @@ def test_document_counts_beyond_the_shards_bytes_are_refused_at_opening(store, d
         next(iter(StoreDataset(str(store), tokens_per_batch=64, shuffle=False)))
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_document_counts_of_declared_file_sizes_are_read_before_a_loader_plans_them(store, shuffle):
+    """A manifest may declare a file of 512 GiB for a shard of a few KB, and 2^34 documents in
+    it, within the bound of 256 times the declared bytes. The loader sized its plan of the epoch
+    from those counts before reading a shard: 128 GiB of document indices. Now a window's
+    counts beyond a million are read from its shards first, which refuse them."""
+    data = manifest(store)
+    entry = data["shards"][0]
+    entry["documents"], entry["tokens"] = 2**34, 2**34 + entry["positions"]
+    entry["files"][0][1] = 2**39
+    entry["bytes"] = sum(size for _, size in entry["files"])
+    for key in ("documents", "tokens", "bytes"):
+        data["statistics"][key] = sum(s[key] for s in data["shards"])
+    rewrite(store, data)
+    assert len(open_store(str(store))) > 2**34  # opens: the bound holds for what is declared
+    dataset = StoreDataset(str(store), tokens_per_batch=64, shuffle=shuffle, shuffle_window=2)
+    with pytest.raises(CorruptShardError, match=entry["path"]):
+        next(iter(dataset))
+
+
 def test_document_offsets_count_toward_a_shards_declared_size(store):
     # Consistent counts, with as many one-token documents as the shard's bytes allow tokens:
     # each needs an 8-byte offset too.
