@@ -6,11 +6,12 @@ single-process run needs no ``torchrun``. The group uses NCCL when this rank's d
 and gloo otherwise. Both stages, the teacher pass and training, use these.
 
 Waits: where ranks wait for one another (rank 0 preparing the data or the store, ranks with fewer
-shards waiting for the others at the end, rank 0 writing the manifest), they meet in a gloo group
-of their own with :data:`WAIT_TIMEOUT`. In the default group such a wait is one collective, and
-its timeout (ten minutes under NCCL, thirty under gloo) would end the run when the wait is longer
-(tokenizing a large dataset; an hour's shard one rank has more than the others). A rank that
-dies does not keep the others waiting: its sockets close, and theirs fail.
+shards waiting for the others at the end, rank 0 writing the manifest), they meet in a group of
+their own over every rank, of the default group's backend, with :data:`WAIT_TIMEOUT`. In the
+default group such a wait is one collective, and its timeout (ten minutes under NCCL, thirty
+under gloo) would end the run when the wait is longer (tokenizing a large dataset; an hour's
+shard one rank has more than the others). A rank that dies does not keep the others waiting:
+torchrun stops the others.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from logitstore.errors import ConfigError, LogitstoreError
 WAIT_TIMEOUT = timedelta(hours=24)
 """How long a rank waits for the others in :func:`agree` and :func:`barrier`."""
 
-_waits: Any = None  # the gloo group of the waits, made by init_processes
+_waits: Any = None  # the group of the waits, made by init_processes
 
 
 def parse_device(name: str | None) -> torch.device:
@@ -88,7 +89,7 @@ def init_processes(device: torch.device) -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    _waits = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    _waits = dist.new_group(timeout=WAIT_TIMEOUT)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -121,7 +122,12 @@ def agree(error: BaseException | None, world: int, what: str) -> None:
     group's timeout.
     """
     if world > 1:
-        flag = torch.tensor([0 if error is None else 1])
+        on = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(_waits) == "nccl"
+            else None
+        )  # NCCL reduces CUDA tensors only
+        flag = torch.tensor([0 if error is None else 1], device=on)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_waits)
         if error is None and int(flag.item()):
             raise LogitstoreError(f"another rank failed during {what}; see its error")
