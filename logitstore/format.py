@@ -400,7 +400,18 @@ def check_relative_path(path: Any, what: str = "path") -> str:
         raise UnsafePathError(
             f"{what} {_shown(path)} holds a glob character ({_GLOB}); expected plain file names"
         )
+    device = next((p for p in path.split("/") if _DEVICE.fullmatch(p.split(".")[0])), None)
+    if device is not None:
+        # on Windows, "shards/CON.parquet" opens the console (a read that waits for typing),
+        # "NUL" the null device, "COM1" a serial port: whatever folder they are in
+        raise UnsafePathError(
+            f"{what} {_shown(path)} names the Windows device {device!r}; expected plain file names"
+        )
     return path
+
+
+_DEVICE = re.compile(r"(?i)(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³]|conin\$|conout\$) *")
+"""A name Windows reads as a device, with any extension (``NUL.txt`` is ``NUL`` too)."""
 
 
 def build_settings(

@@ -153,6 +153,21 @@ def test_names_too_long_for_any_filesystem_are_refused_in_a_short_line(store, fo
     assert len(result.output) < 400 and "bytes long" in result.output, result.output[:500]
 
 
+@pytest.mark.parametrize("device", ["CON", "nul.parquet", "COM1", "lpt9.zarr", "AUX"])
+def test_windows_device_names_in_manifest_paths_are_refused(store, device):
+    """On Windows a file named CON (with any extension, in any folder) is the console: a
+    read of it waits for typing; NUL, COM1, LPT9 are devices too. Such a name is refused when
+    the store is opened, on every platform (a writer never makes one)."""
+    data = manifest(store)
+    entry = data["shards"][0]
+    old, new = entry["path"], f"shards/{device}"
+    entry["path"] = new
+    entry["files"] = [[new + n[len(old) :], size] for n, size in entry["files"]]
+    rewrite(store, data)
+    with pytest.raises(UnsafePathError, match="Windows device"):
+        open_store(str(store))
+
+
 def test_a_file_entry_outside_its_shard_is_refused(store):
     data = manifest(store)
     data["shards"][0]["files"][0][0] = data["shards"][1]["files"][0][0]
