@@ -177,7 +177,8 @@ def _http_heads(fs: Any, paths: list[str], ends: list[int]) -> list[bytes | Base
         headers = {**kwargs.pop("headers", {}), "Range": f"bytes=0-{max(end - 1, 0)}"}
         try:
             session = await fs.set_session()
-            async with session.get(fs.encode_url(path), headers=headers, **kwargs) as response:
+            url = fs.encode_url(path) if hasattr(fs, "encode_url") else path
+            async with session.get(url, headers=headers, **kwargs) as response:
                 fs._raise_not_found_for_status(response, path)
                 out = bytearray()
                 while len(out) < end:
