@@ -43,13 +43,16 @@ def args(out: Path, **kw) -> TrainingArguments:
     ("setting", "found"),
     [({"label_smoothing_factor": 0.1}, "expected 0, found 0.1"),
      ({"auto_find_batch_size": True}, "expected False, found True"),
-     ({"train_sampling_strategy": "sequential"}, "expected random, found sequential")],
+     ({"train_sampling_strategy": "sequential"}, "expected random, found sequential"),
+     ({"per_device_train_batch_size": 2}, "expected 8, found 2"),
+     ({"per_device_eval_batch_size": 32}, "expected 8, found 32")],
 )  # fmt: skip
 def test_settings_of_trainers_own_loss_and_loader_are_refused_not_ignored(
     store, tiny_student_dir, tmp_path, setting, found
 ):
     # KDTrainer replaces Trainer's label loss and its loader, so these would change nothing:
-    # with label_smoothing_factor=0.1 the losses were those without it.
+    # with label_smoothing_factor=0.1 the losses were those without it, and with
+    # per_device_train_batch_size=2 the micro-batches those of tokens_per_batch.
     model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
     given = args(tmp_path, **setting)
     with pytest.raises(ConfigError, match=f"{next(iter(setting))} .*; {found}"):
