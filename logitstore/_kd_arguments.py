@@ -24,7 +24,8 @@ _UNUSED = {
     "auto_find_batch_size": (False, "halves per_device_train_batch_size after an out-of-memory "
     "error; KDTrainer's micro-batches are tokens_per_batch padded tokens (lower that instead)"),
     "per_device_train_batch_size": (8, "is rows per micro-batch of Trainer's loader; KDTrainer's "
-    "micro-batches are tokens_per_batch padded tokens of whole documents (set that instead)"),
+    "micro-batches are tokens_per_batch padded tokens of whole documents (set that instead, and "
+    "a DeepSpeed config's train_micro_batch_size_per_gpu as \"auto\")"),
     "per_device_eval_batch_size": (8, "is rows per batch of Trainer's evaluation loader; "
     "KDTrainer's evaluation reads tokens_per_batch padded tokens a batch, as training does"),
     "train_sampling_strategy": ("random", "picks Trainer's sampler of a map-style dataset; a store "
