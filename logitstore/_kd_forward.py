@@ -5,6 +5,11 @@ final hidden states and the head weight without ``[batch, seq, vocab]`` logits; 
 does the same for the sparse teacher. The loss runs as the output head module's own forward,
 so engines that shard the head (FSDP, DeepSpeed ZeRO-3) gather it in their hooks; a head split
 by transformers' tensor parallelism is gathered here.
+
+The logits are the head's product with the final hidden states, plus the head's bias if it has
+one (Phi-2, GPT-J). A student whose own forward does more is refused rather than trained on
+logits it never gives: a cap or scale after the head (Gemma 2, Granite, Cohere), a loss of its
+own beside the logits' (a mixture of experts' load balancing), PEFT adapters on the head.
 """
 
 from __future__ import annotations
