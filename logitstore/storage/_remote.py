@@ -186,7 +186,8 @@ def _http_heads(fs: Any, paths: list[str], ends: list[int]) -> list[bytes | Base
                     if not chunk:
                         break
                     out += chunk
-                response.close()  # (what is left of a longer body is not read)
+                if not response.content.at_eof():
+                    response.close()  # what is left of a longer body is dropped, never read
                 return bytes(out)
         except Exception as exc:  # one path's failure, as cat_ranges(on_error="return")
             return exc
