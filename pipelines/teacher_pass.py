@@ -53,7 +53,7 @@ import torch
 import torch.distributed
 
 from logitstore.codecs import Codec, codec_from_json
-from logitstore.errors import ConfigError, LogitstoreError
+from logitstore.errors import ConfigError, LogitstoreError, StoreNotFoundError
 from logitstore.pipelines._data import (
     ISOLATION,
     WINDOWING_POLICY,
@@ -357,6 +357,13 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
     if rank != 0:
         try:
             writer = StoreWriter(cfg.out, mode="join", **open_args)
+        except StoreNotFoundError:
+            error = ConfigError(
+                f"rank {rank} does not see the store rank 0 has just opened at {cfg.out}: every "
+                "rank writes into one store, so --out must be storage they all share (a shared "
+                "filesystem or an object store; memory:// is each process's own, a local disk "
+                "each machine's)"
+            )
         except LogitstoreError as exc:
             error = exc
     agree(error, world, "joining the store")

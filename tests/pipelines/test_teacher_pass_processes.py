@@ -251,3 +251,22 @@ def test_a_node_without_rank_0s_cache_tokenizes_once_not_once_per_rank(
     assert {r: int(n) for r, n in counts.items()} == {"0": rows, "1": 0, "2": rows, "3": 0}
     ref = reference(tmp_path, tiny_teacher_dir, text_jsonl, threads=1, **settings)
     assert tree(out) == tree(ref)
+
+
+def test_an_out_the_ranks_do_not_share_is_refused_saying_so(tiny_teacher_dir, text_jsonl):
+    """memory:// is each process's own, as a local disk is each machine's: rank 1 cannot join
+    the store rank 0 created (it said 'no store to join ... the first process must open it
+    with mode='create' or 'resume'', a mode the user never chose)."""
+    args = cli_args(tiny_teacher_dir, text_jsonl, Path("x"), **SETTINGS)
+    args[args.index("--out") + 1] = "memory://unshared-store"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "logitstore.pipelines.teacher_pass", *args,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert (
+        "error: rank 1 does not see the store rank 0 has just opened at memory://unshared-store: "
+        "every rank writes into one store, so --out must be storage they all share"
+    ) in result.stderr, result.stderr[-3000:]
+    assert not re.search(r"\[rank\d\]: Traceback", result.stderr)
