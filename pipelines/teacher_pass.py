@@ -169,18 +169,22 @@ def _datasets_bars(show: bool) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _rank_0_first(work: Callable[[], _T], rank: int, world: int, what: str) -> _T:
+def _rank_0_first(
+    work: Callable[[], _T], rank: int, world: int, what: str, cached: bool = True
+) -> _T:
     """``work()`` on rank 0, then on the first rank of each other node, then on the rest.
 
     Rank 0 downloads and prepares the dataset and writes its windows into ``datasets``' cache;
     the other ranks wait, then find both there. A node that does not share rank 0's cache (its
     own disk) computes them once, in its first rank's turn, and its other ranks find them in
-    its cache (they all computed them at once, each with ``num_proc`` processes). A failure on
+    its cache (they all computed them at once, each with ``num_proc`` processes). Work that is
+    not ``cached`` (a stream) takes no node turn: it would only wait for itself. A failure on
     any rank stops all.
     """
     result: _T | None = None
     error: BaseException | None = None
-    mine = 0 if rank == 0 else 1 if int(os.environ.get("LOCAL_RANK", rank)) == 0 else 2
+    node_first = cached and int(os.environ.get("LOCAL_RANK", rank)) == 0
+    mine = 0 if rank == 0 else 1 if node_first else 2
     for turn in (0, 1, 2):  # rank 0's turn, each node's first rank's, everyone else's
         if mine == turn:
             try:
@@ -316,8 +320,9 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
     )  # fmt: skip
     with _datasets_bars(bars):
         windows = _rank_0_first(
-            lambda: _windows(cfg, source, tokenizer), rank, world, "tokenizing the data"
-        )
+            lambda: _windows(cfg, source, tokenizer), rank, world, "tokenizing the data",
+            cached=not cfg.streaming,
+        )  # fmt: skip
     teacher = teacher or load_teacher(
         cfg.teacher,
         gguf_file=cfg.gguf_file,

@@ -132,3 +132,21 @@ def test_under_torchrun_only_rank_0_tokenizes(tmp_path, tiny_teacher_dir, text_j
     assert {d.doc_id.split("/")[0] for d in store.iter_documents()} == {
         f"docs.jsonl:{i}" for i in range(1, 5)
     }
+
+
+@pytest.mark.parametrize(
+    ("rank", "local_rank", "cached", "turn"),
+    [(0, 0, True, 0), (1, 1, True, 2), (2, 0, True, 1), (3, 1, True, 2),
+     (2, 0, False, 2)],  # a stream is read again by every rank: a node's first rank waits for none
+)  # fmt: skip
+def test_each_node_tokenizes_after_rank_0_and_before_its_other_ranks(
+    monkeypatch, rank, local_rank, cached, turn
+):
+    """Two nodes of two ranks: the turn (collectives waited for before it) each rank works in."""
+    import logitstore.pipelines.teacher_pass as tp
+
+    waited: list[str] = []
+    monkeypatch.setattr(tp, "agree", lambda error, world, what: waited.append(what))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    assert tp._rank_0_first(lambda: len(waited), rank, 4, "work", cached=cached) == turn
+    assert waited == ["work"] * 3  # every rank takes part in every turn's check
