@@ -60,11 +60,25 @@ _LOSS_DEFAULTS = {
 
 
 def refuse_unused_settings(args: Any) -> None:
-    """Refuse a TrainingArguments setting of Trainer's own loss or loader (``_UNUSED``)."""
+    """Refuse a TrainingArguments setting of Trainer's own loss or loader (``_UNUSED``), and a
+    ``parallelism_config`` that splits each batch over ranks."""
     for name, (default, why) in _UNUSED.items():
         value = getattr(args, name, default)
         if value != default:
             raise ConfigError(f"{name} {why}; expected {default}, found {value}")
+    plan = getattr(args, "parallelism_config", None)
+    split = {k: int(getattr(plan, f"{k}_size", 1) or 1) for k in ("tp", "cp", "sp")}
+    if any(size > 1 for size in split.values()):
+        # The ranks of such a group must read one batch and split its sequences or weights;
+        # KDTrainer's loader gives every process its own documents, and the fused loss takes
+        # a rank's whole sequences with the teacher's side of all their positions.
+        raise ConfigError(
+            "parallelism_config splits each batch over ranks (tensor, context or sequence "
+            "parallelism), which KDTrainer does not train: its loader gives every process its "
+            "own documents; expected tp_size, cp_size and sp_size 1, found "
+            f"{', '.join(f'{k}_size={v}' for k, v in split.items())} (shard the student with "
+            "dp_shard_size, FSDP, or DeepSpeed ZeRO-3)"
+        )
 
 
 def refuse_unused_arguments(given: Mapping[str, Any]) -> None:

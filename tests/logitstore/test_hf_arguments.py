@@ -81,6 +81,21 @@ def test_trainer_arguments_kdtrainer_never_calls_are_refused_not_ignored(
     assert not called
 
 
+@pytest.mark.parametrize("size", ["cp_size", "tp_size"])
+def test_a_parallelism_config_that_splits_batches_over_ranks_is_refused(
+    store, tiny_student_dir, tmp_path, size
+):
+    # Context parallelism shards each batch's sequences over a group of ranks, which must all
+    # read that batch: KDTrainer's loader gives each rank its own documents, and the teacher's
+    # side of a batch is not split with the sequences.
+    from accelerate.parallelism_config import ParallelismConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    given = args(tmp_path, parallelism_config=ParallelismConfig(**{size: 2}))
+    with pytest.raises(ConfigError, match=f"^parallelism_config splits .*{size}=2"):
+        KDTrainer(model=model, args=given, train_dataset=store)
+
+
 def test_the_callers_arguments_are_left_as_given_and_reused(store, tiny_student_dir, tmp_path):
     given = args(tmp_path / "run", save_strategy="steps", save_steps=1, save_total_limit=1,
                  dataloader_num_workers=1)  # fmt: skip
