@@ -44,7 +44,7 @@ WINDOWING_POLICY = (
 )
 ISOLATION = "one window per sequence, right padding with an attention mask"
 # Bumped whenever tokenizing or windowing changes, so old cached windows are not reused.
-_WINDOWS_VERSION = 4
+_WINDOWS_VERSION = 5
 
 
 @dataclass
@@ -282,6 +282,41 @@ def without_nulls(value: Any) -> Any:
     return value
 
 
+def _text_parts(
+    tokenizer: Any, row_id: str, field: str, messages: list[Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """``messages`` with content given as parts (``[{"type": "text", "text": ...}]``, OpenAI's
+    form) made strings, where the template does not read parts: most text models' templates
+    write such a list as its Python repr (``[{'type': 'text', ...}]``), or fail on it.
+
+    Several text parts are joined by a newline (as vLLM does). A template that reads parts
+    itself renders them as they are.
+
+    Raises:
+        DataError: a part other than text, which such a template cannot render.
+    """
+    listed = [j for j, m in enumerate(messages) if isinstance(m.get("content"), list)]
+    if not listed:
+        return messages
+    try:
+        text = _render(tokenizer, messages, generation=False)
+        if not any(str(messages[j]["content"]) in text for j in listed):
+            return messages  # the template reads the parts
+    except Exception:  # noqa: BLE001 - a template raises whatever it likes on a list
+        pass
+    flat = list(messages)
+    for j in listed:
+        parts = messages[j]["content"]
+        if not all(isinstance(p, Mapping) and p.get("type") == "text" for p in parts):
+            kinds = sorted({str(p.get("type")) if isinstance(p, Mapping) else "?" for p in parts})
+            raise DataError(
+                f"row {row_id!r}: message {j} of {field!r} has parts of types {kinds}; the chat "
+                "template reads text alone (a string, or parts of type 'text')"
+            )
+        flat[j] = {**messages[j], "content": "\n".join(str(p.get("text", "")) for p in parts)}
+    return flat
+
+
 def _tokenize_row(tokenizer: Any, row_id: str, field: str, value: Any, chat: bool) -> tuple:
     if value is None:
         raise DataError(f"row {row_id!r} has no field {field!r} (missing or null)")
@@ -291,7 +326,7 @@ def _tokenize_row(tokenizer: Any, row_id: str, field: str, value: Any, chat: boo
         value = [without_nulls(m) for m in value]
         _check_messages(row_id, field, value)
         try:
-            return tokenize_chat(tokenizer, value)
+            return tokenize_chat(tokenizer, _text_parts(tokenizer, row_id, field, value))
         except LogitstoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - a template raises whatever it likes

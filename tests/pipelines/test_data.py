@@ -350,3 +350,47 @@ def test_a_conversation_the_assistant_opens_trains_its_replies_alone(tiny_tokeni
     assert tokenizer.decode(ids) == text and text.startswith("<|im_start|>system\nYou are")
     replies = "".join(m["content"] + "<|im_end|>\n" for m in chat if m["role"] == "assistant")
     assert tokenizer.decode(ids[trained]) == replies
+
+
+def as_parts(chat: list[dict]) -> list[dict]:
+    """``chat`` with each content given as OpenAI's parts: ``[{"type": "text", "text": ...}]``."""
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in chat]
+
+
+PARTS_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for p in m['content'] %}"
+    "{{ p['text'] }}{% endfor %}<|im_end|>\n{% endfor %}"
+)
+
+
+def test_content_given_as_text_parts_renders_as_its_text(tmp_path, tiny_tokenizer):
+    """A template of a text model wrote parts as their Python list (``[{'type': 'text', ...``)
+    into the teacher's input, or failed on them; they are the conversation's strings."""
+    path = tmp_path / "parts.jsonl"
+    path.write_text(json.dumps({"messages": as_parts(CHAT)}) + "\n")
+    strings = tokenize_chat(tiny_tokenizer, CHAT)
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    for template in (
+        tiny_tokenizer.chat_template,  # writes {{ content }}: a list's repr
+        tiny_tokenizer.chat_template.replace("{{ m['content'] }}", "{{ '' + m['content'] }}"),
+    ):  # ... or fails on a list (str + list, as SmolLM2's and Qwen2.5's templates do)
+        tokenizer.chat_template = template
+        (window,) = build_windows(
+            load_rows(str(path)), tokenizer, max_length=512, messages_field="messages"
+        )
+        np.testing.assert_array_equal(window.input_ids, strings[0])
+        np.testing.assert_array_equal(window.loss_mask, strings[1][1:])
+    # A template that reads parts renders them itself.
+    tokenizer.chat_template = PARTS_TEMPLATE
+    ids, _ = tokenize_chat(tokenizer, as_parts(CHAT))
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(as_parts(CHAT), tokenize=False)
+    assert "'type'" not in tokenizer.decode(ids)
+    # An image part is not text: refused, naming the types.
+    image = as_parts(CHAT)
+    image[1]["content"].append({"type": "image_url", "image_url": {"url": "x.png"}})
+    path.write_text(json.dumps({"messages": image}) + "\n")
+    tokenizer.chat_template = tiny_tokenizer.chat_template
+    with pytest.raises(
+        DataError, match=r"message 1 of 'messages' has parts of types \['image_url', 'text'\]"
+    ):
+        build_windows(load_rows(str(path)), tokenizer, max_length=512, messages_field="messages")
