@@ -7,6 +7,8 @@ group, and turns it into a message and a non-zero exit.
 
 from __future__ import annotations
 
+import re
+
 
 def shown(value: object, limit: int = 60) -> str:
     """``repr(value)`` as a message quotes a value read from a store: control characters
@@ -17,7 +19,34 @@ def shown(value: object, limit: int = 60) -> str:
 
 
 class LogitstoreError(Exception):
-    """Base class of every error raised on purpose by logitstore."""
+    """Base class of every error raised on purpose by logitstore.
+
+    Raised in a DataLoader worker process, an error reaches the main process rebuilt by
+    PyTorch from one string: "Caught X in DataLoader worker process N", then the worker's whole
+    traceback. Such a string is cut back to the error's own message, with where it was raised.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_from_worker(args[0], type(self)),)
+        super().__init__(*args)
+
+
+_WORKER = re.compile(
+    r"Caught (\w+) (in [^\n]*?)\.\nOriginal Traceback \(most recent call last\):\n"
+)
+
+
+def _from_worker(message: str, cls: type) -> str:
+    """``message`` as the worker raised it, when it is PyTorch's report of a worker's error."""
+    head = _WORKER.match(message)
+    if head is None or head.group(1) != cls.__name__:
+        return message
+    name = f"{cls.__module__}.{cls.__qualname__}: "
+    at = message.rfind("\n" + name)  # the traceback's last line: the error, as raised
+    if at < 0:
+        return message
+    return f"{message[at + 1 + len(name) :].strip()} ({head.group(2)})"
 
 
 class UnknownNameError(LogitstoreError, KeyError):

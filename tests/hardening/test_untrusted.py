@@ -304,6 +304,27 @@ def test_a_key_given_twice_in_the_manifest_is_refused(store, owner, key, first, 
     assert result.exit_code == 2 and "appears twice" in result.output, result.output
 
 
+def test_an_error_in_a_dataloader_worker_keeps_its_one_line_message(store):
+    """A damaged shard read in a DataLoader worker process: PyTorch rebuilds the error in the
+    main process from its whole traceback ("Caught CorruptShardError in DataLoader worker
+    process 0. Original Traceback ..."), which the CLI printed as one line of traceback. It
+    is the error's own message again, with where it was raised."""
+    from torch.utils.data import DataLoader
+
+    entry = manifest(store)["shards"][0]
+    path = store / max(entry["files"], key=lambda f: f[1])[0]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    dataset = StoreDataset(str(store), tokens_per_batch=64, shuffle=False)
+    with pytest.raises(CorruptShardError) as info:
+        list(DataLoader(dataset, batch_size=None, num_workers=1))
+    message = str(info.value)
+    assert message.startswith(f"shard {entry['path']}: checksum mismatch"), message
+    assert message.endswith("(in DataLoader worker process 0)"), message
+    assert "Traceback" not in message and "\n" not in message, message
+
+
 # -- no code from the store ----------------------------------------------------------------
 
 
