@@ -1,8 +1,8 @@
 """KDTrainer: distillation inside Hugging Face Trainer, on one process and under torchrun.
 
 The multi-process runs use ``torchrun`` with gloo on CPU; the reference for DDP and FSDP is a
-one-process run that reads the same two streams (one micro-batch of each per optimizer step),
-so every step sees the same tokens and the gradients must match.
+one-process run that reads the same two streams (each rank's micro-batches of an optimizer
+step, alternately), so every step sees the same tokens and the gradients must match.
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def held_out(tmp_path_factory, tiny_store) -> str:
 
 @pytest.fixture(scope="module")
 def reference(store, held_out, tiny_student_dir, tmp_path_factory):
-    """One process reading both ranks' streams, one micro-batch of each per step."""
+    """One process reading both ranks' streams, two micro-batches of each per step."""
     out = tmp_path_factory.mktemp("reference") / "one"
-    done = run(store, tiny_student_dir, out, "interleave", 8, 2, "--eval", held_out)
+    done = run(store, tiny_student_dir, out, "interleave", 4, 4, "--eval", held_out)
     assert done.returncode == 0, done.stderr[-3000:]
     return (*results(out), str(out))
 
@@ -109,7 +109,9 @@ def test_ddp_matches_one_process_on_the_same_tokens(
 ):
     ref_logs, ref_weights, _, _ = reference
     documents = {d.doc_id for d in open_store(store)}
-    done = run(store, tiny_student_dir, tmp_path / "ddp", "ddp", 8, 1, "--eval", held_out, procs=2)
+    # Two micro-batches a step on each rank, of uneven tokens: the step's loss is over the
+    # tokens of all four.
+    done = run(store, tiny_student_dir, tmp_path / "ddp", "ddp", 4, 2, "--eval", held_out, procs=2)
     assert done.returncode == 0, done.stderr[-3000:]
     logs, weights, seen = results(tmp_path / "ddp")
     # The loss curve: every step's loss is over the same tokens, normalised the same way.
