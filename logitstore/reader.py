@@ -101,13 +101,20 @@ class LogitStore:
             token_dtype(self.vocab_size).itemsize,
             self.codec.decoded_bytes(self.vocab_size, self.manifest["num_temperatures"]),
         )
-        paths = [s["path"] for s in shards]
-        if len(set(paths)) != len(paths):
-            raise ManifestError(f"{fmt.MANIFEST_NAME}: shard paths repeat")
-        for s in shards:
-            for name, _ in s["files"]:
+        first: dict[str, int] = {}
+        for j, s in enumerate(shards):
+            k = first.setdefault(s["path"], j)
+            if k != j:
+                raise ManifestError(
+                    f"{fmt.MANIFEST_NAME} field shards[{j}].path: {s['path']!r} is the path of "
+                    f"shards[{k}] too; expected one path per shard"
+                )
+            for i, (name, _) in enumerate(s["files"]):
                 if name != s["path"] and not name.startswith(s["path"] + "/"):
-                    raise ManifestError(f"shard {s['path']}: file {name!r} lies outside the shard")
+                    raise ManifestError(
+                        f"{fmt.MANIFEST_NAME} field shards[{j}].files[{i}]: {name!r} lies "
+                        f"outside the shard's path {s['path']!r}; expected files under it"
+                    )
         self._doc_starts = np.zeros(len(shards) + 1, dtype=np.int64)
         np.cumsum([s["documents"] for s in shards], out=self._doc_starts[1:])
         self._cache: tuple[int, list[Document]] | None = None

@@ -172,7 +172,16 @@ def test_a_file_entry_outside_its_shard_is_refused(store):
     data = manifest(store)
     data["shards"][0]["files"][0][0] = data["shards"][1]["files"][0][0]
     rewrite(store, data)
-    with pytest.raises(LogitstoreError, match="outside the shard"):
+    with pytest.raises(LogitstoreError, match="outside the shard") as info:
+        open_store(str(store))
+    assert r"shards[0].files[0]" in str(info.value)  # the field, to find it by
+
+
+def test_a_shard_path_given_twice_is_refused_naming_both_entries(store):
+    data = manifest(store)
+    data["shards"][1] = dict(data["shards"][0], index=1)
+    rewrite(store, data)
+    with pytest.raises(ManifestError, match=r"shards\[1\]\.path: .* of shards\[0\] too"):
         open_store(str(store))
 
 
