@@ -6,10 +6,11 @@ does the same for the sparse teacher. The loss runs as the output head module's 
 so engines that shard the head (FSDP, DeepSpeed ZeRO-3) gather it in their hooks; a head split
 by transformers' tensor parallelism is gathered here.
 
-The logits are the head's product with the final hidden states, plus the head's bias if it has
-one (Phi-2, GPT-J). A student whose own forward does more is refused rather than trained on
-logits it never gives: a cap or scale after the head (Gemma 2, Granite, Cohere), a loss of its
-own beside the logits' (a mixture of experts' load balancing), PEFT adapters on the head.
+The logits are the student's own: the head's product with the final hidden states, plus the
+head's bias (Phi-2, GPT-J), times a family's fixed scale (Cohere, Granite), capped as Gemma 2
+caps them. A student whose own forward does more is refused rather than trained on logits it
+never gives: a scale of an unknown family, a loss of its own beside the logits' (a mixture of
+experts' load balancing), PEFT adapters on the head.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def _kd_forward(
     measured: list[MetricTotals] = []
 
     vocab = self._logitstore_vocab
+    scale, softcap = logits_after_head(self)
 
     tensor_parallel = int(getattr(self, "_tp_size", None) or 1) > 1
 
@@ -105,12 +107,13 @@ def _kd_forward(
             # student's logits and the bias gets its gradient.
             weight = torch.cat([weight, whole(bias).to(weight.dtype).unsqueeze(1)], dim=1)
             h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+        if scale != 1.0:  # a fixed factor on the logits (Cohere, Granite): on their operand
+            h = h * scale
         if kd_batch.metrics:  # the same measurements as evaluation, on this batch
-            found = batch_metrics(
-                h.detach(), weight.detach(), kd_batch.fields, chunk_size=loss_fn.chunk_size
-            )
+            found = batch_metrics(h.detach(), weight.detach(), kd_batch.fields,
+                                  chunk_size=loss_fn.chunk_size, softcap=softcap)  # fmt: skip
             measured.append(MetricTotals(h.device).add(found))
-        return loss_fn(h, weight, kd_batch.fields, num_items_in_batch)
+        return loss_fn(h, weight, kd_batch.fields, num_items_in_batch, softcap=softcap)
 
     # Under tensor parallelism the head's hooks would shard this input and gather the output
     # as logits: the loss is computed beside them, on the gathered weight.
@@ -128,33 +131,52 @@ def causal_lm(model: Any) -> Any:
     return inner
 
 
-# Settings by which a causal LM's forward changes its logits after the head's product: the fused
-# loss takes ``hidden @ head.T`` as the logits, so with one set it would train logits the student's
-# own forward never gives (and Gemma 2 sets a cap by default). Each with its neutral value.
-_AFTER_HEAD = {
-    "final_logit_softcapping": (None, "caps its logits with tanh"),
-    "logit_scale": (1.0, "multiplies its logits"),
-    "logits_scaling": (1.0, "scales its logits"),
-    "lm_head_multiplier": (1.0, "multiplies its logits"),
-}
+# A fixed factor by which a family's forward scales the head's product: (model types, config
+# setting, whether the logits are divided by it). The same setting means a product in one
+# family and a quotient in another (HyperCLOVA X multiplies by logits_scaling, Granite divides).
+_SCALES = (
+    (("cohere", "cohere2", "cohere2_moe", "cohere_compass"), "logit_scale", False),
+    (("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared",
+      "granitemoehybrid", "minicpm3"), "logits_scaling", True),
+    (("hyperclovax",), "logits_scaling", False),
+    (("falcon_h1",), "lm_head_multiplier", False),
+)  # fmt: skip
 
 
-def refuse_logits_after_head(lm: Any) -> None:
-    """Refuse a causal LM whose forward changes the head's logits (``_AFTER_HEAD``): a
-    softcap (Gemma 2), a scale (Cohere, Granite, MiniCPM3, Falcon-H1)."""
+def logits_after_head(lm: Any) -> tuple[float, float | None]:
+    """How ``lm``'s forward turns the head's product into its logits: ``(scale, softcap)``,
+    the logits being ``softcap * tanh(scale * product / softcap)`` (no cap: ``softcap`` None).
+
+    The cap is Gemma 2's ``final_logit_softcapping``; the scales are ``_SCALES``' settings.
+
+    Raises:
+        ConfigError: a scale setting of a model type whose use of it is not known here.
+    """
     config: Any = getattr(lm, "config", None)
     # Read from the config at each forward, or copied from it at load (Cohere's logit_scale).
     holders = [config, config.get_text_config()] if hasattr(config, "get_text_config") else []
-    for name, (neutral, what) in _AFTER_HEAD.items():
-        for holder in [*holders, lm]:
-            value = vars(holder).get(name) if holder is lm else getattr(holder, name, None)
-            if isinstance(value, (int, float)) and value != neutral:
-                raise ConfigError(
-                    f"{type(lm).__name__} {what} after its head ({name}={value}); the fused "
-                    "loss takes the head's product as the logits and would train ones this "
-                    f"student never gives: expected {name}={neutral} (load the student with "
-                    f"from_pretrained(..., {name}={neutral}) to train and generate without it)"
-                )
+    types = {str(getattr(holder, "model_type", "")) for holder in holders}
+    scale, softcap = 1.0, None
+    for holder in holders:
+        cap = getattr(holder, "final_logit_softcapping", None)
+        softcap = float(cap) if isinstance(cap, (int, float)) and cap else softcap
+    for name in {name for _, name, _ in _SCALES}:
+        # The module's own copy first: Cohere's forward reads it, not the config.
+        found = [vars(lm).get(name)] + [getattr(h, name, None) for h in holders]
+        value = next((v for v in found if isinstance(v, (int, float))), 1.0)
+        if value in (0, 1):
+            continue
+        known = [divide for kinds, key, divide in _SCALES if key == name and types & set(kinds)]
+        if not known:
+            families = sorted(k for kinds, key, _ in _SCALES if key == name for k in kinds)
+            raise ConfigError(
+                f"{type(lm).__name__} sets {name}={value}, a scale of its logits that KDTrainer "
+                f"applies for the model types {', '.join(families)} only (this one is "
+                f"{', '.join(sorted(types - {''}))}): expected {name}=1.0 (load the student "
+                f"with from_pretrained(..., {name}=1.0) if its forward does not use it)"
+            )
+        scale = scale / value if known[0] else scale * value
+    return scale, softcap
 
 
 def refuse_loss_beside_logits(lm: Any) -> None:
@@ -196,12 +218,12 @@ def patch_for_distillation(
     ``vocab_size`` rows (the rest pad the head past the vocabulary). Returns ``model``.
 
     Raises:
-        ConfigError: ``model``'s forward changes the head's logits (a softcap, a scale) or
+        ConfigError: ``model``'s forward scales the head's logits in a way not known here,
             adds a loss of its own (a mixture of experts' load balancing), or its head carries
             PEFT adapters.
     """
     lm = causal_lm(model)
-    refuse_logits_after_head(lm)
+    logits_after_head(lm)
     refuse_loss_beside_logits(lm)
     refuse_adapted_head(lm.get_output_embeddings())
     if "_logitstore_forward" not in vars(lm):

@@ -1,9 +1,9 @@
 """KDTrainer with students of other families than Llama: what their forward does past the head.
 
-The fused loss takes ``hidden @ head.T`` as the student's logits. Gemma 2 caps its logits after
-the head, Granite and Cohere scale them: trained through the product alone, they would learn
-logits their own forward never gives. Tiny models built from ``transformers`` configs, saved
-with ``save_pretrained`` and loaded back.
+Gemma 2 caps its logits after the head, Granite and Cohere scale them, Phi-2 adds a bias: the
+fused loss must train the logits the student's own forward gives, not the bare product of the
+hidden states and the head. Tiny models built from ``transformers`` configs, saved with
+``save_pretrained`` and loaded back; the reference is the dense loss of the student's logits.
 """
 
 from __future__ import annotations
@@ -40,40 +40,58 @@ def _student(family: str, setting: dict, out: Path):
     return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
 
 
+def _gradients(model, store: str, tmp_path: Path, fused: bool) -> tuple[float, dict]:
+    """The loss of one shard and its gradients: through KDTrainer's fused forward, or of the
+    student's own logits, dense."""
+    batch = collate_documents(open_store(store).read_shard(0))
+    ids, mask, rows = batch["input_ids"], batch["attention_mask"], batch["position_mask"]
+    if fused:
+        given = TrainingArguments(str(tmp_path / "run"), max_steps=1, report_to="none",
+                                  use_cpu=True)  # fmt: skip
+        KDTrainer(model=model, args=given, train_dataset=store)
+        fields = {k: batch[k] for k in TEACHER_FIELDS}
+        loss = model(ids, mask, kd_batch=TeacherBatch(rows, fields, False)).loss
+    else:
+        logits = model(ids, attention_mask=mask).logits[:, :-1][rows]
+        loss = sparse_loss("fkl", logits, *[batch[k] for k in TEACHER_FIELDS[1:5]],
+                           batch["labels"]).sum() / batch["num_tokens"]  # fmt: skip
+    loss.backward()
+    return float(loss), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize(
-    ("family", "setting", "neutral"),
-    [("gemma2", {"final_logit_softcapping": 2.0}, {"final_logit_softcapping": None}),
-     ("granite", {"logits_scaling": 8.0}, {"logits_scaling": 1.0}),
-     ("cohere", {"logit_scale": 0.0625}, {"logit_scale": 1.0})],
+    ("family", "setting"),
+    [("gemma2", {"final_logit_softcapping": 2.0}), ("granite", {"logits_scaling": 8.0}),
+     ("cohere", {"logit_scale": 0.0625})],
 )  # fmt: skip
-def test_a_student_whose_forward_changes_the_heads_logits_is_refused(
-    store, tmp_path, family, setting, neutral
+def test_a_student_whose_forward_caps_or_scales_the_head_trains_on_its_own_logits(
+    store, tmp_path, family, setting
 ):
+    # Gemma 2 caps its logits after the head, Granite divides them, Cohere multiplies them: the
+    # fused loss took the bare product, logits the student never gives.
     model = _student(family, setting, tmp_path / family)
     batch = collate_documents(open_store(store).read_shard(0))
     ids, mask, rows = batch["input_ids"], batch["attention_mask"], batch["position_mask"]
-
-    def own_logits() -> torch.Tensor:  # the student's own forward, as it generates
-        with torch.no_grad():
-            return model(ids, attention_mask=mask).logits[:, :-1][rows]
-
     with torch.no_grad():
+        own = model(ids, attention_mask=mask).logits[:, :-1][rows]
         hidden = model.get_decoder()(ids, attention_mask=mask).last_hidden_state[:, :-1][rows]
-    product = hidden @ model.get_output_embeddings().weight.T
-    assert (own_logits() - product).abs().max() > 0.1  # what the fused loss would have trained
+    assert (own - hidden @ model.get_output_embeddings().weight.T).abs().max() > 1.0
+    load = AutoModelForCausalLM.from_pretrained
+    loss, grads = _gradients(load(tmp_path / family), store, tmp_path, fused=True)
+    want, dense = _gradients(load(tmp_path / family), store, tmp_path, fused=False)
+    assert loss == pytest.approx(want, rel=1e-5)
+    assert grads.keys() == dense.keys()
+    for name, grad in dense.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_scale_of_the_logits_in_a_family_not_known_to_use_it_is_refused(store, tmp_path):
+    # Whether logits_scaling multiplies or divides depends on the family (HyperCLOVA X
+    # multiplies, Granite divides): another family's is not guessed.
+    model = _student("llama", {"logits_scaling": 8.0}, tmp_path / "llama")
     given = TrainingArguments(str(tmp_path / "run"), max_steps=1, report_to="none", use_cpu=True)
-    name = next(iter(setting))
-    with pytest.raises(ConfigError, match=f"after its head \\({name}=.*expected {name}="):
+    with pytest.raises(ConfigError, match="logits_scaling=8.0, .*granite.*this one is llama"):
         KDTrainer(model=model, args=given, train_dataset=store)
-    # Loaded with the neutral value, it trains on the logits its own forward gives.
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / family, dtype=torch.float32, **neutral)
-    KDTrainer(model=model, args=given, train_dataset=store)
-    fields = {k: batch[k] for k in TEACHER_FIELDS}
-    with torch.no_grad():
-        fused = model(ids, mask, kd_batch=TeacherBatch(rows, fields, False)).loss
-    dense = sparse_loss("fkl", own_logits(), *[batch[k] for k in TEACHER_FIELDS[1:5]],
-                        batch["labels"]).sum() / batch["num_tokens"]  # fmt: skip
-    assert float(fused) == pytest.approx(float(dense), rel=1e-5)
 
 
 def test_a_mixture_of_experts_whose_forward_adds_its_balancing_loss_is_refused(store, tmp_path):
@@ -144,25 +162,9 @@ def test_a_head_with_a_bias_trains_its_logits_and_its_bias(store, tmp_path):
     saved = AutoModelForCausalLM.from_config(config)
     torch.nn.init.normal_(saved.lm_head.bias)
     saved.save_pretrained(tmp_path / "phi")
-    batch = collate_documents(open_store(store).read_shard(0))
-    ids, mask, rows = batch["input_ids"], batch["attention_mask"], batch["position_mask"]
-    fields = {k: batch[k] for k in TEACHER_FIELDS}
-
-    def gradients(fused: bool) -> tuple[float, dict[str, torch.Tensor]]:
-        model = AutoModelForCausalLM.from_pretrained(tmp_path / "phi", dtype=torch.float32)
-        if fused:
-            given = TrainingArguments(str(tmp_path / "run"), max_steps=1, report_to="none",
-                                      use_cpu=True)  # fmt: skip
-            KDTrainer(model=model, args=given, train_dataset=store)
-            loss = model(ids, mask, kd_batch=TeacherBatch(rows, fields, False)).loss
-        else:  # the student's own logits, dense
-            logits = model(ids, attention_mask=mask).logits[:, :-1][rows]
-            loss = sparse_loss("fkl", logits, *[batch[k] for k in TEACHER_FIELDS[1:5]],
-                               batch["labels"]).sum() / batch["num_tokens"]  # fmt: skip
-        loss.backward()
-        return float(loss), {n: p.grad for n, p in model.named_parameters()}
-
-    (loss, grads), (want, dense) = gradients(True), gradients(False)
+    load = AutoModelForCausalLM.from_pretrained
+    loss, grads = _gradients(load(tmp_path / "phi"), store, tmp_path, fused=True)
+    want, dense = _gradients(load(tmp_path / "phi"), store, tmp_path, fused=False)
     assert loss == pytest.approx(want, rel=1e-5)
     assert dense["lm_head.bias"].abs().sum() > 0
     for name, grad in dense.items():
