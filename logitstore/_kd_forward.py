@@ -99,16 +99,9 @@ def _kd_forward(
         return t if vocab is None else t[:vocab]
 
     def head_loss(h: torch.Tensor) -> torch.Tensor:
-        weight = whole(head.weight)
         bias = getattr(head, "bias", None)
-        if bias is not None:
-            # A head with a bias (Phi-2, GPT-J, CodeGen) adds it to each logit: it is one more
-            # column of the weight, beside a 1 after each hidden state, so the product is the
-            # student's logits and the bias gets its gradient.
-            weight = torch.cat([weight, whole(bias).to(weight.dtype).unsqueeze(1)], dim=1)
-            h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
-        if scale != 1.0:  # a fixed factor on the logits (Cohere, Granite): on their operand
-            h = h * scale
+        h, weight = logit_operands(h, whole(head.weight), None if bias is None else whole(bias),
+                                   scale)  # fmt: skip
         if kd_batch.metrics:  # the same measurements as evaluation, on this batch
             found = batch_metrics(h.detach(), weight.detach(), kd_batch.fields,
                                   chunk_size=loss_fn.chunk_size, softcap=softcap)  # fmt: skip
@@ -119,6 +112,22 @@ def _kd_forward(
     # as logits: the loss is computed beside them, on the gathered weight.
     loss = head_loss(hidden) if tensor_parallel else _run_as_forward(head, head_loss, hidden)
     return KDOutput(loss=loss, metrics=measured[0] if measured else None)
+
+
+def logit_operands(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden', weight')`` whose product ``hidden' @ weight'.T`` is ``scale * (hidden @
+    weight.T + bias)``: the logits of a head with a bias and a fixed scale, for the fused loss
+    and the metrics, which take a product (with the cap of :func:`logits_after_head`).
+
+    A bias (Phi-2, GPT-J, CodeGen) is one more column of the weight beside a 1 after each
+    hidden state, so the bias gets its gradient; the scale multiplies the hidden states.
+    """
+    if bias is not None:
+        weight = torch.cat([weight, bias.to(weight.dtype).unsqueeze(1)], dim=1)
+        hidden = torch.cat([hidden, hidden.new_ones(hidden.shape[0], 1)], dim=1)
+    return (hidden * scale if scale != 1.0 else hidden), weight
 
 
 def causal_lm(model: Any) -> Any:
