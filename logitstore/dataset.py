@@ -169,7 +169,11 @@ def collate_documents(
     def cat(name: str) -> torch.Tensor:
         if positions is None:
             return torch.from_numpy(np.concatenate([getattr(d.positions, name) for d in docs]))
-        return torch.from_numpy(getattr(positions, name))
+        values = getattr(positions, name)
+        # A decoded field may be a stored array as it is, read-only where the backend lends
+        # its buffer (parquet's label_logprob): the batch gets a copy a loss may write to
+        # (torch wraps read-only memory with a warning, and a write to it is undefined).
+        return torch.from_numpy(values if values.flags.writeable else values.copy())
 
     counts = docs[0].positions.support_counts
     return {

@@ -133,6 +133,36 @@ def test_collate_pads_with_attention_mask():
         assert torch.equal(batch["input_ids"][row, :n], torch.from_numpy(doc.input_ids))
 
 
+def test_a_batch_never_shares_read_only_memory_of_the_store(tmp_path):
+    """A parquet shard's decoded label log-probs are the stored column as it is, in memory
+    pyarrow lends read-only; a batch of the whole shard wrapped it in a tensor (a warning, and
+    a loss writing to the tensor wrote into the decoded block). A batch a caller may write to
+    never changes what the store decoded."""
+    from logitstore import EncodedDocument, StoreWriter, open_store
+    from logitstore.codecs import get_codec
+
+    codec = get_codec("topk", k=4)
+    g = torch.Generator().manual_seed(0)
+    meta = {"teacher": {}, "tokenizer": {}, "capture": {}, "source": {}}
+    writer = StoreWriter(str(tmp_path / "s"), codec=codec, backend="parquet", metadata=meta,
+                         vocab_size=50)  # fmt: skip
+    docs = []
+    for d in range(2):
+        ids = torch.randint(0, 50, (6,), generator=g)
+        lp = torch.log_softmax(torch.randn(5, 50, generator=g), -1)
+        fields = {k: v.numpy() for k, v in codec.encode(lp, ids[1:]).items()}
+        docs.append(EncodedDocument(f"d{d}", ids.numpy(), np.ones(5, bool), fields))
+    writer.write_shard(0, docs)
+    writer.finalize(1)
+    store = open_store(str(tmp_path / "s"))
+    docs, block = store.read_block([0, 1])  # a whole shard in order: what a batch slices
+    assert not block.label_logprob.flags.writeable  # (the stored column, as pyarrow lends it)
+    before = np.array(block.label_logprob)
+    batch = collate_documents(docs, block)
+    batch["label_logprob"].add_(1.0)  # a loss may write to its inputs
+    np.testing.assert_array_equal(block.label_logprob, before)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_skips_exactly_what_was_consumed(workers):
     store = MemoryStore(SIZES, seed=5)
