@@ -72,7 +72,9 @@ def _default_field(name: str) -> Any:
     "parallelism; groups of this many ranks split the shards. [default: 1]",
 )
 @click.option(
-    "--trust-remote-code", is_flag=True, default=None, help="Allow the teacher's own code to run."
+    "--trust-remote-code/--no-trust-remote-code",
+    default=None,
+    help="Allow the teacher's own code to run.",
 )
 @click.option(
     "--data",
@@ -88,8 +90,7 @@ def _default_field(name: str) -> Any:
 @click.option("--subset", help="Subset (config name) of a Hub dataset or of a folder's README.md.")
 @click.option("--data-revision", help="Hub revision (branch, tag or commit) of the dataset.")
 @click.option(
-    "--streaming",
-    is_flag=True,
+    "--streaming/--no-streaming",
     default=None,
     help="Stream a Hub dataset instead of downloading and preparing it first (not cached).",
 )
@@ -159,10 +160,10 @@ def _default_field(name: str) -> Any:
     help="Positions per shard measured against the dense teacher. [default: 256]",
 )
 @click.option(
-    "--resume",
-    is_flag=True,
+    "--resume/--no-resume",
     default=None,
-    help="Continue an interrupted run: skip committed shards.",
+    help="Continue an interrupted run: skip committed shards (--no-resume: not, as a config "
+    "file may say).",
 )
 @_storage_options("a remote --out")
 @click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress bar.")

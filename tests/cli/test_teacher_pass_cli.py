@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -59,6 +60,30 @@ def test_yaml_config_with_command_line_overrides(tmp_path, tiny_teacher_dir, tex
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["codec"]["configuration"]["k"] == 6  # the command line wins
     assert manifest["capture"]["max_length"] == 24 and manifest["backend"] == "parquet"
+
+
+@pytest.mark.parametrize("switch", ["resume", "streaming", "trust_remote_code"])
+def test_a_config_files_switch_can_be_turned_off_and_on_from_the_command_line(
+    switch, tmp_path, monkeypatch
+):
+    # `resume: true` in a config file could not be switched off: the flags had no --no- form.
+    import logitstore.cli.teacher_pass as cli_module
+
+    seen = []
+    monkeypatch.setattr(cli_module, "run_teacher_pass", lambda config: seen.append(config))
+    monkeypatch.setattr(cli_module, "format_summary", lambda summary: "")
+    flag = "--" + switch.replace("_", "-")
+    for in_file in (True, False):
+        config = tmp_path / "pass.yaml"
+        config.write_text(
+            yaml.safe_dump({"teacher": "t", "data": "d", "out": "o", switch: in_file})
+        )
+        for given, expected in ((flag, True), (flag.replace("--", "--no-", 1), False)):
+            result = invoke("--config", str(config), given)
+            assert result.exit_code == 0, result.output
+            assert getattr(seen.pop(), switch) is expected, (in_file, given)
+        assert invoke("--config", str(config)).exit_code == 0
+        assert getattr(seen.pop(), switch) is in_file
 
 
 def test_errors_exit_non_zero_with_a_message(tmp_path, tiny_teacher_dir, text_jsonl):
