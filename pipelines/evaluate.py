@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from logitstore._kd_forward import logit_operands, logits_after_head
 from logitstore.dataset import StoreDataset
 from logitstore.divergences import MetricTotals, batch_metrics
 from logitstore.pipelines._distributed import parse_device
@@ -91,7 +92,12 @@ def evaluate(
     check_vocabulary(opened.manifest, lm, tokenizer)
     lm.to(dev).eval()
     # A head padded past the teacher's vocabulary is measured on the teacher's ids, as trained.
-    weight = lm.get_output_embeddings().weight.float()[: int(opened.manifest["vocab_size"])]
+    vocab = int(opened.manifest["vocab_size"])
+    head = lm.get_output_embeddings()
+    weight = head.weight.float()[:vocab]
+    bias = head.bias.float()[:vocab] if getattr(head, "bias", None) is not None else None
+    # The student's own logits, as trained: its head's bias, its forward's scale and cap.
+    scale, softcap = logits_after_head(lm)
 
     totals = MetricTotals(device=dev)
     documents = 0
@@ -102,8 +108,8 @@ def evaluate(
     with progress_bar(total, show=progress, desc="eval") as bar:
         for batch in dataset:
             batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-            hidden = final_hidden(lm, batch).float()
-            totals.add(batch_metrics(hidden, weight, batch, chunk_size=chunk_size))
+            hidden, w = logit_operands(final_hidden(lm, batch).float(), weight, bias, scale)
+            totals.add(batch_metrics(hidden, w, batch, chunk_size=chunk_size, softcap=softcap))
             documents += len(batch["doc_ids"])
             bar.update(len(batch["doc_ids"]))
             if max_documents is not None and documents >= max_documents:

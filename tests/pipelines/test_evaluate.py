@@ -234,3 +234,32 @@ def test_diversity_never_samples_the_rows_of_a_padded_head(tiny_student_dir, tin
     sampled.clear()
     diversity(model, tiny_tokenizer, prompts, **settings, vocab_size=384)
     assert len(sampled) == 2 and all(int(o.max()) < 384 for o in sampled)
+
+
+@pytest.mark.parametrize(
+    ("family", "setting"),
+    [("gemma2", {"final_logit_softcapping": 3.0, "initializer_range": 0.3}),
+     ("granite", {"logits_scaling": 8.0, "initializer_range": 1.0}),
+     ("phi", {"initializer_range": 1.0})],
+)  # fmt: skip
+def test_a_student_whose_forward_caps_scales_or_biases_its_logits_is_measured_on_them(
+    full_store, tiny_teacher_dir, tiny_tokenizer, tmp_path, family, setting
+):
+    # Gemma 2 caps its logits after the head, Granite divides them, Phi-2's head has a bias:
+    # eval measured the bare product of the hidden states and the head, logits the student
+    # never gives (training takes its own logits).
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(family, vocab_size=384, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, **setting)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    if family == "phi":
+        torch.nn.init.normal_(model.lm_head.bias)
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    got = evaluate(str(tmp_path), full_store, tokens_per_batch=100, chunk_size=37, device="cpu")
+    want = dense_reference(tmp_path, tiny_teacher_dir, full_store)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=2e-4, abs=2e-5), key
