@@ -249,6 +249,7 @@ class KDTrainer(Trainer):
         # Checkpoints are rotated here, counting complete ones only (see the module docstring),
         # and the read position is restored from them rather than by re-reading batches.
         self._keep = args.save_total_limit
+        self._state_saved: Path | None = None  # the checkpoint whose state file is written
         args.save_total_limit = None
         args.ignore_data_skip = True
         kwargs.setdefault("data_collator", KDCollator())
@@ -524,13 +525,30 @@ class KDTrainer(Trainer):
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
+        if self._state_saved != folder:  # not yet written for a push (below)
+            self._save_kd_state(folder)
+        self._state_saved = None
+        if self.args.should_save:
+            rotate(run_dir, self._keep, best=self.state.best_model_checkpoint)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Trainer pushes a checkpoint (hub_strategy "checkpoint", "all_checkpoints") before
+        # _save_checkpoint returns: the state file goes in first, or the Hub's copy would be an
+        # incomplete checkpoint that no resume takes. Every rank comes here (rank 0 pushes).
+        self._save_kd_state(Path(checkpoint_folder))
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _save_kd_state(self, folder: Path) -> None:
+        """Write ``logitstore_state.json`` into the checkpoint ``folder``, last: every rank's
+        read position (a collective: every rank calls it), the objective and its schedule."""
         loader = self._gather(self.kd_batches.state_dict())
         if self.accelerator.num_processes > 1:
             self.accelerator.wait_for_everyone()  # every rank's files are written
+        self._state_saved = folder
         if not self.args.should_save:
             return
-        run_dir = Path(self._get_output_dir(trial=trial))
-        folder = run_dir / f"checkpoint-{self.state.global_step}"
         state = {
             "step": self.state.global_step,
             "tokens": self.kd_tokens,
@@ -542,7 +560,6 @@ class KDTrainer(Trainer):
             "run": self.run_info,
         }
         write_json_atomic(folder / STATE_NAME, state)
-        rotate(run_dir, self._keep, best=self.state.best_model_checkpoint)
 
     def _gather(self, obj: Any) -> list[Any]:
         if self.accelerator.num_processes <= 1:

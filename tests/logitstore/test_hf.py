@@ -350,6 +350,31 @@ def test_checkpoints_hold_the_read_position_and_bf16_runs(store, tiny_student_di
     assert logs[-1]["taid_t"] > logs[0]["taid_t"]
 
 
+def test_a_checkpoint_pushed_to_the_hub_holds_its_state_file(
+    store, tiny_student_dir, tmp_path, monkeypatch
+):
+    # Trainer pushes a checkpoint (hub_strategy="checkpoint") inside _save_checkpoint, before
+    # KDTrainer wrote logitstore_state.json: the Hub's copy was a checkpoint no resume takes.
+    from transformers import Trainer
+
+    pushed: list[set[str]] = []
+    monkeypatch.setattr(Trainer, "init_hf_repo", lambda self, *a, **k: None)
+    monkeypatch.setattr(Trainer, "_finish_current_push", lambda self: None)
+    monkeypatch.setattr(
+        Trainer,
+        "_push_from_checkpoint",
+        lambda self, folder: pushed.append({p.name for p in Path(folder).iterdir()}),
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    given = args(tmp_path / "run", save_strategy="steps", save_steps=1, max_steps=2,
+                 push_to_hub=True, hub_strategy="checkpoint")  # fmt: skip
+    KDTrainer(model=model, args=given, train_dataset=store, tokens_per_batch=256).train()
+    assert len(pushed) == 2 and all(STATE_NAME in names for names in pushed)
+    assert all("model.safetensors" in names for names in pushed)
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / STATE_NAME).read_text())
+    assert state["step"] == 2  # written once, for the push, with the step's position
+
+
 def test_refusals(store, tiny_student_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
     with pytest.raises(ConfigError, match="max_steps"):
