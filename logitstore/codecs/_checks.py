@@ -100,16 +100,31 @@ def _ok(
     # Decoders never give ids below -1 (gaps are non-negative): only the largest is compared.
     ids = pos.support_ids
     ok = ok and (ids_checked or ids.size == 0 or ids.max() < vocab_size)
+    # A sort of every row: verify's alone (training refuses a repeated id in its batch).
+    ok = ok and not (exhaustive and repeated_ids(ids).any())
     return bool(ok)
 
 
-def _problems(pos: Positions, codec: Codec, vocab: int) -> Iterator[tuple[str, Any, str]]:
+def repeated_ids(ids: np.ndarray) -> np.ndarray:
+    """Bool ``(P,)``: rows of ``ids`` that hold a token id twice (padding ``-1`` aside). A
+    repeated id would be two buckets of one token, its mass counted twice."""
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        return np.zeros(len(ids), dtype=bool)
+    ordered = np.sort(ids, axis=1)
+    return ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(axis=1)
+
+
+def _problems(
+    pos: Positions, codec: Codec, vocab: int, exhaustive: bool
+) -> Iterator[tuple[str, Any, str]]:
     """``(field, bad rows, what is expected)`` for each rule, in the order they are reported."""
     tol = LOGPROB_TOLERANCE
     ids, lp = pos.support_ids, pos.support_logprobs
     padding = (ids == -1) & (lp == -np.inf)
     bad_ids = ((ids < 0) & ~padding) | (ids >= vocab)
     yield "support_ids", bad_ids.any(axis=1), f"token ids in [0, {vocab})"
+    if exhaustive:
+        yield "support_ids", repeated_ids(ids), "distinct token ids in a position's support"
     yield "support_logprobs", ~(lp <= tol).all(axis=1), "log-probabilities <= 0, not NaN"
     yield "label_logprob", ~(pos.label_logprob <= tol), "a log-probability <= 0, not NaN"
     yield "tail_logmass", ~(pos.tail_logmass <= tol), "a log-probability <= 0, not NaN"
@@ -123,7 +138,7 @@ def _problems(pos: Positions, codec: Codec, vocab: int) -> Iterator[tuple[str, A
     yield "support and tail mass", ~(mass <= 1 + MASS_TOLERANCE), "a total of at most 1"
 
 
-def _found(pos: Positions, codec: Codec, field: str, row: int) -> str:
+def _found(pos: Positions, codec: Codec, field: str, row: int, expected: str) -> str:
     if field == "support and tail mass":
         one = pos.slice(row, row + 1)
         return f"{float(support_mass(codec, one, True)[0] + np.exp(one.tail_logmass[0])):.6g}"
@@ -131,6 +146,9 @@ def _found(pos: Positions, codec: Codec, field: str, row: int) -> str:
     value = arr[row]
     if value.ndim == 0:
         return f"{float(value):.6g}"
+    if field == "support_ids" and expected.startswith("distinct"):
+        ids, counts = np.unique(value[value >= 0], return_counts=True)
+        return f"id {int(ids[counts > 1][0])} {int(counts.max())} times"
     if field == "support_ids":
         return f"{value.min()} .. {value.max()}"
     if field == "support_counts":
@@ -169,7 +187,7 @@ def check_positions(
         if _ok(pos, codec, vocab_size, exhaustive, ids_checked, support_mass):
             return
         first: tuple[int, str, str] | None = None
-        for field, bad, expected in _problems(pos, codec, vocab_size):
+        for field, bad, expected in _problems(pos, codec, vocab_size, exhaustive):
             rows = np.flatnonzero(bad)
             if rows.size and (first is None or rows[0] < first[0]):
                 first = (int(rows[0]), field, expected)
@@ -177,5 +195,7 @@ def check_positions(
         return
     row, field, expected = first
     raise BadValueError(
-        f"{field}: expected {expected}, found {_found(pos, codec, field, row)}", row, field
+        f"{field}: expected {expected}, found {_found(pos, codec, field, row, expected)}",
+        row,
+        field,
     )

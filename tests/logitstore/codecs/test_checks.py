@@ -153,6 +153,22 @@ def test_support_mass_above_one_is_refused(codec, lp):
     assert (info.value.row, info.value.field) == (9, "support and tail mass")
 
 
+@pytest.mark.parametrize("codec", [CODECS[0], CODECS[4], CODECS[7]], ids=repr)
+def test_a_token_id_repeated_in_a_support_is_refused_by_verify(codec, lp):
+    # Two buckets of one token count its mass twice; verify's checks passed such a store, and
+    # training refused it only at the batch that held it.
+    pos = decode(codec, lp)
+    check_positions(codec, pos, V, exhaustive=True)
+    row = pos.support_ids[20]
+    row[2] = row[0]
+    pos.support_ids[25, 3] = pos.support_ids[25, 1]
+    with pytest.raises(BadValueError) as info:
+        check_positions(codec, pos, V, exhaustive=True)
+    assert (info.value.row, info.value.field) == (20, "support_ids")
+    expected = f"distinct token ids in a position's support, found id {row[0]} 2 times"
+    assert str(info.value).endswith(expected)
+
+
 def test_sampled_counts_must_add_up_to_the_draws(lp):
     codec = Sampled(n=50)
     pos = decode(codec, lp)
