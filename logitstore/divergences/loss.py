@@ -101,6 +101,11 @@ class DistillationLoss:
             TemperatureNotCapturedError: ``tau`` not captured and not ``approximate_tail``.
         """
         objective = DIVERGENCES[divergence]
+        if params is not None and not isinstance(params, Mapping):
+            raise ConfigError(
+                f"params must be a mapping of parameter names to values, e.g. {{'gamma': 0.5}}; "
+                f"found {type(params).__name__} {str(params)[:60]!r}"
+            )
         given = dict(params or {})
         options = {k: given.pop(k) for k in LOSS_OPTIONS if k in given}
         tau_squared = bool(options.get("tau_squared", tau_squared))

@@ -305,3 +305,14 @@ def test_decoupled_objectives_of_a_teacher_whose_target_rounds_to_one(name):
         want = bin_kl(p64[y], q[y]) + 0.5 * kl(non_target(p64, y), non_target(q, y))
     got = dense_loss(name, torch.tensor(z, dtype=torch.float32)[None], lp32, torch.tensor([y]))
     assert float(got) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("params", ["gamma=0.5", [("gamma", 0.5)], 5])
+def test_create_refuses_params_that_are_no_mapping_in_one_line(params):
+    # A string of KEY=VALUE (as the command line takes it) raised ValueError from dict().
+    from logitstore.divergences import DistillationLoss
+    from logitstore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="params must be a mapping"):
+        DistillationLoss.create("drkl", params)
+    assert DistillationLoss.create("drkl", {"gamma": 0.5}).params["gamma"] == 0.5
