@@ -143,8 +143,15 @@ def _numbers(option: str, text: str, kind: type, example: str) -> list:
     "--report-to",
     help="Tracker for metrics as Trainer knows them (tensorboard, wandb, ...). [default: none]",
 )
-@click.option("--tokenizer", help="Student tokenizer, if not with the student.")
-@click.option("--init-from", help="Teacher to copy embeddings, head and --keep-layers from.")
+@click.option(
+    "--tokenizer",
+    help="Student tokenizer (Hub id, directory or .gguf file), if not with the student.",
+)
+@click.option(
+    "--init-from",
+    help="Teacher to copy embeddings, head and --keep-layers from: Hub id, model directory "
+    "or .gguf file.",
+)
 @click.option("--keep-layers", help="Comma-separated teacher layers, e.g. 0,2,4.")
 @click.option("--device", help="torch device (default: CUDA if available).")
 @_storage_options("a remote --store")

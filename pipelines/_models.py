@@ -17,7 +17,7 @@ from logitstore.errors import ConfigError, LogitstoreError
 
 EXPECTED_TEACHER = "a Hub id, a model directory (with config.json) or a .gguf file"
 EXPECTED_STUDENT = "a Hub id, a model directory (with config.json) or a model config file"
-EXPECTED_TOKENIZER = "a Hub id or a tokenizer directory"
+EXPECTED_TOKENIZER = "a Hub id, a tokenizer directory or a .gguf file"
 
 
 def looks_local(spec: str) -> bool:
@@ -77,11 +77,11 @@ def check_model_location(
         return
     if not (path / "config.json").is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        hint = (
-            f"; to load a GGUF file, name it with --gguf-file (found {ggufs})"
-            if ggufs and what == "teacher"
-            else ""
-        )
+        hint = ""
+        if ggufs and what == "teacher":
+            hint = f"; to load a GGUF file, name it with --gguf-file (found {ggufs})"
+        elif ggufs:
+            hint = f"; to load a GGUF file, give its path: {Path(spec) / ggufs[0]}"
         raise ConfigError(
             f"the {what} {spec} is a folder without config.json, not a model directory "
             f"(save_pretrained writes one){hint}"

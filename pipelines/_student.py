@@ -37,6 +37,16 @@ def is_config_file(spec: str) -> bool:
     return Path(spec).is_file() and Path(spec).suffix in {".json", ".yaml", ".yml"}
 
 
+def gguf_location(spec: str) -> tuple[str, dict[str, str]]:
+    """``(folder, {"gguf_file": name})`` for a path to a ``.gguf`` file (as the teacher pass's
+    ``--teacher`` takes one), else ``(spec, {})``: ``from_pretrained`` loads a GGUF file by
+    its folder and name."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    return spec, {}
+
+
 def load_student(spec: str, *, seed: int = 0, dtype: str = "auto") -> Any:
     """A causal LM from a Hub id, a model directory, or a config file (random init, ``seed``).
 
@@ -84,9 +94,11 @@ def load_tokenizer(spec: str | None) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    check_model_location(spec, "tokenizer", tokenizer=True, expected=EXPECTED_TOKENIZER)
+    folder, gguf = gguf_location(spec)
+    if not gguf:
+        check_model_location(spec, "tokenizer", tokenizer=True, expected=EXPECTED_TOKENIZER)
     with loading("tokenizer", spec):
-        return AutoTokenizer.from_pretrained(spec)
+        return AutoTokenizer.from_pretrained(folder, **gguf)
 
 
 def init_from_teacher(student: torch.nn.Module, teacher: str, keep_layers: Sequence[int]) -> None:
@@ -94,7 +106,8 @@ def init_from_teacher(student: torch.nn.Module, teacher: str, keep_layers: Seque
 
     Args:
         student: a model of the teacher's architecture with ``len(keep_layers)`` layers.
-        teacher: Hub id or directory of the teacher.
+        teacher: Hub id or directory of the teacher, or a path to its ``.gguf`` file
+            (dequantised by ``transformers``, as the teacher pass loads it).
         keep_layers: teacher layer indices; student layer ``i`` takes ``keep_layers[i]``.
 
     Raises:
@@ -102,9 +115,11 @@ def init_from_teacher(student: torch.nn.Module, teacher: str, keep_layers: Seque
     """
     from transformers import AutoModelForCausalLM
 
-    check_model_location(teacher, "teacher to initialise from")
+    folder, gguf = gguf_location(teacher)
+    if not gguf:
+        check_model_location(teacher, "teacher to initialise from")
     with loading("teacher to initialise from", teacher):
-        source = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+        source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **gguf)
     if type(source) is not type(student):
         raise ConfigError(
             f"init from teacher needs one architecture; teacher is {type(source).__name__}, "
