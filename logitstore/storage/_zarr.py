@@ -29,7 +29,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
 from logitstore.codecs.base import FieldSpec
-from logitstore.errors import CorruptShardError
+from logitstore.errors import ConfigError, CorruptShardError
 from logitstore.storage import _zarr_checks as checks
 from logitstore.storage._limits import json_problem, zstd_decode_exact
 from logitstore.storage._remote import describe
@@ -89,7 +89,17 @@ class ZarrBackend(Backend):
         _create(group, "loss_mask", arrays.loss_mask.astype(np.bool_), compression_level)
         for name in sorted(specs):
             _create(group, name, np.ascontiguousarray(arrays.fields[name]), compression_level)
-        return {f"{shard_path}/{key}": buf.to_bytes() for key, buf in sorted(store_dict.items())}
+        files = {f"{shard_path}/{key}": buf.to_bytes() for key, buf in sorted(store_dict.items())}
+        # The document ids are the group's attributes: a zarr.json a reader refuses (over its
+        # JSON bound) must not be written, or the store would not read back.
+        problem = json_problem(files[f"{shard_path}/zarr.json"])
+        if problem is not None:
+            raise ConfigError(
+                f"shard {shard_path}: its {len(arrays.doc_ids)} document ids make a zarr.json "
+                f"that {problem}: write fewer documents per shard (--docs-per-shard) or use "
+                "the parquet backend"
+            )
+        return files
 
     def decode(
         self,

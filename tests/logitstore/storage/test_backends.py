@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from logitstore import open_store
-from logitstore.errors import CorruptShardError
+from logitstore.errors import ConfigError, CorruptShardError
 from logitstore.storage import BACKENDS, ShardArrays, token_dtype
 
 
@@ -145,6 +145,31 @@ def test_a_parquet_shard_of_many_files_is_refused_in_a_short_line(kit):
     with pytest.raises(CorruptShardError, match="4001 files") as info:
         impl.decode(path, files, specs, expected_positions=arrays.num_positions)
     assert len(str(info.value)) < 300, str(info.value)[:300]
+
+
+def test_a_zarr_shard_whose_document_ids_a_reader_would_refuse_is_not_written(kit):
+    # The document ids are the shard group's zarr.json attributes: ids of 66 MiB in all made a
+    # zarr.json over the 64 MiB a reader accepts, written (convert, a teacher pass) and then
+    # refused on every read.
+    codec = kit.make_codec("sampled")
+    docs = kit.make_documents(codec, 2, 7)
+    specs = codec.fields(300, 1)
+    arrays = ShardArrays(
+        doc_ids=[np.random.default_rng(i).bytes(17 * 2**20).hex() for i in range(len(docs))],
+        offsets=np.concatenate([[0], np.cumsum([len(d.input_ids) for d in docs])]),
+        input_ids=np.concatenate([d.input_ids for d in docs]).astype(np.int64),
+        loss_mask=np.concatenate([d.loss_mask for d in docs]),
+        fields={k: np.concatenate([d.fields[k] for d in docs]) for k in specs},
+    )
+    with pytest.raises(ConfigError, match="fewer documents per shard") as info:
+        BACKENDS["zarr"].encode("shards/000000.zarr", arrays, specs, vocab_size=300,
+                                compression_level=1)  # fmt: skip
+    assert len(str(info.value)) < 300
+    files = BACKENDS["parquet"].encode("shards/000000.parquet", arrays, specs, vocab_size=300,
+                                       compression_level=1)  # fmt: skip
+    back = BACKENDS["parquet"].decode("shards/000000.parquet", files, specs,
+                                      expected_positions=arrays.num_positions)  # fmt: skip
+    assert back.doc_ids == arrays.doc_ids
 
 
 def test_token_dtype_scales_with_the_vocabulary():
