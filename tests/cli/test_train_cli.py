@@ -325,42 +325,24 @@ def test_errors_become_messages(store, tiny_student_dir, tmp_path):
     assert result.exit_code == 2 and "not captured" in result.output
 
 
+def _torchrun_train(config: Path, settings: dict) -> tuple[list[str], dict]:
+    """Write ``settings`` to ``config``; the command that trains it on two CPU processes of
+    ``torchrun`` (``python -m logitstore.pipelines.train``), and its environment."""
+    config.write_text(json.dumps({"progress": False, "device": "cpu", **settings}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "logitstore.pipelines.train", str(config)]
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
 @pytest.mark.integration
 def test_two_process_torchrun(store, tiny_student_dir, tmp_path):
-    config = tmp_path / "run.yaml"
     out = tmp_path / "run"
-    config.write_text(
-        json.dumps(
-            {
-                "store": store,
-                "student": str(tiny_student_dir),
-                "out": str(out),
-                "divergence": "fkl",
-                "max_steps": 3,
-                "tokens_per_step": 300,
-                "tokens_per_batch": 256,
-                "lr": 1e-2,
-                "warmup_steps": 1,
-                "save_every": 2,
-                "eval_store": store,
-                "eval_every": 2,
-                "progress": False,
-                "device": "cpu",
-            }
-        )
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "logitstore.pipelines.train",
-        str(config),
-    ]
+    cmd, env = _torchrun_train(
+        tmp_path / "run.yaml",
+        {"store": store, "student": str(tiny_student_dir), "out": str(out),
+         "divergence": "fkl", "max_steps": 3, "tokens_per_step": 300, "tokens_per_batch": 256,
+         "lr": 1e-2, "warmup_steps": 1, "save_every": 2, "eval_store": store, "eval_every": 2},
+    )  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((out / "checkpoints" / "checkpoint-3" / STATE_NAME).read_text())
@@ -483,25 +465,12 @@ def test_a_stop_signal_saves_the_step_under_way_and_the_run_resumes_from_it(
 def test_a_stop_signal_to_one_torchrun_rank_stops_every_rank_at_one_step(
     store, tiny_student_dir, tmp_path
 ):
-    config = tmp_path / "run.yaml"
     out = tmp_path / "run"
-    config.write_text(
-        json.dumps(
-            {
-                "store": store,
-                "student": str(tiny_student_dir),
-                "out": str(out),
-                "max_steps": 100000,
-                "tokens_per_step": 200,
-                "tokens_per_batch": 100,
-                "progress": False,
-                "device": "cpu",
-            }
-        )
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "logitstore.pipelines.train", str(config)]
+    cmd, env = _torchrun_train(
+        tmp_path / "run.yaml",
+        {"store": store, "student": str(tiny_student_dir), "out": str(out),
+         "max_steps": 100000, "tokens_per_step": 200, "tokens_per_batch": 100},
+    )  # fmt: skip
     agent = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

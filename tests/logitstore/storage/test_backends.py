@@ -95,19 +95,23 @@ def test_both_backends_decode_identically(stores):
         assert x.support_ids.tobytes() == y.support_ids.tobytes()
 
 
+def shard_arrays(docs, specs, doc_ids=None) -> ShardArrays:
+    """One shard's arrays of ``docs``, as a writer hands them to a backend."""
+    return ShardArrays(
+        doc_ids=doc_ids or [d.doc_id for d in docs],
+        offsets=np.concatenate([[0], np.cumsum([len(d.input_ids) for d in docs])]),
+        input_ids=np.concatenate([d.input_ids for d in docs]).astype(np.int64),
+        loss_mask=np.concatenate([d.loss_mask for d in docs]),
+        fields={k: np.concatenate([d.fields[k] for d in docs]) for k in specs},
+    )
+
+
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_backend_encode_is_deterministic_and_round_trips(backend, kit):
     codec = kit.make_codec("sampled")
     docs = kit.make_documents(codec, 4, 7)
     specs = codec.fields(300, 1)
-    offsets = np.concatenate([[0], np.cumsum([len(d.input_ids) for d in docs])])
-    arrays = ShardArrays(
-        doc_ids=[d.doc_id for d in docs],
-        offsets=offsets,
-        input_ids=np.concatenate([d.input_ids for d in docs]).astype(np.int64),
-        loss_mask=np.concatenate([d.loss_mask for d in docs]),
-        fields={k: np.concatenate([d.fields[k] for d in docs]) for k in specs},
-    )
+    arrays = shard_arrays(docs, specs)
     impl = BACKENDS[backend]
     path = f"shards/000003{impl.suffix}"
     one = impl.encode(path, arrays, specs, vocab_size=300, compression_level=5)
@@ -130,14 +134,7 @@ def test_a_parquet_shard_of_many_files_is_refused_in_a_short_line(kit):
     codec = kit.make_codec("sampled")
     docs = kit.make_documents(codec, 2, 7)
     specs = codec.fields(300, 1)
-    offsets = np.concatenate([[0], np.cumsum([len(d.input_ids) for d in docs])])
-    arrays = ShardArrays(
-        doc_ids=[d.doc_id for d in docs],
-        offsets=offsets,
-        input_ids=np.concatenate([d.input_ids for d in docs]).astype(np.int64),
-        loss_mask=np.concatenate([d.loss_mask for d in docs]),
-        fields={k: np.concatenate([d.fields[k] for d in docs]) for k in specs},
-    )
+    arrays = shard_arrays(docs, specs)
     impl = BACKENDS["parquet"]
     path = "shards/000000.parquet"
     files = impl.encode(path, arrays, specs, vocab_size=300, compression_level=5)
@@ -154,13 +151,8 @@ def test_a_zarr_shard_whose_document_ids_a_reader_would_refuse_is_not_written(ki
     codec = kit.make_codec("sampled")
     docs = kit.make_documents(codec, 2, 7)
     specs = codec.fields(300, 1)
-    arrays = ShardArrays(
-        doc_ids=[np.random.default_rng(i).bytes(17 * 2**20).hex() for i in range(len(docs))],
-        offsets=np.concatenate([[0], np.cumsum([len(d.input_ids) for d in docs])]),
-        input_ids=np.concatenate([d.input_ids for d in docs]).astype(np.int64),
-        loss_mask=np.concatenate([d.loss_mask for d in docs]),
-        fields={k: np.concatenate([d.fields[k] for d in docs]) for k in specs},
-    )
+    ids = [np.random.default_rng(i).bytes(17 * 2**20).hex() for i in range(len(docs))]
+    arrays = shard_arrays(docs, specs, doc_ids=ids)
     with pytest.raises(ConfigError, match="fewer documents per shard") as info:
         BACKENDS["zarr"].encode("shards/000000.zarr", arrays, specs, vocab_size=300,
                                 compression_level=1)  # fmt: skip
