@@ -442,6 +442,7 @@ def test_a_stop_signal_saves_the_step_under_way_and_the_run_resumes_from_it(
     out = tmp_path / "run"
     common = ["train", "--store", store, "--student", str(tiny_student_dir), "--out", str(out)]
     common += ["--tokens-per-step", "100", "--tokens-per-batch", "100", "--no-progress"]
+    before = signal.getsignal(signal.SIGTERM)
     watcher = _when_step_logged(out, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
     result = CliRunner().invoke(main, [*common, "--max-steps", "100000"])
     watcher.join()
@@ -451,7 +452,7 @@ def test_a_stop_signal_saves_the_step_under_way_and_the_run_resumes_from_it(
     assert 2 <= step < 100000 and summary["checkpoint"].endswith(f"checkpoint-{step}")
     assert (out / "checkpoints" / f"checkpoint-{step}" / STATE_NAME).exists()
     assert any("stopped by SIGTERM" in n and "--resume" in n for n in summary["notes"])
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handed back after the run
+    assert signal.getsignal(signal.SIGTERM) is before  # handed back after the run
     result = CliRunner().invoke(
         main, [*common, "--max-steps", "100000", "--stop-after", str(step + 2), "--resume"]
     )
