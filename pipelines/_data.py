@@ -397,10 +397,24 @@ def source_field(source: Source, text_field: str | None, messages_field: str | N
         raise ConfigError("name a --text-field or a --messages-field")
     columns = source.dataset.column_names
     if columns is not None and field not in columns:
+        chats = [c for c in columns if _holds_messages(source.dataset.features, c)]
+        if chats and not messages_field:
+            hint = f"; for chat messages give --messages-field {chats[0]}"
+        else:
+            hint = f"; give the field with --{'messages' if messages_field else 'text'}-field"
         raise DataError(
-            f"{source.metadata.get('name')}: no field {field!r}; found {sorted(columns)}"
+            f"{source.metadata.get('name')}: no field {field!r}; found {sorted(columns)}{hint}"
         )
     return field
+
+
+def _holds_messages(features: Any, column: str) -> bool:
+    """Whether ``column`` is declared a list of records with a ``role`` (chat messages)."""
+    feature = features.get(column) if features else None
+    inner = getattr(feature, "feature", None)  # datasets' List / Sequence
+    if inner is None and isinstance(feature, list) and len(feature) == 1:
+        inner = feature[0]  # older datasets: [{"role": ..., "content": ...}]
+    return isinstance(inner, dict) and "role" in inner
 
 
 def build_windows(

@@ -325,3 +325,24 @@ def test_unknown_hub_id_offline_is_a_data_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="no-such-org/no-such-dataset"):
         load_rows("no-such-org/no-such-dataset")
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_chat_rows_read_as_text_name_the_messages_field_to_give(tmp_path, tiny_tokenizer, suffix):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rows = [{"id": "a", "conversation": chat}]
+    path = tmp_path / f"chats.{suffix}"
+    if suffix == "jsonl":
+        path.write_text(json.dumps(rows[0]) + "\n")
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(DataError) as info:
+        build_windows(load_rows(str(path)), tiny_tokenizer, max_length=16)
+    assert str(info.value).endswith(
+        "no field 'text'; found ['conversation', 'id']; for chat messages give "
+        "--messages-field conversation"
+    )
+    # A plain field named wrong is answered with the option that names it.
+    with pytest.raises(DataError, match=r"found \['conversation', 'id'\]; give the field with "
+                       "--messages-field$"):  # fmt: skip
+        build_windows(load_rows(str(path)), tiny_tokenizer, max_length=16, messages_field="chat")
