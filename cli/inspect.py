@@ -13,6 +13,8 @@ def _short(value: object) -> str:
     """A setting for one line: long lists (e.g. a fitted id order) are summarised."""
     if isinstance(value, list) and len(value) > 8:
         return f"[{len(value)} values]"
+    if isinstance(value, list):  # e.g. a mixture's stores, each with its codec's settings
+        return "[" + ", ".join(_short(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in sorted(value.items())) + "}"
     return str(value)

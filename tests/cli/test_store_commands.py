@@ -178,3 +178,25 @@ def test_inspect_shows_escape_sequences_in_a_stores_metadata_without_obeying_the
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output and "model=evil\\x1b[2J\\x1b[1A" in result.output
     assert json.loads(run("inspect", root, "--json").output)["teacher"]["model"].startswith("evil")
+
+
+def test_inspect_of_a_mixture_summarises_each_mixed_stores_long_codec_settings(tmp_path):
+    order = list(range(V))[::-1]  # a fitted id order: V values in the codec's settings
+    roots = []
+    for name, codec in (("a", get_codec("topk", k=8, hot_ids=tuple(order))), ("b", None)):
+        root = tmp_path / name
+        codec = codec or get_codec("topk", k=4)
+        w = StoreWriter(str(root), codec=codec, metadata=META, vocab_size=V)
+        ids = torch.arange(10) * 7
+        lp = torch.log_softmax(torch.randn(9, V, generator=torch.Generator().manual_seed(1)), -1)
+        enc = {k: v.numpy() for k, v in codec.encode(lp, ids[1:], temperatures=(1.0,)).items()}
+        w.write_shard(0, [EncodedDocument("d", ids.numpy(), np.ones(9, bool), enc)])
+        w.finalize(1)
+        roots.append(root)
+    assert run("mix", *roots, "--out", tmp_path / "mix", "--no-progress").exit_code == 0
+    result = run("inspect", tmp_path / "mix")
+    assert result.exit_code == 0, result.output
+    (teacher,) = [line for line in result.output.splitlines() if line.startswith("teacher")]
+    assert str(order[:9])[1:-1] not in teacher  # the id order is not printed
+    assert f"hot_ids: [{V} values], k: 8" in teacher and "k: 4" in teacher
+    assert f"url: {roots[0]}" in teacher and f"url: {roots[1]}" in teacher
