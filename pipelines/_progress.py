@@ -7,7 +7,9 @@ one every :data:`LOG_INTERVAL` seconds, and none for work shorter than that.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
@@ -40,3 +42,34 @@ def progress_bar(
         return tqdm(total=total, unit=unit, desc=desc, disable=not show, dynamic_ncols=True)
     return tqdm(total=total, unit=unit, desc=desc, disable=not show, file=_LogLines(sys.stderr),
                 mininterval=LOG_INTERVAL, delay=LOG_INTERVAL, ncols=100)  # fmt: skip
+
+
+@contextlib.contextmanager
+def library_bars(show: bool) -> Iterator[None]:
+    """The progress bars of ``datasets``, ``transformers`` (loading and saving weights,
+    dequantising a GGUF file) and ``huggingface_hub`` only where ``show``: ``--no-progress``
+    leaves stderr free of them, as it is of ours."""
+    import datasets
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    if show:
+        yield
+        return
+    shown = (
+        datasets.is_progress_bar_enabled(),
+        hf_logging.is_progress_bar_enabled(),
+        not hub.are_progress_bars_disabled(),
+    )
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hub.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown[0]:
+            datasets.enable_progress_bars()
+        if shown[1]:
+            hf_logging.enable_progress_bar()
+        if shown[2]:
+            hub.enable_progress_bars()

@@ -46,7 +46,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -74,7 +74,7 @@ from logitstore.pipelines._distributed import (
     tensor_parallel_groups,
 )
 from logitstore.pipelines._encoder import ShardBuffer, Worker
-from logitstore.pipelines._progress import progress_bar
+from logitstore.pipelines._progress import library_bars, progress_bar
 from logitstore.pipelines._teacher import (
     Teacher,
     check_context,
@@ -152,21 +152,6 @@ def _fitted_codec(
         torch.distributed.broadcast_object_list(payload, src=0)
         codec = codec_from_json(payload[0])
     return codec, forwarded
-
-
-@contextlib.contextmanager
-def _datasets_bars(show: bool) -> Iterator[None]:
-    """``datasets``' own progress bars (preparing, tokenizing) only where ``show``."""
-    import datasets
-
-    hide, shown = not show, datasets.is_progress_bar_enabled()
-    if hide:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if hide and shown:
-            datasets.enable_progress_bars()
 
 
 def _rank_0_first(
@@ -311,28 +296,29 @@ def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[s
     bars = cfg.progress and rank == 0
     # The data before the teacher: a wrong path, split or field fails in seconds, not after
     # minutes of loading a 70B teacher.
-    with _datasets_bars(bars):
+    with library_bars(bars):
         source = _rank_0_first(lambda: _load_source(cfg), rank, world, "reading the data")
     # Then the tokens, with the tokenizer alone: bad rows, too, fail before the weights load.
     tokenizer = teacher.tokenizer if teacher else load_tokenizer(
         cfg.teacher, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
         revision=cfg.revision,
     )  # fmt: skip
-    with _datasets_bars(bars):
+    with library_bars(bars):
         windows = _rank_0_first(
             lambda: _windows(cfg, source, tokenizer), rank, world, "tokenizing the data",
             cached=not cfg.streaming,
         )  # fmt: skip
-    teacher = teacher or load_teacher(
-        cfg.teacher,
-        gguf_file=cfg.gguf_file,
-        dtype=cfg.dtype,
-        device=None if placement.device_map is not None else str(device),
-        trust_remote_code=cfg.trust_remote_code,
-        revision=cfg.revision,
-        placement=placement,
-        tokenizer=tokenizer,
-    )
+    with library_bars(bars):  # GGUF dequantising, loading the weights
+        teacher = teacher or load_teacher(
+            cfg.teacher,
+            gguf_file=cfg.gguf_file,
+            dtype=cfg.dtype,
+            device=None if placement.device_map is not None else str(device),
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+            placement=placement,
+            tokenizer=tokenizer,
+        )
     codec.fields(teacher.vocab_size, len(temps))  # k > V and friends fail here, before any work
     check_context(teacher, windows, cfg.max_length)  # every rank has the same windows
     shards = plan_shards(windows, cfg.docs_per_shard)

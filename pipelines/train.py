@@ -41,6 +41,7 @@ from logitstore._kd_eval import check_held_out
 from logitstore.errors import ConfigError, OutputNotWritableError
 from logitstore.format import tail_temperatures
 from logitstore.pipelines._checkpoint import truncate_metrics
+from logitstore.pipelines._progress import library_bars
 from logitstore.pipelines._student import (
     check_vocabulary,
     init_from_teacher,
@@ -163,6 +164,12 @@ def check_writable(out: Path) -> None:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train ``config.student`` on ``config.store``; return a summary of the run."""
+    with library_bars(config.progress):  # loading and saving weights: no bars either
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> dict[str, Any]:
+    """:func:`train`'s work."""
     from logitstore import open_store
     from logitstore.hf import latest_checkpoint as newest
 

@@ -1,0 +1,47 @@
+"""``--no-progress`` (``progress=False``): no library's progress bar on stderr either."""
+
+from __future__ import annotations
+
+import pytest
+from transformers.utils import logging as hf_logging
+
+from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from logitstore.pipelines.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_no_progress_leaves_stderr_free_of_the_libraries_bars(
+    tmp_path, tiny_teacher_dir, tiny_student_dir, text_jsonl, capfd
+):
+    assert hf_logging.is_progress_bar_enabled()
+    store = tmp_path / "store"
+    run_teacher_pass(
+        TeacherPassConfig(
+            teacher=str(tiny_teacher_dir),
+            data=str(text_jsonl),
+            out=str(store),
+            k=8,
+            max_length=32,
+            limit=4,
+            progress=False,
+        )  # fmt: skip
+    )
+    train(
+        TrainConfig(
+            store=str(store),
+            student=str(tiny_student_dir),
+            out=str(tmp_path / "run"),
+            max_steps=1,
+            tokens_per_step=128,
+            tokens_per_batch=128,
+            warmup_steps=0,
+            progress=False,
+            device="cpu",
+        )  # fmt: skip
+    )
+    err = capfd.readouterr().err
+    # tqdm draws "NN%|" and "it/s"; the run wrote weights (loading, saving) where it would show.
+    assert "%|" not in err and "it/s]" not in err, err[-2000:]
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-1" / "model.safetensors").exists()
+    assert hf_logging.is_progress_bar_enabled()  # given back as it was
