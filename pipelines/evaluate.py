@@ -28,7 +28,7 @@ from logitstore._kd_forward import logit_operands, logits_after_head
 from logitstore.dataset import StoreDataset
 from logitstore.divergences import MetricTotals, batch_metrics
 from logitstore.pipelines._distributed import parse_device
-from logitstore.pipelines._progress import progress_bar
+from logitstore.pipelines._progress import library_bars, progress_bar
 from logitstore.pipelines._student import (
     check_vocabulary,
     final_hidden,
@@ -87,7 +87,8 @@ def evaluate(
     dev = parse_device(device)
     prompt_texts = read_prompts(prompts) if prompts is not None else None
     opened = open_store(store, storage_options=storage_options)
-    lm = load_student(student)
+    with library_bars(progress):
+        lm = load_student(student)
     tokenizer = load_tokenizer(student)
     check_vocabulary(opened.manifest, lm, tokenizer)
     lm.to(dev).eval()

@@ -1,10 +1,12 @@
-"""``--no-progress`` (``progress=False``): no library's progress bar on stderr either."""
+"""``--no-progress`` (``progress=False``): no library's progress bar on stderr either (teacher
+pass, training, evaluation)."""
 
 from __future__ import annotations
 
 import pytest
 from transformers.utils import logging as hf_logging
 
+from logitstore.pipelines.evaluate import evaluate
 from logitstore.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 from logitstore.pipelines.train import TrainConfig, train
 
@@ -40,6 +42,7 @@ def test_no_progress_leaves_stderr_free_of_the_libraries_bars(
             device="cpu",
         )  # fmt: skip
     )
+    evaluate(str(tmp_path / "run" / "checkpoints" / "checkpoint-1"), str(store), device="cpu")
     err = capfd.readouterr().err
     # tqdm draws "NN%|" and "it/s"; the run wrote weights (loading, saving) where it would show.
     assert "%|" not in err and "it/s]" not in err, err[-2000:]
