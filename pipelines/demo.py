@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             max_length=args.max_length,
             batch_size=8,
             docs_per_shard=16,
-            resume=True,
+            resume=(out / f"store_{split}").exists(),  # a rerun continues an interrupted pass
             device=device,
             seed=args.seed,
         )
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lr=args.lr,
             warmup_steps=max(1, args.steps // 10),
             seed=args.seed,
-            resume=True,
+            resume=latest_checkpoint(run_dir) is not None,  # a rerun continues from it
             device=device,
         )
         train(train_cfg)
