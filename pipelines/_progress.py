@@ -8,6 +8,7 @@ one every :data:`LOG_INTERVAL` seconds, and none for work shorter than that.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -44,6 +45,15 @@ def progress_bar(
                 mininterval=LOG_INTERVAL, delay=LOG_INTERVAL, ncols=100)  # fmt: skip
 
 
+def _gguf_module() -> Any:
+    """``transformers``' GGUF loader, or None where it does not import."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils
+    except ImportError:
+        return None
+    return modeling_gguf_pytorch_utils if hasattr(modeling_gguf_pytorch_utils, "tqdm") else None
+
+
 @contextlib.contextmanager
 def library_bars(show: bool) -> Iterator[None]:
     """The progress bars of ``datasets``, ``transformers`` (loading and saving weights,
@@ -64,9 +74,15 @@ def library_bars(show: bool) -> Iterator[None]:
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
     hub.disable_progress_bars()
+    gguf, gguf_bar = _gguf_module(), None
+    if gguf is not None:  # its dequantising bar is a bare tqdm, which the switch above misses
+        gguf_bar = gguf.tqdm
+        gguf.tqdm = functools.partial(tqdm, disable=True)
     try:
         yield
     finally:
+        if gguf is not None:
+            gguf.tqdm = gguf_bar
         if shown[0]:
             datasets.enable_progress_bars()
         if shown[1]:

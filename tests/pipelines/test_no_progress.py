@@ -48,3 +48,22 @@ def test_no_progress_leaves_stderr_free_of_the_libraries_bars(
     assert "%|" not in err and "it/s]" not in err, err[-2000:]
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-1" / "model.safetensors").exists()
     assert hf_logging.is_progress_bar_enabled()  # given back as it was
+
+
+@pytest.mark.slow
+def test_no_progress_hides_the_bar_dequantising_a_gguf_teacher(tmp_path, gguf_teacher_path, capfd):
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "def f(x):\\n    return x + 1"}\n')
+    run_teacher_pass(
+        TeacherPassConfig(
+            teacher=str(gguf_teacher_path),
+            data=str(data),
+            out=str(tmp_path / "s"),
+            k=8,
+            max_length=16,
+            device="cpu",
+            progress=False,
+        )  # fmt: skip
+    )
+    err = capfd.readouterr().err
+    assert "%|" not in err and "it/s]" not in err, err[-2000:]
