@@ -235,7 +235,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         )
         if rank0:
             for note in notes:
-                print(f"note: {note}", file=sys.stderr)
+                print(f"note: {note}", file=sys.stderr, flush=True)
         return {
             "step": _step_of(resume_from),
             "tokens": saved_state(resume_from).get("tokens"),
@@ -249,7 +249,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         truncate_metrics(metrics_path, _step_of(resume_from))
         truncate_metrics(eval_path, _step_of(resume_from))
         for note in notes:
-            print(f"note: {note}", file=sys.stderr)
+            print(f"note: {note}", file=sys.stderr, flush=True)
     run = _RunCallback(out, config.stop_after)
     try:
         trainer = _run(config, args, lm, tokenizer, (store, held_out), loss, run, resume_from)
@@ -265,7 +265,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
             "checkpoint: run the same command with --resume to continue"
         )
         if rank0:
-            print(f"note: {notes[-1]}", file=sys.stderr)
+            print(f"note: {notes[-1]}", file=sys.stderr, flush=True)
     elif held_out is not None and not _evaluated_at(trainer.state, step):
         trainer.evaluate()  # the end of every run is evaluated (every rank takes part)
     trainer.accelerator.wait_for_everyone()
@@ -275,7 +275,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
             "data without assistant turns?), so the student learned nothing"
         )
         if rank0:
-            print(f"note: {notes[-1]}", file=sys.stderr)
+            print(f"note: {notes[-1]}", file=sys.stderr, flush=True)
     path = newest(args.output_dir)
     last = _last_row(metrics_path) if rank0 else {}
     return {
