@@ -150,6 +150,14 @@ class LogitStore:
                     f"{self.url} holds an unfinished store (no {fmt.MANIFEST_NAME}); finish "
                     "or resume the run that writes it"
                 ) from None
+            try:
+                there = self.fs.exists(self.root)
+            except OSError:
+                there = True  # (the message below then says what is known for sure)
+            if not there:
+                raise StoreNotFoundError(
+                    f"no store at {self.url}: the path does not exist"
+                ) from None
             raise StoreNotFoundError(f"no store at {self.url} (no {fmt.MANIFEST_NAME})") from None
         manifest = fmt.loads(raw, fmt.MANIFEST_NAME)
         fmt.validate_manifest(manifest)

@@ -45,8 +45,12 @@ def build(url: str, shards=(2, 3, 1), backend="zarr", finalize=True):
 
 
 def test_missing_and_unfinished_stores_are_named(tmp_path):
-    with pytest.raises(StoreNotFoundError, match="no store"):
+    # A mistyped path said "(no manifest.json)", as if a folder were there without one.
+    with pytest.raises(StoreNotFoundError, match="no store at .*nothing: the path does not exist"):
         open_store(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreNotFoundError, match=r"no store at .*empty \(no manifest.json\)"):
+        open_store(str(tmp_path / "empty"))
     build(str(tmp_path / "s"), finalize=False)
     with pytest.raises(StoreNotFoundError, match="unfinished"):
         open_store(str(tmp_path / "s"))
