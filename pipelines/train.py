@@ -254,6 +254,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     try:
         trainer = _run(config, args, lm, tokenizer, (store, held_out), loss, run, resume_from)
     except BaseException:
+        run.restore_signals()  # Trainer ends no training that raised
         # A run refused before its first step (a damaged store) leaves no empty run folder.
         if not existed and checkpoints.is_dir() and not any(checkpoints.iterdir()):
             checkpoints.rmdir()
@@ -466,6 +467,10 @@ class _RunCallback(TrainerCallback):
             self._handlers = {s: signal.signal(s, self._receive) for s in STOP_SIGNALS}
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.restore_signals()
+
+    def restore_signals(self) -> None:
+        """Hand the stop signals back to the handlers they had before training."""
         for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
         self._handlers = {}

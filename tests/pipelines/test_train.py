@@ -423,3 +423,22 @@ def test_a_held_out_store_is_read_during_training_and_at_its_end(
     with pytest.raises(ConfigError, match=r"captured the temperatures \[1.0\], the training"):
         train(config(store, tiny_student_dir, tmp_path / "c", eval_store=other))
     assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_a_run_that_fails_hands_the_stop_signals_back(
+    store, tiny_student_dir, tmp_path, monkeypatch
+):
+    # Training takes SIGTERM and SIGUSR1 to stop at a step's end; a run that raised kept them,
+    # so the process ignored a later SIGTERM.
+    import signal
+
+    from logitstore.hf import KDTrainer
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("failed in a step")
+
+    monkeypatch.setattr(KDTrainer, "training_step", fail)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    with pytest.raises(RuntimeError, match="failed in a step"):
+        train(config(store, tiny_student_dir, tmp_path / "run"))
+    assert {s: signal.getsignal(s) for s in before} == before
