@@ -14,24 +14,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_no_progress_leaves_stderr_free_of_the_libraries_bars(
-    tmp_path, tiny_teacher_dir, tiny_student_dir, text_jsonl, capfd
+    tmp_path, tiny_store, tiny_student_dir, capfd
 ):
     assert hf_logging.is_progress_bar_enabled()
-    store = tmp_path / "store"
-    run_teacher_pass(
-        TeacherPassConfig(
-            teacher=str(tiny_teacher_dir),
-            data=str(text_jsonl),
-            out=str(store),
-            k=8,
-            max_length=32,
-            limit=4,
-            progress=False,
-        )  # fmt: skip
-    )
+    store = tiny_store(tmp_path / "store", k=8, max_length=32, limit=4)  # progress=False
     train(
         TrainConfig(
-            store=str(store),
+            store=store,
             student=str(tiny_student_dir),
             out=str(tmp_path / "run"),
             max_steps=1,
@@ -42,7 +31,7 @@ def test_no_progress_leaves_stderr_free_of_the_libraries_bars(
             device="cpu",
         )  # fmt: skip
     )
-    evaluate(str(tmp_path / "run" / "checkpoints" / "checkpoint-1"), str(store), device="cpu")
+    evaluate(str(tmp_path / "run" / "checkpoints" / "checkpoint-1"), store, device="cpu")
     err = capfd.readouterr().err
     # tqdm draws "NN%|" and "it/s"; the run wrote weights (loading, saving) where it would show.
     assert "%|" not in err and "it/s]" not in err, err[-2000:]
