@@ -539,10 +539,24 @@ def train_and_print(config: TrainConfig) -> None:
     """Train, then print the run's JSON summary on stdout, alone and once (rank 0 of a
     ``torchrun`` group), so that ``> summary.json`` is JSON: what libraries print while
     training (DeepSpeed's accelerator notice, Trainer's log lines) goes to stderr."""
-    with contextlib.redirect_stdout(sys.stderr):
-        summary = train(config)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = train(config)
+    finally:
+        end_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=1, default=str))
+
+
+def end_process_group() -> None:
+    """Destroy the process group that Trainer set up under ``torchrun``, as ``Trainer.end()``
+    does, once nothing more needs the other ranks. A process that exits with a gloo group
+    still alive can abort at exit (torch 2.13 on CPU: ``terminate called without an active
+    exception``, in most two-process runs of a bare script), failing a run that had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # torchrun --nproc-per-node N -m logitstore.pipelines.train CONFIG.yaml

@@ -69,3 +69,6 @@ out.mkdir(parents=True, exist_ok=True)
 if rank == 0:
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "final.safetensors"))
     (out / "losses.json").write_text(json.dumps(losses))
+
+if sharded:  # as a user's script ends: gloo can abort at exit with a group alive
+    dist.destroy_process_group()

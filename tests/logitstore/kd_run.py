@@ -129,3 +129,5 @@ if rank == 0:
     save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(out, "final.safetensors")))
     Path(out, "logs.json").write_text(json.dumps(logs))
     Path(out, "eval.json").write_text(json.dumps(evaluation))
+
+trainer.accelerator.end_training()  # destroys the process group, as a torchrun script ends

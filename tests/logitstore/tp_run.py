@@ -59,3 +59,6 @@ if rank == 0:
     (out / "losses.json").write_text(json.dumps(losses))
     (out / "refusal.txt").write_text(refusal)
     save_file(weights, str(out / "final.safetensors"))
+
+if split:  # as a user's script ends: gloo can abort at exit with a group alive
+    torch.distributed.destroy_process_group()

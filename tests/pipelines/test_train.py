@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -442,3 +443,30 @@ def test_a_run_that_fails_hands_the_stop_signals_back(
     with pytest.raises(RuntimeError, match="failed in a step"):
         train(config(store, tiny_student_dir, tmp_path / "run"))
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_entry_point_ends_the_process_group_it_trained_in(monkeypatch, tmp_path, fails):
+    """``logitstore train`` and ``python -m logitstore.pipelines.train`` destroy the group that
+    Trainer ran in, whether the run returns or raises: a gloo process that exits with its
+    group alive can abort at exit, failing a finished torchrun job."""
+    import torch.distributed as dist
+
+    import logitstore.pipelines.train as pipeline
+
+    def run(config):
+        assert dist.is_initialized()
+        if fails:
+            raise ConfigError("no")
+        return {"step": 0}
+
+    monkeypatch.setattr(pipeline, "train", run)
+    store = dist.FileStore(str(tmp_path / "rendezvous"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(ConfigError) if fails else contextlib.nullcontext():
+            pipeline.train_and_print(TrainConfig(store="s", student="m", out=str(tmp_path)))
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
