@@ -13,22 +13,78 @@ runs with the same inputs produce byte-identical stores. ``FORMAT.md`` documents
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from logitstore._schema import Int, List, Nullable, Num, Obj, Pair, Str
-from logitstore.errors import (
-    ConfigError,
-    FormatVersionError,
-    ManifestError,
-    UnsafePathError,
-    shown,
+from logitstore._format_json import dumps, first_difference, loads, normalize
+from logitstore._format_paths import MAX_NAME_BYTES, MAX_PATH_BYTES, check_relative_path
+from logitstore._format_schema import (
+    _TEMPERATURES,
+    LEGACY_TEMPERATURES_KEY,
+    MANIFEST_FIELDS,
+    MANIFEST_SCHEMA,
+    MANIFEST_SCHEMA_V1,
+    MAX_COUNT,
+    MAX_EXPANSION,
+    MAX_FILES_PER_SHARD,
+    MAX_READ_EXPANSION,
+    MAX_SHARDS,
+    MAX_TEMPERATURES,
+    MAX_VOCAB_SIZE,
+    RECORD_SCHEMA,
+    SHARD_FIELDS,
+    SHARD_SCHEMA,
 )
+from logitstore.errors import ConfigError, FormatVersionError, ManifestError, shown
+
+__all__ = [
+    "CLAIMS_DIR",
+    "FORMAT_VERSION",
+    "LEGACY_TEMPERATURES_KEY",
+    "MANIFEST_FIELDS",
+    "MANIFEST_NAME",
+    "MANIFEST_SCHEMA",
+    "MANIFEST_SCHEMA_V1",
+    "MAX_COUNT",
+    "MAX_EXPANSION",
+    "MAX_FILES_PER_SHARD",
+    "MAX_NAME_BYTES",
+    "MAX_PATH_BYTES",
+    "MAX_READ_EXPANSION",
+    "MAX_SHARDS",
+    "MAX_TEMPERATURES",
+    "MAX_VOCAB_SIZE",
+    "METADATA_KEYS",
+    "RECORDS_DIR",
+    "RECORD_SCHEMA",
+    "SETTINGS_NAME",
+    "SHARDS_DIR",
+    "SHARD_FIELDS",
+    "SHARD_SCHEMA",
+    "SUPPORTED_FORMAT_VERSIONS",
+    "build_manifest",
+    "build_settings",
+    "check_declared_sizes",
+    "check_format_version",
+    "check_relative_path",
+    "check_temperatures",
+    "claim_name",
+    "dumps",
+    "expansion_problem",
+    "first_difference",
+    "loads",
+    "normalize",
+    "record_index",
+    "record_name",
+    "shard_name",
+    "stored_bytes",
+    "tail_temperatures",
+    "validate_manifest",
+    "validate_record",
+]
 
 FORMAT_VERSION = 2
 """Version of the store layout this code writes; bumped on incompatible changes.
@@ -48,122 +104,7 @@ METADATA_KEYS = ("teacher", "tokenizer", "capture", "source")
 """Sections the teacher pass supplies; copied verbatim into settings and manifest. The format
 gives meaning to none of their keys."""
 
-LEGACY_TEMPERATURES_KEY = "temperatures"
-"""Where format version 1 kept the tail temperatures: ``capture.temperatures``."""
-
-# -- the manifest's schema -----------------------------------------------------------------
-# Every field a reader uses, with its type and range, checked once when a store is opened, so
-# a malformed manifest (a stranger's bytes) is refused with a ManifestError naming the field,
-# never an OverflowError or TypeError later. Keys not listed are allowed (optional keys are a
-# compatible change) but carry no meaning.
-
-MAX_COUNT = 2**40
-"""Largest count or byte size a shard may declare (documents, tokens, positions, bytes)."""
-
-MAX_VOCAB_SIZE = 2**24
-"""Largest vocabulary a store may declare (three id planes; real vocabularies are < 2^19)."""
-
-MAX_TEMPERATURES = 64
-MAX_SHARDS = 2**20
-MAX_FILES_PER_SHARD = 4096
-
-MAX_EXPANSION = 256
-"""A shard's arrays, uncompressed, may be at most this many times its bytes on disk: what the
-manifest declares and what the backends decode alike.
-
-Real shards compress 2-4x; the bound keeps a small hostile shard (millions of declared
-positions, chunks left out as all fill value, a zstd bomb) from making a reader allocate
-gigabytes before finding it empty or broken."""
-
-MAX_READ_EXPANSION = 4 * MAX_EXPANSION
-"""A shard's arrays with its positions as a reader decodes them (``Codec.decoded_bytes``) may
-be at most this many times its bytes on disk.
-
-Decoding expands: the dense codec's one-byte codes become an int64 id and a float32 log-prob
-each, so a real dense store reads to 30 (8 bits) or 240 (4 bits) times its bytes on disk and a
-top-k store to about 10. A writer stores a shard whose data compresses so well that it would
-exceed either bound (long repeats of one text) without compression, so every store it writes
-can be read."""
-
-
-_COUNT = Int(0, MAX_COUNT)
-_SOME = Int(1, MAX_COUNT)  # a shard holds at least one document, of at least one token
-_FIDELITY = Nullable(Obj(values=Num()))
-_TEMPERATURES = List(
-    Num(positive=True),
-    MAX_TEMPERATURES,
-    f"a list of at most {MAX_TEMPERATURES} distinct finite numbers > 0",
-    unique=True,
-)
-
-SHARD_SCHEMA = Obj(
-    required={
-        "path": Str(),
-        "documents": _SOME,
-        "tokens": _SOME,
-        "positions": _COUNT,
-        "bytes": _COUNT,
-        "sha256": Str(r"[0-9a-f]{64}", "a SHA-256 hex digest"),
-        "files": List(Pair(Str(), _COUNT), MAX_FILES_PER_SHARD, "a list of [name, size] pairs"),
-    },
-    optional={"index": Int(0, MAX_SHARDS), "fidelity": _FIDELITY},
-)
-
-RECORD_SCHEMA = Obj(
-    required={**SHARD_SCHEMA.required, "num_temperatures": Int(0, MAX_TEMPERATURES)},
-    optional=SHARD_SCHEMA.optional,
-)
-"""A shard's commit record (``records/<i>.json``): its manifest entry plus ``num_temperatures``."""
-
-MANIFEST_SCHEMA = Obj(
-    required={
-        "format_version": Int(0, 2**31),
-        "codec": Obj(
-            required={"name": Str(), "version": Int(0, 2**31)},
-            optional={"configuration": Obj()},
-        ),
-        "backend": Str(),
-        "vocab_size": Int(1, MAX_VOCAB_SIZE),
-        "num_temperatures": Int(0, MAX_TEMPERATURES),
-        "tail_temperatures": _TEMPERATURES,
-        "teacher": Obj(),
-        "tokenizer": Obj(),
-        "capture": Obj(),
-        "source": Obj(),
-        "shards": List(SHARD_SCHEMA, MAX_SHARDS, f"a list of at most {MAX_SHARDS} shards"),
-        "statistics": Obj(
-            required={
-                "documents": _COUNT,
-                "tokens": _COUNT,
-                "positions": _COUNT,
-                "bytes": _COUNT,
-                "bytes_per_token": Num(),
-                "bytes_per_position": Num(),
-            },
-            optional={"fidelity": _FIDELITY},
-        ),
-    },
-    optional={"compression_level": Int(-7, 22), "run": Obj()},
-)
-"""The manifest of the current format version."""
-
-MANIFEST_SCHEMA_V1 = Obj(
-    required={
-        **{k: v for k, v in MANIFEST_SCHEMA.required.items() if k != "tail_temperatures"},
-        "capture": Obj(optional={LEGACY_TEMPERATURES_KEY: _TEMPERATURES}),
-    },
-    optional=MANIFEST_SCHEMA.optional,
-)
-"""Format version 1: no ``tail_temperatures``; ``capture.temperatures`` optional."""
-
 _SCHEMAS = {1: MANIFEST_SCHEMA_V1, FORMAT_VERSION: MANIFEST_SCHEMA}
-
-
-MANIFEST_FIELDS = tuple(MANIFEST_SCHEMA.required)
-"""Top-level fields every manifest has."""
-
-SHARD_FIELDS = tuple(SHARD_SCHEMA.required)
-"""Fields every shard entry (and record) has."""
 
 _SHARD_NAME = re.compile(r"^(\d{6,})\.json$")
 
@@ -187,231 +128,6 @@ def record_index(filename: str) -> int | None:
     """The shard index a record file name encodes, or ``None`` for any other file."""
     m = _SHARD_NAME.match(filename)
     return int(m.group(1)) if m else None
-
-
-def _json_default(obj: Any) -> Any:
-    # numpy scalars and arrays arrive from statistics and fidelity sums.
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def dumps(obj: Any) -> bytes:
-    """Canonical JSON bytes: sorted keys, two-space indent, trailing newline, strict floats.
-
-    Raises:
-        ConfigError: ``obj`` holds something JSON cannot represent (objects, NaN, Inf).
-    """
-    try:
-        text = json.dumps(
-            obj, sort_keys=True, indent=2, ensure_ascii=True, allow_nan=False, default=_json_default
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"metadata must be plain JSON (dicts, lists, str, finite numbers): {exc}"
-        ) from None
-    return (text + "\n").encode()
-
-
-def normalize(obj: Any) -> Any:
-    """``obj`` as it reads back from canonical JSON (tuples become lists, numpy becomes Python)."""
-    return json.loads(dumps(obj))
-
-
-def loads(raw: bytes, what: str) -> dict[str, Any]:
-    """Parse a JSON object, refusing anything else.
-
-    Args:
-        raw: the file's bytes.
-        what: file name for the error message.
-
-    Raises:
-        ManifestError: not UTF-8 JSON, or not an object. ``NaN``, ``Infinity`` and numbers
-            too large for a float (``1e999``) are refused too.
-    """
-
-    non_finite: list[str] = []  # parsed (so the field can be named), then refused
-
-    def _constant(name: str) -> float:
-        non_finite.append(name)
-        return math.nan
-
-    def _float(text: str) -> float:
-        value = float(text)
-        if not math.isfinite(value):  # 1e999 parses to inf
-            non_finite.append(text[:20])
-        return value
-
-    repeated: list[str] = []  # keys given twice in one object: parsed, then refused
-
-    def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(pairs)
-        if len(out) != len(pairs) and not repeated:
-            seen: set[str] = set()
-            for key, _ in pairs:
-                if key in seen:
-                    repeated.append(key)
-                    break
-                seen.add(key)
-        return out
-
-    try:
-        data = json.loads(
-            raw.decode("utf-8"),
-            parse_constant=_constant,
-            parse_float=_float,
-            object_pairs_hook=_object,
-        )
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ManifestError(f"{what} is not valid JSON: {exc}") from None
-    if repeated:
-        # JSON leaves a repeated key's meaning open: another reader (a checker, the Hub's
-        # viewer) may take the first value where Python takes the last
-        raise ManifestError(
-            f"{what} is not valid JSON: the key {shown(repeated[0])} appears twice in one object; "
-            "the format writes each key once"
-        )
-    if non_finite:
-        raise ManifestError(
-            f"{what} is not valid JSON: field {_first_non_finite(data)} holds {non_finite[0]}; "
-            "the format allows finite numbers only"
-        )
-    if _SURROGATE_ESCAPE.search(raw):  # (rare: then every string is checked)
-        bad = _first(data, _not_unicode)
-        if bad is not None:
-            raise ManifestError(
-                f"{what} is not valid JSON: field {bad} holds a lone surrogate (\\ud800 to "
-                "\\udfff not in a pair), which is not Unicode text"
-            )
-    if not isinstance(data, dict):
-        raise ManifestError(f"{what} must hold a JSON object, found {type(data).__name__}")
-    return data
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-"""A JSON escape of a UTF-16 surrogate: valid in a pair (one character), alone it parses to a
-string no UTF-8 writer takes (printing it, writing a dataset card or a Parquet column fails)."""
-
-
-def _not_unicode(value: Any) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _first_non_finite(data: Any) -> str:
-    """Path (``a.b[2]``) of the first non-finite float in parsed JSON, walked without recursion."""
-    found = _first(data, lambda v: isinstance(v, float) and not math.isfinite(v))
-    return "<unknown>" if found is None else found
-
-
-def _first(data: Any, bad: Any) -> str | None:
-    """Path (``a.b[2]``) of the first value (or key) for which ``bad`` holds, walked without
-    recursion."""
-    stack: list[tuple[str, Any]] = [("", data)]
-    while stack:
-        path, value = stack.pop()
-        if bad(value):
-            return path or "<root>"
-        if isinstance(value, dict):
-            for key in value:
-                if bad(key):
-                    return (f"{path}." if path else "") + json.dumps(key)
-            # (a key as the schema's messages name it: quoted unless a plain name)
-            keys = [k if k.isidentifier() else json.dumps(k) for k in value]
-            items = [(f"{path}.{k}" if path else k, v) for k, v in zip(keys, value.values())]
-        elif isinstance(value, list):
-            items = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
-        else:
-            continue
-        stack.extend(reversed(items))
-    return None
-
-
-_GLOB = "*?[]"
-"""Characters fsspec reads as a glob pattern in a path (``glob.has_magic``, and ``]``)."""
-_GLOB_CHARS = re.compile(r"[*?\[\]]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-MAX_NAME_BYTES = 255
-"""Longest component of a manifest path, in UTF-8 bytes (``NAME_MAX`` of common filesystems)."""
-
-MAX_PATH_BYTES = 1024
-"""Longest manifest path, in UTF-8 bytes (an S3 key's limit; ours are under 40)."""
-
-
-def _shown(path: str) -> str:
-    """``repr(path)``, cut to 80 characters for a message."""
-    text = repr(path)
-    return text if len(text) <= 80 else f"{text[:77]}... ({len(path)} characters)"
-
-
-def check_relative_path(path: Any, what: str = "path") -> str:
-    """Refuse a manifest path that could leave the store's root.
-
-    Only plain relative POSIX paths of ordinary names are accepted: no absolute paths, no
-    ``..`` or ``.`` components, no URLs or drive letters, no backslashes, no empty components,
-    no glob or control characters, no component longer than :data:`MAX_NAME_BYTES` and no
-    path longer than :data:`MAX_PATH_BYTES` (no filesystem or bucket holds such a name: each
-    message naming it would be that long).
-
-    Raises:
-        UnsafePathError: with the offending path (cut to 80 characters).
-    """
-    if not isinstance(path, str) or not path:
-        raise UnsafePathError(f"{what} must be a non-empty relative path, found {path!r}")
-    size = len(path.encode("utf-8", "surrogatepass"))
-    longest = max(len(part.encode("utf-8", "surrogatepass")) for part in path.split("/"))
-    if size > MAX_PATH_BYTES or longest > MAX_NAME_BYTES:
-        raise UnsafePathError(
-            f"{what} {_shown(path)} is {size} bytes long, with a name of {longest} bytes; "
-            f"expected paths of at most {MAX_PATH_BYTES} bytes and names of at most "
-            f"{MAX_NAME_BYTES}"
-        )
-    bad = (
-        path.startswith("/")
-        or "\\" in path
-        or ":" in path  # URLs (s3://), drive letters (C:)
-        or "\x00" in path
-        or "~" in path.split("/")[0]
-        or any(part in ("", ".", "..") for part in path.split("/"))
-    )
-    if bad:
-        raise UnsafePathError(
-            f"{what} {_shown(path)} escapes the store root; expected a relative path"
-        )
-    if _CONTROL.search(path):
-        # a newline or an escape sequence would reach the terminal in every message naming it
-        raise UnsafePathError(
-            f"{what} {_shown(path)} holds a control character; expected plain file names"
-        )
-    if _GLOB_CHARS.search(path):
-        # fsspec's cat expands these as a pattern: one file entry of "shards/**" would fetch
-        # every file of a remote store, on every read of the shard
-        raise UnsafePathError(
-            f"{what} {_shown(path)} holds a glob character ({_GLOB}); expected plain file names"
-        )
-    device = next((p for p in path.split("/") if _DEVICE.fullmatch(p.split(".")[0])), None)
-    if device is not None:
-        # on Windows, "shards/CON.parquet" opens the console (a read that waits for typing),
-        # "NUL" the null device, "COM1" a serial port: whatever folder they are in
-        raise UnsafePathError(
-            f"{what} {_shown(path)} names the Windows device {device!r}; expected plain file names"
-        )
-    return path
-
-
-_DEVICE = re.compile(r"(?i)(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³]|conin\$|conout\$) *")
-"""A name Windows reads as a device, with any extension (``NUL.txt`` is ``NUL`` too)."""
 
 
 def build_settings(
@@ -499,37 +215,6 @@ def tail_temperatures(manifest: Mapping[str, Any]) -> list[float] | None:
     if listed is not None:
         return [float(t) for t in listed]
     return [] if manifest.get("num_temperatures", 0) == 0 else None
-
-
-def first_difference(expected: Any, found: Any, path: str = "") -> tuple[str, Any, Any] | None:
-    """The first key path (in sorted order) where two JSON values differ, with both values.
-
-    Returns:
-        ``(path, expected_value, found_value)``, or ``None`` when equal. A key present on one
-        side only reports ``"<missing>"`` for the other.
-    """
-    if isinstance(expected, dict) and isinstance(found, dict):
-        for key in sorted(set(expected) | set(found)):
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in expected:
-                return sub, "<missing>", found[key]
-            if key not in found:
-                return sub, expected[key], "<missing>"
-            diff = first_difference(expected[key], found[key], sub)
-            if diff:
-                return diff
-        return None
-    if isinstance(expected, list) and isinstance(found, list):
-        for i, (a, b) in enumerate(zip(expected, found)):
-            diff = first_difference(a, b, f"{path}[{i}]")
-            if diff:
-                return diff
-        if len(expected) != len(found):
-            return f"{path}.length", len(expected), len(found)
-        return None
-    if expected != found or type(expected) is not type(found):
-        return path or "<root>", expected, found
-    return None
 
 
 def check_format_version(data: Mapping[str, Any], what: str) -> None:
