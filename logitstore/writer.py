@@ -19,13 +19,13 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from logitstore import _owners
 from logitstore import format as fmt
+from logitstore._writer_documents import EncodedDocument, check_document, concatenate, field_specs
 from logitstore.codecs.base import Codec, FieldSpec
 from logitstore.errors import (
     ConfigError,
@@ -43,24 +43,6 @@ from logitstore.storage import get_backend as _get_backend
 from logitstore.storage.base import RESERVED_NAMES, ShardArrays, position_bytes, token_dtype
 
 MODES = ("create", "resume", "join")
-
-
-@dataclass
-class EncodedDocument:
-    """One document as the teacher pass hands it to the writer.
-
-    Attributes:
-        doc_id: content key (source row id, window, hash of the token ids).
-        input_ids: integer ``(T,)``, every id in ``[0, vocab_size)``, ``T >= 1``.
-        loss_mask: bool ``(T - 1,)``.
-        fields: the codec's arrays for the ``T - 1`` positions, each ``(T - 1, *spec.shape)``
-            with exactly the dtype ``codec.fields()`` declares.
-    """
-
-    doc_id: str
-    input_ids: np.ndarray
-    loss_mask: np.ndarray
-    fields: dict[str, np.ndarray]
 
 
 class StoreWriter:
@@ -232,85 +214,6 @@ class StoreWriter:
         names = _fs.list_names(self.fs, self._path(fmt.RECORDS_DIR))
         return {i for i in map(fmt.record_index, names) if i is not None}
 
-    def _specs(self, doc: EncodedDocument) -> tuple[int, dict[str, FieldSpec]]:
-        """The exact field specs every document must match, and the number of extra temperatures.
-
-        The number of temperatures is the width of the document's ``tail_logsumexp`` (0 without
-        one); it must be the number of ``temperatures``, which name the columns.
-        """
-        where = f"document {doc.doc_id!r}"
-        lse = doc.fields.get("tail_logsumexp")
-        lse_shape = tuple(np.shape(lse)) if lse is not None else ()
-        n = int(lse_shape[1]) if len(lse_shape) == 2 else 0
-        hint = len(self.temperatures)
-        if n != hint:
-            found = "no tail_logsumexp" if lse is None else f"tail_logsumexp of shape {lse_shape}"
-            raise DataError(
-                f"{where}: the store's temperatures {self.temperatures} are {hint} extra "
-                f"temperature(s), so tail_logsumexp must have {hint} column(s) (none when 0); "
-                f"found {found}"
-            )
-        specs = self.codec.fields(self.vocab_size, n)
-        expected = {name: spec.shape for name, spec in specs.items()}
-        found_shapes = {name: tuple(np.shape(v))[1:] for name, v in doc.fields.items()}
-        if found_shapes != expected:
-            missing = sorted(set(expected) - set(found_shapes))
-            unexpected = sorted(set(found_shapes) - set(expected))
-            wrong = {
-                k: found_shapes[k]
-                for k in sorted(set(expected) & set(found_shapes))
-                if found_shapes[k] != expected[k]
-            }
-            raise DataError(
-                f"{where}: fields do not fit the codec {self.codec.name} with {n} extra "
-                f"temperature(s): missing {missing}, unexpected {unexpected}, wrong per-position "
-                f"shape {wrong}; expected {expected} (per position)"
-            )
-        return n, specs
-
-    def _check_document(self, doc: EncodedDocument, specs: Mapping[str, FieldSpec]) -> None:
-        where = f"document {doc.doc_id!r}"
-        if not isinstance(doc.doc_id, str):
-            raise DataError(f"doc_id must be a str, found {type(doc.doc_id).__name__}")
-        ids, mask = np.asarray(doc.input_ids), np.asarray(doc.loss_mask)
-        if ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.shape[0] < 1:
-            raise DataError(
-                f"{where}: input_ids must be integer (T,) with T >= 1, found {ids.dtype} {ids.shape}"
-            )
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise DataError(
-                f"{where}: token ids must lie in [0, {self.vocab_size}), found "
-                f"[{ids.min()}, {ids.max()}]"
-            )
-        t = ids.shape[0]
-        if mask.shape != (t - 1,) or mask.dtype != np.bool_:
-            raise DataError(
-                f"{where}: loss_mask must be bool ({t - 1},), found {mask.dtype} {mask.shape}"
-            )
-        if set(doc.fields) != set(specs):
-            raise DataError(f"{where}: fields {sorted(doc.fields)}, expected {sorted(specs)}")
-        for name, spec in specs.items():
-            arr = np.asarray(doc.fields[name])
-            if arr.shape != (t - 1, *spec.shape) or arr.dtype != np.dtype(spec.dtype):
-                raise DataError(
-                    f"{where}: field {name!r} is {arr.dtype} {arr.shape}, "
-                    f"expected {spec.dtype} {(t - 1, *spec.shape)}"
-                )
-
-    def _concatenate(
-        self, documents: Sequence[EncodedDocument], specs: Mapping[str, FieldSpec]
-    ) -> ShardArrays:
-        lengths = np.array([len(d.input_ids) for d in documents], dtype=np.int64)
-        offsets = np.zeros(len(documents) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        return ShardArrays(
-            doc_ids=[d.doc_id for d in documents],
-            offsets=offsets,
-            input_ids=np.concatenate([np.asarray(d.input_ids, dtype=np.int64) for d in documents]),
-            loss_mask=np.concatenate([np.asarray(d.loss_mask) for d in documents]),
-            fields={n: np.concatenate([np.asarray(d.fields[n]) for d in documents]) for n in specs},
-        )
-
     def write_shard(
         self,
         index: int,
@@ -340,17 +243,17 @@ class StoreWriter:
         index = int(index)
         if not documents:
             raise DataError(f"shard {index}: a shard needs at least one document")
-        n_temps, specs = self._specs(documents[0])
+        n_temps, specs = field_specs(documents[0], self.codec, self.vocab_size, self.temperatures)
         clash = RESERVED_NAMES & set(specs)
         if clash:
             raise ConfigError(f"codec fields {sorted(clash)} clash with reserved names")
         seen: set[str] = set()
         for doc in documents:
-            self._check_document(doc, specs)
+            check_document(doc, specs, self.vocab_size)
             if doc.doc_id in seen:
                 raise DataError(f"shard {index}: document id {doc.doc_id!r} appears twice")
             seen.add(doc.doc_id)
-        arrays = self._concatenate(documents, specs)
+        arrays = concatenate(documents, specs)
         rel = fmt.shard_name(index, self.backend.suffix)
         record_path = self._path(fmt.record_name(index))
         with _writing(f"claim shard {index} of {self.url}"):
