@@ -36,14 +36,11 @@ Prefetch. Each reader decodes and collates in a background thread, ``prefetch`` 
 
 from __future__ import annotations
 
-import atexit
 import functools
 import hashlib
 import json
 import os
-import queue
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +48,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+# (_LIVE and _stop_prefetching too, as before they moved: tests read dataset._LIVE)
+from logitstore._prefetching import _LIVE, _prefetched, _stop_prefetching  # noqa: F401
+from logitstore._windows import _Window
 from logitstore.codecs.base import Positions
 from logitstore.document import Document
 from logitstore.errors import ConfigError
@@ -87,41 +87,6 @@ VERIFY_WINDOW_DOCUMENTS = 1 << 20
 from the shards themselves before its document indices (8 bytes each, then permuted) are built:
 a manifest is anyone's file, and one claiming 2^34 documents in a 5 KB store made the loader
 allocate 128 GiB before reading a shard."""
-
-
-class _Window:
-    """Shards to decode and the global indices of the documents to emit, in order.
-
-    An epoch's plan holds each window's count only: its shards' order and its indices are built
-    when the stream reaches it (or fetches ahead into it) and released once it is read, so a
-    loader holds a window or two of indices, never an epoch's.
-
-    Attributes:
-        count: the documents this stream emits from the window.
-    """
-
-    def __init__(self, count: int, build: Callable[[], tuple[list[int], np.ndarray]]) -> None:
-        self.count = count
-        self._build = build
-        self._built: tuple[list[int], np.ndarray] | None = None
-
-    def _get(self) -> tuple[list[int], np.ndarray]:
-        if self._built is None:
-            self._built = self._build()
-        return self._built
-
-    @property
-    def shards(self) -> list[int]:
-        """The shards in the order their documents first come (read and fetched in it)."""
-        return self._get()[0]
-
-    @property
-    def docs(self) -> np.ndarray:
-        """Global indices of the documents to emit, in order."""
-        return self._get()[1]
-
-    def release(self) -> None:
-        self._built = None
 
 
 def _range(r: Any) -> tuple[int, int]:
@@ -490,62 +455,3 @@ class StoreDataset(IterableDataset):
             count += len(items)
             batch = collate_documents([item.doc for item in items], _block_rows(items))
             yield {**batch, **extra, "consumed": count}
-
-
-_LIVE: dict[threading.Thread, threading.Event] = {}
-"""Prefetching threads still running, with the event that stops each."""
-
-
-@atexit.register
-def _stop_prefetching() -> None:
-    """Let every prefetching thread finish the item in hand and end, before the interpreter
-    does: a daemon thread still decoding then is stopped where it stands, which aborts the
-    process when that is native code ("terminate called without an active exception")."""
-    for stop in list(_LIVE.values()):
-        stop.set()
-    for thread in list(_LIVE):
-        thread.join(timeout=60)
-
-
-def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Run ``source`` in a daemon thread, ``depth`` items ahead; re-raise its errors here.
-    Closing the iterator stops the thread and waits for it (it ends after the item in hand)."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def offer(entry: tuple[str, Any]) -> bool:
-        """Queue ``entry`` unless the consumer stopped meanwhile (then say so)."""
-        while not stop.is_set():
-            try:
-                items.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in source:
-                if not offer(("item", item)):
-                    return
-            offer(("end", done))
-        except BaseException as exc:  # forwarded to the consumer, which re-raises it
-            offer(("error", exc))
-
-    thread = threading.Thread(target=produce, daemon=True, name="logitstore-prefetch")
-    _LIVE[thread] = stop
-    thread.start()
-    try:
-        while True:
-            kind, item = items.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        stop.set()
-        if thread is not threading.current_thread():
-            thread.join(timeout=60)
-        _LIVE.pop(thread, None)
