@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from logitstore.cli import main
+from tests.hardening import _hostile
 
 PASS = ["--k", "8", "--max-length", "32", "--limit", "3", "--docs-per-shard", "8",
         "--temperatures", "1.0,2.0", "--no-progress"]  # fmt: skip
@@ -257,3 +258,10 @@ def refused_limited(report: dict[str, Any], *words: str) -> None:
     assert "RuntimeWarning" not in report["output"], report["output"]
     for word in words:
         assert word in report["output"], (word, report["output"])
+
+
+@pytest.fixture
+def zarr_store(tmp_path) -> Path:
+    """A fresh zarr store of the hostile-store tests (``_hostile.build``), one per test: they
+    rewrite its files."""
+    return _hostile.build(tmp_path / "store", "zarr")
