@@ -2,6 +2,12 @@
 a small store written by ``StoreWriter``, its manifest read and rewritten, and the CLI run in
 a child process under the conftest's memory limit.
 
+The stores are consistent, as an attacker writes them: every crafted file is resealed into
+the manifest (sizes, SHA-256), so a refusal can only come from the storage checks. Each
+test builds several variants of its attack, on both backends where it applies. A clean
+refusal is exit 2 with a one-line error (a store that cannot be opened) or exit 1 with one
+``problem:`` line per bad shard (``verify``); never a traceback or a MemoryError.
+
 Imported as ``tests.hardening._hostile``: pytest's importlib mode (``pyproject.toml``) names
 the modules under ``tests/`` from the rootdir, so this works without an ``__init__.py`` and
 without the repository on ``sys.path``. Fixtures are in ``conftest.py``.

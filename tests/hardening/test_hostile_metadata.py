@@ -6,13 +6,9 @@ Absurd shapes, chunk grids, data types, codecs and fill values; metadata values 
 stretch a message; millions of positions with no chunks; manifests and ``zarr.json`` files too
 deep or too large to parse; repeated document ids; Zarr v2.
 
-The stores are consistent, as an attacker writes them: every crafted file is resealed into
-the manifest (sizes, SHA-256), so a refusal can only come from the storage checks. Each
-test builds several variants of its attack, on both backends where it applies. A clean
-refusal is exit 2 with a one-line error (a store that cannot be opened) or exit 1 with one
-``problem:`` line per bad shard (``verify``); never a traceback or a MemoryError. The
-builder and ``run_verify`` are in ``_hostile.py``; ``zarr_store``, ``kit`` and the
-limited child processes in ``conftest.py``.
+How the stores are built (consistent, as an attacker writes them) and what a clean refusal
+is: ``_hostile.py``. ``zarr_store``, ``kit`` and the limited child processes are in
+``conftest.py``.
 """
 
 from __future__ import annotations

@@ -6,13 +6,9 @@ Shard files and manifests linked out of the store, on every URL form (plain, ``s
 ``filecache::``, ``file://``), a FIFO in the store, malformed paths, and a server that sends
 more than a file holds (ignoring the range, or a gzip body of gigabytes).
 
-The stores are consistent, as an attacker writes them: every crafted file is resealed into
-the manifest (sizes, SHA-256), so a refusal can only come from the storage checks. Each
-test builds several variants of its attack, on both backends where it applies. A clean
-refusal is exit 2 with a one-line error (a store that cannot be opened) or exit 1 with one
-``problem:`` line per bad shard (``verify``); never a traceback or a MemoryError. The
-builder and ``run_verify`` are in ``_hostile.py``; ``zarr_store``, ``kit`` and the
-limited child processes in ``conftest.py``.
+How the stores are built (consistent, as an attacker writes them) and what a clean refusal
+is: ``_hostile.py``. ``zarr_store``, ``kit`` and the limited child processes are in
+``conftest.py``.
 """
 
 from __future__ import annotations

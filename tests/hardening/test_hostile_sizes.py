@@ -5,13 +5,9 @@ File sizes declared far beyond the file, zstd frames that decompress to gigabyte
 layout and in another writer's), shard index entries beyond any file, a shard of no documents
 or one that would decode to gigabytes, and Parquet footers that declare huge columns.
 
-The stores are consistent, as an attacker writes them: every crafted file is resealed into
-the manifest (sizes, SHA-256), so a refusal can only come from the storage checks. Each
-test builds several variants of its attack, on both backends where it applies. A clean
-refusal is exit 2 with a one-line error (a store that cannot be opened) or exit 1 with one
-``problem:`` line per bad shard (``verify``); never a traceback or a MemoryError. The
-builder and ``run_verify`` are in ``_hostile.py``; ``zarr_store``, ``kit`` and the
-limited child processes in ``conftest.py``.
+How the stores are built (consistent, as an attacker writes them) and what a clean refusal
+is: ``_hostile.py``. ``zarr_store``, ``kit`` and the limited child processes are in
+``conftest.py``.
 """
 
 from __future__ import annotations
