@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -454,13 +455,16 @@ def train_and_print(config: TrainConfig) -> None:
 
 def end_process_group() -> None:
     """Destroy the process group that Trainer set up under ``torchrun``, as ``Trainer.end()``
-    does, once nothing more needs the other ranks. A process that exits with a gloo group
-    still alive can abort at exit (torch 2.13 on CPU: ``terminate called without an active
-    exception``, in most two-process runs of a bare script), failing a run that had finished."""
+    does, once nothing more needs the other ranks, and free what still refers to it (the run's
+    trainer and model, in reference cycles) while the interpreter runs. A gloo group alive at
+    exit, or freed during the interpreter's shutdown, can abort the process (torch 2.13 on
+    CPU: ``terminate called without an active exception``, in most two-process runs of a bare
+    script), failing a run that had finished."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 if __name__ == "__main__":  # torchrun --nproc-per-node N -m logitstore.pipelines.train CONFIG.yaml

@@ -6,6 +6,7 @@ step. Writes ``losses.json``, ``head.json`` (the head's type outside the forward
 ``final.safetensors`` (full weights) from rank 0.
 """
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -70,5 +71,10 @@ if rank == 0:
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "final.safetensors"))
     (out / "losses.json").write_text(json.dumps(losses))
 
-if sharded:  # as a user's script ends: gloo can abort at exit with a group alive
+# As a script under torchrun should end: what holds the group (the sharded model, the last
+# step's graph) let go and the group destroyed while the interpreter runs. gloo can abort when
+# a group is freed during the interpreter's shutdown.
+del model, optimizer, loss, kd, b, batches
+gc.collect()
+if sharded:
     dist.destroy_process_group()

@@ -10,6 +10,7 @@ ZeRO-3 under torchrun, every parameter partitioned), ``one`` (one process), ``in
 the whole store, after training).
 """
 
+import gc
 import json
 import os
 import sys
@@ -130,4 +131,9 @@ if rank == 0:
     Path(out, "logs.json").write_text(json.dumps(logs))
     Path(out, "eval.json").write_text(json.dumps(evaluation))
 
-trainer.accelerator.end_training()  # destroys the process group, as a torchrun script ends
+# As a script under torchrun should end: the group destroyed, and what holds it (the trainer
+# and its wrapped model) let go while the interpreter runs. gloo can abort when a group is
+# freed during the interpreter's shutdown.
+trainer.accelerator.end_training()
+del trainer, model, weights
+gc.collect()

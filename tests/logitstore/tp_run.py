@@ -7,6 +7,7 @@ rank 0 writes ``losses.json``, ``final.safetensors`` (the weights gathered whole
 trains the same student unsplit on the same batches: the reference.
 """
 
+import gc
 import json
 import os
 import sys
@@ -60,5 +61,10 @@ if rank == 0:
     (out / "refusal.txt").write_text(refusal)
     save_file(weights, str(out / "final.safetensors"))
 
-if split:  # as a user's script ends: gloo can abort at exit with a group alive
+# As a script under torchrun should end: what holds the group (the split model, the last
+# step's graph) let go and the group destroyed while the interpreter runs. gloo can abort when
+# a group is freed during the interpreter's shutdown.
+del model, optimizer, loss, kd, b
+gc.collect()
+if split:
     torch.distributed.destroy_process_group()
