@@ -67,6 +67,7 @@ from logitstore.pipelines._distributed import (
     agree,
     any_failed,
     barrier,
+    end_processes,
     init_processes,
     is_distributed,
     pick_device,
@@ -279,8 +280,8 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
     try:
         return _run_teacher_pass(cfg, teacher)
     finally:
-        if joined and is_distributed():
-            torch.distributed.destroy_process_group()
+        if joined:
+            end_processes()
 
 
 def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[str, Any]:

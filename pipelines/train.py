@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from logitstore._kd_eval import check_held_out
 from logitstore.errors import ConfigError, OutputNotWritableError
 from logitstore.format import tail_temperatures
 from logitstore.pipelines._checkpoint import truncate_metrics
+from logitstore.pipelines._distributed import end_processes
 from logitstore.pipelines._progress import library_bars
 from logitstore.pipelines._student import (
     check_vocabulary,
@@ -448,23 +448,9 @@ def train_and_print(config: TrainConfig) -> None:
         with contextlib.redirect_stdout(sys.stderr):
             summary = train(config)
     finally:
-        end_process_group()
+        end_processes()  # the group Trainer set up under torchrun, as Trainer.end() does
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=1, default=str))
-
-
-def end_process_group() -> None:
-    """Destroy the process group that Trainer set up under ``torchrun``, as ``Trainer.end()``
-    does, once nothing more needs the other ranks, and free what still refers to it (the run's
-    trainer and model, in reference cycles) while the interpreter runs. A gloo group alive at
-    exit, or freed during the interpreter's shutdown, can abort the process (torch 2.13 on
-    CPU: ``terminate called without an active exception``, in most two-process runs of a bare
-    script), failing a run that had finished."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        gc.collect()
 
 
 if __name__ == "__main__":  # torchrun --nproc-per-node N -m logitstore.pipelines.train CONFIG.yaml

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +271,35 @@ def test_an_out_the_ranks_do_not_share_is_refused_saying_so(tiny_teacher_dir, te
         "every rank writes into one store, so --out must be storage they all share"
     ) in result.stderr, result.stderr[-3000:]
     assert not re.search(r"\[rank\d\]: Traceback", result.stderr)
+
+
+def _gloo_threads() -> list[str]:
+    """Names of this process's threads that gloo runs (Linux names them in /proc)."""
+    tasks = Path("/proc/self/task")
+    names = [(t / "comm").read_text().strip() for t in tasks.iterdir()] if tasks.exists() else []
+    return [n for n in names if "gloo" in n]
+
+
+def test_ending_the_processes_frees_every_group_while_the_interpreter_runs(
+    monkeypatch, tmp_path
+):
+    """Both stages end with ``end_processes``: every group destroyed, the waits' group let go
+    and gloo's threads gone before the interpreter shuts down (a gloo group freed during
+    shutdown can abort a finished torchrun job)."""
+    import torch.distributed as dist
+
+    from logitstore.pipelines import _distributed
+
+    before = _gloo_threads()
+    store = dist.FileStore(str(tmp_path / "rendezvous"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(_distributed, "_waits", dist.new_group(timeout=timedelta(hours=1)))
+        dist.barrier(group=_distributed._waits)
+        assert len(_gloo_threads()) > len(before)
+        _distributed.end_processes()
+        assert not dist.is_initialized() and _distributed._waits is None
+        assert _gloo_threads() == before
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
