@@ -98,17 +98,21 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def end_processes() -> None:
-    """Destroy every process group, once nothing more needs the other ranks, and free what
+def end_processes(*, default_group: bool = True) -> None:
+    """Destroy every process group (with ``default_group=False``, only the waits' group: the
+    default one is the caller's), once nothing more needs the other ranks, and free what
     still refers to them (the waits' group, a run's model in reference cycles) while the
     interpreter runs. A gloo group alive at exit, or freed while the interpreter shuts down,
     can abort the process (torch 2.13 on CPU: ``terminate called without an active
     exception``), and torchrun then reports a finished run as failed."""
     global _waits
     if is_distributed():
-        dist.destroy_process_group()
-        _waits = None
+        if default_group:
+            dist.destroy_process_group()
+        elif _waits is not None:
+            dist.destroy_process_group(_waits)
         gc.collect()
+    _waits = None
 
 
 def all_sum(value: float, device: torch.device) -> float:

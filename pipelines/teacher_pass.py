@@ -280,8 +280,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, *, teacher: Teacher | None = None) 
     try:
         return _run_teacher_pass(cfg, teacher)
     finally:
-        if joined:
-            end_processes()
+        end_processes(default_group=joined)  # a group the caller made stays theirs
 
 
 def _run_teacher_pass(cfg: TeacherPassConfig, teacher: Teacher | None) -> dict[str, Any]:
