@@ -7,8 +7,8 @@ Shard files and manifests linked out of the store, on every URL form (plain, ``s
 more than a file holds (ignoring the range, or a gzip body of gigabytes).
 
 How the stores are built (consistent, as an attacker writes them) and what a clean refusal
-is: ``_hostile.py``. ``zarr_store``, ``kit`` and the limited child processes are in
-``conftest.py``.
+is: ``../_hostile.py``. ``zarr_store``, ``kit`` and the limited child processes are in
+``../conftest.py``.
 """
 
 from __future__ import annotations
@@ -25,12 +25,6 @@ import pytest
 from tests.hardening._hostile import GIB, build, manifest, refused, run_limited_cli, run_verify
 
 pytestmark = pytest.mark.integration
-
-
-# A fresh store per test on each backend (the conftest's ``store`` is another, shared one).
-@pytest.fixture(params=["zarr", "parquet"])
-def store(request, tmp_path) -> Path:
-    return build(tmp_path / "store", request.param)
 
 
 # -- links and paths, on every URL form -------------------------------------------------------

@@ -6,15 +6,14 @@ layout and in another writer's), shard index entries beyond any file, a shard of
 or one that would decode to gigabytes, and Parquet footers that declare huge columns.
 
 How the stores are built (consistent, as an attacker writes them) and what a clean refusal
-is: ``_hostile.py``. ``zarr_store``, ``kit`` and the limited child processes are in
-``conftest.py``.
+is: ``../_hostile.py``. ``zarr_store``, ``kit`` and the limited child processes are in
+``../conftest.py``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,12 +26,6 @@ from logitstore.codecs import get_codec
 from tests.hardening._hostile import GIB, META, VOCAB, build, manifest, refused, run_verify
 
 pytestmark = pytest.mark.integration
-
-
-# A fresh store per test on each backend (the conftest's ``store`` is another, shared one).
-@pytest.fixture(params=["zarr", "parquet"])
-def store(request, tmp_path) -> Path:
-    return build(tmp_path / "store", request.param)
 
 
 def test_a_file_size_declared_far_beyond_the_file_is_not_allocated(store):

@@ -6,8 +6,8 @@ control characters in paths; links out of the root (and the Hugging Face cache's
 stay inside a repository's blobs). The hostile stores are consistent: their manifests carry
 the right sizes and checksums for the crafted files (an attacker writes both), and a file a
 path escapes to holds a valid shard, so a refusal can only come from the safety checks, not
-from a checksum or a missing file. The store builder is in ``_hostile.py``, ``kit`` in
-``conftest.py``.
+from a checksum or a missing file. The store builder is in ``../_hostile.py``, ``kit`` in
+``../conftest.py``.
 """
 
 from __future__ import annotations
@@ -21,14 +21,7 @@ import pytest
 
 from logitstore import open_store
 from logitstore.errors import LogitstoreError, ManifestError, UnsafePathError
-from tests.hardening._hostile import BACKENDS, build, manifest, rewrite
-
-
-# A fresh store per test on each backend (the conftest's ``store`` is another, shared one).
-@pytest.fixture(params=BACKENDS)
-def store(request, tmp_path) -> Path:
-    return build(tmp_path / "store", request.param)
-
+from tests.hardening._hostile import build, manifest, rewrite
 
 # -- paths ---------------------------------------------------------------------------------
 

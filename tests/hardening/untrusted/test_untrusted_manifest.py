@@ -4,7 +4,7 @@ Long manifest values, keys given twice, JSON that parses to far more than its by
 counts a reader would size its tables from, lone surrogates, keys the format does not define,
 and a resumed store's settings and records. The hostile stores are consistent (an attacker
 writes the manifest too), so a refusal can only come from the safety checks. The store builder
-is in ``_hostile.py``, ``kit`` in ``conftest.py``.
+is in ``../_hostile.py``, ``kit`` in ``../conftest.py``.
 """
 
 from __future__ import annotations
@@ -19,14 +19,7 @@ from logitstore import StoreWriter, open_store
 from logitstore.codecs import get_codec
 from logitstore.dataset import StoreDataset
 from logitstore.errors import CorruptShardError, LogitstoreError, ManifestError, UnsafePathError
-from tests.hardening._hostile import BACKENDS, META, VOCAB, build, manifest, rewrite
-
-
-# A fresh store per test on each backend (the conftest's ``store`` is another, shared one).
-@pytest.fixture(params=BACKENDS)
-def store(request, tmp_path) -> Path:
-    return build(tmp_path / "store", request.param)
-
+from tests.hardening._hostile import META, VOCAB, manifest, rewrite
 
 # -- manifest values quoted cut short, keys given twice ------------------------------------
 

@@ -7,15 +7,14 @@ stretch a message; millions of positions with no chunks; manifests and ``zarr.js
 deep or too large to parse; repeated document ids; Zarr v2.
 
 How the stores are built (consistent, as an attacker writes them) and what a clean refusal
-is: ``_hostile.py``. ``zarr_store``, ``kit`` and the limited child processes are in
-``conftest.py``.
+is: ``../_hostile.py``. ``zarr_store``, ``kit`` and the limited child processes are in
+``../conftest.py``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,15 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from logitstore import open_store
-from tests.hardening._hostile import build, manifest, refused, run_limited_cli, run_verify
+from tests.hardening._hostile import manifest, refused, run_limited_cli, run_verify
 
 pytestmark = pytest.mark.integration
-
-
-# A fresh store per test on each backend (the conftest's ``store`` is another, shared one).
-@pytest.fixture(params=["zarr", "parquet"])
-def store(request, tmp_path) -> Path:
-    return build(tmp_path / "store", request.param)
 
 
 # -- array metadata that declares more than is stored ----------------------------------------

@@ -4,7 +4,7 @@ Pickles in Zarr object arrays and in Parquet extension-type metadata, string fie
 numbers belong, codec and backend names that look like importable objects; and
 ``trust_remote_code``, which is never turned on unless the user asks. The hostile stores are
 consistent (resealed into the manifest, as an attacker writes both), so a refusal can only come
-from the safety checks. The store builder is in ``_hostile.py``, ``kit`` in ``conftest.py``.
+from the safety checks. The store builder is in ``../_hostile.py``, ``kit`` in ``../conftest.py``.
 """
 
 from __future__ import annotations
@@ -22,13 +22,7 @@ import torch
 from logitstore import open_store
 from logitstore.dataset import StoreDataset
 from logitstore.errors import CorruptShardError, UnknownNameError
-from tests.hardening._hostile import BACKENDS, build, manifest, rewrite
-
-
-# A fresh store per test on each backend (the conftest's ``store`` is another, shared one).
-@pytest.fixture(params=BACKENDS)
-def store(request, tmp_path) -> Path:
-    return build(tmp_path / "store", request.param)
+from tests.hardening._hostile import build, manifest, rewrite
 
 
 @pytest.fixture

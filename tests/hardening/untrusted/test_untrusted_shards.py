@@ -5,7 +5,7 @@ match, escape sequences and lone surrogates in what a shard holds, document ids 
 stretch a message, sparse files larger than what they store, and a damaged shard read in a
 DataLoader worker. The hostile stores are consistent (every crafted file resealed into the
 manifest), so a refusal can only come from the safety checks, not from a checksum. The store
-builder is in ``_hostile.py``, ``kit`` in ``conftest.py``.
+builder is in ``../_hostile.py``, ``kit`` in ``../conftest.py``.
 """
 
 from __future__ import annotations
@@ -23,12 +23,6 @@ from logitstore import open_store
 from logitstore.dataset import StoreDataset
 from logitstore.errors import CorruptShardError, LogitstoreError
 from tests.hardening._hostile import BACKENDS, VOCAB, build, manifest, rewrite
-
-
-# A fresh store per test on each backend (the conftest's ``store`` is another, shared one).
-@pytest.fixture(params=BACKENDS)
-def store(request, tmp_path) -> Path:
-    return build(tmp_path / "store", request.param)
 
 
 def test_an_error_in_a_dataloader_worker_keeps_its_one_line_message(store):
