@@ -108,6 +108,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of this process alone, as torchrun's would be; destroyed after the
+    test if the code under test left it standing."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "rendezvous"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tokenizer()

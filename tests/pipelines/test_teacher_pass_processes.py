@@ -282,7 +282,7 @@ def _gloo_threads() -> list[str]:
 
 @pytest.mark.parametrize("default_group", [True, False])
 def test_ending_the_processes_frees_every_group_while_the_interpreter_runs(
-    monkeypatch, tmp_path, default_group
+    monkeypatch, default_group, request
 ):
     """Both stages end with ``end_processes``: every group destroyed (only the waits' group
     where the caller made the default one), the waits' group let go and its gloo threads gone
@@ -293,19 +293,14 @@ def test_ending_the_processes_frees_every_group_while_the_interpreter_runs(
     from logitstore.pipelines import _distributed
 
     before = _gloo_threads()
-    store = dist.FileStore(str(tmp_path / "rendezvous"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        waits = dist.new_group(timeout=timedelta(hours=1))
-        monkeypatch.setattr(_distributed, "_waits", waits)
-        dist.barrier(group=waits)
-        assert len(_gloo_threads()) > len(before)
-        _distributed.end_processes(default_group=default_group)
-        assert dist.is_initialized() != default_group and _distributed._waits is None
-        assert waits not in dist.distributed_c10d._world.pg_map
-        del waits
-        if default_group:
-            assert _gloo_threads() == before
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    request.getfixturevalue("one_process_group")
+    waits = dist.new_group(timeout=timedelta(hours=1))
+    monkeypatch.setattr(_distributed, "_waits", waits)
+    dist.barrier(group=waits)
+    assert len(_gloo_threads()) > len(before)
+    _distributed.end_processes(default_group=default_group)
+    assert dist.is_initialized() != default_group and _distributed._waits is None
+    assert waits not in dist.distributed_c10d._world.pg_map
+    del waits
+    if default_group:
+        assert _gloo_threads() == before

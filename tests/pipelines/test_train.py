@@ -446,7 +446,9 @@ def test_a_run_that_fails_hands_the_stop_signals_back(
 
 
 @pytest.mark.parametrize("fails", [False, True])
-def test_the_entry_point_ends_the_process_group_it_trained_in(monkeypatch, tmp_path, fails):
+def test_the_entry_point_ends_the_process_group_it_trained_in(
+    monkeypatch, tmp_path, one_process_group, fails
+):
     """``logitstore train`` and ``python -m logitstore.pipelines.train`` destroy the group that
     Trainer ran in, whether the run returns or raises: a gloo process that exits with its
     group alive can abort at exit, failing a finished torchrun job."""
@@ -461,12 +463,6 @@ def test_the_entry_point_ends_the_process_group_it_trained_in(monkeypatch, tmp_p
         return {"step": 0}
 
     monkeypatch.setattr(pipeline, "train", run)
-    store = dist.FileStore(str(tmp_path / "rendezvous"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        with pytest.raises(ConfigError) if fails else contextlib.nullcontext():
-            pipeline.train_and_print(TrainConfig(store="s", student="m", out=str(tmp_path)))
-        assert not dist.is_initialized()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with pytest.raises(ConfigError) if fails else contextlib.nullcontext():
+        pipeline.train_and_print(TrainConfig(store="s", student="m", out=str(tmp_path)))
+    assert not dist.is_initialized()
